@@ -1,0 +1,167 @@
+"""The exported model folder's manifest: schema, loading and checksum verification.
+
+This module is the contract between the exporter (``training.export``, which
+writes ``manifest.json``) and the server (which reads it). It imports neither
+torch nor onnxruntime so both sides can use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """The model folder or its manifest is unusable (missing, malformed, tampered)."""
+
+
+class InputSpec(BaseModel):
+    """What the network expects and how to bring an arbitrary image to it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    channels: Literal[1, 3]
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    mean: list[float]
+    std: list[float]
+    # How an image of another size is brought to (height, width): "resize" scales the
+    # whole image; "resize_center_crop" scales the short side to ``resize_size`` then crops.
+    resize: Literal["resize", "resize_center_crop"] = "resize"
+    resize_size: int | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+
+    @model_validator(mode="after")
+    def _check_stats(self) -> "InputSpec":
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean/std need {self.channels} values, one per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ExitSpec(BaseModel):
+    """One exit: its full-path graph, its stage graph and what it costs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    exit: int = Field(ge=1)
+    gflops: float = Field(gt=0, description="full path input -> logits of this exit")
+    params: int = Field(ge=0, description="parameters on the full path")
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    path: str
+    stage: str
+    stage_gflops: float = Field(gt=0, description="stage graph: trunk stage i + head i")
+    head_gflops: float | None = Field(default=None, ge=0)
+    top5_accuracy: float | None = Field(default=None, ge=0, le=1)
+
+
+class GraphIO(BaseModel):
+    """Names of the ONNX inputs/outputs, so the server never guesses them."""
+
+    image_input: str = "image"
+    logits_output: str = "logits"
+    features_input: str = "features_in"
+    features_output: str = "features_out"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    arch: str
+    dataset: str
+    classes: list[str]
+    input: InputSpec
+    exits: list[ExitSpec]
+    files: dict[str, str] = Field(description="file name -> sha256 hex digest")
+    io: GraphIO = Field(default_factory=GraphIO)
+    thresholds: dict = Field(default_factory=dict, description="calibrated cascade thresholds")
+    provenance: dict = Field(default_factory=dict)
+    evaluation: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_exits(self) -> "Manifest":
+        if not self.exits:
+            raise ValueError("a manifest needs at least one exit")
+        numbers = [e.exit for e in self.exits]
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"exits must be numbered 1..k in order, got {numbers}")
+        costs = [e.gflops for e in self.exits]
+        if any(b < a for a, b in zip(costs, costs[1:])):
+            raise ValueError(f"exit costs must not decrease with depth, got {costs}")
+        for e in self.exits:
+            for name in (e.path, e.stage):
+                if name not in self.files:
+                    raise ValueError(f"exit {e.exit} names {name!r}, which has no checksum in 'files'")
+        return self
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large graphs don't load into memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate ``model_dir/manifest.json``; with ``verify``, check every checksum.
+
+    Raises ManifestError saying which file is missing, malformed or altered.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {model_dir}: point --model-dir at a folder written by "
+            "`python -m training.export CHECKPOINT --out DIR`"
+        )
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ManifestError(f"{path} is not a valid manifest: {exc}") from exc
+    if verify:
+        verify_files(manifest, model_dir)
+    return manifest
+
+
+def verify_files(manifest: Manifest, model_dir: str | Path) -> None:
+    """Raise ManifestError if any file listed in the manifest is missing or altered."""
+    model_dir = Path(model_dir)
+    for name, expected in manifest.files.items():
+        file = model_dir / name
+        if not file.is_file():
+            raise ManifestError(f"{file} is listed in the manifest but missing")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ManifestError(
+                f"checksum mismatch for {file}: manifest says {expected[:12]}…, file has "
+                f"{actual[:12]}…; the file was altered or the manifest belongs to another export"
+            )
+
+
+def write_manifest(manifest: Manifest, model_dir: str | Path) -> Path:
+    """Write the manifest as pretty JSON (stable key order so diffs stay readable)."""
+    path = Path(model_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return path

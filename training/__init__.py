@@ -1,0 +1,1 @@
+"""Training side: multi-exit architectures, EED and comparison losses, datasets, FLOPs, export."""

@@ -1,0 +1,389 @@
+"""Datasets: CIFAR-10/100, Fashion-MNIST and ImageFolder, with the paper's augmentation.
+
+Small datasets (CIFAR, Fashion-MNIST) are held in memory as uint8 tensors and batched by
+``InMemoryLoader``, which augments whole batches at once (random crop with 4 px padding +
+horizontal flip) — far cheaper on a CPU than per-image PIL transforms — and draws every
+random number from a generator seeded by (seed, epoch), so a resumed run sees exactly the
+batches an uninterrupted run would. ImageFolder (ImageNet layout) goes through a regular
+DataLoader with torchvision transforms.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data set is not on disk and could not be fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static facts about a data set: what the model's input and output look like."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4  # paper's augmentation: random crop after zero-padding, + h-flip
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion-mnist": DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    # num_classes is read from the folder; 1000 is what FLOP counting assumes.
+    "imagefolder": DatasetSpec("imagefolder", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class ArraySplit:
+    """One split held in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: torch.Tensor | slice) -> "ArraySplit":
+        return ArraySplit(self.images[index], self.labels[index])
+
+
+@dataclass
+class DataBundle:
+    spec: DatasetSpec
+    classes: list[str]
+    train: object  # ArraySplit or a torch Dataset (ImageFolder)
+    test: object
+    val: object | None = None
+    source: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format), gzipped or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if array.size != math.prod(shape):
+        raise ValueError(f"{path}: header says {shape} but the file holds {array.size} values (truncated?)")
+    return array.reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz", directory / "FashionMNIST" / "raw" / stem,
+                      directory / "FashionMNIST" / "raw" / f"{stem}.gz"):  # fmt: skip
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def load_fashion_mnist(data_dir: str | Path | None, download: bool) -> tuple[ArraySplit, ArraySplit, Path]:
+    """Fashion-MNIST from idx files: ``data_dir`` (or its fashion-mnist/ subfolder), then the
+    Debian package's folder; downloaded with torchvision into ``data_dir`` as a last resort."""
+    candidates = []
+    if data_dir is not None:
+        candidates += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
+    candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    for directory in candidates:
+        files = {k: _find_idx(directory, v) for k, v in _FMNIST_FILES.items()}
+        if all(files.values()):
+            break
+    else:
+        if download and data_dir is not None:
+            try:
+                from torchvision.datasets import FashionMNIST
+
+                FashionMNIST(str(data_dir), train=True, download=True)
+                FashionMNIST(str(data_dir), train=False, download=True)
+            except Exception as exc:  # network errors come in many types
+                raise DatasetNotFoundError(_fmnist_missing(candidates, f"download failed: {exc}")) from exc
+            return load_fashion_mnist(data_dir, download=False)
+        raise DatasetNotFoundError(_fmnist_missing(candidates, "downloading is off"))
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise ValueError(f"Fashion-MNIST in {directory}: {split} images and labels differ in count")
+
+    def to_split(images: np.ndarray, labels: np.ndarray) -> ArraySplit:
+        return ArraySplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+
+    return (
+        to_split(arrays["train_images"], arrays["train_labels"]),
+        to_split(arrays["test_images"], arrays["test_labels"]),
+        directory,
+    )
+
+
+def _fmnist_missing(candidates: list[Path], why: str) -> str:
+    looked = ", ".join(str(c) for c in candidates)
+    return (
+        f"Fashion-MNIST not found (looked for train-images-idx3-ubyte[.gz] etc. in {looked}; {why}). "
+        "Install it with `apt-get install dataset-fashion-mnist` or pass --data-dir pointing at the idx files."
+    )
+
+
+def load_cifar(name: str, data_dir: str | Path, download: bool) -> tuple[ArraySplit, ArraySplit, list[str]]:
+    """CIFAR-10/100 through torchvision (its own pickle format and download code)."""
+    from torchvision import datasets
+
+    base = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
+
+    class _Cifar(base):
+        # torchvision checks the md5 of the official files; a folder in the same format
+        # (a mirror, or the small files tests write) is accepted if every file is present.
+        def _check_integrity(self) -> bool:
+            return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
+
+    folder = Path(data_dir) / base.base_folder
+    try:
+        train = _Cifar(str(data_dir), train=True, download=download)
+        test = _Cifar(str(data_dir), train=False, download=False)
+    except Exception as exc:
+        pretty = "CIFAR-100" if name == "cifar100" else "CIFAR-10"
+        how = "the download failed" if download else "downloading is off (--no-download)"
+        raise DatasetNotFoundError(
+            f"{pretty} not found in {folder} and {how}: {exc}. Download {base.url} on a machine with "
+            f"network and unpack it under {data_dir}, pass --data-dir, or train on the data available "
+            "offline with --dataset fashion-mnist."
+        ) from exc
+
+    def to_split(ds) -> ArraySplit:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return ArraySplit(images, torch.as_tensor(ds.targets, dtype=torch.int64))
+
+    return to_split(train), to_split(test), list(train.classes)
+
+
+def build_datasets(
+    name: str,
+    data_dir: str | Path | None = None,
+    val_split: int = 0,
+    subset: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+) -> DataBundle:
+    """Load a data set's train/val/test splits.
+
+    ``val_split`` holds out that many training images (a seeded random choice) for model
+    selection; ``subset`` keeps only the first N images of each split, for quick runs.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[name]
+    if name == "imagefolder":
+        return _build_imagefolder(spec, data_dir, val_split, subset, seed)
+    if name == "fashion-mnist":
+        train, test, where = load_fashion_mnist(data_dir, download)
+        classes = list(FASHION_MNIST_CLASSES)
+    else:
+        root = Path(data_dir) if data_dir is not None else Path("data")
+        train, test, classes = load_cifar(name, root, download)
+        where = root
+    val = None
+    if val_split:
+        if not 0 < val_split < len(train):
+            raise ValueError(f"--val-split {val_split} must be between 1 and {len(train) - 1} (training set size)")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        val, train = train.take(perm[:val_split]), train.take(perm[val_split:].sort().values)
+    if subset:
+        train = train.take(slice(0, subset))
+        test = test.take(slice(0, subset))
+        val = val.take(slice(0, subset)) if val is not None else None
+    return DataBundle(spec, classes, train, test, val, {"path": str(where)})
+
+
+def _build_imagefolder(spec, data_dir, val_split, subset, seed) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    if data_dir is None:
+        raise DatasetNotFoundError("--dataset imagefolder needs --data-dir with train/ and val/ class folders")
+    root = Path(data_dir)
+    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{root} has no {' or '.join(missing)}/ folder; --dataset imagefolder expects "
+            "DATA_DIR/train/<class>/*.jpg and DATA_DIR/val/<class>/*.jpg (the ImageNet layout)"
+        )
+    normalize = transforms.Normalize(spec.mean, spec.std)
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    test_tf = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]
+    )
+    train = datasets.ImageFolder(str(root / "train"), train_tf)
+    test = datasets.ImageFolder(str(root / "val"), test_tf)
+    val = None
+    if val_split:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        held = datasets.ImageFolder(str(root / "train"), test_tf)
+        val = torch.utils.data.Subset(held, perm[:val_split])
+        train = torch.utils.data.Subset(train, perm[val_split:])
+    if subset:
+        train = torch.utils.data.Subset(train, range(min(subset, len(train))))
+        test = torch.utils.data.Subset(test, range(min(subset, len(test))))
+        val = torch.utils.data.Subset(val, range(min(subset, len(val)))) if val is not None else None
+    classes = test.dataset.classes if isinstance(test, torch.utils.data.Subset) else test.classes
+    spec = DatasetSpec(spec.name, len(classes), spec.channels, spec.image_size, spec.mean, spec.std, 0)
+    return DataBundle(spec, list(classes), train, test, val, {"path": str(root)})
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Batched random crop (after zero padding) and horizontal flip of (N, C, H, W) images."""
+    n, _, h, w = images.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    if padding:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+        batch = torch.arange(n)[:, None, None, None]
+        chans = torch.arange(images.shape[1])[None, :, None, None]
+        images = padded[batch, chans, rows, cols]
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class InMemoryLoader:
+    """Batches of normalized float images from an ``ArraySplit``; shard-aware for DDP.
+
+    Every epoch's order and augmentation come from a generator seeded by (seed, epoch),
+    so ``set_epoch`` fully determines what the loader yields.
+    """
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        spec: DatasetSpec,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.split, self.spec, self.batch_size, self.train = split, spec, batch_size, train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec.std).view(1, -1, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self, generator: torch.Generator) -> torch.Tensor:
+        n = len(self.split)
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        if self.world_size > 1:
+            # Like DistributedSampler: pad (training) so every rank gets as many batches.
+            per_rank = math.ceil(n / self.world_size) if self.train else None
+            if self.train and n % self.world_size:
+                order = torch.cat([order, order[: per_rank * self.world_size - n]])
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def _num_batches(self, count: int) -> int:
+        # Training drops a ragged last batch (BN needs > 1 sample) unless it is the only one.
+        if self.train and count > self.batch_size:
+            return count // self.batch_size
+        return math.ceil(count / self.batch_size)
+
+    def __len__(self) -> int:
+        count = len(self.split)
+        if self.world_size > 1:
+            count = math.ceil(count / self.world_size)
+        return self._num_batches(count)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = self._indices(generator)
+        for b in range(self._num_batches(len(order))):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.split.images[idx]
+            if self.train and self.spec.crop_padding >= 0:
+                images = random_crop_flip(images, self.spec.crop_padding, generator)
+            images = (images.float().div_(255) - self.mean) / self.std
+            yield images, self.split.labels[idx]
+
+
+def make_loader(
+    split, spec: DatasetSpec, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+    workers: int | None = None,
+):  # fmt: skip
+    """An iterable of (images, labels) batches with ``set_epoch``, whatever the split type."""
+    if isinstance(split, ArraySplit):
+        return InMemoryLoader(split, spec, batch_size, train, seed, rank, world_size)
+    return _DatasetLoader(split, batch_size, train, seed, rank, world_size, workers)
+
+
+class _DatasetLoader:
+    """DataLoader + DistributedSampler for on-disk datasets (ImageFolder)."""
+
+    def __init__(self, dataset, batch_size, train, seed, rank, world_size, workers):
+        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+        if world_size > 1:
+            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed)
+        elif train:
+            self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        else:
+            self.sampler = SequentialSampler(dataset)
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        self.loader = DataLoader(
+            dataset, batch_size, sampler=self.sampler, num_workers=workers, drop_last=train, pin_memory=True
+        )
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        elif hasattr(self.sampler, "generator"):
+            self.sampler.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+

@@ -1,0 +1,357 @@
+"""Train a multi-exit network with EED or any of the methods the paper compares.
+
+    python training/train.py --arch resnet18                       # the paper: EED, CIFAR-100, 200 epochs
+    python training/train.py --arch resnet18 --dataset fashion-mnist --width-mult 0.25 --epochs 15
+    torchrun --nproc_per_node=2 training/train.py --arch resnet18 ...   # DDP (gloo on CPU, nccl on GPU)
+
+Each run writes a folder (``--output-dir/--run-name``) with the resolved ``config.json``,
+``log.jsonl`` (one line per epoch), ``checkpoint.pt`` (every epoch; rebuilds the model
+without the CLI; ``--resume`` continues it exactly), ``best.pt`` when a validation split
+selects a model, and ``final.json`` with the test-split results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python training/train.py` puts training/ on sys.path, not the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint  # noqa: E402
+from training.data import DATASETS, DatasetNotFoundError, build_datasets, make_loader  # noqa: E402
+from training.engine import evaluate, train_one_epoch  # noqa: E402
+from training.flops import exit_costs  # noqa: E402
+from training.losses import DISTILL_KINDS, METHODS, MultiExitLoss  # noqa: E402
+from training.models import UnknownModelError, create_model, list_models  # noqa: E402
+
+PAPER_EPOCHS = 200
+PAPER_MILESTONES = (75, 130, 180)
+
+# Flags that may differ when resuming a run; everything else must match the checkpoint.
+RESUME_MUTABLE = {"epochs", "resume", "device", "workers", "progress", "threads", "output_dir", "run_name",
+                  "data_dir", "download", "eval_every"}  # fmt: skip
+
+
+class UsageError(ValueError):
+    """Flags that contradict each other or the checkpoint being resumed."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a multi-exit CNN (EED and the methods it is compared with).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", help=f"one of: {', '.join(list_models())}")
+    g.add_argument("--width-mult", type=float, default=1.0, help="scale every channel width (0.25 for a CPU)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS))
+    g.add_argument("--data-dir", default=None, help="where the data set lives / is downloaded (default ./data; "
+                   "Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist)")  # fmt: skip
+    g.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
+    g.add_argument("--val-split", type=int, default=0, help="hold out N training images for model selection")
+    g.add_argument("--subset", type=int, default=None, help="use only the first N images of each split")
+    g.add_argument("--workers", type=int, default=None, help="data loader workers (ImageFolder only)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="eed", choices=METHODS)
+    g.add_argument("--distill", default="kl", choices=DISTILL_KINDS, help="l_z: KL (x T^2) or logit MSE")
+    g.add_argument("--alpha", type=float, default=None, help="weight of l_z (default 1.0)")
+    g.add_argument("--beta", type=float, default=None, help="weight of l_f (default 1.0)")
+    g.add_argument("--temperature", type=float, default=3.0, help="T of the KL term")
+    g.add_argument("--teacher-exits", type=int, nargs="+", default=None,
+                   help="exits forming the EED ensemble teacher, e.g. 1 4 (default: all)")  # fmt: skip
+    g = p.add_argument_group("optimization (paper recipe by default)")
+    g.add_argument("--epochs", type=int, default=PAPER_EPOCHS)
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size, split across DDP ranks")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--lr-schedule", default="multistep", choices=("multistep", "cosine"))
+    g.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="epochs where lr is multiplied by --lr-gamma (default 75 130 180, "
+                        "scaled proportionally when --epochs is not 200)")  # fmt: skip
+    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    g.add_argument("--output-dir", default="runs")
+    g.add_argument("--run-name", default=None, help="default: ARCH-DATASET-METHOD-sSEED-TIMESTAMP")
+    g.add_argument("--resume", default=None, help="a run folder or checkpoint.pt to continue exactly")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always the last)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Names of the options the user actually typed (to tell them from defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                probe.add_argument(*action.option_strings, action="store_const", const=True, **kwargs)
+            else:
+                probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
+    known, _ = probe.parse_known_args(argv)
+    return set(vars(known))
+
+
+def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
+    """Fill derived defaults and reject contradictory flags with a message saying what to change."""
+    if args.arch not in list_models():
+        raise UsageError(f"unknown --arch {args.arch!r}; choose one of: {', '.join(list_models())}")
+    if args.method in ("baseline", "branchynet"):
+        for flag in ("alpha", "beta", "teacher_exits"):
+            if flag in explicit:
+                raise UsageError(f"--{flag.replace('_', '-')} has no effect with --method {args.method} "
+                                 "(it only weights distillation terms); drop it or use --method kd/byot/eed")  # fmt: skip
+    if args.method == "kd" and "beta" in explicit:
+        raise UsageError("--beta weights the feature term, which --method kd does not have; use --method byot or eed")
+    if args.teacher_exits and args.method != "eed":
+        raise UsageError("--teacher-exits selects the EED ensemble teacher; it needs --method eed")
+    if "distill" in explicit and args.method in ("baseline", "branchynet"):
+        raise UsageError(f"--distill has no effect with --method {args.method}")
+    args.alpha = 1.0 if args.alpha is None else args.alpha
+    args.beta = 1.0 if args.beta is None else args.beta
+    if args.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if args.subset is not None and args.subset < 2:
+        raise UsageError("--subset must be at least 2 images")
+    if args.amp and not args.device.startswith("cuda") and not (args.device == "auto" and torch.cuda.is_available()):
+        raise UsageError("--amp needs a CUDA device; none is available here (drop --amp to train in fp32 on the CPU)")
+    if args.milestones is None:
+        scale = args.epochs / PAPER_EPOCHS
+        args.milestones = sorted({max(1, round(m * scale)) for m in PAPER_MILESTONES})
+    if "milestones" in explicit and args.lr_schedule == "cosine":
+        raise UsageError("--milestones belongs to --lr-schedule multistep, not cosine")
+    if args.run_name is None:
+        args.run_name = f"{args.arch}-{args.dataset}-{args.method}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_arg} requested but CUDA is not available; use --device cpu")
+    if world_size > 1:
+        backend = "nccl" if device_arg.startswith("cuda") else "gloo"
+        if device_arg.startswith("cuda"):
+            device_arg = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return rank, world_size, torch.device(device_arg)
+
+
+def build_scheduler(optimizer, args):
+    """Per-epoch schedule: the paper's step decay, or cosine."""
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_gamma)
+
+
+def _check_resume_matches(saved: dict, args: argparse.Namespace, explicit: set[str]) -> None:
+    mismatched = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
+        for k in sorted(explicit - RESUME_MUTABLE)
+        if k in saved and saved[k] != getattr(args, k)
+    ]
+    if mismatched:
+        raise UsageError(
+            "cannot resume with settings that differ from the checkpoint's: " + "; ".join(mismatched)
+            + ". Drop those flags to continue the run as it was, or start a new run without --resume."
+        )
+
+
+def format_epoch_line(epoch: int, epochs: int, lr: float, metrics: dict, split: str | None) -> str:
+    """One human-readable line per epoch: loss components, per-exit and ensemble accuracy."""
+    parts = [f"epoch {epoch:>3}/{epochs}", f"lr {lr:.4g}", f"loss {metrics['train_loss']:.4f}"]
+    parts.append(
+        "(ce {:.3f} kd {:.3f} feat {:.3f})".format(
+            metrics["train_ce"], metrics["train_logit_distill"], metrics["train_feature_distill"]
+        )
+    )
+    if split:
+        accs = [f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in metrics.items()
+                if k.startswith(f"{split}_acc_")]  # fmt: skip
+        parts.append(f"| {split} " + " ".join(accs))
+    parts.append(f"| {metrics['train_images_per_s']:.0f} img/s {metrics['train_seconds']:.1f}s")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
+    """Train as ``args`` says; returns the final test metrics (rank 0) or {} (other ranks)."""
+    explicit = explicit if explicit is not None else set()
+    resume_payload = None
+    if args.resume:
+        resume_payload = load_checkpoint(args.resume)
+        saved = resume_payload["config"]
+        _check_resume_matches(saved, args, explicit)
+        for key, value in saved.items():  # the run continues with its own settings
+            if key not in RESUME_MUTABLE or key not in explicit:
+                if key not in ("resume",):
+                    setattr(args, key, value)
+        args.run_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
+    args = resolve_args(args, explicit)
+
+    rank, world_size, device = init_distributed(args.device)
+    is_main = rank == 0
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world_size} DDP processes")
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    torch.manual_seed(args.seed)
+
+    data = build_datasets(args.dataset, args.data_dir, args.val_split, args.subset, args.seed, args.download)
+    spec = data.spec
+    per_rank_batch = args.batch_size // world_size
+    train_loader = make_loader(data.train, spec, per_rank_batch, True, args.seed, rank, world_size, args.workers)
+    eval_split = "val" if data.val is not None else "test"
+    eval_data = data.val if data.val is not None else data.test
+    eval_loader = make_loader(eval_data, spec, 256, False, args.seed, rank, world_size, args.workers)
+
+    model = create_model(args.arch, spec.num_classes, spec.channels, args.width_mult,
+                         with_exits=args.method != "baseline")  # fmt: skip
+    costs = exit_costs(model, (spec.channels, spec.image_size, spec.image_size))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    criterion = MultiExitLoss(args.method, args.distill, args.alpha, args.beta, args.temperature, args.teacher_exits)
+    if args.teacher_exits:  # validate against the model now, not mid-epoch
+        bad = [e for e in args.teacher_exits if not 1 <= e <= model.num_exits]
+        if bad:
+            raise UsageError(f"--teacher-exits {bad} do not exist; {args.arch} has exits 1..{model.num_exits}")
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=args.nesterov)  # fmt: skip
+    scheduler = build_scheduler(optimizer, args)
+    amp_dtype = torch.float16 if args.amp else None
+    scaler = torch.amp.GradScaler("cuda") if args.amp else None
+
+    start_epoch, best = 0, {"epoch": None, "val_acc_main": -1.0}
+    if resume_payload is not None:
+        try:
+            model.load_state_dict(resume_payload["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {args.resume} does not fit {args.arch}: {exc}") from exc
+        optimizer.load_state_dict(resume_payload["optimizer"])
+        scheduler.load_state_dict(resume_payload["scheduler"])
+        if scaler is not None and resume_payload.get("scaler"):
+            scaler.load_state_dict(resume_payload["scaler"])
+        start_epoch = resume_payload["epoch"]
+        best = resume_payload.get("best", best)
+
+    run_dir = Path(getattr(args, "run_dir", None) or Path(args.output_dir) / args.run_name)
+    args.run_dir = str(run_dir)
+    config = {k: v for k, v in vars(args).items()}
+    dataset_info = {"name": spec.name, "classes": data.classes, "channels": spec.channels,
+                    "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
+                    "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
+                    "test_size": len(data.test), "source": data.source}  # fmt: skip
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": config, "model_config": model.config.to_dict(), "dataset": dataset_info,
+             "exit_costs": [asdict(c) for c in costs], "git_revision": git_revision(),
+             "world_size": world_size, "command": " ".join(sys.argv)}, indent=2))  # fmt: skip
+        print(f"run folder: {run_dir}")
+        print(f"{args.arch} x{args.width_mult} on {spec.name} ({len(data.train)} train / {len(eval_data)} "
+              f"{eval_split}), method {args.method}, {model.num_exits} exits, GFLOPs per exit: "
+              + ", ".join(f"{c.gflops:.4f}" for c in costs) + f", device {device}, {world_size} process(es)")  # fmt: skip
+        if start_epoch:
+            print(f"resuming from epoch {start_epoch}")
+
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    log_path = run_dir / "log.jsonl"
+    for epoch in range(start_epoch, args.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        metrics = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, scaler,
+                                  amp_dtype, args.channels_last, args.progress and is_main)  # fmt: skip
+        scheduler.step()
+        last = epoch + 1 == args.epochs
+        evaluated = last or (epoch + 1) % args.eval_every == 0
+        if evaluated:
+            metrics.update(evaluate(model, eval_loader, device, args.channels_last, prefix=f"{eval_split}_"))
+        record = {"epoch": epoch + 1, "lr": lr, **metrics}
+        if is_main:
+            print(format_epoch_line(epoch + 1, args.epochs, lr, metrics, eval_split if evaluated else None), flush=True)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            main_key = f"val_acc_exit{model.num_exits}"
+            payload = {
+                "model_config": model.config.to_dict(), "config": config, "dataset": dataset_info,
+                "exit_costs": [asdict(c) for c in costs], "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "metrics": record,
+                "git_revision": git_revision(),
+            }  # fmt: skip
+            if main_key in metrics and metrics[main_key] > best["val_acc_main"]:
+                best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
+                save_checkpoint({**payload, "best": best}, run_dir / "best.pt")
+            save_checkpoint({**payload, "best": best}, run_dir / "checkpoint.pt")
+
+    results: dict = {}
+    test_loader = make_loader(data.test, spec, 256, False, args.seed, rank, world_size, args.workers)
+    final = evaluate(model, test_loader, device, args.channels_last, prefix="test_")
+    results["final_epoch"] = {"epoch": args.epochs, **final}
+    if best["epoch"] is not None:  # selected on the validation split; test used once for it
+        selected = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)["model"]
+        model.load_state_dict(selected)
+        results["val_selected"] = {"epoch": best["epoch"], "val_acc_main": best["val_acc_main"],
+                                   **evaluate(model, test_loader, device, args.channels_last, prefix="test_")}  # fmt: skip
+    if is_main:
+        results["exit_costs"] = [asdict(c) for c in costs]
+        (run_dir / "final.json").write_text(json.dumps(results, indent=2))
+        accs = " ".join(f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in final.items() if k.startswith("test_acc_"))
+        print(f"test accuracy after the final epoch ({args.epochs}): {accs}")
+        if "val_selected" in results:
+            sel = results["val_selected"]
+            accs = " ".join(f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in sel.items() if k.startswith("test_acc_"))
+            print(f"test accuracy of the epoch selected on val ({sel['epoch']}): {accs}")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results if is_main else {}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        main(args, explicit_flags(parser, argv))
+    except (UsageError, UnknownModelError, DatasetNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
