@@ -1,0 +1,57 @@
+# The two commands a new user needs:
+#   make serve   the server on the shipped default model, http://127.0.0.1:8000
+#   make test    install everything (Debian packages as root, Python packages in .venv) and run the tests
+PYTHON ?= python3
+VENV ?= .venv
+SERVE_VENV ?= .venv-serve
+MODEL_DIR ?= exported/fmnist-resnet18-eed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+# The shipped default model: EED ResNet-18 (width 0.25) on Fashion-MNIST, trained on a CPU.
+DEFAULT_RUN ?= runs/default-fmnist-resnet18-w025
+DEFAULT_TRAIN_ARGS ?= --arch resnet18 --dataset fashion-mnist --width-mult 0.25 --epochs 15 --val-split 5000 --seed 0
+
+.PHONY: test test-all serve system-deps install install-serve default-model clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[train,serve,dev]'
+	touch $@
+
+$(SERVE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q -e '.[serve]'
+	touch $@
+
+install: $(VENV)/.installed
+install-serve: $(SERVE_VENV)/.installed
+
+system-deps:
+	@bash scripts/install_system_deps.sh
+
+test: system-deps $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Slow tests too (not GPU ones).
+test-all: system-deps $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+serve: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/python -m serving --model-dir $(MODEL_DIR) --host $(HOST) --port $(PORT)
+
+# Reproduce the shipped default model end to end: train (resumable), evaluate, export.
+default-model: system-deps $(VENV)/.installed
+	@if [ -f $(DEFAULT_RUN)/checkpoint.pt ]; then \
+	  $(VENV)/bin/python training/train.py --resume $(DEFAULT_RUN); \
+	else \
+	  $(VENV)/bin/python training/train.py $(DEFAULT_TRAIN_ARGS) --output-dir $(dir $(DEFAULT_RUN)) --run-name $(notdir $(DEFAULT_RUN)); \
+	fi
+	$(VENV)/bin/python -m training.evaluate $(DEFAULT_RUN)/checkpoint.pt --split test --out $(DEFAULT_RUN)/eval
+	$(VENV)/bin/python -m training.export $(DEFAULT_RUN)/checkpoint.pt --out $(MODEL_DIR) --name $(notdir $(MODEL_DIR))
+
+clean:
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache

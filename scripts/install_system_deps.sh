@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests use: real Fashion-MNIST, Prometheus, docker-compose
+# (for `docker-compose config`). As root it installs what is missing; otherwise it says what
+# to install and carries on (the tests that need a missing package skip with a reason).
+set -euo pipefail
+packages=(dataset-fashion-mnist prometheus docker-compose)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "note: missing Debian packages ${missing[*]}; install them with" >&2
+  echo "      sudo apt-get install -y ${missing[*]}" >&2
+  echo "      (tests that need them are skipped until then)" >&2
+fi

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from training.data import (
+    FASHION_MNIST_SYSTEM_DIR,
+    DatasetNotFoundError,
+    build_datasets,
+    make_loader,
+    random_crop_flip,
+    read_idx,
+)
+
+from datagen import make_cifar, make_fashion_mnist, write_idx
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_from_idx_files(tmp_path, compress):
+    make_fashion_mnist(tmp_path, n_train=50, n_test=20, compress=compress)
+    data = build_datasets("fashion-mnist", tmp_path, download=False)
+    assert data.train.images.shape == (50, 1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert data.test.labels.shape == (20,) and data.classes[9] == "Ankle boot"
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28), np.uint8), compress=False)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(path)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_fashion_mnist_debian_files():
+    data = build_datasets("fashion-mnist", None, download=False)
+    assert len(data.train) == 60000 and len(data.test) == 10000
+    assert sorted(data.test.labels.unique().tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_pickles(tmp_path, num_classes):
+    make_cifar(tmp_path, num_classes)
+    name = f"cifar{num_classes}"
+    data = build_datasets(name, tmp_path, download=False)
+    assert data.train.images.shape == (60, 3, 32, 32)
+    assert len(data.test) == 20 and len(data.classes) == num_classes
+    assert data.spec.num_classes == num_classes
+
+
+def test_missing_cifar_says_what_to_do(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="CIFAR-100 not found.*--dataset fashion-mnist"):
+        build_datasets("cifar100", tmp_path / "nothing", download=False)
+
+
+def test_val_split_is_disjoint_and_seeded(tmp_path):
+    make_fashion_mnist(tmp_path, n_train=100, n_test=10)
+    a = build_datasets("fashion-mnist", tmp_path, val_split=30, seed=1, download=False)
+    b = build_datasets("fashion-mnist", tmp_path, val_split=30, seed=1, download=False)
+    assert len(a.val) == 30 and len(a.train) == 70
+    assert torch.equal(a.val.images, b.val.images)
+    all_images = {img.numpy().tobytes() for img in torch.cat([a.train.images, a.val.images])}
+    assert len(all_images) == 100  # nothing lost, nothing duplicated
+    with pytest.raises(ValueError, match="--val-split"):
+        build_datasets("fashion-mnist", tmp_path, val_split=100, download=False)
+
+
+def test_random_crop_flip_moves_content_within_padding():
+    img = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    img[:, :, 3, 3] = 255
+    out = random_crop_flip(img, padding=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == img.shape
+    positions = {tuple(torch.nonzero(o[0]).tolist()[0]) for o in out if o.any()}
+    assert len(positions) > 5  # it really is random
+    for r, c in positions:  # a shift of at most 2 px, possibly mirrored
+        assert abs(r - 3) <= 2 and (abs(c - 3) <= 2 or abs(c - 4) <= 2)
+
+
+def test_loader_is_deterministic_per_epoch_and_sharded(tmp_path):
+    make_fashion_mnist(tmp_path, n_train=40, n_test=10)
+    data = build_datasets("fashion-mnist", tmp_path, download=False)
+    loader = make_loader(data.train, data.spec, 8, train=True, seed=3)
+    loader.set_epoch(1)
+    first = [x for x, _ in loader]
+    loader.set_epoch(1)
+    again = [x for x, _ in loader]
+    loader.set_epoch(2)
+    other = [x for x, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert abs(first[0].mean().item()) < 3  # normalized
+    shards = [make_loader(data.train, data.spec, 4, True, 3, rank=r, world_size=2) for r in range(2)]
+    labels = [torch.cat([y for _, y in s]) for s in shards]
+    assert len(labels[0]) == len(labels[1]) == 20

@@ -1,0 +1,116 @@
+"""train.py end to end on small Fashion-MNIST files written by the test."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datagen import make_fashion_mnist
+from training.checkpoint import load_model
+from training.train import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--width-mult", "0.125", "--batch-size", "32",
+         "--no-progress", "--no-download"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return make_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=192, n_test=64)
+
+
+def run_train(*args, cwd=ROOT, extra_env=None, module=None):
+    env = {**os.environ, **(extra_env or {})}
+    cmd = [sys.executable, *(module or [str(ROOT / "training" / "train.py")]), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_trains_and_reports_per_exit_accuracy(fmnist, tmp_path):
+    res = run_train(*SMALL, "--data-dir", str(fmnist), "--epochs", "2", "--val-split", "32",
+                    "--output-dir", str(tmp_path), "--run-name", "r")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "val exit1" in res.stdout and "exit4" in res.stdout and "ensemble" in res.stdout
+    assert "test accuracy after the final epoch (2)" in res.stdout
+    run = tmp_path / "r"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert {"train_loss", "train_ce", "train_logit_distill", "val_acc_exit1", "val_acc_ensemble"} <= set(log[0])
+    final = json.loads((run / "final.json").read_text())
+    assert 0 <= final["final_epoch"]["test_acc_exit4"] <= 1 and "val_selected" in final
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["milestones"] and config["model_config"]["arch"] == "resnet18"
+    # The checkpoint rebuilds the model without the CLI.
+    model, payload = load_model(run / "checkpoint.pt")
+    assert model.num_exits == 4 and payload["dataset"]["classes"][0] == "T-shirt/top"
+    assert model(torch.zeros(1, 1, 28, 28)).logits[-1].shape == (1, 10)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_continues_exactly(fmnist, tmp_path):
+    common = [*SMALL, "--data-dir", str(fmnist), "--milestones", "1", "--output-dir", str(tmp_path), "--seed", "5"]
+    assert cli([*common, "--epochs", "2", "--run-name", "straight"]) == 0
+    assert cli([*common, "--epochs", "1", "--run-name", "split"]) == 0
+    assert cli(["--resume", str(tmp_path / "split"), "--epochs", "2", "--no-progress"]) == 0
+    a, b = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "split" / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+
+
+def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
+    common = [*SMALL, "--data-dir", str(fmnist), "--output-dir", str(tmp_path), "--subset", "64"]
+    assert cli([*common, "--epochs", "1", "--run-name", "x"]) == 0
+    assert cli(["--resume", str(tmp_path / "x"), "--arch", "vgg19"]) == 2
+    assert "differ from the checkpoint" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert cli(["--resume", str(tmp_path / "junk.pt")]) == 2
+    assert "could not be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--arch", "resnet19"], "unknown --arch 'resnet19'; choose one of"),
+        (["--dataset", "cifar10", "--data-dir", "{tmp}/none", "--no-download"], "CIFAR-10 not found"),
+        (["--method", "kd", "--teacher-exits", "1", "4"], "--teacher-exits selects the EED ensemble teacher"),
+        (["--method", "branchynet", "--alpha", "2"], "--alpha has no effect with --method branchynet"),
+        (["--amp", "--device", "cpu"], "--amp needs a CUDA device"),
+        (["--dataset", "fashion-mnist", "--teacher-exits", "9", "--subset", "8"], "--teacher-exits [9] do not exist"),
+    ],
+)
+def test_clear_errors(args, message, tmp_path, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert cli([*args, "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cifar100_default_fails_clearly_without_network(tmp_path):
+    # A proxy nobody listens on makes the download fail here even on a machine with network.
+    no_net = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    res = run_train("--arch", "resnet18", "--output-dir", str(tmp_path), cwd=tmp_path, extra_env=no_net)
+    assert res.returncode == 2
+    assert "CIFAR-100 not found" in res.stderr and "--dataset fashion-mnist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_ddp_two_cpu_processes(fmnist, tmp_path):
+    res = run_train(
+        "--standalone", "--nproc_per_node=2", str(ROOT / "training" / "train.py"),
+        *SMALL, "--data-dir", str(fmnist), "--subset", "128", "--epochs", "1", "--threads", "1",
+        "--output-dir", str(tmp_path), "--run-name", "ddp",
+        module=["-m", "torch.distributed.run"], extra_env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout
+    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    assert 0 <= final["final_epoch"]["test_acc_exit4"] <= 1
+    assert (tmp_path / "ddp" / "checkpoint.pt").is_file()
