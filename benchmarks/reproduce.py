@@ -1,0 +1,238 @@
+"""Reproduce the paper's comparison: baseline, BranchyNet, KD, BYOT, EED (KL) and EED (MSE).
+
+Trains every method with several seeds on Fashion-MNIST with a CIFAR-style ResNet-18 through
+``training/train.py`` (one subprocess per run), selects each run's epoch on a held-out
+validation split, evaluates that epoch once on the test split, and writes a Markdown and a
+JSON table (per-exit test accuracy mean ± std over seeds, ensemble accuracy, GFLOPs per
+exit) plus two plots under ``benchmarks/results/``. Every run is resumable: stop the
+benchmark at any time and start the same command again; finished runs are skipped and
+interrupted ones continue from their last epoch.
+
+    python benchmarks/reproduce.py --preset cpu        # sized for a 2-core CPU (about 2.5 hours)
+    python benchmarks/reproduce.py --preset paper      # the paper's full recipe, for a GPU
+    python benchmarks/reproduce.py --preset smoke      # a minute: checks the pipeline end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# name → train.py flags. KD distils logits only; BYOT adds the feature term (both from the
+# main output); EED distils from the ensemble of all outputs, with KL or with MSE.
+METHODS: dict[str, list[str]] = {
+    "baseline": ["--method", "baseline"],
+    "branchynet": ["--method", "branchynet"],
+    "kd": ["--method", "kd", "--distill", "kl"],
+    "byot": ["--method", "byot", "--distill", "kl"],
+    "eed-kl": ["--method", "eed", "--distill", "kl"],
+    "eed-mse": ["--method", "eed", "--distill", "mse"],
+}
+
+COMMON = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--alpha", "1", "--temperature", "3"]
+PRESETS: dict[str, dict] = {
+    # Width 1/8 and 12 epochs with the paper's step schedule scaled to the run: 18 runs in
+    # about 2.5 hours on 2 CPU cores.
+    "cpu": {"flags": ["--width-mult", "0.125", "--epochs", "12", "--val-split", "5000"], "seeds": [0, 1, 2]},
+    "paper": {"flags": ["--width-mult", "1.0", "--epochs", "200", "--val-split", "5000"], "seeds": [0, 1, 2]},
+    "smoke": {"flags": ["--width-mult", "0.125", "--epochs", "2", "--val-split", "64", "--subset", "320",
+                        "--batch-size", "32"], "seeds": [0, 1]},  # fmt: skip
+}
+
+
+def needs_beta(method_flags: list[str]) -> bool:
+    return any(m in method_flags for m in ("byot", "eed"))
+
+
+def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], log) -> Path:
+    """Train one (method, seed) run, resuming it if it was interrupted; returns its folder."""
+    run_dir = runs_dir / f"{name}-s{seed}"
+    if (run_dir / "final.json").is_file():
+        log(f"{name} seed {seed}: done already, skipped")
+        return run_dir
+    method_flags = METHODS[name]
+    if (run_dir / "checkpoint.pt").is_file():
+        cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--resume", str(run_dir), "--no-progress"]
+        log(f"{name} seed {seed}: resuming")
+    else:
+        cmd = [sys.executable, str(ROOT / "training" / "train.py"), *COMMON, *PRESETS[preset]["flags"],
+               *method_flags, "--seed", str(seed), "--output-dir", str(runs_dir), "--run-name", run_dir.name,
+               "--no-progress", *extra]  # fmt: skip
+        if method_flags[1] in ("baseline", "branchynet"):
+            cmd = _drop(cmd)
+        elif needs_beta(method_flags):
+            cmd += ["--beta", "1"]
+        log(f"{name} seed {seed}: training")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    (runs_dir / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    log(f"{name} seed {seed}: finished in {time.perf_counter() - start:.0f}s")
+    return run_dir
+
+
+def _drop(cmd: list[str]) -> list[str]:
+    """Remove the distillation flags that train.py rejects for methods without distillation."""
+    out, skip = [], 0
+    for c in cmd:
+        if skip:
+            skip -= 1
+            continue
+        if c in ("--alpha", "--temperature", "--distill"):
+            skip = 1
+            continue
+        out.append(c)
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: dict[str, list[Path]]) -> dict:
+    """Per method: per-exit test accuracy (val-selected epoch) mean/std over seeds, GFLOPs, curves."""
+    table = {}
+    for name, dirs in runs.items():
+        finals = [json.loads((d / "final.json").read_text()) for d in dirs]
+        selected = [f.get("val_selected") or f["final_epoch"] for f in finals]
+        exits = sorted({int(k.removeprefix("test_acc_exit")) for k in selected[0] if k.startswith("test_acc_exit")})
+        row = {"seeds": len(dirs), "exits": {}, "gflops": [c["gflops"] for c in finals[0]["exit_costs"]]}
+        for e in exits:
+            m, s = _mean_std([100 * r[f"test_acc_exit{e}"] for r in selected])
+            row["exits"][e] = {"mean": m, "std": s}
+        if "test_acc_ensemble" in selected[0]:
+            m, s = _mean_std([100 * r["test_acc_ensemble"] for r in selected])
+            row["ensemble"] = {"mean": m, "std": s}
+        m, s = _mean_std([100 * f["final_epoch"][f"test_acc_exit{exits[-1]}"] for f in finals])
+        row["main_final_epoch"] = {"mean": m, "std": s}
+        row["selected_epochs"] = [r.get("epoch") for r in selected]
+        curves = []
+        for d in dirs:
+            log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+            curves.append([100 * r.get(f"val_acc_exit{exits[-1]}", float("nan")) for r in log])
+        row["main_val_curve_mean"] = [statistics.fmean(v) for v in zip(*curves)]
+        table[name] = row
+    return table
+
+
+def to_markdown(table: dict, meta: dict) -> str:
+    k = max(len(r["exits"]) for r in table.values())
+    header = "| method | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |"
+    lines = [
+        f"# Paper comparison on Fashion-MNIST (preset `{meta['preset']}`)", "",
+        f"ResNet-18 (CIFAR-style) x{meta['width_mult']}, {meta['epochs']} epochs, seeds {meta['seeds']}. "
+        "Test accuracy (%) of the epoch selected on the validation split, mean ± std over seeds; "
+        "the test split is used once per run.", "",
+        header, "|" + "---|" * (k + 2),
+    ]  # fmt: skip
+    for name, row in table.items():
+        cells = []
+        for e in range(1, k + 1):
+            cell = row["exits"].get(e) if len(row["exits"]) == k else (row["exits"].get(1) if e == k else None)
+            cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else "—")
+        ens = row.get("ensemble")
+        cells.append(f"{ens['mean']:.2f} ± {ens['std']:.2f}" if ens else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gflops = next(r["gflops"] for r in table.values() if len(r["gflops"]) == k)
+    lines += ["", "GFLOPs per exit (full path): " + ", ".join(f"exit {i + 1}: {g:.4f}" for i, g in enumerate(gflops))]
+    if "eed-kl" in table and "branchynet" in table:
+        diff = table["eed-kl"]["exits"][k]["mean"] - table["branchynet"]["exits"][k]["mean"]
+        lines.append(f"\nEED (KL) − BranchyNet, main output: {diff:+.2f} points.")
+    lines += ["", f"Command: `{meta['command']}`  ", f"Git revision: `{meta['git_revision']}`  ",
+              f"Machine: {meta['machine']}  ", f"Wall time: {meta['wall_seconds']:.0f} s"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, out_dir: Path, preset: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    k = max(len(r["exits"]) for r in table.values())
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(table)
+    for j, (name, row) in enumerate(table.items()):
+        exits = list(range(1, k + 1)) if len(row["exits"]) == k else [k]
+        vals = list(row["exits"].values())
+        xs = [e + (j - len(table) / 2 + 0.5) * width for e in exits]
+        ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] for v in vals], label=name, capsize=2)
+    ax.set_xticks(range(1, k + 1), [f"exit {e}" if e < k else "main" for e in range(1, k + 1)])
+    lows = [v["mean"] for r in table.values() for v in r["exits"].values()]
+    ax.set_ylim(max(0, min(lows) - 3), min(100, max(lows) + 1.5))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Per-exit test accuracy by method (Fashion-MNIST, preset {preset})")
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / f"reproduce_{preset}_exits.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, row in table.items():
+        curve = row["main_val_curve_mean"]
+        ax.plot(range(1, len(curve) + 1), curve, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("main-output validation accuracy (%)")
+    ax.set_title("Main-output accuracy per epoch (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / f"reproduce_{preset}_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    from training.checkpoint import git_revision
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--runs-dir", default=None, help="where run folders go (default runs/reproduce-PRESET)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to train.py")
+    args = p.parse_args(argv)
+    seeds = args.seeds or PRESETS[args.preset]["seeds"]
+    out_dir = Path(args.out_dir)
+    runs_dir = Path(args.runs_dir or ROOT / "runs" / f"reproduce-{args.preset}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    start = time.perf_counter()
+    runs = {name: [run_one(name, s, args.preset, runs_dir, args.extra, log) for s in seeds] for name in args.methods}
+    table = summarize(runs)
+    flags = PRESETS[args.preset]["flags"]
+    meta = {
+        "preset": args.preset, "seeds": seeds, "command": " ".join(["python", *sys.argv]),
+        "width_mult": flags[flags.index("--width-mult") + 1], "epochs": flags[flags.index("--epochs") + 1],
+        "git_revision": git_revision(), "wall_seconds": time.perf_counter() - start,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+    }  # fmt: skip
+    (out_dir / f"reproduce_{args.preset}.json").write_text(json.dumps({"meta": meta, "methods": table}, indent=2))
+    md = to_markdown(table, meta)
+    (out_dir / f"reproduce_{args.preset}.md").write_text(md)
+    print(md)
+    for path in plot(table, out_dir, args.preset):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

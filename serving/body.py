@@ -1,0 +1,93 @@
+"""Reading the image out of a request: raw body or multipart field ``file``, size-limited.
+
+The body is read incrementally and refused with 413 as soon as it passes the limit
+(or at once, when Content-Length already says so), so an oversized upload never
+sits in memory whole.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .images import ACCEPTED_CONTENT_TYPES, ACCEPTED_DESCRIPTION
+
+MULTIPART = "multipart/form-data"
+RAW_TYPES = ("application/octet-stream",)
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare media type of a Content-Type header, lower-cased ('' if absent)."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
+    """Return (image bytes, declared content type) from a /classify request.
+
+    Accepts a raw body typed ``image/*`` or ``application/octet-stream`` (or
+    untyped), or ``multipart/form-data`` with the image in field ``file``.
+    """
+    declared = media_type(request.headers.get("content-type"))
+    if declared and declared != MULTIPART and not declared.startswith("image/") and declared not in RAW_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {declared} is not accepted; send the image bytes as the body with its image "
+            f"type (e.g. -H 'Content-Type: image/png'), or multipart/form-data with the image in field 'file'",
+            accepted=[*ACCEPTED_CONTENT_TYPES, *RAW_TYPES, MULTIPART],
+        )
+    body = await _read_limited(request, max_bytes)
+    if declared != MULTIPART:
+        return body, declared or None
+    return await _multipart_file(request, body, max_bytes)
+
+
+async def _read_limited(request: Request, max_bytes: int) -> bytes:
+    too_large = PayloadTooLarge(
+        f"request body is larger than the limit of {max_bytes} bytes; send a smaller image "
+        "(the model resizes it anyway)",
+        max_bytes=max_bytes,
+    )
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > max_bytes:
+                raise too_large
+        except ValueError:
+            raise BadRequest(f"Content-Length {length!r} is not a number") from None
+    chunks = bytearray()
+    try:
+        async for chunk in request.stream():
+            chunks += chunk
+            if len(chunks) > max_bytes:
+                raise too_large
+    except ClientDisconnect:
+        raise BadRequest("client disconnected before the body was complete") from None
+    return bytes(chunks)
+
+
+async def _multipart_file(request: Request, body: bytes, max_bytes: int) -> tuple[bytes, str | None]:
+    async def stream():
+        yield body
+        yield b""
+
+    parser = MultiPartParser(request.headers, stream(), max_files=4, max_fields=16, max_part_size=max_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from None
+    except Exception as exc:  # python-multipart raises its own errors on garbage
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    try:
+        part = form.get("file")
+        if part is None:
+            fields = sorted(form.keys())
+            raise BadRequest(
+                f"multipart body has no field named 'file' (fields: {fields or 'none'}); "
+                f"send the image as field 'file' ({ACCEPTED_DESCRIPTION})"
+            )
+        if isinstance(part, UploadFile):
+            return await part.read(), media_type(part.content_type) or None
+        return part.encode(), None  # a plain text field: decoding will say it is not an image
+    finally:
+        await form.close()

@@ -1,0 +1,119 @@
+"""Typed errors of the serving API and their HTTP mapping.
+
+Every failure a client can cause is one of these classes, each carrying its HTTP
+status, a stable machine-readable ``code`` and a ``detail`` sentence that says what
+was wrong and what would be accepted. The app turns them into JSON bodies of the
+form ``{"error": code, "detail": "...", **extra}``; nothing a client sends should
+ever surface as a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServingError(Exception):
+    """Base class: an error with an HTTP status, a code and a human-readable detail."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body sent to the client."""
+        return {"error": self.code, "detail": self.detail, **self.extra}
+
+
+class BadRequest(ServingError):
+    """The request is malformed in a way not covered by a more specific class."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class InvalidImage(ServingError):
+    """The body is not a decodable image (corrupt, truncated, empty, not an image)."""
+
+    status_code = 400
+    code = "invalid_image"
+
+
+class UnsupportedMediaType(ServingError):
+    """The content type or the detected image format is not one the server accepts."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(ServingError):
+    """The request body exceeds ``max_body_bytes``."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ImageTooLarge(ServingError):
+    """The image's pixel count exceeds ``max_pixels`` (decompression-bomb guard)."""
+
+    status_code = 413
+    code = "image_too_large"
+
+
+class InvalidParameters(ServingError):
+    """Query or JSON parameters are out of range or contradict each other."""
+
+    status_code = 422
+    code = "invalid_parameters"
+
+
+class ImpossibleBudget(ServingError):
+    """A budget below the cheapest exit; the body names the cheapest cost."""
+
+    status_code = 422
+    code = "impossible_budget"
+
+
+class UnknownRequestId(ServingError):
+    """Feedback for a request id the server does not remember."""
+
+    status_code = 404
+    code = "unknown_request_id"
+
+
+class FeedbackConflict(ServingError):
+    """Feedback for a request that already received feedback."""
+
+    status_code = 409
+    code = "feedback_already_recorded"
+
+
+class Overloaded(ServingError):
+    """The admission queue is full; the client should retry after ``Retry-After`` seconds."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, int(retry_after_s)))}, **extra)
+
+
+class NotReady(ServingError):
+    """The model is still loading or warming up (or failed to load)."""
+
+    status_code = 503
+    code = "not_ready"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"}, **extra)
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder cannot be served (bad graphs, provider fallback not allowed, ...).
+
+    Not a client error: raised at start-up and reported by ``/readyz`` and the process exit.
+    """

@@ -1,0 +1,279 @@
+"""Image bytes → model input tensor, with the same preprocessing as training.
+
+Accepted formats: PNG, JPEG (incl. MPO), WebP, BMP, GIF (first frame), TIFF (first
+page). Any mode is brought to the manifest's channels:
+
+* EXIF orientation is applied first (``ImageOps.exif_transpose``).
+* Transparency (RGBA, LA, palette with a transparent index) is composited onto a
+  uniform background of gray level ``input.background`` from the manifest (default
+  255, white). Datasets of bright objects on black (MNIST-like) set it to 0.
+* Palette, 1-bit, CMYK, YCbCr, LAB, HSV → RGB (or L) via Pillow.
+* 16-bit (``I;16*``) and 32-bit integer (``I``) images are scaled from 0..65535;
+  32-bit float (``F``) images are taken as 0..1. They are resized in float, never
+  clipped to 8 bits first.
+* RGB → L uses ITU-R 601-2 luma (as torchvision's Grayscale); L → RGB replicates.
+
+Then resize (``resize``: whole image to height×width; ``resize_center_crop``: short
+side to ``resize_size`` then a centre crop, torchvision's rounding), scale to [0, 1],
+normalize with mean/std, and lay out as float32 C×H×W.
+
+Decompression bombs: the pixel count is read from the header and checked against
+``max_pixels`` before any pixel data is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+
+# Pillow format names we open (multi-picture JPEGs open through "JPEG" as MPO).
+# Restricting the set keeps plugins that shell out or parse risky containers
+# (EPS → Ghostscript, ...) out of reach of client bytes.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+ACCEPTED_CONTENT_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "image/bmp",
+    "image/gif",
+    "image/tiff",
+)
+ACCEPTED_DESCRIPTION = "PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF (first page)"
+
+# Common formats we refuse, recognised by magic bytes so the error can name them.
+_OTHER_FORMATS = (
+    (b"%PDF", "PDF"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML/SVG"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"%!PS", "PostScript"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL", "JPEG XL"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x1f\x8b", "gzip"),
+)
+_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Preprocessing for one model input spec; build once, call per image.
+
+    ``input_spec`` is :class:`serving.manifest.InputSpec` (or anything with the same
+    attributes).
+    """
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "resize"
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+    background: int = 255
+    max_pixels: int = 4096 * 4096
+
+    @classmethod
+    def from_spec(cls, input_spec, max_pixels: int) -> "Preprocessor":
+        """Build from a manifest ``input`` section."""
+        background = getattr(input_spec, "background", 255)
+        return cls(
+            channels=input_spec.channels,
+            height=input_spec.height,
+            width=input_spec.width,
+            mean=tuple(input_spec.mean),
+            std=tuple(input_spec.std),
+            resize=input_spec.resize,
+            resize_size=input_spec.resize_size,
+            interpolation=input_spec.interpolation,
+            background=int(background),
+            max_pixels=max_pixels,
+        )
+
+    def __call__(self, data: bytes, content_type: str | None = None) -> np.ndarray:
+        """Decode ``data`` and return the model input, float32 of shape (C, H, W)."""
+        image = decode_image(data, self.max_pixels, content_type, draft_size=self._draft_size())
+        return self.to_tensor(image)
+
+    def to_tensor(self, image: Image.Image) -> np.ndarray:
+        """Bring a decoded Pillow image to the model input, float32 (C, H, W)."""
+        target = "L" if self.channels == 1 else "RGB"
+        if image.mode in _HIGH_DEPTH_MODES:
+            array = self._high_depth(image, target)
+        else:
+            image = to_mode(image, target, self.background)
+            image = self._geometry(image)
+            array = np.asarray(image, dtype=np.float32)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        # (x / 255 - mean) / std fused into one multiply-add per pixel.
+        std = np.asarray(self.std, dtype=np.float32)
+        scale = 1.0 / (255.0 * std)
+        offset = -np.asarray(self.mean, dtype=np.float32) / std
+        array = array * scale + offset
+        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+
+    def _high_depth(self, image: Image.Image, target: str) -> np.ndarray:
+        """16/32-bit single-channel images: scale to 0..255 in float, resize in float."""
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode == "F":
+            values = np.clip(np.nan_to_num(values), 0.0, 1.0) * 255.0
+        else:
+            values = np.clip(values, 0, 65535) * (255.0 / 65535.0)
+        gray = self._geometry(Image.fromarray(values.astype(np.float32), mode="F"))
+        array = np.asarray(gray, dtype=np.float32)
+        if target == "RGB":
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        return array
+
+    def _geometry(self, image: Image.Image) -> Image.Image:
+        """Resize (and crop) to (height, width) as the manifest says."""
+        resample = _RESAMPLE[self.interpolation]
+        w, h = image.size
+        if self.resize == "resize":
+            if (w, h) != (self.width, self.height):
+                image = image.resize((self.width, self.height), resample)
+            return image
+        # resize_center_crop, torchvision semantics: Resize(int) then CenterCrop((H, W)).
+        short = self.resize_size or max(self.height, self.width)
+        if w <= h:
+            new_w, new_h = short, int(short * h / w)
+        else:
+            new_w, new_h = int(short * w / h), short
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample)
+        top = int(round((new_h - self.height) / 2.0))
+        left = int(round((new_w - self.width) / 2.0))
+        return image.crop((left, top, left + self.width, top + self.height))
+
+    def _draft_size(self) -> tuple[int, int]:
+        """Smallest decoded size that still covers the resize target (for JPEG draft)."""
+        if self.resize == "resize":
+            return (self.width, self.height)
+        short = self.resize_size or max(self.height, self.width)
+        return (short, short)
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    content_type: str | None = None,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode the first frame of an accepted image format, fully loaded and EXIF-rotated.
+
+    Raises :class:`InvalidImage` (400) for empty/corrupt/truncated data,
+    :class:`UnsupportedMediaType` (415) for a recognised but refused format, and
+    :class:`ImageTooLarge` (413) when width × height exceeds ``max_pixels`` — checked
+    from the header, before pixel data is decoded.
+    """
+    if not data:
+        raise InvalidImage(f"empty body; send the image bytes ({ACCEPTED_DESCRIPTION})")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; Pillow's warning would only add log noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", max_pixels=max_pixels) from None
+    except UnidentifiedImageError:
+        raise _unidentified(data, content_type) from None
+    except Exception as exc:  # Pillow raises many types on hostile headers
+        raise InvalidImage(f"cannot read image header: {_describe(exc)}") from None
+
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
+            max_pixels=max_pixels,
+            width=width,
+            height=height,
+        )
+    try:
+        if draft_size and image.format in ("JPEG", "MPO"):
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller:
+            # far less work and memory for camera-sized inputs.
+            image.draft(image.mode, draft_size)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", max_pixels=max_pixels) from None
+    except Exception as exc:
+        raise InvalidImage(
+            f"corrupt or truncated {image.format or 'image'} data: {_describe(exc)}",
+            format=image.format,
+        ) from None
+    return image
+
+
+def to_mode(image: Image.Image, target: str, background: int = 255) -> Image.Image:
+    """Convert an 8-bit-per-channel image of any mode to ``target`` ('L' or 'RGB').
+
+    Transparent pixels are composited onto a uniform ``background`` gray level.
+    """
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode == "L" and "transparency" in image.info:
+        image = image.convert("LA")
+    elif mode == "RGB" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        image = Image.alpha_composite(base, rgba).convert("RGB")
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
+    if image.mode != target:
+        image = image.convert(target)
+    return image
+
+
+def _unidentified(data: bytes, content_type: str | None) -> Exception:
+    """Pick 415 (a real but refused format) or 400 (not an image at all)."""
+    head = data[:32]
+    for magic, name in _OTHER_FORMATS:
+        if head.lstrip().startswith(magic):
+            return UnsupportedMediaType(
+                f"{name} data is not accepted; send {ACCEPTED_DESCRIPTION}",
+                accepted=list(ACCEPTED_CONTENT_TYPES),
+            )
+    if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
+        return UnsupportedMediaType(
+            f"{_FTYP_BRANDS[head[8:12]]} images are not accepted; send {ACCEPTED_DESCRIPTION}",
+            accepted=list(ACCEPTED_CONTENT_TYPES),
+        )
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared.startswith("image/") and declared not in ACCEPTED_CONTENT_TYPES and declared != "image/jpg":
+        return UnsupportedMediaType(
+            f"{declared} is not accepted; send {ACCEPTED_DESCRIPTION}", accepted=list(ACCEPTED_CONTENT_TYPES)
+        )
+    return InvalidImage(f"body is not a decodable image; send {ACCEPTED_DESCRIPTION} (first bytes: {head[:8]!r})")
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:200]
+

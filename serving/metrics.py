@@ -1,0 +1,142 @@
+"""Prometheus metrics of the server, in a dedicated registry (prefix ``eed_``).
+
+Series (DESIGN §5):
+
+========================================  =========  ====================================
+name                                      type       labels
+========================================  =========  ====================================
+eed_requests_total                        counter    exit, policy, status (HTTP code)
+eed_request_latency_seconds               histogram  exit — whole /classify handling
+eed_inference_latency_seconds             histogram  exit, graph (exit|stage) — one ORT batch run
+eed_queue_wait_seconds                    histogram  exit, graph — oldest item's wait per batch
+eed_gflops_spent_total                    counter    exit — GFLOPs actually computed
+eed_request_gflops                        histogram  exit, policy — GFLOPs per request
+eed_batch_size                            histogram  exit, graph
+eed_queue_depth                           gauge      exit, graph
+eed_inflight_requests                     gauge      —
+eed_budget_misses_total                   counter    exit, budget (ms) — latency above budget_ms
+eed_exit_gflops                           gauge      exit — full-path cost from the manifest
+eed_exit_stage_gflops                     gauge      exit — stage cost from the manifest
+eed_exit_params                           gauge      exit
+eed_exit_accuracy                         gauge      exit — evaluated accuracy from the manifest
+eed_exit_latency_estimate_seconds         gauge      exit, route (single|cascade)
+eed_feedback_total                        counter    exit — answers labelled via POST /feedback
+eed_feedback_correct_total                counter    exit
+eed_exit_live_accuracy                    gauge      exit — correct / total from feedback
+eed_model_info                            gauge      name, arch, dataset, provider (value 1)
+eed_model_ready                           gauge      — 1 once loaded and warm
+========================================  =========  ====================================
+
+GFLOPs are kept as GFLOPs (not FLOPs) because that is the unit of the manifest and
+the DESIGN's contract; the names say so.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# The ``*_created`` timestamp series double the exposition size and no dashboard here
+# uses them. Process-wide switch; the server process owns its metrics.
+prometheus_client.disable_created_metrics()
+
+# Sub-millisecond to multi-second: tiny models answer in ~100 µs, big ones on CPU in 100s of ms.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GFLOPS_BUCKETS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
+
+
+class ServingMetrics:
+    """All metric objects of one app instance, registered in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "eed_requests", "Classification requests by answering exit, policy and HTTP status",
+            ["exit", "policy", "status"], registry=r)
+        self.request_latency = Histogram(
+            "eed_request_latency_seconds", "Time to handle POST /classify, by answering exit",
+            ["exit"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_latency = Histogram(
+            "eed_inference_latency_seconds", "ONNX Runtime time of one batch, by exit and graph kind",
+            ["exit", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "eed_queue_wait_seconds", "Wait of the oldest request in a batch before it ran",
+            ["exit", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+        self.gflops_spent = Counter(
+            "eed_gflops_spent", "GFLOPs computed for answered requests, by answering exit",
+            ["exit"], registry=r)
+        self.request_gflops = Histogram(
+            "eed_request_gflops", "GFLOPs spent per answered request",
+            ["exit", "policy"], buckets=GFLOPS_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "eed_batch_size", "Requests per batch sent to ONNX Runtime",
+            ["exit", "graph"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "eed_queue_depth", "Requests waiting in a graph's batching queue",
+            ["exit", "graph"], registry=r)
+        self.inflight = Gauge(
+            "eed_inflight_requests", "Requests admitted and not yet answered", registry=r)
+        self.budget_misses = Counter(
+            "eed_budget_misses", "Requests whose inference latency exceeded budget_ms",
+            ["exit", "budget"], registry=r)
+        self.exit_gflops = Gauge(
+            "eed_exit_gflops", "Full-path cost of each exit (manifest)", ["exit"], registry=r)
+        self.exit_stage_gflops = Gauge(
+            "eed_exit_stage_gflops", "Stage-graph cost of each exit (manifest)", ["exit"], registry=r)
+        self.exit_params = Gauge(
+            "eed_exit_params", "Parameters on each exit's full path (manifest)", ["exit"], registry=r)
+        self.exit_accuracy = Gauge(
+            "eed_exit_accuracy", "Top-1 accuracy of each exit on the evaluation split (manifest)",
+            ["exit"], registry=r)
+        self.latency_estimate = Gauge(
+            "eed_exit_latency_estimate_seconds", "Current latency estimate used by budget_ms",
+            ["exit", "route"], registry=r)
+        self.feedback = Counter(
+            "eed_feedback", "Answers for which a client posted the true label", ["exit"], registry=r)
+        self.feedback_correct = Counter(
+            "eed_feedback_correct", "Answers confirmed correct by feedback", ["exit"], registry=r)
+        self.live_accuracy = Gauge(
+            "eed_exit_live_accuracy", "Accuracy of each exit's answers according to feedback",
+            ["exit"], registry=r)
+        self.model_info = Gauge(
+            "eed_model_info", "The model being served (value is always 1)",
+            ["name", "arch", "dataset", "provider"], registry=r)
+        self.ready = Gauge("eed_model_ready", "1 once the model is loaded and warmed up", registry=r)
+
+    def describe_model(self, manifest, provider: str) -> None:
+        """Set the static per-exit gauges from the manifest, and pre-create per-exit series.
+
+        Pre-creating the zero-valued request/feedback series means dashboards and
+        Prometheus queries see every exit from the first scrape, not only exits
+        that have answered already.
+        """
+        self.model_info.labels(manifest.name, manifest.arch, manifest.dataset, provider).set(1)
+        for spec in manifest.exits:
+            e = str(spec.exit)
+            self.exit_gflops.labels(e).set(spec.gflops)
+            self.exit_stage_gflops.labels(e).set(spec.stage_gflops)
+            self.exit_params.labels(e).set(spec.params)
+            if spec.accuracy is not None:
+                self.exit_accuracy.labels(e).set(spec.accuracy)
+            self.gflops_spent.labels(e)
+            self.feedback.labels(e)
+            self.feedback_correct.labels(e)
+            self.request_latency.labels(e)
+            for graph in ("exit", "stage"):
+                self.queue_depth.labels(e, graph).set(0)
+
+    def record_feedback(self, exit_number: int, correct: bool, live_accuracy: float) -> None:
+        """Count one labelled answer and publish the exit's live accuracy."""
+        e = str(exit_number)
+        self.feedback.labels(e).inc()
+        if correct:
+            self.feedback_correct.labels(e).inc()
+        self.live_accuracy.labels(e).set(live_accuracy)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self.registry)

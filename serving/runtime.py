@@ -1,0 +1,262 @@
+"""ONNX Runtime sessions for a model folder: loading, provider choice, warm-up, calibration.
+
+A model folder holds, for every exit i, ``exit{i}.onnx`` (image → logits of exit i)
+and ``stage{i}.onnx`` (stage 1: image → logits and trunk features; stage i > 1:
+features of stage i-1 → logits and, for i < k, features of stage i). Input and
+output names come from the manifest's ``io`` section. This module never imports
+torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ModelLoadError
+from .manifest import Manifest, ManifestError, load_manifest
+
+log = logging.getLogger("serving.runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """The ORT knobs the server exposes (see ServerSettings)."""
+
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_provider_fallback: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    allow_spinning: bool = False
+
+    @classmethod
+    def from_settings(cls, settings) -> "SessionOptions":
+        return cls(
+            providers=settings.providers,
+            allow_provider_fallback=settings.allow_provider_fallback,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            allow_spinning=settings.ort_allow_spinning,
+        )
+
+
+def provider_chain(requested: str, available: Sequence[str]) -> list[str]:
+    """The ORT provider list for a requested provider name.
+
+    ``auto`` tries CUDA when this onnxruntime build has it, then CPU; ``cuda``
+    requires the CUDA provider in this build; ``cpu`` is CPU only.
+    """
+    if requested == "cpu":
+        return [CPU]
+    if requested == "cuda":
+        if CUDA not in available:
+            raise ModelLoadError(
+                "providers=cuda, but this onnxruntime build has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu, or use providers=cpu/auto"
+            )
+        return [CUDA, CPU]
+    if requested == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    raise ModelLoadError(f"unknown providers={requested!r}; accepted: auto, cpu, cuda")
+
+
+def check_provider(requested: str, chain: Sequence[str], actual: str, allow_fallback: bool) -> None:
+    """Refuse a silent CUDA → CPU fallback when CUDA was explicitly requested.
+
+    ORT quietly drops a provider that fails to initialise (no GPU, missing cuDNN);
+    with ``providers=cuda`` that is an error unless ``allow_fallback``. With
+    ``auto`` falling back is the point, and is only logged.
+    """
+    if chain[0] == actual:
+        return
+    message = f"requested {chain[0]} but ONNX Runtime is using {actual}"
+    if requested == "cuda" and not allow_fallback:
+        raise ModelLoadError(
+            message + " (CUDA failed to initialise: no GPU visible, or CUDA/cuDNN libraries missing); "
+            "set EED_ALLOW_PROVIDER_FALLBACK=1 to run on CPU anyway"
+        )
+    log.warning("%s; continuing on %s", message, actual)
+
+
+@dataclass
+class Graph:
+    """One ONNX Runtime session and the names it is fed and read with."""
+
+    name: str  # "exit2", "stage2"
+    kind: Literal["exit", "stage"]
+    exit: int
+    session: ort.InferenceSession
+    input_name: str
+    output_names: list[str]
+    provider: str
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run a batch; returns [logits] or [logits, features]."""
+        return self.session.run(self.output_names, {self.input_name: batch})
+
+
+@dataclass
+class ModelRuntime:
+    """All sessions of one model folder."""
+
+    model_dir: Path
+    manifest: Manifest
+    exits: list[Graph]  # full-path graphs, index 0 = exit 1
+    stages: list[Graph]  # stage graphs, index 0 = stage 1
+    provider: str
+    consistency: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def graphs(self) -> list[Graph]:
+        return [*self.exits, *self.stages]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, options: SessionOptions = SessionOptions()) -> "ModelRuntime":
+        """Verify the folder's checksums and open a session for every graph.
+
+        Raises :class:`ModelLoadError` (or ManifestError) with a message that names
+        the file and what is wrong with it.
+        """
+        model_dir = Path(model_dir)
+        manifest = load_manifest(model_dir, verify=True)
+        chain = provider_chain(options.providers, ort.get_available_providers())
+        io = manifest.io
+        k = manifest.num_exits
+        exits, stages = [], []
+        for spec in manifest.exits:
+            exits.append(
+                _open(model_dir / spec.path, f"exit{spec.exit}", "exit", spec.exit, io.image_input,
+                      [io.logits_output], chain, options)
+            )
+            stage_input = io.image_input if spec.exit == 1 else io.features_input
+            stage_outputs = [io.logits_output] + ([io.features_output] if spec.exit < k else [])
+            stages.append(
+                _open(model_dir / spec.stage, f"stage{spec.exit}", "stage", spec.exit, stage_input,
+                      stage_outputs, chain, options)
+            )
+        actual = {g.provider for g in exits + stages}
+        if len(actual) != 1:
+            raise ModelLoadError(f"graphs ended up on different providers: {sorted(actual)}")
+        provider = actual.pop()
+        check_provider(options.providers, chain, provider, options.allow_provider_fallback)
+        return cls(model_dir=model_dir, manifest=manifest, exits=exits, stages=stages, provider=provider)
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> np.ndarray:
+        """A random input batch of the manifest's shape (for warm-up and checks)."""
+        spec = self.manifest.input
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+
+    def warm_up(self, max_batch_size: int, runs: int = 3) -> None:
+        """Run every graph at batch 1 and at the largest batch, checking output shapes.
+
+        The stage chain is driven with real features, so feature shapes never have to
+        be guessed from (possibly symbolic) graph metadata. Allocating the largest
+        batch once keeps ORT's arena from growing under the first burst of traffic.
+        """
+        num_classes = self.manifest.num_classes
+        for batch in sorted({1, max_batch_size}):
+            x = self.example_input(batch)
+            for _ in range(runs if batch == 1 else 1):
+                for graph in self.exits:
+                    (logits,) = graph.run(x)
+                    _check_logits(graph, logits, batch, num_classes)
+                features = x
+                for graph in self.stages:
+                    outputs = graph.run(features)
+                    _check_logits(graph, outputs[0], batch, num_classes)
+                    if len(outputs) > 1:
+                        features = outputs[1]
+
+    def stage_inputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """The input of every stage graph for image batch ``x`` (index 0 is ``x``)."""
+        inputs = [x]
+        for graph in self.stages[:-1]:
+            inputs.append(graph.run(inputs[-1])[1])
+        return inputs
+
+    def calibrate(self, runs: int = 10) -> dict[str, list[float]]:
+        """Time every graph at batch 1; returns graph name → seconds per run."""
+        x = self.example_input(1, seed=1)
+        inputs = self.stage_inputs(x)
+        timings: dict[str, list[float]] = {}
+        for graph in self.graphs:
+            feed = x if graph.kind == "exit" else inputs[graph.exit - 1]
+            samples = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                graph.run(feed)
+                samples.append(time.perf_counter() - t0)
+            timings[graph.name] = samples
+        return timings
+
+    def check_consistency(self, batch: int = 2) -> dict[str, float]:
+        """Max |logits(stage chain) − logits(full path)| per exit on a random batch.
+
+        The exporter guarantees these agree; a large value means the folder mixes
+        graphs from different exports. Logged, and reported by GET /v1/model.
+        """
+        x = self.example_input(batch, seed=2)
+        inputs = self.stage_inputs(x)
+        result, scale = {}, 1.0
+        for exit_graph, stage_graph, feed in zip(self.exits, self.stages, inputs):
+            full = exit_graph.run(x)[0]
+            chained = stage_graph.run(feed)[0]
+            result[exit_graph.name] = float(np.max(np.abs(full - chained)))
+            scale = max(scale, float(np.max(np.abs(full))))
+        if max(result.values()) > 1e-3 * scale:
+            log.warning("stage chain and full-path graphs disagree (max |diff| per exit: %s)", result)
+        self.consistency = result
+        return result
+
+
+def _open(path: Path, name: str, kind: str, exit_number: int, input_name: str, output_names: list[str],
+          chain: Sequence[str], options: SessionOptions) -> Graph:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
+    so.log_severity_level = 3  # ORT's warnings about unused initializers etc. are noise here
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=list(chain))
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelLoadError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if input_name not in inputs:
+        raise ModelLoadError(f"{path.name} has inputs {inputs}; the manifest's io says {input_name!r}")
+    missing = [n for n in output_names if n not in outputs]
+    if missing:
+        raise ModelLoadError(f"{path.name} has outputs {outputs}; expected {output_names} (missing {missing})")
+    return Graph(name=name, kind=kind, exit=exit_number, session=session, input_name=input_name,
+                 output_names=output_names, provider=session.get_providers()[0])
+
+
+def _check_logits(graph: Graph, logits: np.ndarray, batch: int, num_classes: int) -> None:
+    if logits.shape != (batch, num_classes):
+        raise ModelLoadError(
+            f"{graph.name}: logits have shape {logits.shape}, expected ({batch}, {num_classes}) "
+            "— the graph needs a dynamic batch axis and one logit per class in the manifest"
+        )
+    if not np.all(np.isfinite(logits)):
+        raise ModelLoadError(f"{graph.name}: non-finite logits on a random input")
+
+
+__all__ = [
+    "Graph",
+    "ManifestError",
+    "ModelLoadError",
+    "ModelRuntime",
+    "SessionOptions",
+    "check_provider",
+    "provider_chain",
+]

@@ -1,0 +1,96 @@
+"""Server settings: one pydantic-settings model, read from ``EED_*`` env vars and CLI flags.
+
+Every field is an environment variable (``EED_`` + the upper-case field name, e.g.
+``EED_MAX_BATCH_SIZE=16``) and a flag of ``python -m serving`` (kebab case, e.g.
+``--max-batch-size 16``). Precedence: CLI flag > environment > default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .policy import PolicyParams, parse_policy_spec
+
+
+class ServerSettings(BaseSettings):
+    """Settings of the EED server. Every option is also an environment variable EED_<OPTION>
+    (e.g. EED_MAX_BATCH_SIZE=16); a flag wins over the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="EED_", extra="ignore", validate_default=True)
+
+    model_dir: Path = Field(description="exported model folder (manifest.json + ONNX graphs)")
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch sent to one graph")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="how long a batch may wait for more requests while others are still being "
+        "decoded; a lone request never waits",
+    )
+    queue_size: int = Field(
+        256, ge=1, description="requests admitted at once (queued or running); more get 503 + Retry-After"
+    )
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches that may run at once across all graphs; ORT already uses every core "
+        "per batch, so more than 1 mostly adds contention on CPU",
+    )
+
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads per session (0 = ORT default)")
+    inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads per session (0 = ORT default)")
+    ort_allow_spinning: bool = Field(
+        False,
+        description="let ORT worker threads busy-wait for work; off by default because spinning threads "
+        "take the CPU the event loop needs for HTTP (measured: ~1.6x throughput on 2 cores without)",
+    )
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="execution provider: auto = CUDA when onnxruntime-gpu and a GPU work, else CPU; "
+        "cuda = CUDA required",
+    )
+    allow_provider_fallback: bool = Field(
+        False, description="with providers=cuda, accept running on CPU when CUDA cannot be used"
+    )
+
+    default_policy: str = Field(
+        "exit:last",
+        description="policy when a request gives none: comma-separated key:value pairs with keys "
+        "exit (N or last), budget_gflops, budget_ms, confidence; e.g. 'confidence:0.9'",
+    )
+    default_top_k: int = Field(5, ge=1, description="classes returned when a request gives no top_k")
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    max_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest decoded image, width x height (413 above; decompression bombs)"
+    )
+
+    warmup_runs: int = Field(3, ge=1, description="warm-up runs per graph before /readyz turns 200")
+    calibration_runs: int = Field(10, ge=1, description="timed batch-1 runs per graph that seed latency estimates")
+    latency_window: int = Field(512, ge=8, description="recent measurements kept per graph for latency estimates")
+    latency_percentile: float = Field(
+        95.0, gt=0, le=100, description="percentile of recent latencies used as the estimate for budget_ms"
+    )
+    feedback_capacity: int = Field(
+        100_000, ge=1, description="recent request ids remembered for POST /feedback (LRU)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("default_policy")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        parse_policy_spec(value)  # raises ValueError with the accepted format
+        return value
+
+    @property
+    def default_policy_params(self) -> PolicyParams:
+        """The parsed default policy."""
+        return parse_policy_spec(self.default_policy)

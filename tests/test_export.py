@@ -1,0 +1,214 @@
+"""ONNX export: parity with PyTorch per exit and per stage chain, manifest, checksums, atomicity."""
+
+import json
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from datagen import make_fashion_mnist
+from serving.manifest import Manifest, ManifestError, load_manifest
+from training import export as export_mod
+from training.checkpoint import save_checkpoint
+from training.data import DATASETS, FASHION_MNIST_CLASSES
+from training.export import ExportError, export_checkpoint, main
+from training.flops import exit_costs
+from training.models import create_model
+
+WIDTH = 0.125
+
+
+def make_checkpoint(path, arch="resnet18", dataset="fashion-mnist", val_split=32, seed=3, data_dir=None):
+    """A checkpoint in train.py's format, without training: random weights, BN statistics
+    gathered on noise so activations (and logits) have a trained network's scale."""
+    spec = DATASETS[dataset]
+    torch.manual_seed(seed)
+    model = create_model(arch, spec.num_classes, spec.channels, WIDTH)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, spec.channels, spec.image_size, spec.image_size))
+    model.eval()
+    classes = FASHION_MNIST_CLASSES if dataset == "fashion-mnist" else [f"c{i}" for i in range(spec.num_classes)]
+    payload = {
+        "model_config": model.config.to_dict(),
+        "config": {"arch": arch, "method": "eed", "epochs": 1, "val_split": val_split, "seed": 0,
+                   "data_dir": str(data_dir) if data_dir else None, "width_mult": WIDTH},
+        "dataset": {"name": dataset, "classes": list(classes), "channels": spec.channels,
+                    "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)},
+        "exit_costs": [asdict(c) for c in exit_costs(model, (spec.channels, spec.image_size, spec.image_size))],
+        "epoch": 1,
+        "model": model.state_dict(),
+        "git_revision": None,
+    }  # fmt: skip
+    save_checkpoint(payload, path)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny graphs: threads only contend with each other (and with whatever else runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return make_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=160, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def resnet_export(tmp_path_factory, fmnist):
+    """resnet18 exported with evaluation on the small data set (val split of 32 images)."""
+    root = tmp_path_factory.mktemp("resnet")
+    model = make_checkpoint(root / "ckpt.pt", data_dir=fmnist)
+    manifest = export_checkpoint(root / "ckpt.pt", root / "model", download=False, log=lambda *_: None)
+    return model, manifest, root / "model"
+
+
+@pytest.fixture(scope="module")
+def vgg_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vgg")
+    model = make_checkpoint(root / "ckpt.pt", arch="vgg19")
+    manifest = export_checkpoint(root / "ckpt.pt", root / "model", skip_eval=True, log=lambda *_: None)
+    return model, manifest, root / "model"
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("which", ["resnet_export", "vgg_export"])
+def test_every_exit_and_stage_chain_match_pytorch(which, request):
+    model, manifest, folder = request.getfixturevalue(which)
+    k = model.num_exits
+    assert [e.exit for e in manifest.exits] == list(range(1, k + 1))
+    rng = np.random.default_rng(99)
+    for batch in (1, 7):
+        x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+        with torch.no_grad():
+            reference = [model.forward_exit(torch.from_numpy(x), i).numpy() for i in range(1, k + 1)]
+        features = x
+        for spec, ref in zip(manifest.exits, reference):
+            full = _session(folder / spec.path).run(["logits"], {"image": x})[0]
+            assert full.shape == (batch, 10)
+            assert np.abs(full - ref).max() <= 1e-4
+            stage = _session(folder / spec.stage)
+            name = "image" if spec.exit == 1 else "features_in"
+            out = stage.run(None, {name: features})
+            assert np.abs(out[0] - ref).max() <= 1e-4, f"stage chain to exit {spec.exit} differs from its full path"
+            if spec.exit < k:
+                features = out[1]
+            else:
+                assert len(out) == 1  # the last stage has no features to hand on
+
+
+@pytest.mark.parametrize("which", ["resnet_export", "vgg_export"])
+def test_graphs_are_clean_and_self_contained(which, request):
+    model, manifest, folder = request.getfixturevalue(which)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest.files, "manifest.json"])  # no external data
+    for spec in manifest.exits:
+        for file, kind in ((spec.path, "exit"), (spec.stage, "stage")):
+            proto = onnx.load(str(folder / file))
+            onnx.checker.check_model(proto, full_check=True)
+            assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 20
+            inputs = [(v.name, v.type.tensor_type.shape.dim[0].dim_param) for v in proto.graph.input]
+            outputs = [(v.name, v.type.tensor_type.shape.dim[0].dim_param) for v in proto.graph.output]
+            first = "image" if kind == "exit" or spec.exit == 1 else "features_in"
+            assert inputs == [(first, "batch")]
+            last = kind == "exit" or spec.exit == model.num_exits
+            assert outputs == [("logits", "batch")] + ([] if last else [("features_out", "batch")])
+            meta = {p.key: p.value for p in proto.metadata_props}
+            assert meta["graph"] == kind and meta["exit"] == str(spec.exit)
+            assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def test_manifest_round_trips_and_records_evaluation(resnet_export):
+    model, manifest, folder = resnet_export
+    raw = json.loads((folder / "manifest.json").read_text())
+    again = Manifest.model_validate(raw)
+    assert again == manifest and again.model_dump(mode="json") == raw
+    loaded = load_manifest(folder, verify=True)
+    assert loaded.classes == FASHION_MNIST_CLASSES and loaded.arch == "resnet18" and loaded.dataset == "fashion-mnist"
+    assert (loaded.input.channels, loaded.input.height, loaded.input.width) == (1, 28, 28)
+    assert loaded.input.mean == [0.286] and loaded.input.resize == "resize" and loaded.input.background == 0
+    costs = exit_costs(model, (1, 28, 28))
+    for spec, cost in zip(loaded.exits, costs):
+        assert spec.gflops == pytest.approx(cost.gflops) and spec.params == cost.params
+        assert spec.stage_gflops == pytest.approx(cost.stage_gflops)
+        assert 0 <= spec.accuracy <= 1
+    assert loaded.exits[0].stage_gflops == pytest.approx(loaded.exits[0].gflops)  # stage 1 is exit 1's path
+    ev = loaded.evaluation
+    assert ev["split"] == "test" and ev["images"] == 64 and ev["backend"].startswith("onnxruntime")
+    assert ev["spot_check"]["images"] == 64 and len(ev["spot_check"]["accuracy"]) == model.num_exits
+    th = loaded.thresholds
+    assert th["calibrated_on"] == "val" and th["images"] == 32
+    for policy in th["policies"].values():
+        assert len(policy["thresholds"]) == model.num_exits - 1 and "test" in policy and "val" in policy
+    prov = loaded.provenance
+    assert prov["checkpoint_sha256"] and prov["epochs"] == 1 and prov["dataset"] == "fashion-mnist"
+    assert prov["parity"]["full_path"] <= 1e-4 and prov["parity"]["batch_sizes"] == [1, 7]
+    assert prov["opset"] == 20 and "command" in prov and "git_revision" in prov
+
+
+def test_tampered_file_fails_checksum(resnet_export, tmp_path):
+    _, _, folder = resnet_export
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    data = bytearray((copy / "stage2.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "stage2.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="checksum mismatch.*stage2.onnx"):
+        load_manifest(copy, verify=True)
+    (copy / "exit1.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        load_manifest(copy, verify=True)
+
+
+class _OffByALittle:
+    """An ONNX Runtime session whose logits drift by 1e-3: parity must catch it."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, names, feeds):
+        out = self.session.run(names, feeds)
+        return [out[0] + 1e-3, *out[1:]]
+
+
+def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, 1, WIDTH, with_exits=False)  # one exit: two graphs, fast
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint({"model_config": model.config.to_dict(), "config": {}, "epoch": 1, "model": model.state_dict(),
+                     "dataset": {"name": "fashion-mnist", "classes": FASHION_MNIST_CLASSES, "channels": 1,
+                                 "image_size": 28, "mean": [0.286], "std": [0.353]}}, ckpt)  # fmt: skip
+    real_session = export_mod.ort_session
+    monkeypatch.setattr(export_mod, "ort_session", lambda path: _OffByALittle(real_session(path)))
+    out = tmp_path / "exported" / "m"
+    with pytest.raises(ExportError, match=r"exit 1 .*differs from PyTorch by 0\.001"):
+        export_checkpoint(ckpt, out, skip_eval=True, log=lambda *_: None)
+    assert not out.exists() and list((tmp_path / "exported").iterdir()) == []  # no partial folder either
+    monkeypatch.undo()
+    # The same export without the drift succeeds, refuses to overwrite, and replaces with --force.
+    assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.num_exits == 1 and manifest.thresholds == {} and manifest.evaluation["split"] is None
+    assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 2
+    assert main([str(ckpt), "--out", str(out), "--skip-eval", "--force", "--name", "renamed"]) == 0
+    assert load_manifest(out).name == "renamed"
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["m"]
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main([str(tmp_path / "junk.pt"), "--out", str(tmp_path / "m")]) == 2
+    assert "could not be read" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

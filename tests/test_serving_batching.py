@@ -1,0 +1,191 @@
+"""The batcher (serving.batching): collect_batch and GraphWorker, tested directly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.batching import GraphWorker, collect_batch
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_takes_queued_items_up_to_max_size_without_waiting():
+    async def main():
+        q = asyncio.Queue()
+        for i in range(5):
+            q.put_nowait(i)
+        t0 = time.perf_counter()
+        batch = await collect_batch(q, max_size=3, max_wait_s=5.0)
+        return batch, time.perf_counter() - t0, q.qsize()
+
+    batch, elapsed, left = run(main())
+    assert batch == [0, 1, 2] and left == 2 and elapsed < 0.5
+
+
+def test_waits_up_to_the_deadline_for_stragglers():
+    async def main():
+        q = asyncio.Queue()
+        q.put_nowait("first")
+        asyncio.get_running_loop().call_later(0.02, q.put_nowait, "second")
+        t0 = time.perf_counter()
+        batch = await collect_batch(q, max_size=8, max_wait_s=0.15)
+        return batch, time.perf_counter() - t0
+
+    batch, elapsed = run(main())
+    assert batch == ["first", "second"]
+    assert 0.13 <= elapsed < 1.0  # it kept waiting for more until the deadline
+
+
+def test_full_batch_returns_before_the_deadline():
+    async def main():
+        q = asyncio.Queue()
+        q.put_nowait(0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, q.put_nowait, 1)
+        t0 = time.perf_counter()
+        batch = await collect_batch(q, max_size=2, max_wait_s=5.0)
+        return batch, time.perf_counter() - t0
+
+    batch, elapsed = run(main())
+    assert batch == [0, 1] and elapsed < 1.0
+
+
+def test_lone_item_does_not_wait_when_nothing_else_is_coming():
+    async def main():
+        q = asyncio.Queue()
+        q.put_nowait("only")
+        t0 = time.perf_counter()
+        batch = await collect_batch(q, max_size=8, max_wait_s=5.0, more_coming=lambda: False)
+        return batch, time.perf_counter() - t0
+
+    batch, elapsed = run(main())
+    assert batch == ["only"] and elapsed < 0.5
+
+
+def test_waits_while_more_are_coming():
+    async def main():
+        q = asyncio.Queue()
+        q.put_nowait(0)
+        coming = {"n": 1}
+
+        def arrive():
+            q.put_nowait(1)
+            coming["n"] = 0
+
+        asyncio.get_running_loop().call_later(0.02, arrive)
+        return await collect_batch(q, max_size=8, max_wait_s=5.0, more_coming=lambda: coming["n"] > 0)
+
+    assert run(main()) == [0, 1]
+
+
+def test_blocks_until_the_first_item():
+    async def main():
+        q = asyncio.Queue()
+        asyncio.get_running_loop().call_later(0.05, q.put_nowait, "late")
+        t0 = time.perf_counter()
+        batch = await collect_batch(q, max_size=4, max_wait_s=0.0)
+        return batch, time.perf_counter() - t0
+
+    batch, elapsed = run(main())
+    assert batch == ["late"] and elapsed >= 0.04
+
+
+def test_no_item_is_lost_or_duplicated_under_racing_deadlines():
+    async def main():
+        q = asyncio.Queue()
+        n = 400
+        rng = random.Random(0)
+
+        async def produce():
+            for i in range(n):
+                q.put_nowait(i)
+                if rng.random() < 0.3:
+                    await asyncio.sleep(rng.choice([0, 0.0005, 0.001]))
+
+        producer = asyncio.create_task(produce())
+        got = []
+        while len(got) < n:
+            got += await collect_batch(q, max_size=rng.randint(1, 7), max_wait_s=rng.choice([0, 0.0003, 0.001]))
+        await producer
+        return got
+
+    assert run(main()) == list(range(400))
+
+
+def _worker(run_fn, executor, batches, **kw):
+    return GraphWorker("double", run_fn, executor, max_batch_size=kw.pop("max_batch_size", 8),
+                       max_wait_s=kw.pop("max_wait_s", 0.05),
+                       on_batch=lambda size, wait, t: batches.append(size), **kw)
+
+
+def test_worker_batches_concurrent_requests_and_returns_each_its_own_result():
+    def double(batch):
+        return [batch * 2, batch.sum(axis=(1, 2))]
+
+    async def main():
+        batches = []
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(double, pool, batches)
+            worker.start()
+            inputs = [np.full((2, 3), i, dtype=np.float32) for i in range(20)]
+            results = await asyncio.gather(*(worker.submit(x) for x in inputs))
+            await worker.stop()
+        return inputs, results, batches
+
+    inputs, results, batches = run(main())
+    for x, (doubled, total) in zip(inputs, results):
+        assert np.array_equal(doubled, x * 2) and total == x.sum()
+    assert sum(batches) == 20 and max(batches) > 1 and max(batches) <= 8
+
+
+def test_worker_failure_fails_that_batch_only():
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return [batch + 1]
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(flaky, pool, [], max_wait_s=0.0)
+            worker.start()
+            with pytest.raises(RuntimeError, match="boom"):
+                await worker.submit(np.zeros(2, dtype=np.float32))
+            (out,) = await worker.submit(np.zeros(2, dtype=np.float32))
+            await worker.stop()
+        return out
+
+    assert np.array_equal(run(main()), np.ones(2))
+
+
+def test_cancelled_request_is_skipped_and_others_still_answered():
+    seen = []
+
+    def record(batch):
+        seen.append(len(batch))
+        return [batch]
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(record, pool, [], max_wait_s=0.05)
+            worker.start()
+            doomed = asyncio.create_task(worker.submit(np.zeros(1, dtype=np.float32)))
+            kept = asyncio.create_task(worker.submit(np.ones(1, dtype=np.float32)))
+            await asyncio.sleep(0)  # both enqueued
+            doomed.cancel()
+            (out,) = await kept
+            await worker.stop()
+        return out
+
+    assert np.array_equal(run(main()), np.ones(1))
+    assert seen == [1]  # the cancelled one never reached the model

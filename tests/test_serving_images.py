@@ -1,0 +1,196 @@
+"""Image decoding and preprocessing (serving.images) on real encoded bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from serving.images import Preprocessor, decode_image
+
+GRAY = Preprocessor(channels=1, height=28, width=28, mean=(0.0,), std=(1.0,))
+RGB = Preprocessor(channels=3, height=28, width=28, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height but carries almost no data (a bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("fmt, kw", [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"lossless": True}),
+                                     ("BMP", {}), ("GIF", {}), ("TIFF", {})])
+def test_every_accepted_format_decodes_to_the_same_tensor(fmt, kw):
+    x = GRAY(encode(Image.new("L", (28, 28), 102), fmt, **kw))
+    assert x.shape == (1, 28, 28) and x.dtype == np.float32
+    assert np.allclose(x, 102 / 255, atol=1.5 / 255)
+
+
+def test_normalisation_uses_manifest_mean_and_std():
+    pre = Preprocessor(channels=3, height=4, width=4, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
+    x = pre(encode(Image.new("RGB", (4, 4), (255, 0, 51)), "PNG"))
+    assert np.allclose(x[:, 0, 0], [(1 - 0.5) / 0.5, (0 - 0.25) / 0.25, (0.2 - 0) / 2.0], atol=1e-6)
+
+
+def test_rgb_to_gray_uses_itu_601_luma_and_gray_to_rgb_replicates():
+    x = GRAY(encode(Image.new("RGB", (28, 28), (255, 0, 0)), "PNG"))
+    assert np.allclose(x, round(0.299 * 255) / 255, atol=1 / 255)
+    y = RGB(encode(Image.new("L", (28, 28), 200), "PNG"))
+    assert y.shape == (3, 28, 28) and np.allclose(y, 200 / 255)
+
+
+@pytest.mark.parametrize("background, expected", [(255, 1.0), (0, 0.0)])
+def test_transparent_pixels_are_composited_on_the_manifest_background(background, expected):
+    pre = Preprocessor(channels=1, height=2, width=2, mean=(0.0,), std=(1.0,), background=background)
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (100, 100, 100, 255))
+    x = pre(encode(rgba, "PNG"))
+    assert np.isclose(x[0, 0, 0], 100 / 255, atol=1 / 255) and np.isclose(x[0, 1, 1], expected)
+    la = Image.new("LA", (2, 2), (10, 0))
+    assert np.allclose(pre(encode(la, "PNG")), expected)
+
+
+def test_palette_images_with_and_without_transparency():
+    p = Image.new("P", (28, 28), 1)
+    p.putpalette([0, 0, 0, 60, 60, 60] + [0] * 762)
+    assert np.allclose(GRAY(encode(p, "PNG")), 60 / 255, atol=1 / 255)
+    assert np.allclose(GRAY(encode(p, "GIF", transparency=1)), 1.0)  # transparent index → white
+    assert np.allclose(GRAY(encode(p, "BMP")), 60 / 255, atol=1 / 255)
+
+
+def test_one_bit_images():
+    assert np.allclose(GRAY(encode(Image.new("1", (28, 28), 1), "PNG")), 1.0)
+
+
+def test_cmyk_jpeg_and_tiff():
+    cmyk = Image.new("CMYK", (28, 28), (0, 0, 0, 0))  # no ink: white
+    assert np.allclose(RGB(encode(cmyk, "JPEG", quality=95)), 1.0, atol=2 / 255)
+    assert np.allclose(RGB(encode(cmyk, "TIFF")), 1.0)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    value = int(0.4 * 65535)
+    im16 = Image.fromarray(np.full((28, 28), value, dtype=np.uint16))
+    assert im16.mode == "I;16"
+    for fmt in ("PNG", "TIFF"):
+        assert np.allclose(GRAY(encode(im16, fmt)), 0.4, atol=1e-3), fmt
+    assert np.allclose(RGB(encode(im16, "PNG")), 0.4, atol=1e-3)
+
+
+def test_32_bit_integer_and_float_tiffs():
+    i32 = Image.fromarray(np.full((28, 28), 65535 // 2, dtype=np.int32))
+    assert np.allclose(GRAY(encode(i32, "TIFF")), 0.5, atol=1e-3)
+    f32 = Image.fromarray(np.full((28, 28), 0.25, dtype=np.float32))
+    assert np.allclose(GRAY(encode(f32, "TIFF")), 0.25, atol=1e-3)
+
+
+def test_exif_orientation_is_applied():
+    # Stored 20 wide × 10 high, left half black; Orientation 6 means "rotate 90° CW to view".
+    stored = Image.new("L", (20, 10), 255)
+    stored.paste(0, (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    shown = decode_image(encode(stored, "JPEG", quality=95, exif=exif.tobytes()), max_pixels=10_000)
+    assert shown.size == (10, 20)
+    pixels = np.asarray(shown)
+    assert pixels[:10].mean() < 30 and pixels[10:].mean() > 225  # black half now on top
+
+
+def test_gif_first_frame_and_tiff_first_page():
+    frames = [Image.new("L", (28, 28), g) for g in (30, 200, 120)]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    tiff = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    for data in (gif, tiff):
+        assert np.allclose(GRAY(data), 30 / 255, atol=2 / 255)
+
+
+def test_any_size_is_resized_to_the_model_input():
+    for size in ((1, 1), (300, 17), (28, 28), (1000, 1000)):
+        assert GRAY(encode(Image.new("L", size, 77), "PNG")).shape == (1, 28, 28)
+
+
+def test_large_jpeg_decodes_reduced_but_same_result():
+    big = Image.new("L", (2000, 1500), 140)
+    x = GRAY(encode(big, "JPEG", quality=95))
+    assert np.allclose(x, 140 / 255, atol=2 / 255)
+
+
+def test_resize_center_crop_follows_torchvision_semantics():
+    pre = Preprocessor(channels=1, height=4, width=4, mean=(0.0,), std=(1.0,), resize="resize_center_crop",
+                       resize_size=4, interpolation="nearest")
+    # 16 wide × 4 high: the short side is already 4; the crop keeps the middle 4 columns.
+    row = np.repeat(np.arange(16, dtype=np.uint8) * 10, 1)[None].repeat(4, axis=0)
+    x = pre(encode(Image.fromarray(row), "PNG"))
+    assert np.allclose(x[0, 0] * 255, [60, 70, 80, 90])
+
+
+def test_resize_center_crop_scales_short_side_first():
+    pre = Preprocessor(channels=1, height=8, width=8, mean=(0.0,), std=(1.0,), resize="resize_center_crop",
+                       resize_size=10)
+    assert pre(encode(Image.new("L", (50, 30), 9), "PNG")).shape == (1, 8, 8)
+
+
+def test_bomb_header_is_refused_before_decoding():
+    data = png_header_only(100_000, 100_000)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageTooLarge) as info:
+        GRAY(data)
+    assert time.perf_counter() - t0 < 1.0
+    assert info.value.status_code == 413 and "pixels" in info.value.detail
+
+
+def test_pixel_limit_is_configurable():
+    small = Preprocessor(channels=1, height=28, width=28, mean=(0.0,), std=(1.0,), max_pixels=100 * 100)
+    small(encode(Image.new("L", (100, 100)), "PNG"))
+    with pytest.raises(ImageTooLarge):
+        small(encode(Image.new("L", (101, 100)), "PNG"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP"])
+def test_truncated_files_are_invalid_images(fmt):
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), fmt)
+    with pytest.raises(InvalidImage) as info:
+        GRAY(data[: len(data) // 2])
+    assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", bytes(range(256)) * 4, b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_garbage_is_an_invalid_image(data):
+    with pytest.raises(InvalidImage):
+        GRAY(data)
+
+
+@pytest.mark.parametrize("data, name", [(b"%PDF-1.7\n...", "PDF"),
+                                        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+                                        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "PostScript"),
+                                        (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 20, "HEIC")])
+def test_known_but_refused_formats_are_415(data, name):
+    with pytest.raises(UnsupportedMediaType) as info:
+        GRAY(data)
+    assert name in info.value.detail and info.value.status_code == 415
+
+
+def test_refused_pillow_format_is_not_opened():
+    # PPM is a format Pillow reads, but not one we accept.
+    ppm = encode(Image.new("L", (28, 28), 5), "PPM")
+    with pytest.raises((InvalidImage, UnsupportedMediaType)):
+        GRAY(ppm)
+    with pytest.raises(UnsupportedMediaType):
+        GRAY(ppm, content_type="image/x-portable-graymap")

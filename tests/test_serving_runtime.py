@@ -1,0 +1,206 @@
+"""Model loading (serving.runtime), settings and the CLI, on the real fixture model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from serving.__main__ import parse_settings
+from serving.errors import ModelLoadError
+from serving.manifest import ManifestError
+from serving.runtime import CPU, CUDA, ModelRuntime, SessionOptions, check_provider, provider_chain
+from serving.settings import ServerSettings
+from serving_model import NUM_CLASSES, ROOT, build_model_folder, free_port
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def runtime(model_dir):
+    rt = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+    rt.warm_up(max_batch_size=4, runs=1)
+    return rt
+
+
+def test_loads_every_graph_on_cpu(runtime):
+    assert runtime.provider == CPU
+    assert [g.name for g in runtime.graphs] == ["exit1", "exit2", "exit3", "stage1", "stage2", "stage3"]
+    assert [len(g.output_names) for g in runtime.stages] == [2, 2, 1]
+
+
+def test_stage_chain_equals_full_path(runtime):
+    diffs = runtime.check_consistency(batch=3)
+    assert set(diffs) == {"exit1", "exit2", "exit3"} and max(diffs.values()) < 1e-5
+
+
+def test_calibration_times_every_graph(runtime):
+    timings = runtime.calibrate(runs=3)
+    assert set(timings) == {g.name for g in runtime.graphs}
+    assert all(len(v) == 3 and all(t > 0 for t in v) for v in timings.values())
+
+
+def test_batches_of_any_size_run(runtime):
+    for n in (1, 7):
+        (logits,) = runtime.exits[2].run(runtime.example_input(n))
+        assert logits.shape == (n, NUM_CLASSES)
+
+
+def test_tampered_graph_fails_checksum(tmp_path):
+    folder = build_model_folder(tmp_path / "m")
+    with open(folder / "stage2.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="checksum mismatch.*stage2.onnx"):
+        ModelRuntime.load(folder)
+
+
+def test_manifest_that_does_not_match_graphs_fails_warm_up(tmp_path):
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["classes"].append("extra")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rt = ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+    with pytest.raises(ModelLoadError, match="expected \\(1, 11\\)"):
+        rt.warm_up(max_batch_size=1, runs=1)
+
+
+def test_wrong_io_names_fail_at_load(tmp_path):
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["io"] = {"image_input": "pixels"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="'pixels'"):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+
+
+def test_provider_chain():
+    assert provider_chain("cpu", [CUDA, CPU]) == [CPU]
+    assert provider_chain("auto", [CPU]) == [CPU]
+    assert provider_chain("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert provider_chain("cuda", [CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(ModelLoadError, match="onnxruntime-gpu"):
+        provider_chain("cuda", ["AzureExecutionProvider", CPU])
+
+
+def test_silent_cuda_fallback_is_an_error_unless_allowed(caplog):
+    with pytest.raises(ModelLoadError, match="EED_ALLOW_PROVIDER_FALLBACK"):
+        check_provider("cuda", [CUDA, CPU], CPU, allow_fallback=False)
+    with caplog.at_level(logging.WARNING):
+        check_provider("cuda", [CUDA, CPU], CPU, allow_fallback=True)
+        check_provider("auto", [CUDA, CPU], CPU, allow_fallback=False)
+    assert caplog.text.count("ONNX Runtime is using CPUExecutionProvider") == 2
+    check_provider("cuda", [CUDA, CPU], CUDA, allow_fallback=False)
+
+
+def test_settings_from_env_and_cli(monkeypatch, tmp_path):
+    monkeypatch.setenv("EED_PORT", "9123")
+    monkeypatch.setenv("EED_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("EED_DEFAULT_POLICY", "confidence:0.8")
+    s = parse_settings(["--model-dir", str(tmp_path), "--max-batch-size", "4", "--allow-provider-fallback",
+                        "--providers", "cpu", "--max-wait-ms", "0.5"])
+    assert (s.port, s.max_batch_size, s.allow_provider_fallback) == (9123, 4, True)
+    assert (s.providers, s.max_wait_ms) == ("cpu", 0.5)
+    assert s.default_policy_params.confidence == 0.8
+    monkeypatch.setenv("EED_MODEL_DIR", str(tmp_path))
+    assert ServerSettings().model_dir == tmp_path
+
+
+def test_bad_default_policy_is_refused_at_settings_time(tmp_path):
+    with pytest.raises(ValidationError, match="key:value"):
+        ServerSettings(model_dir=tmp_path, default_policy="fastest")
+
+
+def _serve(args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_cli_refuses_a_folder_without_manifest_at_once(tmp_path):
+    result = _serve(["--model-dir", str(tmp_path)])
+    assert result.returncode == 2 and "manifest.json" in result.stderr
+
+
+def test_cli_exits_when_cuda_is_required_but_unavailable(model_dir):
+    import onnxruntime
+
+    if CUDA in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the refusal is tested where it has not")
+    result = _serve(["--model-dir", str(model_dir), "--providers", "cuda"])
+    assert result.returncode == 1
+    assert "CUDAExecutionProvider" in result.stderr and "onnxruntime-gpu" in result.stderr
+
+
+def test_cli_exits_when_default_policy_does_not_fit_the_model(model_dir):
+    result = _serve(["--model-dir", str(model_dir), "--default-policy", "exit:9"])
+    assert result.returncode == 1 and "exit:9" in result.stderr
+
+
+def test_cli_help_lists_every_setting():
+    result = subprocess.run([sys.executable, "-m", "serving", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert result.returncode == 0
+    for name in ServerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in result.stdout, name
+
+
+def test_example_input_is_deterministic(runtime):
+    assert np.array_equal(runtime.example_input(2, seed=5), runtime.example_input(2, seed=5))
+
+
+
+def _asgi_client(app):
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_readyz_is_503_until_the_model_is_loaded(model_dir):
+    import asyncio
+
+    from serving.app import create_app, load_model
+
+    async def main():
+        app = create_app(ServerSettings(model_dir=model_dir, intra_op_threads=1))
+        state = app.state.eed
+        async with _asgi_client(app) as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok", "phase": "starting"}
+            r = await client.get("/readyz")
+            assert r.status_code == 503 and r.json()["error"] == "not_ready" and r.headers["Retry-After"] == "1"
+            r = await client.post("/classify", content=b"x", headers={"Content-Type": "image/png"})
+            assert r.status_code == 503 and r.json()["error"] == "not_ready"
+            await load_model(state)  # what the lifespan runs in the background
+            try:
+                assert (await client.get("/readyz")).status_code == 200
+            finally:
+                await state.service.stop()
+
+    asyncio.run(main())
+
+
+def test_load_failure_is_reported_by_readyz(model_dir):
+    import asyncio
+
+    from serving.app import create_app, load_model
+
+    async def main():
+        failures = []
+        app = create_app(ServerSettings(model_dir=model_dir, default_policy="budget_gflops:0.0000001"))
+        app.state.eed.on_load_failure = failures.append
+        await load_model(app.state.eed)
+        async with _asgi_client(app) as client:
+            r = await client.get("/readyz")
+            assert r.status_code == 503 and "failed to load" in r.json()["detail"]
+            assert "below the cheapest exit" in r.json()["detail"]
+            assert (await client.get("/healthz")).json()["phase"] == "failed"
+        assert failures and "default_policy" in failures[0]
+
+    asyncio.run(main())

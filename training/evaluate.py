@@ -1,0 +1,440 @@
+"""Evaluate a trained multi-exit checkpoint: per-exit accuracy and cost, cascades, disagreement.
+
+    python -m training.evaluate runs/RUN/checkpoint.pt --split test --out runs/RUN/eval
+
+Writes ``results.json`` and three plots into ``--out``:
+
+* ``accuracy_vs_gflops.png`` — every exit at its full-path cost, the ensemble of all
+  exits, and the confidence-cascade curves (mean GFLOPs actually spent, DESIGN §2);
+* ``training_curves.png`` — per-epoch accuracy of every exit, from the run's log.jsonl;
+* ``disagreement.png`` — for every pair of exits, how often one is right where the other
+  is wrong (the paper's Figure 2 analysis).
+
+Cascade thresholds are calibrated on the run's validation split (``--val-split`` at
+training time) and only *reported* on the evaluated split; a run without a validation
+split gets no calibrated thresholds rather than thresholds fitted on test data.
+
+The analysis functions take numpy logits, so the exporter reuses them on ONNX Runtime
+outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from training import cascade
+
+DEFAULT_BUDGET_FRACTIONS = (0.5, 0.75)  # of the main exit's GFLOPs
+DEFAULT_ACCURACY_DROPS = (0.5, 1.0)  # points below the main exit's validation accuracy
+
+
+class EvaluationError(ValueError):
+    """The checkpoint and the data do not fit together, or a split is missing."""
+
+
+# ----------------------------------------------------------------------------- metrics (numpy)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows of (N, C) logits whose label is among the k highest."""
+    k = min(k, logits.shape[-1])
+    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+    return float((top == labels[:, None]).any(-1).mean()) if len(labels) else 0.0
+
+
+def disagreement(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """How the exits' mistakes differ (the paper's Figure 2).
+
+    ``right_wrong[i][j]`` is the fraction of samples exit i+1 classifies correctly while
+    exit j+1 does not; ``vs_main`` breaks every exit's agreement with the main output into
+    both right / only this exit right / only main right / both wrong, plus how often their
+    predictions differ at all.
+    """
+    correct = logits.argmax(-1) == labels[:, None]  # (N, k)
+    pred = logits.argmax(-1)
+    k = correct.shape[1]
+    right_wrong = (correct[:, :, None] & ~correct[:, None, :]).mean(0)
+    main = correct[:, -1]
+    vs_main = []
+    for i in range(k):
+        c = correct[:, i]
+        vs_main.append(
+            {
+                "exit": i + 1,
+                "both_right": float((c & main).mean()),
+                "exit_right_main_wrong": float((c & ~main).mean()),
+                "exit_wrong_main_right": float((~c & main).mean()),
+                "both_wrong": float((~c & ~main).mean()),
+                "predictions_differ": float((pred[:, i] != pred[:, -1]).mean()),
+            }
+        )
+    return {"right_wrong": right_wrong.tolist(), "vs_main": vs_main}
+
+
+def analyze(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    costs: Sequence,
+    split: str,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    budget_fractions: Sequence[float] = DEFAULT_BUDGET_FRACTIONS,
+    budgets_gflops: Sequence[float] = (),
+    accuracy_drops: Sequence[float] = DEFAULT_ACCURACY_DROPS,
+    target_accuracies: Sequence[float] = (),
+) -> dict:
+    """All numbers of an evaluation, from (N, k, C) logits of the evaluated split.
+
+    ``costs`` are ``training.flops.ExitCost`` (or dicts with the same keys). ``val`` is the
+    validation split's (logits, labels) for calibrating thresholds; budgets are given as
+    fractions of the main exit's GFLOPs and/or absolute GFLOPs, accuracy targets as drops
+    (points) below the main exit's validation accuracy and/or absolute fractions.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    costs = [c if isinstance(c, dict) else asdict(c) for c in costs]
+    n, k, num_classes = logits.shape
+    if len(costs) != k:
+        raise EvaluationError(f"{k} exits in the logits but {len(costs)} exit costs")
+    stage = [c["stage_gflops"] for c in costs]
+    chain = cascade.cumulative_gflops(stage)
+    exits = []
+    for i, c in enumerate(costs):
+        entry = {
+            "exit": i + 1,
+            "accuracy": topk_accuracy(logits[:, i], labels, 1),
+            "gflops": c["gflops"],
+            "params": c["params"],
+            "stage_gflops": c["stage_gflops"],
+            "head_gflops": c.get("head_gflops"),
+            "cascade_gflops": float(chain[i]),  # reaching this exit through exits 1..i-1
+        }
+        if num_classes >= 100:
+            entry["top5_accuracy"] = topk_accuracy(logits[:, i], labels, 5)
+        exits.append(entry)
+    results: dict = {"split": split, "images": int(n), "num_exits": k, "exits": exits}
+    if k > 1:
+        ens = logits.mean(1)  # EED's teacher G_z: the mean of all exits' logits
+        results["ensemble"] = {"accuracy": topk_accuracy(ens, labels, 1), "gflops": float(chain[-1])}
+        if num_classes >= 100:
+            results["ensemble"]["top5_accuracy"] = topk_accuracy(ens, labels, 5)
+        results["disagreement"] = disagreement(logits, labels)
+        results["cascade"] = _cascade_section(
+            logits, labels, stage, split, val, costs[-1]["gflops"],
+            budget_fractions, budgets_gflops, accuracy_drops, target_accuracies,
+        )  # fmt: skip
+    return results
+
+
+def _cascade_section(logits, labels, stage, split, val, main_gflops, budget_fractions, budgets_gflops,
+                     accuracy_drops, target_accuracies) -> dict:  # fmt: skip
+    scores = cascade.confidences(logits)  # softmax once for every policy below
+    section: dict = {
+        "rule": cascade.RULE,
+        "cost": "mean GFLOPs actually spent: stage graphs of every exit evaluated (trunk once, each head run)",
+        "curve": [p.to_dict() for p in cascade.sweep(scores, labels, stage)],
+        "geometric_curve": [p.to_dict() for p in cascade.geometric_family(scores, labels, stage)],
+    }
+    if val is None:
+        section["calibration"] = {
+            "split": None,
+            "reason": "the run has no validation split (train with --val-split N); thresholds are "
+            "never fitted on the evaluated split",
+            "policies": [],
+        }
+        return section
+    val_logits, val_labels = np.asarray(val[0]), np.asarray(val[1])
+    main_val_acc = topk_accuracy(val_logits[:, -1], val_labels, 1)
+    budgets = [(f"budget_{f:g}x_main", {"fraction_of_main": f}, f * main_gflops) for f in budget_fractions]
+    budgets += [(f"budget_{g:g}_gflops", {"fraction_of_main": g / main_gflops}, g) for g in budgets_gflops]
+    targets = [(f"accuracy_main_minus_{d:g}pt", {"drop_points": d}, main_val_acc - d / 100) for d in accuracy_drops]
+    targets += [(f"accuracy_{a:g}", {}, a) for a in target_accuracies]
+    cals = cascade.calibrate(val_logits, val_labels, stage, [b[2] for b in budgets], [t[2] for t in targets],
+                             {split: (scores, labels)})  # fmt: skip
+    policies = []
+    for cal, (name, extra, _) in zip(cals, budgets + targets):
+        d = cal.to_dict()
+        d["target"] = {**d["target"], **extra}
+        policies.append({"name": name, **d})
+    section["calibration"] = {"split": "val", "images": int(len(val_labels)), "main_val_accuracy": main_val_acc,
+                              "policies": policies}  # fmt: skip
+    return section
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_gflops(results: dict, path: str | Path, title: str = "") -> Path:
+    """Per-exit points, the ensemble, the cascade curves and the calibrated policies."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    xs = [e["gflops"] for e in results["exits"]]
+    ys = [100 * e["accuracy"] for e in results["exits"]]
+    ax.plot(xs, ys, "o-", color="C0", label="exit i alone (full path)")
+    for e in results["exits"]:
+        ax.annotate(f"{e['exit']}", (e["gflops"], 100 * e["accuracy"]), textcoords="offset points", xytext=(4, -10))
+    if "ensemble" in results:
+        ax.plot([results["ensemble"]["gflops"]], [100 * results["ensemble"]["accuracy"]], "s", color="C3",
+                label="ensemble of all exits")  # fmt: skip
+    cas = results.get("cascade")
+    if cas:
+        for key, style, label in (("curve", "C1", "cascade, one threshold"),
+                                  ("geometric_curve", "C2", "cascade, per-exit thresholds (MSDNet)")):  # fmt: skip
+            front = cascade.pareto_front([cascade.CascadePoint(**p) for p in cas[key]])
+            ax.plot([p.mean_gflops for p in front], [100 * p.accuracy for p in front], ".-", color=style,
+                    alpha=0.8, label=label)  # fmt: skip
+        split = results["split"]
+        chosen = [p[split] for p in cas["calibration"]["policies"] if p.get("thresholds") and split in p]
+        if chosen:
+            ax.plot([c["mean_gflops"] for c in chosen], [100 * c["accuracy"] for c in chosen], "*", ms=12,
+                    color="k", label="thresholds calibrated on val")  # fmt: skip
+    ax.set_xlabel("GFLOPs per image (mean actually spent for cascades)")
+    ax.set_ylabel(f"top-1 accuracy on {results['split']} (%)")
+    ax.set_title(title or "accuracy vs cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def read_log(log_path: str | Path) -> list[dict]:
+    """The per-epoch records of a run (one JSON object a line); broken lines are skipped."""
+    records = []
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash mid-write
+    return records
+
+
+def plot_training_curves(records: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Per-epoch accuracy of every exit (evaluation split solid, training dashed)."""
+    eval_prefix = next((p for p in ("val", "test") if any(f"{p}_acc_exit1" in r for r in records)), None)
+    if not records or eval_prefix is None and not any("train_acc_exit1" in r for r in records):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    exits = sorted({int(key.rsplit("exit", 1)[1]) for r in records for key in r if key.startswith("train_acc_exit")})
+    for i in exits:
+        color = f"C{(i - 1) % 10}"
+        for prefix, style in ((eval_prefix, "-"), ("train", "--")):
+            if prefix is None:
+                continue
+            pts = [(r["epoch"], 100 * r[f"{prefix}_acc_exit{i}"]) for r in records if f"{prefix}_acc_exit{i}" in r]
+            if pts:
+                label = f"exit {i}{' (main)' if i == exits[-1] else ''} {prefix}"
+                ax.plot(*zip(*pts), style, color=color, marker="o" if style == "-" else "x", ms=3, label=label)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "accuracy per exit during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_disagreement(results: dict, path: str | Path) -> Path | None:
+    """Heat map of P(exit i right, exit j wrong) in percent."""
+    if "disagreement" not in results:
+        return None
+    plt = _pyplot()
+    m = 100 * np.asarray(results["disagreement"]["right_wrong"])
+    k = len(m)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.1 * k + 1.5))
+    im = ax.imshow(m, cmap="viridis")
+    labels = [f"{i}" if i < k else f"{i} (main)" for i in range(1, k + 1)]
+    ax.set_xticks(range(k), labels)
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("exit j wrong")
+    ax.set_ylabel("exit i right")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", color="w" if m[i, j] < m.max() / 2 else "k")
+    fig.colorbar(im, ax=ax, label="% of images")
+    ax.set_title(f"right where another exit is wrong ({results['split']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- checkpoint + data
+
+
+def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None = None, download: bool = True):
+    """The data set a checkpoint was trained on, with the run's validation split (same seed).
+
+    Raises EvaluationError when the checkpoint lacks the information or the data found does
+    not match what the model was trained on (classes, channels).
+    """
+    from training.data import build_datasets
+
+    info, config = payload.get("dataset"), payload.get("config") or {}
+    if not info or "name" not in info:
+        raise EvaluationError("the checkpoint does not say which data set it was trained on (no 'dataset' entry)")
+    data_dir = data_dir if data_dir is not None else config.get("data_dir")
+    bundle = build_datasets(info["name"], data_dir, int(config.get("val_split") or 0), subset,
+                            int(config.get("seed") or 0), download)  # fmt: skip
+    model_cfg = payload.get("model_config") or {}
+    problems = []
+    if model_cfg.get("num_classes") not in (None, bundle.spec.num_classes):
+        problems.append(f"the model has {model_cfg['num_classes']} classes, the data {bundle.spec.num_classes}")
+    if model_cfg.get("in_channels") not in (None, bundle.spec.channels):
+        problems.append(f"the model takes {model_cfg['in_channels']} channels, the data has {bundle.spec.channels}")
+    if info.get("classes") and list(info["classes"]) != list(bundle.classes):
+        problems.append("the class names differ from the ones the model was trained with")
+    if problems:
+        raise EvaluationError(f"checkpoint and data set {info['name']} do not match: " + "; ".join(problems))
+    return bundle
+
+
+def split_logits(model, bundle, split: str, batch_size: int = 256, device: str = "cpu"):
+    """(logits (N, k, C) float32, labels (N,)) of one split, as numpy arrays."""
+    import torch
+
+    from training.data import make_loader
+    from training.engine import collect_logits
+
+    data = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
+    if data is None:
+        raise EvaluationError(f"the run has no {split} split (it was trained without --val-split); use --split test")
+    loader = make_loader(data, bundle.spec, batch_size, train=False)
+    logits, _, labels = collect_logits(model.to(device), loader, torch.device(device))
+    return logits.numpy(), labels.numpy()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_dir: str | None = None,
+                        subset: int | None = None, download: bool = True, batch_size: int = 256,
+                        device: str = "cpu", **targets) -> tuple[dict, dict]:  # fmt: skip
+    """Load, run and analyse a checkpoint; returns (results, payload)."""
+    from serving.manifest import sha256_file
+    from training.checkpoint import load_model, resolve_checkpoint_path
+    from training.flops import exit_costs
+
+    path = resolve_checkpoint_path(checkpoint)
+    model, payload = load_model(path)
+    bundle = load_data_for(payload, data_dir, subset, download)
+    spec = bundle.spec
+    costs = exit_costs(model, (spec.channels, spec.image_size, spec.image_size))
+    logits, labels = split_logits(model, bundle, split, batch_size, device)
+    val = None
+    if bundle.val is not None:
+        val = (logits, labels) if split == "val" else split_logits(model, bundle, "val", batch_size, device)
+    results = analyze(logits, labels, costs, split, val, **targets)
+    config = payload.get("config") or {}
+    results = {
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256_file(path),
+        "epoch": payload.get("epoch"),
+        "arch": payload["model_config"]["arch"],
+        "width_mult": payload["model_config"].get("width_mult"),
+        "method": config.get("method"),
+        "dataset": spec.name,
+        "subset": subset,
+        **results,
+    }
+    return results, payload
+
+
+def format_summary(results: dict) -> str:
+    """A few human-readable lines: per-exit accuracy/cost, ensemble, calibrated policies."""
+    lines = [f"{results['arch']} on {results['dataset']} {results['split']} ({results['images']} images), "
+             f"epoch {results.get('epoch')}"]  # fmt: skip
+    lines.append(f"{'exit':>6} {'acc %':>7} {'GFLOPs':>9} {'stage GFLOPs':>13} {'params':>10}")
+    for e in results["exits"]:
+        lines.append(f"{e['exit']:>6} {100 * e['accuracy']:>7.2f} {e['gflops']:>9.4f} {e['stage_gflops']:>13.4f} "
+                     f"{e['params']:>10,}")  # fmt: skip
+    if "ensemble" in results:
+        ens = results["ensemble"]
+        lines.append(f"{'ens.':>6} {100 * ens['accuracy']:>7.2f} {ens['gflops']:>9.4f}")
+    cal = (results.get("cascade") or {}).get("calibration")
+    if cal:
+        if not cal["policies"]:
+            lines.append(f"cascade thresholds: not calibrated ({cal.get('reason')})")
+        for p in cal["policies"]:
+            if p["thresholds"] is None:
+                lines.append(f"cascade {p['name']}: none ({p['reason']})")
+                continue
+            ev = p.get(results["split"], {})
+            lines.append(
+                f"cascade {p['name']}: thresholds {[round(t, 6) for t in p['thresholds']]} -> val "
+                f"{100 * p['val']['accuracy']:.2f}% @ {p['val']['mean_gflops']:.4f} GFLOPs; {results['split']} "
+                f"{100 * ev.get('accuracy', float('nan')):.2f}% @ {ev.get('mean_gflops', float('nan')):.4f} GFLOPs"
+            )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Per-exit accuracy, cost, cascades and disagreement of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint.pt (or its run folder) written by training/train.py")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/eval-SPLIT)")
+    p.add_argument("--data-dir", default=None, help="where the data set lives (default: the run's)")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
+    p.add_argument("--subset", type=int, default=None, help="only the first N images of each split (quick look)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--budget-fractions", type=float, nargs="*", default=list(DEFAULT_BUDGET_FRACTIONS),
+                   help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs")  # fmt: skip
+    p.add_argument("--budget-gflops", type=float, nargs="*", default=[], help="cascade budgets in GFLOPs")
+    p.add_argument("--accuracy-drops", type=float, nargs="*", default=list(DEFAULT_ACCURACY_DROPS),
+                   help="accuracy targets, in points below the main exit's validation accuracy")  # fmt: skip
+    p.add_argument("--target-accuracy", type=float, nargs="*", default=[], help="absolute accuracy targets (0..1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.checkpoint import CheckpointError, resolve_checkpoint_path
+    from training.data import DatasetNotFoundError
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        results, _ = evaluate_checkpoint(
+            args.checkpoint, args.split, args.data_dir, args.subset, args.download, args.batch_size, args.device,
+            budget_fractions=args.budget_fractions, budgets_gflops=args.budget_gflops,
+            accuracy_drops=args.accuracy_drops, target_accuracies=args.target_accuracy,
+        )  # fmt: skip
+    except (CheckpointError, DatasetNotFoundError, EvaluationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = resolve_checkpoint_path(args.checkpoint).parent
+    out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{results['arch']} x{results['width_mult']} {results['method']} on {results['dataset']}"
+    plots = {"accuracy_vs_gflops": plot_accuracy_vs_gflops(results, out / "accuracy_vs_gflops.png", title)}
+    plots["disagreement"] = plot_disagreement(results, out / "disagreement.png")
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        plots["training_curves"] = plot_training_curves(read_log(log), out / "training_curves.png", title)
+    results["plots"] = {k: str(v) for k, v in plots.items() if v is not None}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_summary(results))
+    print(f"wrote {out / 'results.json'} and {len(results['plots'])} plots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
