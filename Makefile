@@ -51,7 +51,7 @@ default-model: system-deps $(VENV)/.installed
 	  $(VENV)/bin/python training/train.py $(DEFAULT_TRAIN_ARGS) --output-dir $(dir $(DEFAULT_RUN)) --run-name $(notdir $(DEFAULT_RUN)); \
 	fi
 	$(VENV)/bin/python -m training.evaluate $(DEFAULT_RUN)/checkpoint.pt --split test --out $(DEFAULT_RUN)/eval
-	$(VENV)/bin/python -m training.export $(DEFAULT_RUN)/checkpoint.pt --out $(MODEL_DIR) --name $(notdir $(MODEL_DIR))
+	$(VENV)/bin/python -m training.export $(DEFAULT_RUN)/checkpoint.pt --out $(MODEL_DIR) --name $(notdir $(MODEL_DIR)) --samples 12 --force
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache

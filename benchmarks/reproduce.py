@@ -203,12 +203,14 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--runs-dir", default=None, help="where run folders go (default runs/reproduce-PRESET)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where run folders go (default benchmarks/results/reproduce-PRESET; their logs and "
+                        "final.json are committed, checkpoints are not)")  # fmt: skip
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to train.py")
     args = p.parse_args(argv)
     seeds = args.seeds or PRESETS[args.preset]["seeds"]
     out_dir = Path(args.out_dir)
-    runs_dir = Path(args.runs_dir or ROOT / "runs" / f"reproduce-{args.preset}")
+    runs_dir = Path(args.runs_dir or out_dir / f"reproduce-{args.preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
 

@@ -5,7 +5,9 @@ hand-written attributes (``ex1conv1`` …), a DataLoader applying torchvision's 
 transforms (RandomCrop(pad 4), RandomHorizontalFlip, ToTensor, Normalize) to PIL images,
 one loss line per exit, fp32, default memory format. Ours: ``training.engine.train_one_epoch``
 with the in-memory batched augmentation and ``MultiExitLoss`` — the code `train.py` runs.
-Both train the same architecture (same layers, widths and exits) with the same EED loss,
+It is measured three ways: fp32 in the reference's NCHW layout (the code path alone), fp32
+channels_last, and ``--amp`` (bf16 autocast on the CPU; fast where the CPU has AMX).
+All train the same architecture (same layers, widths and exits) with the same EED loss,
 optimizer and batch size on the same Fashion-MNIST images, one after the other in this
 process, and the ratio is printed beside the figures.
 
@@ -32,6 +34,7 @@ from torch import nn  # noqa: E402
 from training.checkpoint import git_revision  # noqa: E402
 from training.data import build_datasets, make_loader  # noqa: E402
 from training.engine import train_one_epoch  # noqa: E402
+from training.train import amp_setup  # noqa: E402
 from training.losses import MultiExitLoss  # noqa: E402
 from training.models import create_model  # noqa: E402
 from training.models.multi_exit import scaled  # noqa: E402
@@ -167,21 +170,26 @@ def reference_epoch(data, spec, args) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ours_epoch(data, spec, args) -> float:
+def ours_epoch(data, spec, args, channels_last: bool, amp: bool) -> float:
     """Images/s of this project's training step (train_one_epoch) over the same subset."""
     torch.manual_seed(0)
+    device = torch.device("cpu")
     model = create_model("resnet18", spec.num_classes, spec.channels, args.width_mult)
-    if args.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     criterion = MultiExitLoss("eed", "kl", 1.0, 1.0, 3.0)
-    warm = make_loader(data.train.take(slice(0, args.warmup * args.batch_size)), spec, args.batch_size, True)
-    train_one_epoch(model, criterion, warm, optimizer, torch.device("cpu"), 0, channels_last=args.channels_last,
-                    progress=False)  # fmt: skip
-    loader = make_loader(data.train.take(slice(args.warmup * args.batch_size, None)), spec, args.batch_size, True)
-    metrics = train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), 1,
-                              channels_last=args.channels_last, progress=False)  # fmt: skip
+    amp_dtype, scaler = amp_setup(amp, device)
+    n_warm = args.warmup * args.batch_size
+    for epoch, split in enumerate((data.train.take(slice(0, n_warm)), data.train.take(slice(n_warm, None)))):
+        loader = make_loader(split, spec, args.batch_size, True)
+        metrics = train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler, amp_dtype,
+                                  channels_last, progress=False)  # fmt: skip
     return metrics["train_images_per_s"]
+
+
+# (label, channels_last, amp): the same code path, then the two options train.py offers.
+OURS = (("fp32, NCHW", False, False), ("fp32, channels_last", True, False), ("--amp (bf16), channels_last", True, True))
 
 
 def main(argv=None) -> int:
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     p.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference loop")
-    p.add_argument("--channels-last", action="store_true", help="ours in channels_last")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="skip the bf16 autocast measurement")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON results file (default benchmarks/results/train_speed_wW.json)")
     args = p.parse_args(argv)
@@ -205,14 +213,19 @@ def main(argv=None) -> int:
     print(f"resnet18 x{args.width_mult} EED on {spec.name}, batch {args.batch_size}, {args.steps} timed steps, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
     ref = reference_epoch(data, spec, args)
-    print(f"reference loop : {ref:8.1f} images/s")
-    ours = ours_epoch(data, spec, args)
-    print(f"this project   : {ours:8.1f} images/s")
-    print(f"ratio          : {ours / ref:8.2f}x (target >= 1.3x on CPU)")
+    print(f"{'reference loop (fp32, NCHW, per-image transforms)':<52}: {ref:8.1f} images/s")
+    ours = {}
+    for label, channels_last, amp in OURS:
+        if amp and not args.amp:
+            continue
+        ours[label] = ours_epoch(data, spec, args, channels_last, amp)
+        print(f"{'this project, ' + label:<52}: {ours[label]:8.1f} images/s   {ours[label] / ref:5.2f}x")
+    print("target: >= 1.3x on CPU")
     result = {
         "arch": "resnet18", "width_mult": args.width_mult, "dataset": spec.name, "batch_size": args.batch_size,
-        "steps": args.steps, "channels_last": args.channels_last, "reference_images_per_s": ref,
-        "ours_images_per_s": ours, "ratio": ours / ref, "threads": torch.get_num_threads(),
+        "steps": args.steps, "reference_images_per_s": ref,
+        "ours": {label: {"images_per_s": v, "ratio": v / ref} for label, v in ours.items()},
+        "threads": torch.get_num_threads(),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                     "cuda": torch.cuda.is_available()},
         "torch": torch.__version__, "git_revision": git_revision(), "command": " ".join(sys.argv),

@@ -83,7 +83,9 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
         (["--dataset", "cifar10", "--data-dir", "{tmp}/none", "--no-download"], "CIFAR-10 not found"),
         (["--method", "kd", "--teacher-exits", "1", "4"], "--teacher-exits selects the EED ensemble teacher"),
         (["--method", "branchynet", "--alpha", "2"], "--alpha has no effect with --method branchynet"),
-        (["--amp", "--device", "cpu"], "--amp needs a CUDA device"),
+        (["--lr-schedule", "cosine", "--milestones", "5"], "--milestones belongs to --lr-schedule multistep"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--epochs", "0"],
+         "CUDA is not available" if not torch.cuda.is_available() else "--epochs must be at least 1"),
         (["--dataset", "fashion-mnist", "--teacher-exits", "9", "--subset", "8"], "--teacher-exits [9] do not exist"),
     ],
 )

@@ -375,9 +375,15 @@ def export_checkpoint(
     force: bool = False,
     argv: Sequence[str] = (),
     log=print,
+    samples: int = 0,
     **targets,
 ) -> Manifest:
-    """Export, verify, evaluate and write ``out`` atomically; returns the manifest."""
+    """Export, verify, evaluate and write ``out`` atomically; returns the manifest.
+
+    With ``samples``, the first N test images are also written as PNG under ``samples/``
+    (named ``INDEX-LABEL-CLASS.png``) for examples and smoke tests; they are not model files
+    and are not in the manifest's checksums.
+    """
     from training.checkpoint import load_model, resolve_checkpoint_path
     from training.data import make_loader
     from training.evaluate import load_data_for
@@ -423,6 +429,8 @@ def export_checkpoint(
         provenance = provenance_entry(checkpoint, payload, argv, opset, parity, subset)
         manifest = build_manifest(name, payload, files, costs, results, tmp, provenance)
         write_manifest(manifest, tmp)
+        if samples and bundle is not None:
+            write_samples(bundle, tmp / "samples", samples)
         load_manifest(tmp, verify=True)  # what the server will do: the folder must pass it
         _replace(tmp, out)
     except BaseException:
@@ -453,6 +461,21 @@ def evaluate_onnx(folder: Path, files, io_names: GraphIO, bundle, split: str, co
     return results
 
 
+def write_samples(bundle, folder: Path, count: int) -> list[Path]:
+    """The first ``count`` test images as PNG files, named by index, label and class."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(min(count, len(bundle.test))):
+        image = bundle.test.images[i].permute(1, 2, 0).numpy()  # uint8 HWC, as stored
+        label = int(bundle.test.labels[i])
+        slug = "".join(c if c.isalnum() else "-" for c in bundle.classes[label].lower()).strip("-")
+        paths.append(folder / f"{i:02d}-{label}-{slug}.png")
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(paths[-1])
+    return paths
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished folder into place; an old one is removed only after the rename."""
     old = None
@@ -480,6 +503,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-eval", action="store_true", help="no data set: no accuracy, no calibrated thresholds")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |ORT - PyTorch| on logits")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--samples", type=int, default=0, help="also write the first N test images as PNG in samples/")
     p.add_argument("--budget-fractions", type=float, nargs="*", default=list(DEFAULT_BUDGET_FRACTIONS),
                    help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs")  # fmt: skip
     p.add_argument("--accuracy-drops", type=float, nargs="*", default=list(DEFAULT_ACCURACY_DROPS),
@@ -501,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = export_checkpoint(
             args.checkpoint, args.out, args.name, args.opset, args.split, args.data_dir, args.subset,
             args.skip_eval, args.download, args.atol, args.force, argv,
-            budget_fractions=args.budget_fractions, accuracy_drops=args.accuracy_drops,
+            samples=args.samples, budget_fractions=args.budget_fractions, accuracy_drops=args.accuracy_drops,
         )  # fmt: skip
     except (ExportError, CheckpointError, DatasetNotFoundError, EvaluationError, ManifestError) as exc:
         print(f"error: {exc}\n{args.out} was not written (or, with --force, left as it was)", file=sys.stderr)
