@@ -41,9 +41,10 @@ METHODS: dict[str, list[str]] = {
 
 COMMON = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--alpha", "1", "--temperature", "3"]
 PRESETS: dict[str, dict] = {
-    # Width 1/8 and 12 epochs with the paper's step schedule scaled to the run: 18 runs in
-    # about 2.5 hours on 2 CPU cores.
-    "cpu": {"flags": ["--width-mult", "0.125", "--epochs", "12", "--val-split", "5000"], "seeds": [0, 1, 2]},
+    # Width 1/8 and 12 epochs with the paper's step schedule scaled to the run, fp32
+    # (channels_last only changes the memory layout): 18 runs in about 2.5 hours on 2 cores.
+    "cpu": {"flags": ["--width-mult", "0.125", "--epochs", "12", "--val-split", "5000", "--channels-last"],
+            "seeds": [0, 1, 2]},
     "paper": {"flags": ["--width-mult", "1.0", "--epochs", "200", "--val-split", "5000"], "seeds": [0, 1, 2]},
     "smoke": {"flags": ["--width-mult", "0.125", "--epochs", "2", "--val-split", "64", "--subset", "320",
                         "--batch-size", "32"], "seeds": [0, 1]},  # fmt: skip
@@ -128,13 +129,13 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
 
 def to_markdown(table: dict, meta: dict) -> str:
     k = max(len(r["exits"]) for r in table.values())
-    header = "| method | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |"
+    header = "| method | seeds | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |"
     lines = [
         f"# Paper comparison on Fashion-MNIST (preset `{meta['preset']}`)", "",
         f"ResNet-18 (CIFAR-style) x{meta['width_mult']}, {meta['epochs']} epochs, seeds {meta['seeds']}. "
         "Test accuracy (%) of the epoch selected on the validation split, mean ± std over seeds; "
         "the test split is used once per run.", "",
-        header, "|" + "---|" * (k + 2),
+        header, "|" + "---|" * (k + 3),
     ]  # fmt: skip
     for name, row in table.items():
         cells = []
@@ -143,7 +144,7 @@ def to_markdown(table: dict, meta: dict) -> str:
             cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell else "—")
         ens = row.get("ensemble")
         cells.append(f"{ens['mean']:.2f} ± {ens['std']:.2f}" if ens else "—")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     gflops = next(r["gflops"] for r in table.values() if len(r["gflops"]) == k)
     lines += ["", "GFLOPs per exit (full path): " + ", ".join(f"exit {i + 1}: {g:.4f}" for i, g in enumerate(gflops))]
     if "eed-kl" in table and "branchynet" in table:
@@ -206,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=None,
                    help="where run folders go (default benchmarks/results/reproduce-PRESET; their logs and "
                         "final.json are committed, checkpoints are not)")  # fmt: skip
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate the runs that have finished so far (an interim report)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to train.py")
     args = p.parse_args(argv)
     seeds = args.seeds or PRESETS[args.preset]["seeds"]
@@ -218,11 +221,25 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     start = time.perf_counter()
-    runs = {name: [run_one(name, s, args.preset, runs_dir, args.extra, log) for s in seeds] for name in args.methods}
+    # Seeds outermost: an interrupted benchmark leaves whole comparisons (every method, seed 0)
+    # rather than every seed of the first methods.
+    runs: dict[str, list[Path]] = {name: [] for name in args.methods}
+    for seed in seeds:
+        for name in args.methods:
+            if args.report_only:
+                done = runs_dir / f"{name}-s{seed}"
+                if (done / "final.json").is_file():
+                    runs[name].append(done)
+            else:
+                runs[name].append(run_one(name, seed, args.preset, runs_dir, args.extra, log))
+    runs = {name: dirs for name, dirs in runs.items() if dirs}
+    if not runs:
+        print(f"no finished runs under {runs_dir}; run without --report-only first", file=sys.stderr)
+        return 2
     table = summarize(runs)
     flags = PRESETS[args.preset]["flags"]
     meta = {
-        "preset": args.preset, "seeds": seeds, "command": " ".join(["python", *sys.argv]),
+        "preset": args.preset, "seeds": seeds, "runs_per_method": {n: len(d) for n, d in runs.items()}, "command": " ".join(["python", *sys.argv]),
         "width_mult": flags[flags.index("--width-mult") + 1], "epochs": flags[flags.index("--epochs") + 1],
         "git_revision": git_revision(), "wall_seconds": time.perf_counter() - start,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",

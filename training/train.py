@@ -271,6 +271,8 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         start_epoch = resume_payload["epoch"]
         best = resume_payload.get("best", best)
 
+    # The code the run started with (computed once: a commit made mid-run must not relabel it).
+    revision = resume_payload.get("git_revision") if resume_payload else git_revision()
     run_dir = Path(getattr(args, "run_dir", None) or Path(args.output_dir) / args.run_name)
     args.run_dir = str(run_dir)
     config = {k: v for k, v in vars(args).items()}
@@ -282,7 +284,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(
             {"config": config, "model_config": model.config.to_dict(), "dataset": dataset_info,
-             "exit_costs": [asdict(c) for c in costs], "git_revision": git_revision(),
+             "exit_costs": [asdict(c) for c in costs], "git_revision": revision,
              "world_size": world_size, "command": " ".join(sys.argv)}, indent=2))  # fmt: skip
         print(f"run folder: {run_dir}")
         print(f"{args.arch} x{args.width_mult} on {spec.name} ({len(data.train)} train / {len(eval_data)} "
@@ -318,7 +320,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
                 "exit_costs": [asdict(c) for c in costs], "epoch": epoch + 1, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "metrics": record,
-                "git_revision": git_revision(),
+                "git_revision": revision,
             }  # fmt: skip
             if main_key in metrics and metrics[main_key] > best["val_acc_main"]:
                 best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
