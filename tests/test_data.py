@@ -90,3 +90,24 @@ def test_loader_is_deterministic_per_epoch_and_sharded(tmp_path):
     shards = [make_loader(data.train, data.spec, 4, True, 3, rank=r, world_size=2) for r in range(2)]
     labels = [torch.cat([y for _, y in s]) for s in shards]
     assert len(labels[0]) == len(labels[1]) == 20
+
+
+def test_imagefolder_layout(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    data = build_datasets("imagefolder", tmp_path, val_split=2, seed=0)
+    assert data.classes == ["cat", "dog"] and data.spec.num_classes == 2
+    assert len(data.train) == 6 and len(data.val) == 2 and len(data.test) == 4
+    loader = make_loader(data.test, data.spec, 3, train=False, workers=0)
+    images, labels = next(iter(loader))
+    assert images.shape == (3, 3, 224, 224) and labels.tolist() == [0, 0, 1]
+    with pytest.raises(DatasetNotFoundError, match="has no train/ and no val/ folder.*ImageNet layout"):
+        (tmp_path / "only").mkdir()
+        build_datasets("imagefolder", tmp_path / "only")

@@ -241,7 +241,7 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed) -> DataBundle:
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise DatasetNotFoundError(
-            f"{root} has no {' or '.join(missing)}/ folder; --dataset imagefolder expects "
+            f"{root} has no {' and no '.join(d + '/' for d in missing)} folder; --dataset imagefolder expects "
             "DATA_DIR/train/<class>/*.jpg and DATA_DIR/val/<class>/*.jpg (the ImageNet layout)"
         )
     normalize = transforms.Normalize(spec.mean, spec.std)
@@ -372,7 +372,8 @@ class _DatasetLoader:
             self.sampler = SequentialSampler(dataset)
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self.loader = DataLoader(
-            dataset, batch_size, sampler=self.sampler, num_workers=workers, drop_last=train, pin_memory=True
+            dataset, batch_size, sampler=self.sampler, num_workers=workers, drop_last=train,
+            pin_memory=torch.cuda.is_available(),
         )
         self.seed = seed
 
