@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def needs_beta(method_flags: list[str]) -> bool:
     return any(m in method_flags for m in ("byot", "eed"))
 
 
-def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], log) -> Path:
+def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], log, threads: int) -> Path:
     """Train one (method, seed) run, resuming it if it was interrupted; returns its folder."""
     run_dir = runs_dir / f"{name}-s{seed}"
     if (run_dir / "final.json").is_file():
@@ -63,19 +64,21 @@ def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str],
         return run_dir
     method_flags = METHODS[name]
     if (run_dir / "checkpoint.pt").is_file():
-        cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--resume", str(run_dir), "--no-progress"]
+        cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--resume", str(run_dir), "--no-progress",
+               "--threads", str(threads)]  # fmt: skip
         log(f"{name} seed {seed}: resuming")
     else:
         cmd = [sys.executable, str(ROOT / "training" / "train.py"), *COMMON, *PRESETS[preset]["flags"],
                *method_flags, "--seed", str(seed), "--output-dir", str(runs_dir), "--run-name", run_dir.name,
-               "--no-progress", *extra]  # fmt: skip
+               "--no-progress", "--threads", str(threads), *extra]  # fmt: skip
         if method_flags[1] in ("baseline", "branchynet"):
             cmd = _drop(cmd)
         elif needs_beta(method_flags):
             cmd += ["--beta", "1"]
         log(f"{name} seed {seed}: training")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, env=env)
     (runs_dir / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -207,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs-dir", default=None,
                    help="where run folders go (default benchmarks/results/reproduce-PRESET; their logs and "
                         "final.json are committed, checkpoints are not)")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                   help="runs trained at once, each with cpu_count/jobs threads (default 2: this CPU preset's setup)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: tabulate the runs that have finished so far (an interim report)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to train.py")
@@ -223,15 +228,20 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     # Seeds outermost: an interrupted benchmark leaves whole comparisons (every method, seed 0)
     # rather than every seed of the first methods.
+    order = [(name, seed) for seed in seeds for name in args.methods]
+    if args.report_only:
+        finished = {key: runs_dir / f"{key[0]}-s{key[1]}" for key in order}
+        finished = {key: d for key, d in finished.items() if (d / "final.json").is_file()}
+    else:
+        # Small models use 2 cores better as 2 one-thread runs than as one 2-thread run
+        # (measured here: 1.67x the images/s at width 0.125).
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {key: pool.submit(run_one, *key, args.preset, runs_dir, args.extra, log, threads) for key in order}
+            finished = {key: f.result() for key, f in futures.items()}
     runs: dict[str, list[Path]] = {name: [] for name in args.methods}
-    for seed in seeds:
-        for name in args.methods:
-            if args.report_only:
-                done = runs_dir / f"{name}-s{seed}"
-                if (done / "final.json").is_file():
-                    runs[name].append(done)
-            else:
-                runs[name].append(run_one(name, seed, args.preset, runs_dir, args.extra, log))
+    for (name, _), run_dir in sorted(finished.items(), key=lambda kv: order.index(kv[0])):
+        runs[name].append(run_dir)
     runs = {name: dirs for name, dirs in runs.items() if dirs}
     if not runs:
         print(f"no finished runs under {runs_dir}; run without --report-only first", file=sys.stderr)
