@@ -162,6 +162,16 @@ def plan_request(
     exit i+1 by its full path / by a cascade ending there; they are needed only when
     ``params.budget_ms`` is given.
     """
+    try:
+        return _plan(params, costs, latency_ms, cascade_latency_ms)
+    except InvalidParameters as exc:  # DESIGN §4: every 422 names the cheapest cost
+        cheapest = int(np.argmin(costs.gflops))
+        exc.extra.setdefault("cheapest_gflops", float(costs.gflops[cheapest]))
+        exc.extra.setdefault("cheapest_exit", cheapest + 1)
+        raise
+
+
+def _plan(params, costs: CostTable, latency_ms, cascade_latency_ms) -> Plan:
     k = costs.num_exits
     if params.exit is not None:
         others = [n for n in ("budget_gflops", "budget_ms", "confidence") if getattr(params, n) is not None]

@@ -3,10 +3,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from torch import nn
 
-from training.flops import cascade_gflops, exit_costs
+from training.cascade import cumulative_gflops
+from training.flops import exit_costs
 from training.models import MultiExitNetwork, StageSpec, create_model
 
 
@@ -23,7 +23,7 @@ def test_counts_conv_and_linear_macs_twice():
     assert costs[0].gflops * 1e9 == pytest.approx(conv1 + exit_conv + fc)
     assert costs[1].gflops * 1e9 == pytest.approx(conv1 + conv2 + fc)
     assert costs[1].stage_gflops * 1e9 == pytest.approx(conv2 + fc)
-    assert cascade_gflops(costs, 2) * 1e9 == pytest.approx(conv1 + exit_conv + fc + conv2 + fc)
+    assert cumulative_gflops([c.stage_gflops for c in costs])[1] * 1e9 == pytest.approx(conv1 + exit_conv + fc + conv2 + fc)
     assert costs[1].params == 1 * 4 * 9 + 4 * 8 * 9 + 8 * 5 + 5
 
 
@@ -35,8 +35,8 @@ def test_resnet18_cifar_main_output_matches_the_paper():
     assert costs[-1].params == pytest.approx(sum(p.numel() for n, p in model.named_parameters()
                                                  if not n.startswith(("heads.0", "heads.1", "heads.2"))))
     # Chaining the stage graphs costs the trunk once plus every head run.
-    for i, c in enumerate(costs, start=1):
-        assert cascade_gflops(costs, i) >= c.gflops - 1e-9
+    for chained, c in zip(cumulative_gflops([c.stage_gflops for c in costs]), costs):
+        assert chained >= c.gflops - 1e-9
 
 
 def test_cli_json():
@@ -47,4 +47,8 @@ def test_cli_json():
     payload = json.loads(out.stdout)
     assert payload["arch"] == "vgg19" and [e["exit"] for e in payload["exits"]] == [1, 2, 3, 4]
     assert all(e["gflops"] > 0 and e["params"] > 0 for e in payload["exits"])
-    torch.manual_seed(0)
+
+
+def test_cli_unknown_arch_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "training.flops", "--arch", "resnet19"], capture_output=True, text=True)
+    assert out.returncode == 2 and "choose one of" in out.stderr and "Traceback" not in out.stderr

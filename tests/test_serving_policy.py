@@ -184,3 +184,11 @@ def test_gflops_spent():
     assert gflops_spent(COSTS, "single", [2]) == 0.3
     assert math.isclose(gflops_spent(COSTS, "cascade", [1, 2]), 0.35)
     assert math.isclose(gflops_spent(COSTS, "cascade", [1, 2, 3]), sum(COSTS.stage_gflops))
+
+
+def test_contradictory_parameters_name_the_cheapest_cost():
+    with pytest.raises(InvalidParameters) as info:
+        plan(exit=2, budget_gflops=0.5)
+    body = info.value.body()  # what the client receives with the 422
+    assert info.value.status_code == 422 and body["error"] == "invalid_parameters"
+    assert body["cheapest_gflops"] == pytest.approx(0.1) and body["cheapest_exit"] == 1

@@ -118,15 +118,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
 
 
-def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Per-exit top-1 (top-5 with ≥ 100 classes) and ensemble accuracy from (N, k, C) logits.
-
-    The ensemble is the mean of all exits' logits: EED's teacher G_z.
-    """
-    counts = _accuracy_counts(logits, labels)
-    return {f"{prefix}{key}": value / counts["n"] for key, value in counts.items() if key != "n"}
-
-
 def _accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     counts: dict[str, float] = {"n": float(len(labels))}
     num_exits, num_classes = logits.shape[1], logits.shape[2]

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.data import ArraySplit
 from serving.manifest import (
     ExitSpec,
     GraphIO,
@@ -430,7 +431,10 @@ def export_checkpoint(
         manifest = build_manifest(name, payload, files, costs, results, tmp, provenance)
         write_manifest(manifest, tmp)
         if samples and bundle is not None:
-            write_samples(bundle, tmp / "samples", samples)
+            if isinstance(bundle.test, ArraySplit):
+                write_samples(bundle, tmp / "samples", samples)
+            else:  # ImageFolder: the originals are files already
+                log(f"--samples: skipped; {dataset['name']} images are files under the data folder already")
         load_manifest(tmp, verify=True)  # what the server will do: the folder must pass it
         _replace(tmp, out)
     except BaseException:

@@ -77,11 +77,6 @@ def exit_costs(model: MultiExitNetwork, input_shape: tuple[int, int, int]) -> li
     return costs
 
 
-def cascade_gflops(costs: list[ExitCost], exits_run: int) -> float:
-    """Cost of a confidence cascade that ran exits 1..exits_run: the sum of their stage graphs."""
-    return sum(c.stage_gflops for c in costs[:exits_run])
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     from training.data import DATASETS
 
@@ -99,9 +94,11 @@ def main(argv=None) -> int:
 
     args = get_args_parser().parse_args(argv)
     spec = DATASETS[args.dataset]
-    model = create_model(
-        args.arch, spec.num_classes, spec.channels, args.width_mult, with_exits=not args.no_exits
-    )
+    try:
+        model = create_model(args.arch, spec.num_classes, spec.channels, args.width_mult, not args.no_exits)
+    except (KeyError, ValueError) as exc:  # unknown architecture, bad width
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     costs = exit_costs(model, (spec.channels, spec.image_size, spec.image_size))
     if args.json:
         print(

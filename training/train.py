@@ -130,6 +130,16 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     args.beta = 1.0 if args.beta is None else args.beta
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if args.val_split < 0:
+        raise UsageError("--val-split must be 0 (no validation split) or a positive number of images")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    if args.width_mult <= 0:
+        raise UsageError(f"--width-mult must be positive, got {args.width_mult}")
+    if args.eval_every < 1:
+        raise UsageError("--eval-every must be at least 1")
     if args.subset is not None and args.subset < 2:
         raise UsageError("--subset must be at least 2 images")
     if args.milestones is None:
@@ -220,9 +230,8 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         saved = resume_payload["config"]
         _check_resume_matches(saved, args, explicit)
         for key, value in saved.items():  # the run continues with its own settings
-            if key not in RESUME_MUTABLE or key not in explicit:
-                if key not in ("resume",):
-                    setattr(args, key, value)
+            if key != "resume" and (key not in RESUME_MUTABLE or key not in explicit):
+                setattr(args, key, value)
         args.run_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     args = resolve_args(args, explicit)
 
@@ -275,7 +284,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     revision = resume_payload.get("git_revision") if resume_payload else git_revision()
     run_dir = Path(getattr(args, "run_dir", None) or Path(args.output_dir) / args.run_name)
     args.run_dir = str(run_dir)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     dataset_info = {"name": spec.name, "classes": data.classes, "channels": spec.channels,
                     "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
                     "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
@@ -310,11 +319,16 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         if evaluated:
             metrics.update(evaluate(model, eval_loader, device, args.channels_last, prefix=f"{eval_split}_"))
         record = {"epoch": epoch + 1, "lr": lr, **metrics}
+        # Every rank tracks the best epoch (the metrics are all-reduced, hence identical), so
+        # all of them take part in evaluating it below; only rank 0 writes files.
+        main_key = f"val_acc_exit{model.num_exits}"
+        improved = main_key in metrics and metrics[main_key] > best["val_acc_main"]
+        if improved:
+            best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
         if is_main:
             print(format_epoch_line(epoch + 1, args.epochs, lr, metrics, eval_split if evaluated else None), flush=True)
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            main_key = f"val_acc_exit{model.num_exits}"
             payload = {
                 "model_config": model.config.to_dict(), "config": config, "dataset": dataset_info,
                 "exit_costs": [asdict(c) for c in costs], "epoch": epoch + 1, "model": model.state_dict(),
@@ -322,8 +336,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
                 "scaler": scaler.state_dict() if scaler is not None else None, "metrics": record,
                 "git_revision": revision,
             }  # fmt: skip
-            if main_key in metrics and metrics[main_key] > best["val_acc_main"]:
-                best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
+            if improved:
                 save_checkpoint({**payload, "best": best}, run_dir / "best.pt")
             save_checkpoint({**payload, "best": best}, run_dir / "checkpoint.pt")
 
@@ -332,6 +345,8 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     final = evaluate(model, test_loader, device, args.channels_last, prefix="test_")
     results["final_epoch"] = {"epoch": args.epochs, **final}
     if best["epoch"] is not None:  # selected on the validation split; test used once for it
+        if world_size > 1:
+            dist.barrier()  # rank 0 has finished writing best.pt
         selected = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)["model"]
         model.load_state_dict(selected)
         results["val_selected"] = {"epoch": best["epoch"], "val_acc_main": best["val_acc_main"],
@@ -358,6 +373,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(args, explicit_flags(parser, argv))
     except (UsageError, UnknownModelError, DatasetNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as exc:  # e.g. a --val-split larger than the data, a NaN loss
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -29,10 +29,6 @@ class MultiExitOutput(NamedTuple):
     def main(self) -> torch.Tensor:
         return self.logits[-1]
 
-    def ensemble_logits(self) -> torch.Tensor:
-        """G_z: the mean of all exits' logits (the EED teacher)."""
-        return torch.stack(self.logits).mean(0)
-
 
 @dataclass(frozen=True)
 class StageSpec:
