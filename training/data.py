@@ -364,8 +364,13 @@ class _DatasetLoader:
     def __init__(self, dataset, batch_size, train, seed, rank, world_size, workers):
         from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-        if world_size > 1:
-            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed)
+        if world_size > 1 and not train:
+            # Evaluation shards without padding: DistributedSampler would repeat images to
+            # even out the ranks and bias the all-reduced accuracy.
+            dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+            self.sampler = SequentialSampler(dataset)
+        elif world_size > 1:
+            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
         elif train:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         else:
