@@ -29,6 +29,7 @@ Run as a script to write a folder: ``python tests/serving_model.py OUT_DIR``.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -277,6 +278,16 @@ def torch_blocking_env(tmp_dir: str | Path, base: dict | None = None) -> dict:
     return env
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     import socket
@@ -311,8 +322,6 @@ class ServerProcess:
         self.proc = None
 
     def __enter__(self) -> "ServerProcess":
-        import subprocess
-
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
@@ -343,15 +352,8 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def __exit__(self, *exc) -> None:
-        import subprocess
-
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         self._log.close()
 
 

@@ -32,7 +32,7 @@ import httpx
 import pytest
 import yaml
 
-from serving_model import build_model_folder, free_port, torch_blocking_env
+from serving_model import build_model_folder, free_port, stop_process, torch_blocking_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -655,12 +655,7 @@ def container_server(tmp_path_factory):
             _traffic(url)
             yield {"url": url, "port": port, "model": model, "env": env, "script": local}
         finally:
-            proc.terminate()  # `exec` made the server the shell's process: SIGTERM reaches it
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=15)  # `exec` made the server the shell's process: SIGTERM reaches it
 
 
 def _traffic(url: str) -> None:
@@ -823,9 +818,4 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
             status, body = query('up{job="eed"}')
             assert [s["value"][1] for s in body["data"]["result"]] == ["1"]
         finally:
-            prom.terminate()
-            try:
-                prom.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-                prom.wait()
+            stop_process(prom)

@@ -10,7 +10,15 @@ import time
 import httpx
 import pytest
 
-from serving_model import NUM_EXITS, ServerProcess, build_model_folder, encode, free_port, uniform_image
+from serving_model import (
+    NUM_EXITS,
+    ServerProcess,
+    build_model_folder,
+    encode,
+    free_port,
+    stop_process,
+    uniform_image,
+)
 
 PROMETHEUS = shutil.which("prometheus") or shutil.which("prometheus", path=os.pathsep.join(["/usr/bin",
                                                                                            "/usr/local/bin"]))
@@ -83,9 +91,4 @@ def test_prometheus_scrapes_per_exit_series(tmp_path):
                 up = query(prom_url, 'up{job="eed"}')
                 assert up and up[0]["value"][1] == "1"
             finally:
-                prom.terminate()
-                try:
-                    prom.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    prom.kill()
-                    prom.wait()
+                stop_process(prom)
