@@ -119,3 +119,10 @@ def test_ddp_two_cpu_processes(fmnist, tmp_path):
     assert "test accuracy of the epoch selected on val" in res.stdout
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and "val_acc_exit4" in log[-1]
+
+
+def test_a_new_run_never_overwrites_an_existing_one(fmnist, tmp_path, capsys):
+    common = [*SMALL, "--data-dir", str(fmnist), "--output-dir", str(tmp_path), "--subset", "64", "--epochs", "1"]
+    assert cli([*common, "--run-name", "r"]) == 0
+    assert cli([*common, "--run-name", "r"]) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err

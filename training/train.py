@@ -290,7 +290,13 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
                     "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
                     "test_size": len(data.test), "source": data.source}  # fmt: skip
     if is_main:
+        if resume_payload is None and (run_dir / "checkpoint.pt").exists():
+            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                             "or pick another --run-name")  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_payload is None:  # records of an interrupted attempt that left no checkpoint
+            for stale in ("log.jsonl", "final.json", "best.pt"):
+                (run_dir / stale).unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(
             {"config": config, "model_config": model.config.to_dict(), "dataset": dataset_info,
              "exit_costs": [asdict(c) for c in costs], "git_revision": revision,
