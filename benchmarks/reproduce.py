@@ -118,6 +118,7 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
         if "test_acc_ensemble" in selected[0]:
             m, s = _mean_std([100 * r["test_acc_ensemble"] for r in selected])
             row["ensemble"] = {"mean": m, "std": s}
+        row["main_per_seed"] = [100 * r[f"test_acc_exit{exits[-1]}"] for r in selected]
         m, s = _mean_std([100 * f["final_epoch"][f"test_acc_exit{exits[-1]}"] for f in finals])
         row["main_final_epoch"] = {"mean": m, "std": s}
         row["selected_epochs"] = [r.get("epoch") for r in selected]
@@ -126,6 +127,9 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
             log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
             curves.append([100 * r.get(f"val_acc_exit{exits[-1]}", float("nan")) for r in log])
         row["main_val_curve_mean"] = [statistics.fmean(v) for v in zip(*curves)]
+        row["train_seconds"] = sum(
+            json.loads(line).get("train_seconds", 0.0) for d in dirs for line in (d / "log.jsonl").read_text().splitlines()
+        )
         table[name] = row
     return table
 
@@ -150,11 +154,17 @@ def to_markdown(table: dict, meta: dict) -> str:
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     gflops = next(r["gflops"] for r in table.values() if len(r["gflops"]) == k)
     lines += ["", "GFLOPs per exit (full path): " + ", ".join(f"exit {i + 1}: {g:.4f}" for i, g in enumerate(gflops))]
-    if "eed-kl" in table and "branchynet" in table:
-        diff = table["eed-kl"]["exits"][k]["mean"] - table["branchynet"]["exits"][k]["mean"]
-        lines.append(f"\nEED (KL) − BranchyNet, main output: {diff:+.2f} points.")
+    lines.append("")
+    for eed, other in (("eed-kl", "branchynet"), ("eed-mse", "branchynet"), ("eed-kl", "kd"), ("eed-kl", "byot")):
+        if eed in table and other in table:
+            pairs = list(zip(table[eed]["main_per_seed"], table[other]["main_per_seed"]))
+            m, sd = _mean_std([a - b for a, b in pairs])
+            lines.append(f"{eed} − {other}, main output: {m:+.2f} ± {sd:.2f} points "
+                         f"(paired by seed, {len(pairs)} seeds).  ")  # fmt: skip
     lines += ["", f"Command: `{meta['command']}`  ", f"Git revision: `{meta['git_revision']}`  ",
-              f"Machine: {meta['machine']}  ", f"Wall time: {meta['wall_seconds']:.0f} s"]  # fmt: skip
+              f"Machine: {meta['machine']}  ",
+              f"Training time, summed over runs (train loop only): {sum(r['train_seconds'] for r in table.values()) / 3600:.2f} h; "
+              f"this invocation's wall time: {meta['wall_seconds']:.0f} s"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
