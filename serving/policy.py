@@ -234,19 +234,11 @@ def _plan(params, costs: CostTable, latency_ms, cascade_latency_ms) -> Plan:
             )
         deepest = min(deepest, by_ms)
 
-    if cascade:
-        return Plan(
-            policy=params.name,
-            mode="cascade",
-            exit=deepest,
-            threshold=params.confidence,
-            budget_gflops=params.budget_gflops,
-            budget_ms=params.budget_ms,
-        )
     return Plan(
         policy=params.name,
-        mode="single",
+        mode="cascade" if cascade else "single",
         exit=deepest,
+        threshold=params.confidence if cascade else None,
         budget_gflops=params.budget_gflops,
         budget_ms=params.budget_ms,
     )
