@@ -201,17 +201,21 @@ def build_datasets(
     subset: int | None = None,
     seed: int = 0,
     download: bool = True,
+    train_size: int | None = None,
 ) -> DataBundle:
     """Load a data set's train/val/test splits.
 
     ``val_split`` holds out that many training images (a seeded random choice) for model
-    selection; ``subset`` keeps only the first N images of each split, for quick runs.
+    selection. ``train_size`` trains on a seeded random N images of the training split and
+    leaves the test split whole (small-training-set experiments); the images neither trained
+    on nor held out are unused. ``subset`` instead keeps only the first N images of *every*
+    split, test included: it is for quick runs, not for measuring accuracy.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
     if name == "imagefolder":
-        return _build_imagefolder(spec, data_dir, val_split, subset, seed)
+        return _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size)
     if name == "fashion-mnist":
         train, test, where = load_fashion_mnist(data_dir, download)
         classes = list(FASHION_MNIST_CLASSES)
@@ -219,12 +223,9 @@ def build_datasets(
         root = Path(data_dir) if data_dir is not None else Path("data")
         train, test, classes = load_cifar(name, root, download)
         where = root
-    val = None
-    if val_split:
-        if not 0 < val_split < len(train):
-            raise ValueError(f"--val-split {val_split} must be between 1 and {len(train) - 1} (training set size)")
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        val, train = train.take(perm[:val_split]), train.take(perm[val_split:].sort().values)
+    val_idx, train_idx = split_indices(len(train), val_split, train_size, seed)
+    val = train.take(val_idx) if val_idx is not None else None
+    train = train.take(train_idx) if train_idx is not None else train
     if subset:
         train = train.take(slice(0, subset))
         test = test.take(slice(0, subset))
@@ -232,7 +233,30 @@ def build_datasets(
     return DataBundle(spec, classes, train, test, val, {"path": str(where)})
 
 
-def _build_imagefolder(spec, data_dir, val_split, subset, seed) -> DataBundle:
+def split_indices(
+    n: int, val_split: int, train_size: int | None, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(validation indices, training indices) into a training split of ``n`` images; None
+    means "no validation split" / "all the remaining images".
+
+    One seeded permutation serves both: validation takes its head, ``train_size`` its tail,
+    so the training subset depends only on (seed, train_size) — not on ``val_split`` — and
+    never overlaps the validation images.
+    """
+    if val_split and not 0 < val_split < n:
+        raise ValueError(f"--val-split {val_split} must be between 1 and {n - 1} (training set size)")
+    if train_size is not None and not 0 < train_size <= n - val_split:
+        raise ValueError(f"--train-size {train_size} must be between 1 and {n - val_split} (the {n} training "
+                         f"images minus the {val_split} held out by --val-split)")  # fmt: skip
+    if not val_split and train_size is None:
+        return None, None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val = perm[:val_split] if val_split else None
+    train = perm[n - train_size :] if train_size is not None else perm[val_split:]
+    return val, train.sort().values
+
+
+def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None) -> DataBundle:
     from torchvision import datasets, transforms
 
     if data_dir is None:
@@ -254,11 +278,12 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed) -> DataBundle:
     train = datasets.ImageFolder(str(root / "train"), train_tf)
     test = datasets.ImageFolder(str(root / "val"), test_tf)
     val = None
-    if val_split:
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = split_indices(len(train), val_split, train_size, seed)
+    if val_idx is not None:
         held = datasets.ImageFolder(str(root / "train"), test_tf)
-        val = torch.utils.data.Subset(held, perm[:val_split])
-        train = torch.utils.data.Subset(train, perm[val_split:])
+        val = torch.utils.data.Subset(held, val_idx.tolist())
+    if train_idx is not None:
+        train = torch.utils.data.Subset(train, train_idx.tolist())
     if subset:
         train = torch.utils.data.Subset(train, range(min(subset, len(train))))
         test = torch.utils.data.Subset(test, range(min(subset, len(test))))

@@ -294,7 +294,7 @@ def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None
         raise EvaluationError("the checkpoint does not say which data set it was trained on (no 'dataset' entry)")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
     bundle = build_datasets(info["name"], data_dir, int(config.get("val_split") or 0), subset,
-                            int(config.get("seed") or 0), download)  # fmt: skip
+                            int(config.get("seed") or 0), download, config.get("train_size"))  # fmt: skip
     model_cfg = payload.get("model_config") or {}
     problems = []
     if model_cfg.get("num_classes") not in (None, bundle.spec.num_classes):

@@ -34,6 +34,10 @@ from training.losses import DISTILL_KINDS, METHODS, MultiExitLoss  # noqa: E402
 from training.models import UnknownModelError, create_model, list_models  # noqa: E402
 
 PAPER_EPOCHS = 200
+# The CLI's α when --alpha is not given: the weights the paper's authors ran. Their code
+# multiplies the whole KL term by 0.1 (DESIGN §1), so the paper's "α = 1 (KL)" is 0.1 in L;
+# MSE has no such factor. multi_exit_loss itself takes α literally.
+DEFAULT_ALPHA = {"kl": 0.1, "mse": 1.0}
 PAPER_MILESTONES = (75, 130, 180)
 
 # Flags that may differ when resuming a run; everything else must match the checkpoint.
@@ -59,12 +63,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist)")  # fmt: skip
     g.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
     g.add_argument("--val-split", type=int, default=0, help="hold out N training images for model selection")
-    g.add_argument("--subset", type=int, default=None, help="use only the first N images of each split")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="train on a seeded random N images of the training split (same --seed, same images); "
+                        "the test split stays whole, the rest of the training split feeds --val-split or is unused")
+    g.add_argument("--subset", type=int, default=None,
+                   help="quick runs: only the first N images of every split, the test split included "
+                        "(use --train-size to shrink only the training set)")  # fmt: skip
     g.add_argument("--workers", type=int, default=None, help="data loader workers (ImageFolder only)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="eed", choices=METHODS)
     g.add_argument("--distill", default="kl", choices=DISTILL_KINDS, help="l_z: KL (x T^2) or logit MSE")
-    g.add_argument("--alpha", type=float, default=None, help="weight of l_z (default 1.0)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="weight of l_z (default 0.1 with --distill kl, 1.0 with mse: the weights the paper's "
+                        "authors ran; their code scales the KL term by 0.1)")  # fmt: skip
     g.add_argument("--beta", type=float, default=None, help="weight of l_f (default 1.0)")
     g.add_argument("--temperature", type=float, default=3.0, help="T of the KL term")
     g.add_argument("--teacher-exits", type=int, nargs="+", default=None,
@@ -126,7 +137,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         raise UsageError("--teacher-exits selects the EED ensemble teacher; it needs --method eed")
     if "distill" in explicit and args.method in ("baseline", "branchynet"):
         raise UsageError(f"--distill has no effect with --method {args.method}")
-    args.alpha = 1.0 if args.alpha is None else args.alpha
+    if args.alpha is None:
+        args.alpha = DEFAULT_ALPHA[args.distill]
     args.beta = 1.0 if args.beta is None else args.beta
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -140,6 +152,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         raise UsageError(f"--width-mult must be positive, got {args.width_mult}")
     if args.eval_every < 1:
         raise UsageError("--eval-every must be at least 1")
+    if args.train_size is not None and args.train_size < 2:
+        raise UsageError("--train-size must be at least 2 images")
     if args.subset is not None and args.subset < 2:
         raise UsageError("--subset must be at least 2 images")
     if args.milestones is None:
@@ -202,6 +216,21 @@ def _check_resume_matches(saved: dict, args: argparse.Namespace, explicit: set[s
         )
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PATH_KEYS = ("data_dir", "output_dir", "run_dir", "resume")
+
+
+def repo_relative(value):
+    """A path inside this repository as a path relative to it (records must not carry the
+    absolute paths of the machine that ran them); anything else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    try:
+        return str(Path(value).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return value
+
+
 def format_epoch_line(epoch: int, epochs: int, lr: float, metrics: dict, split: str | None) -> str:
     """One human-readable line per epoch: loss components, per-exit and ensemble accuracy."""
     parts = [f"epoch {epoch:>3}/{epochs}", f"lr {lr:.4g}", f"loss {metrics['train_loss']:.4f}"]
@@ -242,7 +271,8 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
     torch.manual_seed(args.seed)
 
-    data = build_datasets(args.dataset, args.data_dir, args.val_split, args.subset, args.seed, args.download)
+    data = build_datasets(args.dataset, args.data_dir, args.val_split, args.subset, args.seed, args.download,
+                          args.train_size)  # fmt: skip
     spec = data.spec
     per_rank_batch = args.batch_size // world_size
     train_loader = make_loader(data.train, spec, per_rank_batch, True, args.seed, rank, world_size, args.workers)
@@ -285,6 +315,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     run_dir = Path(getattr(args, "run_dir", None) or Path(args.output_dir) / args.run_name)
     args.run_dir = str(run_dir)
     config = dict(vars(args))
+    config.update({k: repo_relative(config.get(k)) for k in PATH_KEYS})
     dataset_info = {"name": spec.name, "classes": data.classes, "channels": spec.channels,
                     "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
                     "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
@@ -300,7 +331,8 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         (run_dir / "config.json").write_text(json.dumps(
             {"config": config, "model_config": model.config.to_dict(), "dataset": dataset_info,
              "exit_costs": [asdict(c) for c in costs], "git_revision": revision,
-             "world_size": world_size, "command": " ".join(sys.argv)}, indent=2))  # fmt: skip
+             "world_size": world_size, "command": " ".join(repo_relative(a) if os.path.isabs(a) else a
+                                                             for a in sys.argv)}, indent=2))  # fmt: skip
         print(f"run folder: {run_dir}")
         print(f"{args.arch} x{args.width_mult} on {spec.name} ({len(data.train)} train / {len(eval_data)} "
               f"{eval_split}), method {args.method}, {model.num_exits} exits, GFLOPs per exit: "
