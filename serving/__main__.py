@@ -4,18 +4,20 @@ Every option is a flag and an ``EED_*`` environment variable (see
 serving/settings.py; ``python -m serving --help`` lists them). The manifest and its
 checksums are verified before the server binds, so a wrong folder fails at once
 with exit status 2; a failure while loading graphs makes the server exit with 1.
+SIGTERM drains first (``EED_DRAIN_SECONDS``, serving/drain.py), then exits with 0.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
 from .app import create_app
+from .drain import SHUTDOWN_TIMEOUT_S, DrainingServer
 from .manifest import ManifestError, load_manifest
+from .requestlog import configure_logging
 from .settings import ServerSettings
 
 
@@ -37,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         load_manifest(settings.model_dir, verify=True)
     except ManifestError as exc:
@@ -53,16 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
-        timeout_graceful_shutdown=5,
+        # JSON logs: uvicorn's loggers go through the root handler instead of its own text config.
+        **({"log_config": None} if settings.log_format == "json" else {}),
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
     )
-    server = uvicorn.Server(config)
+    state = app.state.eed
+
+    def mark_draining() -> None:  # in the signal handler: only a flag
+        state.draining = True
+
+    server = DrainingServer(config, settings.drain_seconds, mark_draining,
+                            on_drain=lambda: state.metrics.ready.set(0))
     failure: list[str] = []
 
     def stop_on_failure(message: str) -> None:
         failure.append(message)
         server.should_exit = True
 
-    app.state.eed.on_load_failure = stop_on_failure
+    state.on_load_failure = stop_on_failure
     server.run()
     if failure:
         print(f"error: cannot serve {settings.model_dir}: {failure[0]}", file=sys.stderr)

@@ -87,6 +87,8 @@ class AppState:
         self.phase = "starting"
         self.started_at = time.time()
         self.ready_at: float | None = None
+        # Set on SIGTERM (serving/drain.py): /readyz answers 503 while requests are still served.
+        self.draining = False
         # Called with the error message when loading fails; the CLI uses it to exit.
         self.on_load_failure: Callable[[str], None] | None = None
 
@@ -293,7 +295,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/readyz", responses={503: {"model": ErrorBody}})
     async def readyz() -> dict[str, Any]:
-        """200 once the model is loaded and every graph is warm; 503 before (or if loading failed)."""
+        """200 once the model is loaded and every graph is warm; 503 before, if loading failed, and
+        from the moment a drain (SIGTERM) begins."""
+        if state.draining:
+            raise NotReady("the server is draining before it shuts down; send requests to another replica")
         service = state.require_service()
         return {"status": "ready", "model": service.runtime.manifest.name, "provider": service.runtime.provider}
 

@@ -82,6 +82,13 @@ class ServerSettings(BaseSettings):
     feedback_capacity: int = Field(
         100_000, ge=1, description="recent request ids remembered for POST /feedback (LRU)"
     )
+    drain_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="after SIGTERM, keep serving this long with /readyz answering 503 (so load balancers "
+        "stop sending) before closing the listener; in-flight requests then finish (serving/drain.py)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 
     @field_validator("default_policy")
