@@ -124,6 +124,7 @@ async def load_model(state: AppState) -> None:
             raise ValueError(f"default_policy {settings.default_policy!r} does not fit this model: {exc.detail}")
         await service.start()
         state.metrics.describe_model(runtime.manifest, runtime.provider)
+        state.metrics.describe_build(runtime.manifest, admitted=lambda: service.inflight, limit=settings.queue_size)
         state.runtime = runtime
         state.preprocess = Preprocessor.from_spec(runtime.manifest.input, settings.max_pixels)
         state.service = service

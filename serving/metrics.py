@@ -24,7 +24,11 @@ eed_feedback_total                        counter    exit — answers labelled v
 eed_feedback_correct_total                counter    exit
 eed_exit_live_accuracy                    gauge      exit — correct / total from feedback
 eed_model_info                            gauge      name, arch, dataset, provider (value 1)
-eed_model_ready                           gauge      — 1 once loaded and warm
+eed_model_ready                           gauge      — 1 once loaded and warm (0 again while draining)
+eed_build_info                            gauge      version, revision, model, model_checksum (value 1)
+eed_admitted_requests                     gauge      — requests holding an admission slot now
+eed_admission_limit                       gauge      — admission slots (EED_QUEUE_SIZE); 503 beyond
+process_*                                 various    the process collector: CPU, memory, fds, start time
 ========================================  =========  ====================================
 
 GFLOPs are kept as GFLOPs (not FLOPs) because that is the unit of the manifest and
@@ -33,8 +37,13 @@ the DESIGN's contract; the names say so.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, generate_latest)
+
+from . import buildinfo
 
 # The ``*_created`` timestamp series double the exposition size and no dashboard here
 # uses them. Process-wide switch; the server process owns its metrics.
@@ -54,6 +63,17 @@ class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Memory, CPU, open fds, start time (restarts) of this process; python_info for the runtime.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "eed_build_info", "Code and model this replica serves (value is always 1); model_checksum is a "
+            "sha256 over the manifest's file checksums", ["version", "revision", "model", "model_checksum"],
+            registry=r)
+        self.admitted = Gauge(
+            "eed_admitted_requests", "Requests holding an admission slot (read, queued or running)", registry=r)
+        self.admission_limit = Gauge(
+            "eed_admission_limit", "Admission slots; requests beyond them get 503 (EED_QUEUE_SIZE)", registry=r)
         self.requests = Counter(
             "eed_requests", "Classification requests by answering exit, policy and HTTP status",
             ["exit", "policy", "status"], registry=r)
@@ -136,6 +156,13 @@ class ServingMetrics:
         if correct:
             self.feedback_correct.labels(e).inc()
         self.live_accuracy.labels(e).set(live_accuracy)
+
+    def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
+        """Publish build/model identity, and admission (``admitted`` is read at every scrape)."""
+        self.build_info.labels(buildinfo.package_version(), buildinfo.git_revision(), manifest.name,
+                               buildinfo.model_checksum(manifest.files)).set(1)
+        self.admitted.set_function(admitted)
+        self.admission_limit.set(limit)
 
     def render(self) -> bytes:
         """The registry in Prometheus text exposition format."""
