@@ -108,6 +108,9 @@ class GraphWorker:
         self._on_item = on_item
         self._on_queue_depth = on_queue_depth
         self._task: asyncio.Task | None = None
+        # (batch size, perf_counter at hand-off to the executor) of the batch in ORT,
+        # read by the service to estimate how long a new item would queue.
+        self.running: tuple[int, float] | None = None
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -148,6 +151,7 @@ class GraphWorker:
             if not batch:
                 continue
             started = time.perf_counter()
+            self.running = (len(batch), started)
             try:
                 stacked = np.stack([item.inputs for item in batch])
                 outputs = await loop.run_in_executor(self._executor, self._run, stacked)
@@ -162,6 +166,8 @@ class GraphWorker:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            finally:
+                self.running = None
             finished = time.perf_counter()
             for j, item in enumerate(batch):
                 if not item.future.done():

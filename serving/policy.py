@@ -1,45 +1,51 @@
 """Exit selection: which exit (or which cascade) answers a request.
 
-Pure functions over the manifest's costs and the current latency estimates; no I/O,
-no model. The HTTP layer turns query parameters into :class:`PolicyParams`, calls
-:func:`plan_request`, and the inference service executes the resulting :class:`Plan`.
+Pure functions over the manifest's costs, its calibrated policies and the idle
+service-time estimates; no I/O, no model. The HTTP layer turns query parameters
+into :class:`PolicyParams`, calls :func:`plan_request`, and the inference service
+executes the resulting :class:`Plan` (deadlines are enforced there, stage by stage,
+because they depend on the load at that moment).
 
 Semantics (DESIGN §4):
 
-* ``exit=N`` — exactly exit N (full-path graph). Cannot be combined with a budget or
-  ``confidence`` (contradictory → 422).
+* ``exit=N`` — exactly exit N (full-path graph). Cannot be combined with anything
+  else (contradictory → 422).
 * ``budget_gflops=B`` — the deepest exit whose full-path cost ≤ B.
-* ``budget_ms=T`` — the deepest exit whose current latency estimate ≤ T.
-  Both budgets together: the deepest exit satisfying both.
-* ``confidence=p`` — a cascade over the stage graphs: evaluate exits 1, 2, … and stop
-  at the first whose top softmax probability ≥ p; the deepest exit evaluated is the
-  main output, or the deepest exit a budget given with it allows. In a cascade the
-  budget bounds what is actually *spent*: the cumulative cost of the stages run
-  (trunk once, every head on the way), so ``gflops`` in the response never exceeds
-  ``budget_gflops``; likewise ``budget_ms`` is compared with the cascade's cumulative
-  latency estimate.
-* A budget below the cheapest exit → 422 naming the cheapest cost.
+* ``confidence=p`` or ``confidence=p1,...,p(k-1)`` — a cascade over the stage graphs
+  with the rule of :mod:`serving.cascade` (one threshold for every early exit, or one
+  per early exit). ``policy=NAME`` — the same with the per-exit thresholds the
+  manifest calibrated under that name. In a cascade a budget bounds what is actually
+  *spent*: the cumulative cost of the stages run, so ``gflops`` in the response never
+  exceeds ``budget_gflops``.
+* ``budget_ms=T`` — a deadline T ms after the request arrived: the request runs as a
+  cascade over the stage graphs (any thresholds given still apply) up to the deepest
+  exit an idle server could finish in time; the service stops earlier when the next
+  stage cannot finish before the deadline under the present load. 422 only when T is
+  below exit 1's idle service time — never because of load.
+* A GFLOPs budget below the cheapest exit → 422 naming the cheapest cost.
 
 Default policies use the same vocabulary as the query string, written as
 comma-separated ``key:value`` pairs, e.g. ``exit:last``, ``exit:2``,
-``confidence:0.9``, ``budget_gflops:0.5``, ``confidence:0.8,budget_ms:20``.
+``confidence:0.9``, ``budget_gflops:0.5``, ``policy:budget_0.5x_main``,
+``confidence:0.8,budget_ms:20``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Literal, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
+from . import cascade
 from .errors import ImpossibleBudget, InvalidParameters
 
 # Relative slack when comparing a budget with a cost, so a client who copies a cost
 # from /v1/model (float → JSON → float) is never refused by rounding.
 _EPS = 1e-9
 
-POLICY_KEYS = ("exit", "budget_gflops", "budget_ms", "confidence")
+POLICY_KEYS = ("exit", "budget_gflops", "budget_ms", "confidence", "policy")
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,9 @@ class PolicyParams:
 
     budget_gflops: float | None = None
     budget_ms: float | None = None
-    confidence: float | None = None
+    confidence: tuple[float, ...] | None = None
     exit: int | Literal["last"] | None = None
+    policy: str | None = None
 
     def is_empty(self) -> bool:
         """True when no selector is given (the default policy then applies)."""
@@ -60,6 +67,8 @@ class PolicyParams:
         """Policy label for responses and metrics (a small, fixed set of values)."""
         if self.exit is not None:
             return "exit"
+        if self.policy is not None:
+            return f"policy:{self.policy}"
         if self.confidence is not None:
             return "confidence"
         if self.budget_gflops is not None and self.budget_ms is not None:
@@ -76,24 +85,25 @@ class Plan:
     """How to run one request.
 
     ``mode == "single"``: run the full-path graph of ``exit``.
-    ``mode == "cascade"``: run stage graphs 1..``exit`` in order, stopping early at the
-    first exit whose top probability ≥ ``threshold``.
+    ``mode == "cascade"``: run stage graphs 1..``exit`` in order, stopping at the first
+    early exit whose top probability ≥ its entry of ``thresholds`` (one per early exit;
+    all :data:`serving.cascade.NEVER` for a pure deadline) or, with ``budget_ms``, when
+    the next stage cannot finish before the deadline.
     """
 
-    policy: str
     mode: Literal["single", "cascade"]
     exit: int
-    threshold: float | None = None
-    budget_gflops: float | None = None
+    thresholds: tuple[float, ...] | None = None
     budget_ms: float | None = None
 
 
 @dataclass(frozen=True)
 class CostTable:
-    """Per-exit costs from the manifest (index 0 = exit 1)."""
+    """Per-exit costs (index 0 = exit 1) and the calibrated policies of one model."""
 
     gflops: tuple[float, ...]
     stage_gflops: tuple[float, ...]
+    policies: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def num_exits(self) -> int:
@@ -102,22 +112,64 @@ class CostTable:
     @property
     def cascade_gflops(self) -> tuple[float, ...]:
         """Cumulative cost of a cascade that stops at exit i (trunk once + heads 1..i)."""
-        return tuple(float(x) for x in np.cumsum(self.stage_gflops))
+        return tuple(float(x) for x in cascade.cumulative_gflops(self.stage_gflops))
+
+    def spent(self, mode: str, exits_evaluated: Sequence[int]) -> float:
+        """GFLOPs actually spent by a plan of ``mode`` that evaluated these exits."""
+        return cascade.gflops_spent(self.gflops, self.stage_gflops, mode, exits_evaluated)
 
     @classmethod
     def from_manifest(cls, manifest) -> "CostTable":
         return cls(
             gflops=tuple(e.gflops for e in manifest.exits),
             stage_gflops=tuple(e.stage_gflops for e in manifest.exits),
+            policies=calibrated_policies(manifest.thresholds, manifest.num_exits),
         )
+
+
+def calibrated_policies(thresholds: Mapping, num_exits: int) -> dict[str, tuple[float, ...]]:
+    """Name → per-early-exit thresholds of every policy the manifest calibrated.
+
+    Policies whose target could not be met have no thresholds and are left out.
+    """
+    found: dict[str, tuple[float, ...]] = {}
+    for name, entry in (thresholds or {}).get("policies", {}).items():
+        values = entry.get("thresholds") if isinstance(entry, Mapping) else None
+        if values is not None:
+            found[name] = tuple(float(v) for v in cascade.as_thresholds(values, num_exits))
+    return found
+
+
+def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
+    """``0.9`` or ``"0.65,0.43,0.33"`` → a tuple of finite floats (ranges checked later)."""
+    if isinstance(raw, (int, float)):
+        parts: Sequence = [raw]
+    elif isinstance(raw, str):
+        parts = [p.strip() for p in raw.split(",")]
+    else:
+        parts = list(raw)
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise InvalidParameters(
+                f"confidence={raw!r} is not a number or a comma-separated list of numbers; "
+                "accepted: one threshold for every early exit (confidence=0.9) or one per early exit "
+                "(confidence=0.65,0.43,0.33)"
+            )
+        values.append(value)
+    return tuple(values)
 
 
 def parse_policy_spec(spec: str) -> PolicyParams:
     """Parse a default-policy string such as ``confidence:0.9,budget_gflops:1.2``.
 
-    Keys are the query-parameter names; ``exit`` also takes ``last``. Raises
-    ValueError with the accepted format on anything else. Range checks against a
-    model happen later, in :func:`plan_request`.
+    Keys are the query-parameter names; ``exit`` also takes ``last``; ``policy``
+    takes a calibrated policy's name. Raises ValueError with the accepted format on
+    anything else. Range checks against a model happen later, in :func:`plan_request`.
     """
     values: dict[str, object] = {}
     for part in spec.split(","):
@@ -129,20 +181,25 @@ def parse_policy_spec(spec: str) -> PolicyParams:
         if not sep or key not in POLICY_KEYS:
             raise ValueError(
                 f"bad policy element {part!r}: expected comma-separated key:value pairs with keys "
-                f"{', '.join(POLICY_KEYS)}; e.g. 'exit:last', 'confidence:0.9,budget_gflops:0.5'"
+                f"{', '.join(POLICY_KEYS)}; e.g. 'exit:last', 'confidence:0.9,budget_gflops:0.5', "
+                "'policy:budget_0.5x_main'"
             )
         if key in values:
             raise ValueError(f"policy {spec!r} gives {key!r} twice")
         try:
             if key == "exit":
                 values[key] = "last" if raw == "last" else int(raw)
+            elif key == "policy":
+                if not raw:
+                    raise ValueError
+                values[key] = raw
             else:
                 value = float(raw)
                 if not math.isfinite(value):
                     raise ValueError
-                values[key] = value
+                values[key] = (value,) if key == "confidence" else value
         except ValueError:
-            kind = "an integer or 'last'" if key == "exit" else "a finite number"
+            kind = {"exit": "an integer or 'last'", "policy": "a calibrated policy's name"}.get(key, "a finite number")
             raise ValueError(f"policy element {part!r}: {key} must be {kind}") from None
     params = PolicyParams(**values)  # type: ignore[arg-type]
     if params.is_empty():
@@ -150,20 +207,78 @@ def parse_policy_spec(spec: str) -> PolicyParams:
     return params
 
 
+def params_from_request(values: Mapping[str, object]) -> PolicyParams:
+    """Policy parameters from a request: query strings (/classify) or OIP v2 ``parameters``.
+
+    Values may be strings or numbers; ``confidence`` may be a comma-separated list.
+    Unknown keys are the caller's business (each route knows its other parameters).
+    """
+
+    def number(key: str) -> float | None:
+        raw = values.get(key)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InvalidParameters(f"{key}={raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise InvalidParameters(f"{key}={raw!r} must be a finite number")
+        return value
+
+    raw_exit = values.get("exit")
+    exit_value: int | Literal["last"] | None = None
+    if raw_exit is not None:
+        text = str(raw_exit).strip().lower()
+        if text == "last":
+            exit_value = "last"
+        else:
+            try:
+                exit_value = int(text)
+            except ValueError:
+                raise InvalidParameters(
+                    f"exit={raw_exit!r} is not an exit number; accepted: an integer 1..k or 'last'"
+                ) from None
+    raw_confidence = values.get("confidence")
+    policy = values.get("policy")
+    return PolicyParams(
+        budget_gflops=number("budget_gflops"),
+        budget_ms=number("budget_ms"),
+        confidence=None if raw_confidence is None else parse_confidence(raw_confidence),  # type: ignore[arg-type]
+        exit=exit_value,
+        policy=None if policy is None else str(policy),
+    )
+
+
+def effective_params(
+    requested: PolicyParams, default: PolicyParams, default_budget_ms: float | None = None
+) -> PolicyParams:
+    """What a request runs under: its own parameters, else the default policy; plus the
+    server-wide deadline when the request itself names neither a deadline nor an exit.
+
+    The server deadline replaces a default ``exit:last`` (a deadline alone already goes
+    as deep as the time allows); settings refuse it beside a default ``exit:N``.
+    """
+    params = default if requested.is_empty() else requested
+    if default_budget_ms is None or requested.budget_ms is not None or requested.exit is not None:
+        return params
+    if params.exit is not None:  # the default policy is exit:last (settings refuse exit:N with a deadline)
+        return PolicyParams(budget_ms=default_budget_ms)
+    if params.budget_ms is not None:  # the default policy has its own deadline
+        return params
+    return replace(params, budget_ms=default_budget_ms)
+
+
 def plan_request(
-    params: PolicyParams,
-    costs: CostTable,
-    latency_ms: Sequence[float] | None = None,
-    cascade_latency_ms: Sequence[float] | None = None,
+    params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequence[float] | None = None
 ) -> Plan:
     """Turn request parameters into a :class:`Plan`, or raise a 422 error.
 
-    ``latency_ms[i]`` / ``cascade_latency_ms[i]`` are the current latency estimates of
-    exit i+1 by its full path / by a cascade ending there; they are needed only when
-    ``params.budget_ms`` is given.
+    ``idle_cascade_ms[i]`` is the idle service time of a cascade ending at exit i+1
+    (stages 1..i+1 at batch size 1, no queueing); needed only with ``budget_ms``.
     """
     try:
-        return _plan(params, costs, latency_ms, cascade_latency_ms)
+        return _plan(params, costs, idle_cascade_ms)
     except InvalidParameters as exc:  # DESIGN §4: every 422 names the cheapest cost
         cheapest = int(np.argmin(costs.gflops))
         exc.extra.setdefault("cheapest_gflops", float(costs.gflops[cheapest]))
@@ -171,41 +286,69 @@ def plan_request(
         raise
 
 
-def _plan(params, costs: CostTable, latency_ms, cascade_latency_ms) -> Plan:
+def _thresholds(params: PolicyParams, costs: CostTable) -> tuple[float, ...] | None:
+    """Per-early-exit thresholds from ``confidence`` or ``policy``; None if neither."""
+    k = costs.num_exits
+    if params.policy is not None:
+        if params.confidence is not None:
+            raise InvalidParameters(
+                "'policy' brings its own calibrated thresholds and cannot be combined with 'confidence'"
+            )
+        if params.policy not in costs.policies:
+            names = ", ".join(sorted(costs.policies)) or "none (this model's manifest has no calibrated policies)"
+            raise InvalidParameters(f"unknown policy {params.policy!r}; this model's policies: {names}",
+                                    accepted=sorted(costs.policies))
+        return costs.policies[params.policy]
+    if params.confidence is None:
+        return None
+    values = params.confidence
+    if len(values) not in (1, k - 1):
+        raise InvalidParameters(
+            f"confidence has {len(values)} values; this model has {k - 1} early exits: give one threshold "
+            f"for all of them or {k - 1} comma-separated (the main output always answers)"
+        )
+    for value in values:
+        if not 0.0 <= value <= 1.0:
+            raise InvalidParameters(
+                f"confidence={value} is out of range; a softmax probability threshold in [0, 1] is accepted"
+            )
+    return tuple(float(v) for v in cascade.as_thresholds(values if len(values) > 1 else values[0], k))
+
+
+def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms) -> Plan:
     k = costs.num_exits
     if params.exit is not None:
-        others = [n for n in ("budget_gflops", "budget_ms", "confidence") if getattr(params, n) is not None]
+        others = [n for n in ("budget_gflops", "budget_ms", "confidence", "policy") if getattr(params, n) is not None]
         if others:
             raise InvalidParameters(
                 f"'exit' selects one exit and cannot be combined with {', '.join(others)}; "
-                "give either exit, or budgets and/or confidence",
-                accepted="exit alone, or any of budget_gflops, budget_ms, confidence",
+                "give either exit, or budgets and/or confidence or policy",
+                accepted="exit alone, or any of budget_gflops, budget_ms, confidence, policy",
             )
         number = k if params.exit == "last" else params.exit
         if not isinstance(number, int) or not 1 <= number <= k:
             raise InvalidParameters(f"exit={params.exit} is out of range; this model has exits 1..{k}")
-        return Plan(policy="exit", mode="single", exit=number)
+        return Plan(mode="single", exit=number)
 
-    if params.confidence is not None and not 0.0 <= params.confidence <= 1.0:
-        raise InvalidParameters(
-            f"confidence={params.confidence} is out of range; a softmax probability threshold in [0, 1] is accepted"
-        )
+    thresholds = _thresholds(params, costs)
     for name in ("budget_gflops", "budget_ms"):
         value = getattr(params, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise InvalidParameters(f"{name}={value} must be a positive finite number")
 
-    cascade = params.confidence is not None
-    # The cost/latency that limits how deep we may go: full path for a single exit,
+    # A deadline runs as a cascade too: stage by stage, so the service can stop as
+    # soon as the next stage would finish too late and still answer from the last exit.
+    cascade_mode = thresholds is not None or params.budget_ms is not None
+    # The cost that limits how deep we may go: full path for a single exit,
     # cumulative stage cost for a cascade (see module docstring).
-    gflops = costs.cascade_gflops if cascade else costs.gflops
+    gflops = costs.cascade_gflops if cascade_mode else costs.gflops
     deepest = k
     if params.budget_gflops is not None:
         by_gflops = _deepest_within(gflops, params.budget_gflops)
         if by_gflops == 0:
             cheapest = int(np.argmin(gflops)) + 1
             cost = float(gflops[cheapest - 1])
-            what = "the first stage of a cascade" if cascade else "the cheapest exit"
+            what = "the first stage of a cascade" if cascade_mode else "the cheapest exit"
             raise ImpossibleBudget(
                 f"budget_gflops={params.budget_gflops:g} is below {what} "
                 f"(exit {cheapest} costs {cost:g} GFLOPs); accepted: budget_gflops >= {cost:g}",
@@ -214,32 +357,27 @@ def _plan(params, costs: CostTable, latency_ms, cascade_latency_ms) -> Plan:
             )
         deepest = min(deepest, by_gflops)
     if params.budget_ms is not None:
-        estimates = cascade_latency_ms if cascade else latency_ms
-        if estimates is None or len(estimates) != k:
-            raise ValueError("budget_ms planning needs a latency estimate for every exit")
-        by_ms = _deepest_within(estimates, params.budget_ms)
+        if idle_cascade_ms is None or len(idle_cascade_ms) != k:
+            raise ValueError("budget_ms planning needs an idle service time for every exit")
+        by_ms = _deepest_within(idle_cascade_ms, params.budget_ms)
         if by_ms == 0:
-            fastest = int(np.argmin(estimates)) + 1
-            fastest_ms = float(estimates[fastest - 1])
-            cheapest = int(np.argmin(gflops)) + 1
+            idle_ms = float(idle_cascade_ms[0])
             raise ImpossibleBudget(
-                f"budget_ms={params.budget_ms:g} is below the current latency estimate of the fastest "
-                f"exit (exit {fastest}: {fastest_ms:.4g} ms; the cheapest exit, exit {cheapest}, costs "
-                f"{gflops[cheapest - 1]:g} GFLOPs); accepted: budget_ms >= {fastest_ms:.4g} "
-                "(estimates move with load; see GET /v1/model)",
-                fastest_ms=round(fastest_ms, 4),
-                fastest_exit=fastest,
-                cheapest_gflops=float(gflops[cheapest - 1]),
-                cheapest_exit=cheapest,
+                f"budget_ms={params.budget_ms:g} is below exit 1's service time on an idle server "
+                f"({idle_ms:.4g} ms), so no answer can be ready in time; accepted: budget_ms >= {idle_ms:.4g} "
+                f"(exit 1 costs {gflops[0]:g} GFLOPs; current estimates: GET /v1/model)",
+                idle_exit1_ms=round(idle_ms, 4),
+                cheapest_gflops=float(gflops[0]),
+                cheapest_exit=1,
             )
         deepest = min(deepest, by_ms)
 
+    if not cascade_mode:
+        return Plan(mode="single", exit=deepest)
     return Plan(
-        policy=params.name,
-        mode="cascade" if cascade else "single",
+        mode="cascade",
         exit=deepest,
-        threshold=params.confidence if cascade else None,
-        budget_gflops=params.budget_gflops,
+        thresholds=thresholds if thresholds is not None else (cascade.NEVER,) * (k - 1),
         budget_ms=params.budget_ms,
     )
 
@@ -265,11 +403,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def is_confident(probs: np.ndarray, threshold: float) -> bool:
-    """The cascade's stopping rule: top probability ≥ threshold."""
-    return bool(probs.max() >= threshold)
-
-
 def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The k most probable classes as (index, probability), most probable first.
 
@@ -278,12 +411,3 @@ def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
     k = max(1, min(int(k), probs.shape[-1]))
     order = np.argsort(-probs, kind="stable")[:k]
     return [(int(i), float(probs[i])) for i in order]
-
-
-def gflops_spent(costs: CostTable, plan_mode: str, exits_evaluated: Sequence[int]) -> float:
-    """GFLOPs actually spent: the full path for a single exit, the stages run for a cascade."""
-    if not exits_evaluated:
-        return 0.0
-    if plan_mode == "single":
-        return costs.gflops[exits_evaluated[-1] - 1]
-    return float(sum(costs.stage_gflops[i - 1] for i in exits_evaluated))

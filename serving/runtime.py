@@ -183,19 +183,22 @@ class ModelRuntime:
             inputs.append(graph.run(inputs[-1])[1])
         return inputs
 
-    def calibrate(self, runs: int = 10) -> dict[str, list[float]]:
-        """Time every graph at batch 1; returns graph name → seconds per run."""
-        x = self.example_input(1, seed=1)
-        inputs = self.stage_inputs(x)
-        timings: dict[str, list[float]] = {}
-        for graph in self.graphs:
-            feed = x if graph.kind == "exit" else inputs[graph.exit - 1]
-            samples = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                graph.run(feed)
-                samples.append(time.perf_counter() - t0)
-            timings[graph.name] = samples
+    def calibrate(self, runs: int = 10, batch_sizes: Sequence[int] = (1,)) -> dict[str, list[tuple[int, float]]]:
+        """Time every graph ``runs`` times at each batch size.
+
+        Returns graph name → (batch size, seconds) per run: the prior of the service
+        time models behind deadlines (two sizes give them a slope per item).
+        """
+        timings: dict[str, list[tuple[int, float]]] = {g.name: [] for g in self.graphs}
+        for size in dict.fromkeys(max(1, int(b)) for b in batch_sizes):
+            x = self.example_input(size, seed=1)
+            inputs = self.stage_inputs(x)
+            for graph in self.graphs:
+                feed = x if graph.kind == "exit" else inputs[graph.exit - 1]
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    graph.run(feed)
+                    timings[graph.name].append((size, time.perf_counter() - t0))
         return timings
 
     def check_consistency(self, batch: int = 2) -> dict[str, float]:

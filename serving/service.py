@@ -2,14 +2,24 @@
 
 Owns one batching worker per graph (full paths and stages), the thread pool they
 run ONNX Runtime in, admission control (a bounded number of requests in flight,
-503 beyond it) and the per-graph latency trackers that feed ``budget_ms``.
-HTTP-agnostic: the app decodes images and builds responses around it.
+503 beyond it) and what deadlines need: a service-time model per graph
+(:mod:`serving.latency`), the present queueing delay computed from the queues, and
+idle probes that keep every graph's estimate current. HTTP-agnostic: the app
+decodes images and builds responses around it.
+
+Deadlines (``budget_ms``) run as anytime cascades: stage 1 always runs (so there is
+always an answer); before each further stage the service predicts when that stage
+would finish — queueing now plus its service time at the batch it would join, plus
+the recently observed gap between such predictions and reality — and stops when that
+is past the deadline. Under load queues grow, predictions grow, and requests answer
+from earlier exits instead of being refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,12 +27,15 @@ from typing import Iterator
 
 import numpy as np
 
+from . import cascade
 from .batching import GraphWorker
 from .errors import Overloaded
-from .latency import LatencyTracker
+from .latency import DecayingMean, ServiceTimeModel
 from .metrics import ServingMetrics
-from .policy import CostTable, Plan, PolicyParams, gflops_spent, is_confident, plan_request, softmax
+from .policy import CostTable, Plan, PolicyParams, plan_request, softmax
 from .runtime import Graph, ModelRuntime
+
+log = logging.getLogger("serving.service")
 
 
 @dataclass
@@ -34,6 +47,11 @@ class Outcome:
     exits_evaluated: list[int]
     gflops: float
     seconds: float  # enqueue of the first graph → result of the last
+    # Deadline requests only: whether the answer was ready in time, and whether the
+    # deadline (not confidence, not the plan) stopped it before the exit an idle
+    # server would have reached.
+    deadline_met: bool | None = None
+    degraded: bool = False
 
 
 @dataclass
@@ -61,17 +79,26 @@ class InferenceService:
         max_wait_ms: float = 2.0,
         queue_size: int = 256,
         inference_workers: int = 1,
-        latency_window: int = 512,
-        latency_percentile: float = 95.0,
+        estimate_half_life_s: float = 2.0,
+        probe_interval_s: float = 1.0,
+        deadline_margin_ms: float = 0.5,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.costs = CostTable.from_manifest(runtime.manifest)
         self.queue_size = queue_size
-        self._max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000.0
+        self._workers_count = inference_workers
         self._executor = ThreadPoolExecutor(max_workers=inference_workers, thread_name_prefix="eed-ort")
-        self.trackers = {g.name: LatencyTracker(latency_window, latency_percentile) for g in runtime.graphs}
+        self._graphs = {g.name: g for g in runtime.graphs}
+        self.service_models = {g.name: ServiceTimeModel(estimate_half_life_s) for g in runtime.graphs}
+        # Observed minus predicted finish time of a stage (event-loop delay, hand-offs).
+        self.prediction_gap = DecayingMean(estimate_half_life_s)
+        self._probe_interval_s = probe_interval_s
+        self._margin_s = deadline_margin_ms / 1000.0
+        self._probe_task: asyncio.Task | None = None
+        self._probe_inputs: dict[str, np.ndarray] = {}
         self._inflight = 0
         self._preparing = 0
         self.exit_workers = [self._worker(g) for g in runtime.exits]
@@ -86,8 +113,9 @@ class InferenceService:
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
             inference_workers=settings.inference_workers,
-            latency_window=settings.latency_window,
-            latency_percentile=settings.latency_percentile,
+            estimate_half_life_s=settings.estimate_half_life_s,
+            probe_interval_s=settings.probe_interval_s,
+            deadline_margin_ms=settings.deadline_margin_ms,
         )
 
     def _worker(self, graph: Graph) -> GraphWorker:
@@ -96,41 +124,55 @@ class InferenceService:
         inference = self.metrics.inference_latency.labels(exit_label, kind)
         queue_wait = self.metrics.queue_wait.labels(exit_label, kind)
         depth = self.metrics.queue_depth.labels(exit_label, kind)
-        tracker = self.trackers[graph.name]
+        model = self.service_models[graph.name]
 
         def on_batch(size: int, wait_s: float, run_s: float) -> None:
             batch_size.observe(size)
             queue_wait.observe(wait_s)
             inference.observe(run_s)
+            model.observe(size, run_s)
 
         return GraphWorker(
             graph.name,
             graph.run,
             self._executor,
-            self._max_batch_size,
+            self.max_batch_size,
             self._max_wait_s,
             more_coming=lambda: self._preparing > 0,
             on_batch=on_batch,
-            on_item=tracker.observe,
             on_queue_depth=depth.set,
         )
 
+    @property
+    def _all_workers(self) -> list[GraphWorker]:
+        return [*self.exit_workers, *self.stage_workers]
+
     # -- lifecycle -----------------------------------------------------------------
 
-    def seed_latency(self, timings: dict[str, list[float]]) -> None:
-        """Seed every graph's latency window from start-up calibration."""
+    def seed_latency(self, timings: dict[str, list[tuple[int, float]]]) -> None:
+        """Seed every graph's service-time model from start-up calibration."""
         for name, samples in timings.items():
-            self.trackers[name].seed(samples)
+            self.service_models[name].seed(samples)
         self.publish_estimates()
 
     async def start(self) -> None:
-        """Start every graph's batching loop (call from the event loop)."""
-        for worker in (*self.exit_workers, *self.stage_workers):
+        """Start every graph's batching loop and the idle prober (call from the event loop)."""
+        for worker in self._all_workers:
             worker.start()
+        x = self.runtime.example_input(1, seed=3)
+        stage_inputs = self.runtime.stage_inputs(x)
+        for graph in self.runtime.graphs:
+            self._probe_inputs[graph.name] = x if graph.kind == "exit" else stage_inputs[graph.exit - 1]
+        if self._probe_interval_s > 0:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop(), name="latency-probes")
 
     async def stop(self) -> None:
-        """Stop the batching loops and the inference threads."""
-        for worker in (*self.exit_workers, *self.stage_workers):
+        """Stop the prober, the batching loops and the inference threads."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        for worker in self._all_workers:
             await worker.stop()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
@@ -158,55 +200,144 @@ class InferenceService:
 
     @property
     def inflight(self) -> int:
+        """Requests admitted and not yet answered (the admitted-requests gauge)."""
         return self._inflight
 
-    # -- latency estimates -----------------------------------------------------------
+    # -- estimates -------------------------------------------------------------------
+
+    def queue_delay_s(self, target: GraphWorker | None = None) -> float:
+        """Predicted wait before a new item for ``target`` starts running, from the queues now.
+
+        What runs first: the rest of every batch in ORT, the next batch of every other
+        graph (one ORT thread pool serves them all, first come first served) and the
+        full batches already queued ahead in ``target``'s own queue.
+        """
+        now = time.perf_counter()
+        backlog = 0.0
+        for worker in self._all_workers:
+            model = self.service_models[worker.name]
+            if worker.running is not None:
+                size, since = worker.running
+                backlog += max(0.0, model.estimate(size) - (now - since))
+            queued = worker.queue.qsize()
+            if worker is target:
+                backlog += (queued // self.max_batch_size) * model.estimate(self.max_batch_size)
+            elif queued:
+                backlog += model.estimate(min(queued, self.max_batch_size))
+        return backlog / self._workers_count
+
+    def predicted_finish_s(self, worker: GraphWorker) -> float:
+        """Seconds from now until an item submitted to ``worker`` now would have its result."""
+        own_batch = worker.queue.qsize() % self.max_batch_size + 1
+        service = self.service_models[worker.name].estimate(own_batch)
+        return self.queue_delay_s(worker) + service + max(0.0, self.prediction_gap.value())
+
+    def idle_service_ms(self) -> tuple[list[float], list[float]]:
+        """Per exit, at batch 1 without queueing: (full path, cascade of stages 1..i), in ms."""
+        single = [self.service_models[g.name].estimate(1) * 1e3 for g in self.runtime.exits]
+        stages = [self.service_models[g.name].estimate(1) * 1e3 for g in self.runtime.stages]
+        return single, [float(x) for x in np.cumsum(stages)]
 
     def latency_estimates_ms(self) -> tuple[list[float], list[float]]:
-        """Per exit: (full-path estimate, cascade-to-this-exit estimate), in ms."""
-        single = [self.trackers[g.name].estimate() * 1e3 for g in self.runtime.exits]
-        stages = [self.trackers[g.name].estimate() * 1e3 for g in self.runtime.stages]
-        return single, [float(x) for x in np.cumsum(stages)]
+        """Per exit, for a request arriving now: (full path, cascade to this exit), in ms."""
+        gap = max(0.0, self.prediction_gap.value())
+        single = [self.predicted_finish_s(w) * 1e3 for w in self.exit_workers]
+        cascade_ms, total = [], 0.0
+        for worker in self.stage_workers:
+            total += self.predicted_finish_s(worker) if not cascade_ms else (
+                self.service_models[worker.name].estimate(1) + gap)
+            cascade_ms.append(total * 1e3)
+        return single, cascade_ms
 
     def publish_estimates(self) -> None:
         """Copy the current estimates into the Prometheus gauges."""
-        single, cascade = self.latency_estimates_ms()
-        for i, (s, c) in enumerate(zip(single, cascade), start=1):
+        single, cascade_ms = self.latency_estimates_ms()
+        for i, (s, c) in enumerate(zip(single, cascade_ms), start=1):
             self.metrics.latency_estimate.labels(str(i), "single").set(s / 1e3)
             self.metrics.latency_estimate.labels(str(i), "cascade").set(c / 1e3)
+
+    async def _probe_loop(self) -> None:
+        """Keep every graph's service estimate current while the server is idle.
+
+        A graph that no request has used for ``probe_interval_s`` (say, deep exits
+        that deadlines skipped during a burst) gets one batch-1 run on a fixed input,
+        only when nothing is admitted or queued, one graph per tick.
+        """
+        loop = asyncio.get_running_loop()
+        tick = max(0.05, self._probe_interval_s / 4)
+        while True:
+            await asyncio.sleep(tick)
+            if self._inflight or any(w.running or w.queue.qsize() for w in self._all_workers):
+                continue
+            now = time.monotonic()
+            stale = [(m.last_observed or 0.0, name) for name, m in self.service_models.items()
+                     if m.last_observed is None or now - m.last_observed >= self._probe_interval_s]
+            if not stale:
+                continue
+            _, name = min(stale)
+            graph = self._graphs[name]
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._executor, graph.run, self._probe_inputs[name])
+            except Exception:  # a probe must never take the server down
+                log.exception("latency probe of %s failed", name)
+                continue
+            self.service_models[name].observe(1, time.perf_counter() - started)
 
     # -- execution -------------------------------------------------------------------
 
     def plan(self, params: PolicyParams) -> Plan:
-        """Plan a request against this model's costs and current latency estimates."""
+        """Plan a request against this model's costs and idle service times."""
         if params.budget_ms is not None:
-            single, cascade = self.latency_estimates_ms()
-            return plan_request(params, self.costs, single, cascade)
+            return plan_request(params, self.costs, self.idle_service_ms()[1])
         return plan_request(params, self.costs)
 
-    async def run(self, x: np.ndarray, plan: Plan, ticket: Ticket | None = None) -> Outcome:
-        """Run ``plan`` on one preprocessed input (C, H, W) and return the answer."""
+    async def run(
+        self, x: np.ndarray, plan: Plan, ticket: Ticket | None = None, deadline: float | None = None
+    ) -> Outcome:
+        """Run ``plan`` on one preprocessed input (C, H, W) and return the answer.
+
+        ``deadline`` (a ``time.perf_counter()`` instant) applies to cascades: stage 1
+        always runs, each further stage only if it is predicted to finish in time.
+        """
         if ticket is not None:
             ticket.started()
         started = time.perf_counter()
         evaluated: list[int] = []
+        degraded = False
         if plan.mode == "single":
             (logits,) = await self.exit_workers[plan.exit - 1].submit(x)
             probs = softmax(logits)
             evaluated.append(plan.exit)
         else:
+            thresholds = np.asarray(plan.thresholds, dtype=np.float64)
             features = x
             for number in range(1, plan.exit + 1):
-                outputs = await self.stage_workers[number - 1].submit(features)
+                worker = self.stage_workers[number - 1]
+                if deadline is not None:
+                    predicted = self.predicted_finish_s(worker)
+                    now = time.perf_counter()
+                    if number > 1 and now + predicted + self._margin_s > deadline:
+                        degraded = True
+                        break
+                    outputs = await worker.submit(features)
+                    self.prediction_gap.observe((time.perf_counter() - now) - predicted)
+                else:
+                    outputs = await worker.submit(features)
                 probs = softmax(outputs[0])
                 evaluated.append(number)
-                if number == plan.exit or is_confident(probs, plan.threshold):
+                # The shared rule on the shared score, so answers match the offline calibration.
+                top = float(cascade.top_probability(outputs[0]))
+                if number == plan.exit or cascade.stops_at(top, thresholds, number):
                     break
                 features = outputs[1]
+        finished = time.perf_counter()
         return Outcome(
             exit=evaluated[-1],
             probs=probs,
             exits_evaluated=evaluated,
-            gflops=gflops_spent(self.costs, plan.mode, evaluated),
-            seconds=time.perf_counter() - started,
+            gflops=self.costs.spent(plan.mode, evaluated),
+            seconds=finished - started,
+            deadline_met=None if deadline is None else finished <= deadline,
+            degraded=degraded,
         )

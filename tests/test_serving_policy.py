@@ -8,24 +8,29 @@ import numpy as np
 import pytest
 
 from serving.errors import ImpossibleBudget, InvalidParameters
+from serving import cascade
 from serving.policy import (
     CostTable,
     PolicyParams,
-    gflops_spent,
-    is_confident,
+    calibrated_policies,
+    effective_params,
+    params_from_request,
     parse_policy_spec,
     plan_request,
     softmax,
     top_k,
 )
 
-COSTS = CostTable(gflops=(0.1, 0.3, 0.6), stage_gflops=(0.1, 0.25, 0.35))  # cascade: 0.1, 0.35, 0.7
-LATENCY = (1.0, 2.0, 5.0)
-CASCADE_LATENCY = (1.0, 2.5, 6.0)
+POLICIES = {"cheap": (0.5, 0.6), "careful": (0.95, 0.9)}
+COSTS = CostTable(gflops=(0.1, 0.3, 0.6), stage_gflops=(0.1, 0.25, 0.35), policies=POLICIES)  # cascade: .1 .35 .7
+IDLE_CASCADE_MS = (1.0, 2.5, 6.0)
+NEVER2 = (cascade.NEVER, cascade.NEVER)
 
 
 def plan(**kw):
-    return plan_request(PolicyParams(**kw), COSTS, LATENCY, CASCADE_LATENCY)
+    if isinstance(kw.get("confidence"), (int, float)):
+        kw["confidence"] = (kw["confidence"],)
+    return plan_request(PolicyParams(**kw), COSTS, IDLE_CASCADE_MS)
 
 
 @pytest.mark.parametrize(
@@ -34,7 +39,7 @@ def plan(**kw):
 )
 def test_budget_gflops_picks_deepest_exit_within_budget(budget, expected):
     p = plan(budget_gflops=budget)
-    assert (p.mode, p.exit, p.policy) == ("single", expected, "budget_gflops")
+    assert (p.mode, p.exit) == ("single", expected)
 
 
 def test_budget_equal_to_a_cost_after_json_round_trip_is_accepted():
@@ -68,34 +73,62 @@ def test_impossible_cascade_budget_names_the_first_stage():
     assert info.value.body()["cheapest_gflops"] == 0.1
 
 
-@pytest.mark.parametrize("budget, expected", [(1.0, 1), (2.0, 2), (4.9, 2), (5.0, 3)])
-def test_budget_ms_uses_latency_estimates(budget, expected):
+@pytest.mark.parametrize("budget, expected", [(1.0, 1), (2.49, 1), (2.5, 2), (5.9, 2), (6.0, 3), (1e6, 3)])
+def test_deadline_plans_a_cascade_up_to_what_an_idle_server_can_finish(budget, expected):
     p = plan(budget_ms=budget)
-    assert (p.exit, p.policy, p.budget_ms) == (expected, "budget_ms", budget)
+    assert (p.mode, p.exit, p.thresholds, p.budget_ms) == ("cascade", expected, NEVER2, budget)
 
 
-def test_budget_ms_below_fastest_estimate_is_422_naming_it():
+def test_deadline_below_exit_1_idle_service_time_is_422_naming_it():
     with pytest.raises(ImpossibleBudget) as info:
         plan(budget_ms=0.5)
     body = info.value.body()
-    assert body["fastest_ms"] == 1.0 and body["fastest_exit"] == 1 and body["cheapest_gflops"] == 0.1
-
-
-def test_budget_ms_tolerates_non_monotonic_estimates():
-    # Exit 2 measured faster than exit 1 right now (noise, caching): still a valid pick.
-    p = plan_request(PolicyParams(budget_ms=1.5), COSTS, (2.0, 1.0, 5.0), CASCADE_LATENCY)
-    assert p.exit == 2
+    assert body["idle_exit1_ms"] == 1.0 and body["cheapest_exit"] == 1 and body["cheapest_gflops"] == 0.1
+    assert "idle" in info.value.detail
 
 
 def test_both_budgets_take_the_stricter():
-    assert plan(budget_gflops=0.6, budget_ms=2.0).exit == 2
-    assert plan(budget_gflops=0.3, budget_ms=100).exit == 2
-    assert plan(budget_gflops=0.6, budget_ms=100).policy == "budget"
+    assert plan(budget_gflops=0.7, budget_ms=2.5).exit == 2
+    assert plan(budget_gflops=0.35, budget_ms=100).exit == 2  # a deadline runs stages: cumulative cost
+    assert PolicyParams(budget_gflops=0.6, budget_ms=100).name == "budget"
 
 
 def test_confidence_plans_a_cascade_to_the_main_output():
     p = plan(confidence=0.8)
-    assert (p.mode, p.exit, p.threshold, p.policy) == ("cascade", 3, 0.8, "confidence")
+    assert (p.mode, p.exit, p.thresholds, p.budget_ms) == ("cascade", 3, (0.8, 0.8), None)
+    assert PolicyParams(confidence=(0.8,)).name == "confidence"
+
+
+def test_per_exit_confidence_gives_one_threshold_per_early_exit():
+    assert plan(confidence=(0.7, 0.4)).thresholds == (0.7, 0.4)
+    with pytest.raises(InvalidParameters, match="2 early exits"):
+        plan(confidence=(0.7, 0.4, 0.3))
+    with pytest.raises(InvalidParameters, match="out of range"):
+        plan(confidence=(0.7, 1.2))
+
+
+def test_named_policy_runs_its_calibrated_thresholds():
+    p = plan(policy="cheap")
+    assert (p.mode, p.exit, p.thresholds) == ("cascade", 3, (0.5, 0.6))
+    assert plan(policy="careful", budget_ms=2.5).exit == 2
+    assert PolicyParams(policy="cheap").name == "policy:cheap"
+
+
+def test_unknown_or_contradictory_policy_is_422_listing_the_names():
+    with pytest.raises(InvalidParameters, match="careful, cheap") as info:
+        plan(policy="fast")
+    assert info.value.body()["accepted"] == ["careful", "cheap"]
+    with pytest.raises(InvalidParameters, match="cannot be combined"):
+        plan(policy="cheap", confidence=0.5)
+    with pytest.raises(InvalidParameters, match="cannot be combined"):
+        plan(policy="cheap", exit=2)
+
+
+def test_calibrated_policies_come_from_the_manifest_thresholds_section():
+    section = {"policies": {"a": {"thresholds": [0.5, 0.6]}, "b": {"thresholds": None, "reason": "too cheap"},
+                            "c": {"thresholds": 0.9}}}
+    assert calibrated_policies(section, 3) == {"a": (0.5, 0.6), "c": (0.9, 0.9)}
+    assert calibrated_policies({}, 3) == {}
 
 
 @pytest.mark.parametrize("budget, deepest", [(0.1, 1), (0.34, 1), (0.35, 2), (0.69, 2), (0.7, 3)])
@@ -103,12 +136,7 @@ def test_cascade_budget_bounds_gflops_actually_spent(budget, deepest):
     p = plan(confidence=0.9, budget_gflops=budget)
     assert (p.mode, p.exit) == ("cascade", deepest)
     # The deepest possible run costs no more than the budget.
-    assert gflops_spent(COSTS, "cascade", list(range(1, deepest + 1))) <= budget + 1e-12
-
-
-def test_cascade_budget_ms_uses_cumulative_estimates():
-    assert plan(confidence=0.9, budget_ms=2.6).exit == 2
-    assert plan(confidence=0.9, budget_ms=5.5).exit == 2
+    assert COSTS.spent("cascade", list(range(1, deepest + 1))) <= budget + 1e-12
 
 
 def test_exit_selects_that_exit():
@@ -122,7 +150,8 @@ def test_exit_out_of_range_is_422(number):
         plan(exit=number)
 
 
-@pytest.mark.parametrize("extra", [{"budget_gflops": 1.0}, {"confidence": 0.5}, {"budget_ms": 3.0}])
+@pytest.mark.parametrize("extra", [{"budget_gflops": 1.0}, {"confidence": 0.5}, {"budget_ms": 3.0},
+                                   {"policy": "cheap"}])
 def test_exit_with_budget_or_confidence_is_contradictory(extra):
     with pytest.raises(InvalidParameters, match="cannot be combined"):
         plan(exit=1, **extra)
@@ -138,8 +167,8 @@ def test_out_of_range_values_are_422(kw):
 
 
 def test_confidence_bounds_are_inclusive():
-    assert plan(confidence=0.0).threshold == 0.0
-    assert plan(confidence=1.0).threshold == 1.0
+    assert plan(confidence=0.0).thresholds == (0.0, 0.0)
+    assert plan(confidence=1.0).thresholds == (1.0, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -147,21 +176,47 @@ def test_confidence_bounds_are_inclusive():
     [
         ("exit:last", PolicyParams(exit="last")),
         ("exit:2", PolicyParams(exit=2)),
-        ("confidence:0.9", PolicyParams(confidence=0.9)),
-        (" confidence=0.8 , budget_gflops:1.5 ", PolicyParams(confidence=0.8, budget_gflops=1.5)),
+        ("confidence:0.9", PolicyParams(confidence=(0.9,))),
+        (" confidence=0.8 , budget_gflops:1.5 ", PolicyParams(confidence=(0.8,), budget_gflops=1.5)),
         ("budget_ms:20", PolicyParams(budget_ms=20.0)),
+        ("policy:budget_0.5x_main", PolicyParams(policy="budget_0.5x_main")),
     ],
 )
 def test_parse_policy_spec(spec, expected):
     assert parse_policy_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", "last", "exit:first", "speed:3", "confidence:high", "exit:1,exit:2",
-                                  "budget_ms:inf"])
-def test_parse_policy_spec_rejects_with_a_readable_message(spec):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [("", "empty policy"), ("last", "expected comma-separated key:value"), ("exit:first", "integer or 'last'"),
+     ("speed:3", "keys exit, budget_gflops"), ("confidence:high", "finite number"), ("exit:1,exit:2", "twice"),
+     ("budget_ms:inf", "finite number"), ("policy:", "calibrated policy's name")],
+)
+def test_parse_policy_spec_rejects_with_a_readable_message(spec, fragment):
+    with pytest.raises(ValueError, match=fragment):
         parse_policy_spec(spec)
-    assert str(info.value)
+
+
+def test_params_from_request_parses_strings_and_numbers():
+    assert params_from_request({"confidence": "0.65, 0.43", "exit": None, "budget_ms": "20"}) == PolicyParams(
+        confidence=(0.65, 0.43), budget_ms=20.0)
+    assert params_from_request({"exit": "LAST", "policy": "cheap"}) == PolicyParams(exit="last", policy="cheap")
+    assert params_from_request({"budget_gflops": 1.5}) == PolicyParams(budget_gflops=1.5)
+    for bad, fragment in [({"confidence": "0.5,x"}, "comma-separated"), ({"budget_ms": "soon"}, "not a number"),
+                          ({"exit": "first"}, "not an exit number"), ({"budget_gflops": "nan"}, "finite")]:
+        with pytest.raises(InvalidParameters, match=fragment):
+            params_from_request(bad)
+
+
+def test_server_deadline_applies_to_requests_that_name_no_deadline_and_no_exit():
+    default = PolicyParams(exit="last")
+    assert effective_params(PolicyParams(), default, None) == default
+    assert effective_params(PolicyParams(), default, 50.0) == PolicyParams(budget_ms=50.0)
+    assert effective_params(PolicyParams(policy="cheap"), default, 50.0) == PolicyParams(policy="cheap", budget_ms=50.0)
+    assert effective_params(PolicyParams(budget_ms=5.0), default, 50.0) == PolicyParams(budget_ms=5.0)
+    assert effective_params(PolicyParams(exit=2), default, 50.0) == PolicyParams(exit=2)  # exactly that exit
+    conf = PolicyParams(confidence=(0.9,))
+    assert effective_params(PolicyParams(), conf, 50.0) == PolicyParams(confidence=(0.9,), budget_ms=50.0)
 
 
 def test_softmax_is_stable_and_normalised():
@@ -175,15 +230,20 @@ def test_top_k_orders_by_probability_with_deterministic_ties():
     assert len(top_k(probs, 99)) == 4  # capped at the number of classes
 
 
-def test_is_confident_uses_top_probability():
-    assert is_confident(np.array([0.9, 0.1]), 0.9)
-    assert not is_confident(np.array([0.6, 0.4]), 0.61)
+def test_stopping_rule_uses_top_probability_and_the_last_exit_always_stops():
+    t = np.array([0.9, 0.61])
+    assert cascade.stops_at(float(cascade.top_probability(np.log([0.95, 0.05]))), t, 1)
+    assert cascade.stops_at(0.9, t, 1)  # >= threshold stops
+    assert not cascade.stops_at(0.6, t, 2)
+    assert cascade.stops_at(0.01, t, 3)
+    assert math.isclose(float(cascade.top_probability(np.log([0.6, 0.4]))), 0.6)
 
 
 def test_gflops_spent():
-    assert gflops_spent(COSTS, "single", [2]) == 0.3
-    assert math.isclose(gflops_spent(COSTS, "cascade", [1, 2]), 0.35)
-    assert math.isclose(gflops_spent(COSTS, "cascade", [1, 2, 3]), sum(COSTS.stage_gflops))
+    assert COSTS.spent("single", [2]) == 0.3
+    assert math.isclose(COSTS.spent("cascade", [1, 2]), 0.35)
+    assert math.isclose(COSTS.spent("cascade", [1, 2, 3]), sum(COSTS.stage_gflops))
+    assert COSTS.spent("cascade", []) == 0.0
 
 
 def test_contradictory_parameters_name_the_cheapest_cost():

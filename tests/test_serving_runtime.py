@@ -43,9 +43,11 @@ def test_stage_chain_equals_full_path(runtime):
 
 
 def test_calibration_times_every_graph(runtime):
-    timings = runtime.calibrate(runs=3)
+    timings = runtime.calibrate(runs=3, batch_sizes=(1, 8))
     assert set(timings) == {g.name for g in runtime.graphs}
-    assert all(len(v) == 3 and all(t > 0 for t in v) for v in timings.values())
+    for samples in timings.values():
+        assert [b for b, _ in samples] == [1, 1, 1, 8, 8, 8]
+        assert all(t > 0 for _, t in samples)
 
 
 def test_batches_of_any_size_run(runtime):
@@ -108,7 +110,7 @@ def test_settings_from_env_and_cli(monkeypatch, tmp_path):
                         "--providers", "cpu", "--max-wait-ms", "0.5"])
     assert (s.port, s.max_batch_size, s.allow_provider_fallback) == (9123, 4, True)
     assert (s.providers, s.max_wait_ms) == ("cpu", 0.5)
-    assert s.default_policy_params.confidence == 0.8
+    assert s.default_policy_params.confidence == (0.8,)
     monkeypatch.setenv("EED_MODEL_DIR", str(tmp_path))
     assert ServerSettings().model_dir == tmp_path
 
@@ -116,6 +118,12 @@ def test_settings_from_env_and_cli(monkeypatch, tmp_path):
 def test_bad_default_policy_is_refused_at_settings_time(tmp_path):
     with pytest.raises(ValidationError, match="key:value"):
         ServerSettings(model_dir=tmp_path, default_policy="fastest")
+
+
+def test_server_deadline_cannot_pin_a_fixed_default_exit(tmp_path):
+    with pytest.raises(ValidationError, match="default_budget_ms cannot be combined"):
+        ServerSettings(model_dir=tmp_path, default_policy="exit:2", default_budget_ms=50)
+    assert ServerSettings(model_dir=tmp_path, default_policy="exit:last", default_budget_ms=50).default_budget_ms == 50
 
 
 def _serve(args, timeout=60):

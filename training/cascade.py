@@ -4,14 +4,10 @@ Pure functions on numpy arrays of logits, shaped (N, k, C) with exits in order a
 main output last. Nothing here imports torch, so the server can reuse the same rule and
 the same cost accounting as the evaluation that calibrated it.
 
-The rule: evaluate exits 1, 2, ... in turn and stop at the first exit i < k whose top
-softmax probability is >= ``thresholds[i-1]``; the main output (exit k) always answers.
-A threshold of 0 therefore always stops at exit 1, and any threshold above 1 never stops
-early (a softmax probability is at most 1).
-
-The cost of a sample that stopped at exit i is what the stage graphs of exits 1..i cost
-together (DESIGN §2): the trunk up to stage i counted once, plus every head evaluated on
-the way. With ``stage_gflops`` from ``training.flops.exit_costs`` that is
+The rule and its cost accounting (``serving.cascade``, shared with the server so a
+policy calibrated here answers the same way there): evaluate exits 1, 2, ... in turn and
+stop at the first exit i < k whose top softmax probability is >= ``thresholds[i-1]``; the
+main output (exit k) always answers; a sample that stopped at exit i cost
 ``cumsum(stage_gflops)[i-1]``.
 
 Calibration follows MSDNet's budgeted batch classification (Huang et al., ICLR 2018):
@@ -32,12 +28,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-# Any threshold above 1 means "never stop at this exit"; 2.0 keeps JSON finite.
-NEVER = 2.0
-
-RULE = (
-    "evaluate exits in order; stop at the first exit i < k whose top softmax probability "
-    ">= thresholds[i-1]; the last exit always answers. A threshold > 1 never stops."
+# The rule and its cost accounting live in one torch-free module shared with the server.
+from serving.cascade import (  # noqa: F401  (re-exported: callers import them from here too)
+    NEVER,
+    RULE,
+    CascadeOutcome,
+    as_thresholds as _as_thresholds,
+    cumulative_gflops,
+    exits_taken,
+    simulate,
+    top_probability,
 )
 
 
@@ -57,10 +57,7 @@ class ExitScores:
 
 
 def confidences(logits: np.ndarray) -> ExitScores:
-    """Scores of (N, k, C) logits: the top softmax probability is 1 / sum(exp(z - max z)).
-
-    In float64, one exit at a time (bounded memory for 1000-class data), and never above 1.
-    """
+    """Scores of (N, k, C) logits, one exit at a time (bounded memory for 1000-class data)."""
     if isinstance(logits, ExitScores):
         return logits
     logits = np.asarray(logits)
@@ -69,51 +66,9 @@ def confidences(logits: np.ndarray) -> ExitScores:
     n, k, _ = logits.shape
     conf, pred = np.empty((n, k)), np.empty((n, k), dtype=np.int64)
     for i in range(k):
-        z = logits[:, i].astype(np.float64)
-        conf[:, i] = 1.0 / np.exp(z - z.max(-1, keepdims=True)).sum(-1)
-        pred[:, i] = z.argmax(-1)
+        conf[:, i] = top_probability(logits[:, i])
+        pred[:, i] = logits[:, i].argmax(-1)
     return ExitScores(conf, pred)
-
-
-def cumulative_gflops(stage_gflops: Sequence[float]) -> np.ndarray:
-    """Cost of a cascade that ran exits 1..i, for every i: the running sum of stage costs."""
-    return np.cumsum(np.asarray(stage_gflops, dtype=np.float64))
-
-
-def _as_thresholds(thresholds: float | Sequence[float], num_exits: int) -> np.ndarray:
-    """A shared scalar or one threshold per early exit → array of length k-1."""
-    t = np.asarray(thresholds, dtype=np.float64)
-    if t.ndim == 0:
-        return np.full(num_exits - 1, float(t))
-    if t.shape != (num_exits - 1,):
-        raise ValueError(f"need one threshold per early exit ({num_exits - 1}), got {t.shape[0]}")
-    return t
-
-
-def exits_taken(conf: np.ndarray, thresholds: float | Sequence[float]) -> np.ndarray:
-    """1-based exit at which each sample stops, from (N, k) top probabilities."""
-    n, k = conf.shape
-    t = _as_thresholds(thresholds, k)
-    stop = np.zeros((n, k), dtype=bool)
-    stop[:, : k - 1] = conf[:, : k - 1] >= t
-    stop[:, k - 1] = True  # the main output always answers
-    return stop.argmax(1) + 1  # argmax finds the first True
-
-
-@dataclass
-class CascadeOutcome:
-    """What a cascade did on a batch of samples."""
-
-    exit: np.ndarray  # (N,) 1-based exit that answered
-    prediction: np.ndarray  # (N,) class index of that exit
-    gflops: np.ndarray  # (N,) GFLOPs spent on each sample
-
-    def mean_gflops(self) -> float:
-        return float(self.gflops.mean()) if len(self.gflops) else 0.0
-
-    def exit_fractions(self, num_exits: int) -> list[float]:
-        counts = np.bincount(self.exit, minlength=num_exits + 1)[1:]
-        return (counts / max(1, len(self.exit))).tolist()
 
 
 def run_cascade(
@@ -121,11 +76,7 @@ def run_cascade(
 ) -> CascadeOutcome:
     """Simulate the cascade on precomputed (N, k, C) logits: who answers, with what, at what cost."""
     scores = confidences(logits)
-    if len(stage_gflops) != scores.num_exits:
-        raise ValueError(f"{scores.num_exits} exits in the logits but {len(stage_gflops)} stage costs")
-    taken = exits_taken(scores.conf, thresholds)
-    rows = np.arange(len(taken))
-    return CascadeOutcome(taken, scores.pred[rows, taken - 1], cumulative_gflops(stage_gflops)[taken - 1])
+    return simulate(scores.conf, scores.pred, thresholds, stage_gflops)
 
 
 @dataclass
