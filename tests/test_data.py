@@ -111,3 +111,28 @@ def test_imagefolder_layout(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="has no train/ and no val/ folder.*ImageNet layout"):
         (tmp_path / "only").mkdir()
         build_datasets("imagefolder", tmp_path / "only")
+
+
+def test_train_size_shrinks_only_the_training_split(tmp_path):
+    """--train-size: a seeded subset of the training split; the test split stays whole, the
+    subset does not depend on --val-split and never overlaps the validation images."""
+    make_fashion_mnist(tmp_path, n_train=100, n_test=40)
+    a = build_datasets("fashion-mnist", tmp_path, val_split=30, seed=3, download=False, train_size=25)
+    assert len(a.train) == 25 and len(a.val) == 30 and len(a.test) == 40
+    whole = build_datasets("fashion-mnist", tmp_path, download=False)
+    assert torch.equal(a.test.images, whole.test.images)
+    # Same seed, same images, whatever the validation split; another seed, other images.
+    b = build_datasets("fashion-mnist", tmp_path, seed=3, download=False, train_size=25)
+    assert b.val is None and torch.equal(a.train.images, b.train.images)
+    c = build_datasets("fashion-mnist", tmp_path, seed=4, download=False, train_size=25)
+    assert not torch.equal(a.train.images, c.train.images)
+    train_set = {img.numpy().tobytes() for img in a.train.images}
+    assert not train_set & {img.numpy().tobytes() for img in a.val.images}
+    with pytest.raises(ValueError, match="--train-size 80 must be between 1 and 70"):
+        build_datasets("fashion-mnist", tmp_path, val_split=30, download=False, train_size=80)
+
+
+def test_subset_unlike_train_size_shrinks_the_test_split_too(tmp_path):
+    make_fashion_mnist(tmp_path, n_train=100, n_test=40)
+    data = build_datasets("fashion-mnist", tmp_path, subset=20, download=False)
+    assert len(data.train) == 20 and len(data.test) == 20

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from torch import nn
 
 from training.cascade import cumulative_gflops
@@ -52,3 +53,36 @@ def test_cli_json():
 def test_cli_unknown_arch_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "training.flops", "--arch", "resnet19"], capture_output=True, text=True)
     assert out.returncode == 2 and "choose one of" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_vgg19_exits_end_at_4x4_and_cost_what_the_paper_design_gives():
+    """DESIGN §1: VGG-19's exits (at 16, 8, 4 px on a 32-px input) use stride-2 convs except
+    the last (stride 1), so every exit's last map is 4x4. Costs are computed here by hand from
+    that design (2 x MACs of convs and the linear layer) and compared with the model's."""
+    model = create_model("vgg19", 100)
+    last_maps = []
+    for head in model.heads[:-1]:
+        head.convs[-1].register_forward_hook(lambda m, i, o: last_maps.append(tuple(o.shape[-2:])))
+    model.eval()(torch.zeros(1, 3, 32, 32))
+    assert last_maps == [(4, 4)] * 3
+
+    def conv(c_in, c_out, px):
+        return 2 * 9 * c_in * c_out * px * px
+
+    trunk = [  # cumulative cost at the end of each stage (stages end at the pooling layers)
+        conv(3, 64, 32) + conv(64, 64, 32),
+        conv(64, 128, 16) + conv(128, 128, 16),
+        conv(128, 256, 8) + 3 * conv(256, 256, 8),
+        conv(256, 512, 4) + 3 * conv(512, 512, 4) + 4 * conv(512, 512, 2),
+    ]
+    trunk = [sum(trunk[: i + 1]) for i in range(4)]
+    fc = 2 * 512 * 100
+    heads = [  # 64→128→256→512, 128→256→512, 256→512; outputs at 8, 4, 4 px / 4, 4 px / 4 px
+        conv(64, 128, 8) + conv(128, 256, 4) + conv(256, 512, 4),
+        conv(128, 256, 4) + conv(256, 512, 4),
+        conv(256, 512, 4),
+        0,
+    ]
+    costs = exit_costs(model, (3, 32, 32))
+    # 0.136, 0.240, 0.494 and 0.796 GFLOPs (exits ending at 2x2 cost 0.107, 0.211, 0.466).
+    assert [c.gflops for c in costs] == pytest.approx([(t + h + fc) / 1e9 for t, h in zip(trunk, heads)])

@@ -11,7 +11,7 @@ import torch
 
 from datagen import make_fashion_mnist
 from training.checkpoint import load_model
-from training.train import cli
+from training.train import cli, explicit_flags, get_args_parser, repo_relative, resolve_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--width-mult", "0.125", "--batch-size", "32",
@@ -126,3 +126,35 @@ def test_a_new_run_never_overwrites_an_existing_one(fmnist, tmp_path, capsys):
     assert cli([*common, "--run-name", "r"]) == 0
     assert cli([*common, "--run-name", "r"]) == 2
     assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, alpha",
+    [
+        (["--distill", "kl"], 0.1),  # the authors' code scales the KL term by 0.1 (DESIGN §1)
+        ([], 0.1),  # KL is the default l_z
+        (["--distill", "mse"], 1.0),
+        (["--distill", "kl", "--alpha", "0.5"], 0.5),  # an explicit --alpha wins
+        (["--distill", "mse", "--alpha", "0.25"], 0.25),
+        (["--method", "kd", "--distill", "kl"], 0.1),
+    ],
+)
+def test_default_alpha_follows_the_distillation_kind(flags, alpha):
+    parser = get_args_parser()
+    args = resolve_args(parser.parse_args(flags), explicit_flags(parser, flags))
+    assert args.alpha == alpha
+
+
+def test_train_size_trains_on_n_images_and_tests_on_the_whole_test_split(fmnist, tmp_path):
+    args = [*SMALL, "--data-dir", str(fmnist), "--epochs", "1", "--train-size", "50", "--val-split", "32",
+            "--output-dir", str(tmp_path), "--run-name", "small"]  # fmt: skip
+    assert cli(args) == 0
+    dataset = json.loads((tmp_path / "small" / "config.json").read_text())["dataset"]
+    assert (dataset["train_size"], dataset["val_size"], dataset["test_size"]) == (50, 32, 64)
+    assert cli([*args[:-2], "--run-name", "too-big", "--train-size", "180"]) == 2  # 192 - 32 left to train on
+
+
+def test_run_records_hold_repository_relative_paths(tmp_path):
+    assert repo_relative(str(ROOT / "runs" / "x")) == "runs/x"
+    assert repo_relative(str(tmp_path / "x")) == str(tmp_path / "x")  # outside the repository: as given
+    assert repo_relative(None) is None

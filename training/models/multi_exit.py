@@ -54,14 +54,16 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 2) -> nn.Seq
 class ClassifierHead(nn.Module):
     """Optional convs, global average pooling, one linear layer; returns (logits, features).
 
-    With no convs it is the main network's own classifier; with convs it is an exit.
+    With no convs it is the main network's own classifier; with convs it is an exit. Every
+    conv has stride 2 except the last, which has ``last_stride`` (1 for VGG-19, whose last
+    stage ends with a pooling of its own: DESIGN §1).
     """
 
-    def __init__(self, in_channels: int, conv_widths: Sequence[int], num_classes: int):
+    def __init__(self, in_channels: int, conv_widths: Sequence[int], num_classes: int, last_stride: int = 2):
         super().__init__()
         layers = []
-        for width in conv_widths:
-            layers.append(conv_bn_relu(in_channels, width))
+        for j, width in enumerate(conv_widths):
+            layers.append(conv_bn_relu(in_channels, width, last_stride if j == len(conv_widths) - 1 else 2))
             in_channels = width
         self.convs = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)  # resolution-independent (28, 32 or 224 px)
@@ -88,9 +90,12 @@ def exit_conv_widths(stages: Sequence[StageSpec], stage_index: int) -> list[int]
     return widths
 
 
-def make_exit_head(stages: Sequence[StageSpec], stage_index: int, num_classes: int) -> ClassifierHead:
+def make_exit_head(
+    stages: Sequence[StageSpec], stage_index: int, num_classes: int, last_stride: int = 2
+) -> ClassifierHead:
     """The one factory for every head, exits and main classifier alike."""
-    return ClassifierHead(stages[stage_index].out_channels, exit_conv_widths(stages, stage_index), num_classes)
+    widths = exit_conv_widths(stages, stage_index)
+    return ClassifierHead(stages[stage_index].out_channels, widths, num_classes, last_stride)
 
 
 class MultiExitNetwork(nn.Module):
@@ -107,7 +112,10 @@ class MultiExitNetwork(nn.Module):
         stage_specs: Sequence[StageSpec],
         num_classes: int,
         with_exits: bool = True,
+        exit_last_stride: int = 2,
     ):
+        """``exit_last_stride``: stride of each exit's last conv (2 by default; VGG-19 uses 1
+        so its exits end at the 4x4 of its last stage's final conv, as in the paper)."""
         super().__init__()
         if len(stages) != len(stage_specs):
             raise ValueError("one StageSpec per stage is required")
@@ -122,7 +130,9 @@ class MultiExitNetwork(nn.Module):
         self.exit_stages: tuple[int, ...] = (
             tuple(range(len(stages))) if with_exits else (len(stages) - 1,)
         )
-        self.heads = nn.ModuleList(make_exit_head(self.stage_specs, s, num_classes) for s in self.exit_stages)
+        self.heads = nn.ModuleList(
+            make_exit_head(self.stage_specs, s, num_classes, exit_last_stride) for s in self.exit_stages
+        )
         self.feature_dim = self.heads[-1].feature_dim
         _init_weights(self)
 

@@ -10,7 +10,9 @@ from .multi_exit import MultiExitNetwork, StageSpec, scaled
 from .registry import register_model
 
 # VGG-19 cut at its pooling layers into 4 stages; the last holds the two 512-wide blocks
-# (32 → 16 → 8 → 4 → 1 px), so the exits sit at 16, 8 and 4 px like a ResNet's.
+# (32 → 16 → 8 → 4 → 1 px), so the exits sit at 16, 8 and 4 px like a ResNet's. The last
+# stage's final conv block works at 2 px, but the paper's exits end at 4x4 (its cost table):
+# every exit conv has stride 2 except the last (stride 1), DESIGN §1.
 _VGG19_STAGES = ((64, 64, "M"), (128, 128, "M"), (256,) * 4 + ("M",), (512,) * 4 + ("M",) + (512,) * 4 + ("M",))
 
 
@@ -30,7 +32,7 @@ def vgg19(num_classes, in_channels=3, width_mult=1.0, with_exits=True):
                 c_in = width
         stages.append(nn.Sequential(*layers))
         specs.append(StageSpec(out_channels=c_in, base_width=c_in))
-    return MultiExitNetwork(nn.Identity(), stages, specs, num_classes, with_exits)
+    return MultiExitNetwork(nn.Identity(), stages, specs, num_classes, with_exits, exit_last_stride=1)
 
 
 class PreActBlock(nn.Module):
