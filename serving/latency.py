@@ -4,13 +4,14 @@ A request's time to an answer is *queueing* (waiting for the inference thread an
 for its batch) plus *service* (the ONNX Runtime run of the batch it rides in). The
 two are estimated separately because they behave differently:
 
-* Service time depends on the batch size and hardly on load, so each graph keeps a
-  linear model ``seconds(b) = fixed + per_item * b`` fitted by weighted least squares
-  over its recent batch runs. Old runs lose weight with time (half-life
-  ``half_life_s``), and the start-up calibration stays in the fit as a prior of
-  fixed weight, so when live runs stop (a graph nobody is sent to) the estimate
-  returns to its idle calibration within a few half-lives instead of freezing at
-  whatever a burst left behind.
+* Service time depends on the batch size (and somewhat on load, through CPU
+  contention), so each graph keeps a linear model ``seconds(b) = fixed + per_item * b``
+  fitted by weighted least squares over its recent batch runs. Old runs lose weight
+  with time (half-life ``half_life_s``), the live data never weighs more than
+  ``max_live_weight`` runs (so a long burst leaves no more inertia than a short one),
+  and the start-up calibration stays in the fit as a prior of fixed weight: when live
+  runs stop (a graph nobody is sent to) the estimate returns to its idle calibration
+  within a few half-lives instead of freezing at whatever a burst left behind.
 * Queueing depends on what is waiting *now*; :mod:`serving.service` computes it
   from the current queues and these service models (no history to go stale).
 
@@ -29,12 +30,17 @@ class ServiceTimeModel:
     """``seconds(batch) = fixed + per_item * batch``, fitted on time-decayed batch runs."""
 
     def __init__(
-        self, half_life_s: float = 2.0, prior_weight: float = 4.0, clock: Callable[[], float] = time.monotonic
+        self,
+        half_life_s: float = 0.5,
+        prior_weight: float = 4.0,
+        max_live_weight: float = 16.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if half_life_s <= 0 or prior_weight <= 0:
-            raise ValueError("half_life_s and prior_weight must be positive")
+        if half_life_s <= 0 or prior_weight <= 0 or max_live_weight <= 0:
+            raise ValueError("half_life_s, prior_weight and max_live_weight must be positive")
         self._decay_rate = math.log(2.0) / half_life_s
         self._prior_weight = prior_weight
+        self._max_live_weight = max_live_weight
         self._clock = clock
         # Weighted sums for least squares: weight, Σw·b, Σw·b², Σw·t, Σw·b·t.
         self._prior = [0.0] * 5
@@ -80,6 +86,9 @@ class ServiceTimeModel:
             self._decay_live(now)
             for i, v in enumerate(self._sums([(batch, seconds)])):
                 self._live[i] += v
+            if self._live[0] > self._max_live_weight:
+                scale = self._max_live_weight / self._live[0]
+                self._live = [v * scale for v in self._live]
             self.last_observed = now
 
     def coefficients(self) -> tuple[float, float]:
@@ -118,9 +127,16 @@ class DecayingMean:
     near ``rest`` without needing new observations to wash it out.
     """
 
-    def __init__(self, half_life_s: float = 2.0, rest: float = 0.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        half_life_s: float = 0.5,
+        rest: float = 0.0,
+        max_weight: float = 8.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._decay_rate = math.log(2.0) / half_life_s
         self._rest = rest
+        self._max_weight = max_weight
         self._clock = clock
         self._weight = 0.0
         self._sum = 0.0
@@ -136,6 +152,9 @@ class DecayingMean:
         self._decay(self._clock())
         self._weight += 1.0
         self._sum += value
+        if self._weight > self._max_weight:  # bounded inertia, as for service times
+            self._sum *= self._max_weight / self._weight
+            self._weight = self._max_weight
 
     def value(self) -> float:
         """The mean, pulled towards ``rest`` by one pseudo-observation that never decays."""

@@ -79,7 +79,7 @@ class InferenceService:
         max_wait_ms: float = 2.0,
         queue_size: int = 256,
         inference_workers: int = 1,
-        estimate_half_life_s: float = 2.0,
+        estimate_half_life_s: float = 0.5,
         probe_interval_s: float = 1.0,
         deadline_margin_ms: float = 0.5,
     ) -> None:

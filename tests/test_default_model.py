@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from serving.manifest import load_manifest
@@ -92,3 +93,66 @@ def test_accuracy_on_1000_test_images_matches_manifest():
         assert abs(accuracy - e.accuracy) * 100 <= TOLERANCE_POINTS, (
             f"exit {e.exit}: {100 * accuracy:.2f}% on {IMAGES} test images, manifest says {100 * e.accuracy:.2f}%"
         )
+
+
+def test_server_reproduces_every_calibrated_policy(tmp_path):
+    """``policy=NAME`` on the real server, over real test images sent as PNG, answers as the
+    manifest's calibration says: per image exactly as the shared cascade rule on the same
+    graphs' logits, and in aggregate (exit shares, mean GFLOPs, accuracy) as recorded."""
+    import asyncio
+
+    import httpx
+    import onnxruntime as ort
+
+    from serving import cascade
+    from serving.policy import calibrated_policies
+    from serving_model import ServerProcess, encode
+
+    manifest = load_manifest(MODEL_DIR, verify=False)
+    policies = calibrated_policies(manifest.thresholds, manifest.num_exits)
+    if manifest.dataset != "fashion-mnist" or not policies:
+        pytest.skip("the shipped model is not a Fashion-MNIST model with calibrated policies")
+    n = 400
+    images, labels = _test_images(n)
+    spec, io = manifest.input, manifest.io
+    x = images.astype(np.float32)[:, None] / 255.0
+    x = ((x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None])
+    logits = []
+    for e in manifest.exits:
+        session = ort.InferenceSession(str(MODEL_DIR / e.path), providers=["CPUExecutionProvider"])
+        logits.append(session.run([io.logits_output], {io.image_input: x.astype(np.float32)})[0])
+    conf = np.stack([cascade.top_probability(z) for z in logits], 1)
+    pred = np.stack([z.argmax(1) for z in logits], 1)
+    pngs = [encode(Image.fromarray(img), "PNG") for img in images]
+
+    async def ask(url, policy):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
+            sem = asyncio.Semaphore(8)
+
+            async def one(data):
+                async with sem:
+                    r = await ac.post("/classify", content=data, headers={"Content-Type": "image/png"},
+                                      params={"policy": policy})
+                    assert r.status_code == 200, r.text
+                    return r.json()
+
+            return await asyncio.gather(*(one(d) for d in pngs))
+
+    with ServerProcess(MODEL_DIR, tmp_dir=tmp_path) as srv:
+        for name, thresholds in policies.items():
+            answers = asyncio.run(ask(srv.url, name))
+            served_exit = np.array([a["exit"] for a in answers])
+            served_label = np.array([a["label"] for a in answers])
+            offline = cascade.simulate(conf, pred, thresholds, [e.stage_gflops for e in manifest.exits])
+            # Per image: the same rule on the same graphs (a batch may shift a logit in the last bits).
+            assert (served_exit != offline.exit).sum() <= 2, name
+            assert (served_label != offline.prediction).sum() <= 2, name
+            assert np.mean([a["gflops"] for a in answers]) == pytest.approx(offline.mean_gflops(), rel=0.01)
+            # In aggregate: what the manifest recorded on the whole test split, within sampling error.
+            recorded = manifest.thresholds["policies"][name]["test"]
+            fractions = np.bincount(served_exit, minlength=manifest.num_exits + 1)[1:] / n
+            for got, want in zip(fractions, recorded["exit_fractions"]):
+                assert abs(got - want) <= 4 * np.sqrt(want * (1 - want) / n) + 0.01, (name, fractions.tolist())
+            accuracy = float((served_label == labels).mean())
+            assert abs(accuracy - recorded["accuracy"]) <= 4 * np.sqrt(0.1 / n) + 0.01, (name, accuracy)
+            assert np.mean([a["gflops"] for a in answers]) == pytest.approx(recorded["mean_gflops"], rel=0.1)

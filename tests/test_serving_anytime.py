@@ -1,0 +1,254 @@
+"""Anytime serving: deadlines that degrade to earlier exits, estimates that recover after
+bursts, calibrated policies, and slow uploads that cannot exhaust capacity.
+
+The service-level tests run the real fixture model in ONNX Runtime with every graph
+slowed by a fixed sleep (10 ms + 1 ms per item), so that queueing is real and
+predictable on any machine; the HTTP tests run a real server on 127.0.0.1.
+Assertions are on behaviour (which exit answered, whether a deadline was reported
+met, 200 versus 4xx/5xx), with timing margins of several times the stage times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from serving import cascade
+from serving.latency import DecayingMean, ServiceTimeModel
+from serving.metrics import ServingMetrics
+from serving.policy import PolicyParams
+from serving.runtime import ModelRuntime, SessionOptions
+from serving.service import InferenceService
+from serving_model import NUM_EXITS, ServerProcess, build_model_folder, cascade_exit, encode, uniform_image
+
+STAGE_S, PER_ITEM_S = 0.010, 0.001
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- estimates --------------------------------------------------------------------------------
+
+def test_service_time_model_fits_batch_size_and_returns_to_idle_after_a_burst():
+    clock = FakeClock()
+    model = ServiceTimeModel(clock=clock)  # default half-life: 0.5 s
+    model.seed([(1, 0.010), (8, 0.024)] * 5)
+    assert model.estimate(1) == pytest.approx(0.010) and model.estimate(8) == pytest.approx(0.024)
+    for _ in range(2000):  # a long burst under contention: 4x slower at batch 8
+        clock.now += 0.01
+        model.observe(8, 0.096)
+    assert model.estimate(8) > 0.07
+    clock.now += 5.0  # five seconds of silence
+    assert model.estimate(8) == pytest.approx(0.024, rel=0.1)
+    assert model.estimate(1) == pytest.approx(0.010, rel=0.1)
+
+
+def test_service_time_model_follows_a_real_change():
+    clock = FakeClock()
+    model = ServiceTimeModel(half_life_s=1.0, clock=clock)
+    model.seed([(1, 0.010)])
+    for _ in range(200):  # the machine got slower for good: live data outweighs the prior
+        clock.now += 0.01
+        model.observe(1, 0.020)
+    assert model.estimate(1) == pytest.approx(0.018, rel=0.05)
+
+
+def test_prediction_gap_fades_without_new_observations():
+    clock = FakeClock()
+    gap = DecayingMean(clock=clock)
+    assert gap.value() == 0.0
+    for _ in range(500):
+        clock.now += 0.01
+        gap.observe(0.050)
+    assert gap.value() > 0.04
+    clock.now += 5.0
+    assert gap.value() < 0.005
+
+
+# --- the service under load, on a slowed real model --------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("model"))
+
+
+def _slowed(run):
+    def slow(batch):
+        time.sleep(STAGE_S + PER_ITEM_S * len(batch))
+        return run(batch)
+    return slow
+
+
+@pytest.fixture()
+def service(model_dir):
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+    for graph in runtime.graphs:
+        graph.run = _slowed(graph.run)
+    svc = InferenceService(runtime, ServingMetrics(), max_batch_size=4, max_wait_ms=0, estimate_half_life_s=0.5,
+                           probe_interval_s=0.2)
+    svc.seed_latency(runtime.calibrate(runs=2, batch_sizes=(1, 4)))
+    return svc
+
+
+def _x(svc):
+    return svc.runtime.example_input(1, seed=5)[0]
+
+
+def test_deadline_answers_from_the_deepest_exit_an_idle_server_can_finish(service):
+    async def main():
+        await service.start()
+        try:
+            plan = service.plan(PolicyParams(budget_ms=300))
+            assert (plan.mode, plan.exit) == ("cascade", NUM_EXITS)
+            out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.3)
+            assert (out.exit, out.exits_evaluated, out.deadline_met, out.degraded) == (3, [1, 2, 3], True, False)
+            # Idle stage times are ~11 ms each: 15 ms reaches exit 1 only, planned so from the start.
+            plan = service.plan(PolicyParams(budget_ms=15))
+            assert plan.exit == 1
+            out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.015)
+            assert (out.exit, out.degraded) == (1, False)
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def test_burst_degrades_to_earlier_exits_instead_of_refusing_then_recovers(service):
+    async def main():
+        await service.start()
+        try:
+            plan = service.plan(PolicyParams(budget_ms=100))
+            assert plan.exit == NUM_EXITS  # what an idle server would answer from
+            x = _x(service)
+            # 40 at once: stage 1 alone needs 10 batches of 14 ms, so most cannot go deeper in time.
+            outcomes = await asyncio.gather(*(
+                service.run(x, plan, deadline=time.perf_counter() + 0.1) for _ in range(40)))
+            exits = [o.exit for o in outcomes]
+            assert all(o.deadline_met is not None for o in outcomes)
+            assert exits.count(1) >= 20 and any(o.degraded for o in outcomes), exits
+            # Those that went deeper were predicted to make it: the predictions are not blind.
+            deep = [o for o in outcomes if o.exit > 1]
+            assert sum(o.deadline_met for o in deep) >= len(deep) / 2, [(o.exit, o.deadline_met) for o in deep]
+
+            # The burst is over: within seconds an idle request reaches the main exit again.
+            give_up = time.monotonic() + 5
+            while True:
+                out = await service.run(x, plan, deadline=time.perf_counter() + 0.1)
+                if out.exit == NUM_EXITS or time.monotonic() > give_up:
+                    break
+                await asyncio.sleep(0.2)
+            assert (out.exit, out.deadline_met) == (NUM_EXITS, True)
+            assert service.queue_delay_s() == 0.0
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def test_idle_probes_keep_every_graph_measured(service):
+    async def main():
+        await service.start()
+        try:
+            give_up = time.monotonic() + 5
+            while time.monotonic() < give_up:
+                if all(m.last_observed is not None for m in service.service_models.values()):
+                    break
+                await asyncio.sleep(0.1)
+            assert all(m.last_observed is not None for m in service.service_models.values())
+            # and probes never run while requests are in flight
+            with service.admit():
+                await asyncio.sleep(0.5)
+                before = {n: m.last_observed for n, m in service.service_models.items()}
+                await asyncio.sleep(0.5)
+                assert {n: m.last_observed for n, m in service.service_models.items()} == before
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+# --- HTTP: policies, default deadline, slow clients ----------------------------------------------
+
+POLICIES = {"eager": [0.9, 0.9], "strict": [cascade.NEVER, 0.9]}
+
+
+@pytest.fixture(scope="module")
+def policy_model_dir(tmp_path_factory):
+    folder = build_model_folder(tmp_path_factory.mktemp("policies"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["thresholds"] = {"rule": cascade.RULE, "policies": {
+        name: {"target": {"mean_gflops": 1.0}, "thresholds": t} for name, t in POLICIES.items()}}
+    manifest["thresholds"]["policies"]["unreachable"] = {"target": {"accuracy": 1.0}, "thresholds": None}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _post(client, c, **params):
+    return client.post("/classify", content=encode(uniform_image(c), "PNG"),
+                       headers={"Content-Type": "image/png"}, params=params)
+
+
+def test_named_and_per_exit_policies(policy_model_dir, tmp_path):
+    with ServerProcess(policy_model_dir, "--default-policy", "policy:strict", tmp_dir=tmp_path) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        info = client.get("/v1/model").json()
+        assert {n: p["thresholds"] for n, p in info["policies"].items()} == POLICIES
+        for c in range(10):  # exit 1 is confident from bin 7, exit 2 from bin 4 (tests/serving_model.py)
+            eager = _post(client, c, policy="eager").json()
+            assert eager["exit"] == cascade_exit(c, 0.9) and eager["policy"] == "policy:eager"
+            strict = _post(client, c).json()  # the default policy
+            assert strict["exit"] == (2 if c >= 4 else 3) and strict["policy"] == "policy:strict"
+            assert _post(client, c, confidence="1,0.9").json()["exit"] == strict["exit"]
+        r = _post(client, 5, policy="unreachable")
+        assert r.status_code == 422 and r.json()["accepted"] == ["eager", "strict"]
+        r = _post(client, 5, confidence="0.9,0.9,0.9")
+        assert r.status_code == 422 and "2 early exits" in r.json()["detail"]
+
+
+def test_server_default_deadline_applies_to_requests_without_one(policy_model_dir, tmp_path):
+    with ServerProcess(policy_model_dir, "--default-budget-ms", "60000", tmp_dir=tmp_path) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        body = _post(client, 1).json()
+        assert (body["exit"], body["deadline_met"], body["policy"]) == (NUM_EXITS, True, "budget_ms")
+        assert "deadline_met" not in _post(client, 1, exit=2).json()  # an explicit exit is exact
+        assert _post(client, 8, policy="eager").json()["deadline_met"] is True
+        metrics = client.get("/metrics").text
+        assert 'eed_deadline_total{exit="3",outcome="met"} 1.0' in metrics
+
+
+def test_hundreds_of_trickling_uploads_do_not_lock_out_other_clients(policy_model_dir, tmp_path):
+    data = encode(uniform_image(3), "PNG")
+    with ServerProcess(policy_model_dir, "--queue-size", "4", "--body-timeout-s", "3", tmp_dir=tmp_path) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        tricklers = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                          + f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:5])
+                tricklers.append(s)
+            with httpx.Client(base_url=srv.url, timeout=30) as client:
+                codes = [client.post("/classify", content=data, headers={"Content-Type": "image/png"}).status_code
+                         for _ in range(20)]
+            assert codes == [200] * 20
+            # Past the read deadline a trickler is told so (408) and its connection closed.
+            tricklers[0].settimeout(15)
+            reply = b""
+            while chunk := tricklers[0].recv(65536):  # until the server closes the connection
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert b"body_timeout" in reply
+        finally:
+            for s in tricklers:
+                s.close()
