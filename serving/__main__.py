@@ -9,7 +9,6 @@ SIGTERM drains first (``EED_DRAIN_SECONDS``, serving/drain.py), then exits with 
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import uvicorn
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 from .app import create_app
 from .drain import SHUTDOWN_TIMEOUT_S, DrainingServer
 from .manifest import ManifestError, load_manifest
+from .requestlog import configure_logging
 from .settings import ServerSettings
 
 
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         load_manifest(settings.model_dir, verify=True)
     except ManifestError as exc:
@@ -55,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
+        # JSON logs: uvicorn's loggers go through the root handler instead of its own text config.
+        **({"log_config": None} if settings.log_format == "json" else {}),
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
     )
     state = app.state.eed

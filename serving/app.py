@@ -23,13 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import BadRequest, InvalidParameters, NotReady, ServingError
-from .feedback import FeedbackStore
+from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownRequestId
+from .feedback import AnswerSigner, FeedbackStore
 from .images import Preprocessor
 from .metrics import ServingMetrics
 from .policy import PolicyParams, top_k as top_k_classes
 from .body import read_image_body
 from .runtime import ModelRuntime, SessionOptions
+from .requestlog import RequestIdMiddleware
 from .service import InferenceService
 from .settings import ServerSettings
 
@@ -79,6 +80,9 @@ class AppState:
         self.settings = settings
         self.metrics = ServingMetrics()
         self.feedback = FeedbackStore(settings.feedback_capacity)
+        secret = settings.feedback_secret
+        self.signer = AnswerSigner(secret.get_secret_value().encode() if secret else None,
+                                   settings.feedback_max_age_s)
         self.default_params: PolicyParams = settings.default_policy_params
         self.runtime: ModelRuntime | None = None
         self.service: InferenceService | None = None
@@ -170,6 +174,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     app.state.eed = state
     _install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware, log_format=settings.log_format)
 
     error_responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503)
@@ -234,8 +239,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                     x = state.preprocess(data, content_type)
                 outcome = await service.run(x, plan, ticket)
             ranked = top_k_classes(outcome.probs, k)
-            request_id = uuid.uuid4().hex
-            state.feedback.remember(request_id, outcome.exit, ranked[0][0])
+            request_id = state.signer.issue(service.runtime.manifest.name, outcome.exit, ranked[0][0])
             exit_label, status = str(outcome.exit), 200
             elapsed = time.perf_counter() - started
             metrics.request_latency.labels(exit_label).observe(elapsed)
@@ -253,16 +257,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise
         finally:
             metrics.requests.labels(exit_label, policy_label, str(status)).inc()
+            request.state.policy, request.state.exit = policy_label, exit_label  # for the request log
 
-    @app.post("/feedback", responses={code: {"model": ErrorBody} for code in (404, 409, 422, 503)})
+    @app.post("/feedback", responses={code: {"model": ErrorBody} for code in (403, 404, 409, 410, 422, 503)})
     async def feedback(item: FeedbackRequest) -> dict[str, Any]:
-        """Record the true label of an earlier answer; updates that exit's live accuracy."""
+        """Record the true label of an earlier answer (any replica sharing EED_FEEDBACK_SECRET accepts its id);
+        counts it in eed_feedback_total{exit, correct}."""
         service = state.require_service()
-        classes = service.runtime.manifest.classes
-        true_label = _class_index(item.label, classes)
-        answer, correct, accuracy = state.feedback.record(item.id, true_label)
-        state.metrics.record_feedback(answer.exit, correct, accuracy)
-        return {"id": item.id, "exit": answer.exit, "predicted": answer.label, "label": true_label,
+        manifest = service.runtime.manifest
+        claim = state.signer.verify(item.id)
+        if claim.model != manifest.name:
+            raise UnknownRequestId(
+                f"this id was issued for model {claim.model!r}; this server serves {manifest.name!r}"
+            )
+        true_label = _class_index(item.label, manifest.classes)
+        correct, accuracy = state.feedback.record(claim, true_label)
+        state.metrics.record_feedback(claim.exit, correct)
+        return {"id": item.id, "exit": claim.exit, "predicted": claim.label, "label": true_label,
                 "correct": correct, "live_accuracy": accuracy}
 
     @app.get("/v1/model")

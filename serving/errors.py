@@ -79,10 +79,24 @@ class ImpossibleBudget(ServingError):
 
 
 class UnknownRequestId(ServingError):
-    """Feedback for a request id the server does not remember."""
+    """Feedback for a genuine id of an answer this server cannot score (another model)."""
 
     status_code = 404
     code = "unknown_request_id"
+
+
+class ForgedFeedbackId(ServingError):
+    """Feedback for an id whose signature does not verify (altered, made up, or another secret)."""
+
+    status_code = 403
+    code = "invalid_feedback_id"
+
+
+class ExpiredFeedbackId(ServingError):
+    """Feedback for a genuine id older than ``feedback_max_age_s``."""
+
+    status_code = 410
+    code = "feedback_id_expired"
 
 
 class FeedbackConflict(ServingError):

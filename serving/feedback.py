@@ -1,66 +1,155 @@
-"""Ground-truth feedback: remember recent answers, score them when clients post labels.
+"""Ground-truth feedback that works on any replica: signed answer ids.
+
+The ``id`` of every answer is a token that carries what ``POST /feedback`` needs —
+model name, answering exit, predicted label, issue time and a random nonce — signed
+with HMAC-SHA256 under ``EED_FEEDBACK_SECRET``. Any replica that shares the secret
+can verify it without having seen the request, so feedback behind a load balancer
+never depends on hitting the replica that answered.
+
+Token layout (URL-safe, no padding): ``v1.<base64url(JSON claims)>.<base64url(MAC)>``
+with the MAC over ``v1.<claims part>``. Nothing in the claims is secret; the MAC only
+proves that a server holding the secret issued them.
 
 Live accuracy of exit i = correct / labelled among the answers *given by* exit i
 (in a cascade, the exit that answered — not the earlier exits that were evaluated
-and passed on). That is the accuracy users actually got from that exit.
+and passed on). The server exports it as counters (``eed_feedback_total{exit,
+correct}``) so that replicas sum; the ratio is a Prometheus recording rule.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
 from dataclasses import dataclass
 
-from .errors import FeedbackConflict, UnknownRequestId
+from .errors import ExpiredFeedbackId, FeedbackConflict, ForgedFeedbackId
+
+log = logging.getLogger("serving.feedback")
+
+VERSION = "v1"
+MAC_BYTES = 16  # 128-bit tag: forging one takes ~2^128 tries
+MIN_SECRET_BYTES = 16
+# A token longer than this was not issued by us (model names are short); refuse it
+# before decoding anything.
+MAX_TOKEN_CHARS = 1024
 
 
-@dataclass
-class Answer:
-    """What the server answered for one request id."""
+@dataclass(frozen=True)
+class Claim:
+    """What a verified answer id says about the answer."""
 
+    model: str
     exit: int
     label: int
-    labelled: bool = False
+    issued_at: float  # Unix time, seconds
+    nonce: str
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class AnswerSigner:
+    """Issues and verifies signed answer ids."""
+
+    def __init__(self, secret: bytes | None, max_age_s: float) -> None:
+        if secret is None:
+            secret = secrets.token_bytes(32)
+            log.warning(
+                "EED_FEEDBACK_SECRET is not set: answer ids are signed with a random per-process key, so "
+                "POST /feedback accepts only ids issued by this process; set the same EED_FEEDBACK_SECRET "
+                "on every replica behind a load balancer"
+            )
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"the feedback secret must be at least {MIN_SECRET_BYTES} bytes")
+        self._key = secret
+        self.max_age_s = max_age_s
+
+    def _mac(self, signed_part: str) -> bytes:
+        return hmac.new(self._key, signed_part.encode("ascii"), hashlib.sha256).digest()[:MAC_BYTES]
+
+    def issue(self, model: str, exit_number: int, label: int, now: float | None = None) -> str:
+        """A signed id for an answer of ``model`` given by ``exit_number`` predicting ``label``."""
+        claims = {"m": model, "e": exit_number, "l": label,
+                  "t": round(time.time() if now is None else now, 3), "n": secrets.token_hex(8)}
+        body = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
+        signed_part = f"{VERSION}.{body}"
+        return f"{signed_part}.{_b64encode(self._mac(signed_part))}"
+
+    def verify(self, token: str, now: float | None = None) -> Claim:
+        """The claims of a genuine, unexpired id; ForgedFeedbackId (403) or ExpiredFeedbackId (410) otherwise."""
+        forged = ForgedFeedbackId(
+            "this id was not issued by a server of this deployment (bad format or signature); post the 'id' "
+            "of a /classify or /v2 answer unchanged. Replicas must share EED_FEEDBACK_SECRET to accept each "
+            "other's ids"
+        )
+        if len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
+            raise forged
+        version, body, tag = token.split(".")
+        if version != VERSION:
+            raise forged
+        try:
+            mac = _b64decode(tag)
+        except (binascii.Error, ValueError):
+            raise forged from None
+        if not hmac.compare_digest(mac, self._mac(f"{version}.{body}")):
+            raise forged
+        # Signed by us, so the claims are well-formed; parse defensively all the same.
+        try:
+            raw = json.loads(_b64decode(body))
+            claim = Claim(model=str(raw["m"]), exit=int(raw["e"]), label=int(raw["l"]),
+                          issued_at=float(raw["t"]), nonce=str(raw["n"]))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise forged from None
+        age = (time.time() if now is None else now) - claim.issued_at
+        if age > self.max_age_s:
+            raise ExpiredFeedbackId(
+                f"this id was issued {age:.0f} s ago; feedback is accepted for {self.max_age_s:g} s after an "
+                "answer (EED_FEEDBACK_MAX_AGE_S)",
+                max_age_s=self.max_age_s,
+            )
+        return claim
 
 
 class FeedbackStore:
-    """A bounded LRU of recent answers plus per-exit feedback counts."""
+    """This replica's record of feedback: ids already labelled (bounded) and per-exit counts.
+
+    The counts feed ``/v1/model`` and the ``/feedback`` answer for this replica; the
+    deployment-wide figure is the sum of every replica's counters in Prometheus.
+    A repeated label for the same id is refused (409) when it reaches the same
+    replica while that id is among the last ``capacity`` labelled ones; replicas do
+    not share this memory.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._answers: collections.OrderedDict[str, Answer] = collections.OrderedDict()
+        self._labelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.total: collections.Counter[int] = collections.Counter()
         self.correct: collections.Counter[int] = collections.Counter()
 
-    def remember(self, request_id: str, exit_number: int, label: int) -> None:
-        """Keep an answer; the oldest one is forgotten when the store is full."""
-        self._answers[request_id] = Answer(exit_number, label)
-        if len(self._answers) > self.capacity:
-            self._answers.popitem(last=False)
-
-    def record(self, request_id: str, true_label: int) -> tuple[Answer, bool, float]:
-        """Score the answer for ``request_id``; returns (answer, correct, exit's live accuracy).
-
-        Raises UnknownRequestId (404) for ids never issued or already forgotten, and
-        FeedbackConflict (409) for a second label on the same id, so nothing is
-        counted twice.
-        """
-        answer = self._answers.get(request_id)
-        if answer is None:
-            raise UnknownRequestId(
-                f"no recent answer has id {request_id!r}; feedback is accepted for the ids returned by "
-                f"POST /classify while they are among the last {self.capacity} answers"
-            )
-        if answer.labelled:
-            raise FeedbackConflict(f"feedback for id {request_id!r} was already recorded; each answer counts once")
-        answer.labelled = True
-        correct = answer.label == true_label
-        self.total[answer.exit] += 1
-        self.correct[answer.exit] += int(correct)
-        return answer, correct, self.correct[answer.exit] / self.total[answer.exit]
+    def record(self, claim: Claim, true_label: int) -> tuple[bool, float]:
+        """Score one verified answer; returns (correct, this replica's live accuracy of its exit)."""
+        if claim.nonce in self._labelled:
+            raise FeedbackConflict("feedback for this id was already recorded; each answer counts once")
+        self._labelled[claim.nonce] = None
+        if len(self._labelled) > self.capacity:
+            self._labelled.popitem(last=False)
+        correct = claim.label == true_label
+        self.total[claim.exit] += 1
+        self.correct[claim.exit] += int(correct)
+        return correct, self.correct[claim.exit] / self.total[claim.exit]
 
     def live_accuracy(self) -> dict[int, float]:
-        """Exit → live accuracy, for exits with at least one labelled answer."""
+        """Exit → live accuracy on this replica, for exits with at least one labelled answer."""
         return {e: self.correct[e] / n for e, n in sorted(self.total.items()) if n}
-
-    def __len__(self) -> int:
-        return len(self._answers)

@@ -20,9 +20,9 @@ eed_exit_stage_gflops                     gauge      exit — stage cost from th
 eed_exit_params                           gauge      exit
 eed_exit_accuracy                         gauge      exit — evaluated accuracy from the manifest
 eed_exit_latency_estimate_seconds         gauge      exit, route (single|cascade)
-eed_feedback_total                        counter    exit — answers labelled via POST /feedback
-eed_feedback_correct_total                counter    exit
-eed_exit_live_accuracy                    gauge      exit — correct / total from feedback
+eed_feedback_total                        counter    exit, correct (true|false) — answers labelled via
+                                                     POST /feedback; live accuracy is a recording rule
+                                                     (docker/prometheus/rules/feedback.yml) so replicas sum
 eed_model_info                            gauge      name, arch, dataset, provider (value 1)
 eed_model_ready                           gauge      — 1 once loaded and warm (0 again while draining)
 eed_build_info                            gauge      version, revision, model, model_checksum (value 1)
@@ -116,12 +116,8 @@ class ServingMetrics:
             "eed_exit_latency_estimate_seconds", "Current latency estimate used by budget_ms",
             ["exit", "route"], registry=r)
         self.feedback = Counter(
-            "eed_feedback", "Answers for which a client posted the true label", ["exit"], registry=r)
-        self.feedback_correct = Counter(
-            "eed_feedback_correct", "Answers confirmed correct by feedback", ["exit"], registry=r)
-        self.live_accuracy = Gauge(
-            "eed_exit_live_accuracy", "Accuracy of each exit's answers according to feedback",
-            ["exit"], registry=r)
+            "eed_feedback", "Answers for which a client posted the true label, by answering exit and outcome",
+            ["exit", "correct"], registry=r)
         self.model_info = Gauge(
             "eed_model_info", "The model being served (value is always 1)",
             ["name", "arch", "dataset", "provider"], registry=r)
@@ -143,19 +139,15 @@ class ServingMetrics:
             if spec.accuracy is not None:
                 self.exit_accuracy.labels(e).set(spec.accuracy)
             self.gflops_spent.labels(e)
-            self.feedback.labels(e)
-            self.feedback_correct.labels(e)
+            for outcome in ("true", "false"):
+                self.feedback.labels(e, outcome)
             self.request_latency.labels(e)
             for graph in ("exit", "stage"):
                 self.queue_depth.labels(e, graph).set(0)
 
-    def record_feedback(self, exit_number: int, correct: bool, live_accuracy: float) -> None:
-        """Count one labelled answer and publish the exit's live accuracy."""
-        e = str(exit_number)
-        self.feedback.labels(e).inc()
-        if correct:
-            self.feedback_correct.labels(e).inc()
-        self.live_accuracy.labels(e).set(live_accuracy)
+    def record_feedback(self, exit_number: int, correct: bool) -> None:
+        """Count one labelled answer."""
+        self.feedback.labels(str(exit_number), "true" if correct else "false").inc()
 
     def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
         """Publish build/model identity, and admission (``admitted`` is read at every scrape)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .policy import PolicyParams, parse_policy_spec
@@ -80,7 +80,15 @@ class ServerSettings(BaseSettings):
         95.0, gt=0, le=100, description="percentile of recent latencies used as the estimate for budget_ms"
     )
     feedback_capacity: int = Field(
-        100_000, ge=1, description="recent request ids remembered for POST /feedback (LRU)"
+        100_000, ge=1, description="labelled answer ids this replica remembers, to refuse a second label (409)"
+    )
+    feedback_secret: SecretStr | None = Field(
+        None,
+        description="key (at least 16 bytes) that signs answer ids for POST /feedback; give every replica the "
+        "same one so feedback works on any of them. Unset: a random per-process key (and a warning)",
+    )
+    feedback_max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="how long after an answer its id is accepted by POST /feedback (410 after)"
     )
     drain_seconds: float = Field(
         0.0,
@@ -90,11 +98,22 @@ class ServerSettings(BaseSettings):
         "stop sending) before closing the listener; in-flight requests then finish (serving/drain.py)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: plain log lines; json: one JSON object per line, including one line per request "
+        "(id, route, policy, exit, status, latency)"
+    )
 
     @field_validator("default_policy")
     @classmethod
     def _check_policy(cls, value: str) -> str:
         parse_policy_spec(value)  # raises ValueError with the accepted format
+        return value
+
+    @field_validator("feedback_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 16:
+            raise ValueError("feedback_secret must be at least 16 bytes; e.g. the output of `openssl rand -hex 32`")
         return value
 
     @property

@@ -1,0 +1,129 @@
+"""Request correlation ids and per-request log lines.
+
+Every request gets a correlation id: the client's (or a proxy's) ``X-Request-ID``
+when it is acceptable — 1 to 128 characters of ``A-Z a-z 0-9 . _ : - + = /`` — and a
+fresh one otherwise (an unacceptable id is replaced, not refused, as load balancers
+do, so a proxy with another id format never breaks requests). The id is echoed in
+the response's ``X-Request-ID`` header, is available to routes as
+``request.state.request_id`` and to log records as ``request_id``.
+
+With ``EED_LOG_FORMAT=json`` every log record is one JSON object per line, and each
+request adds one line (logger ``serving.access``) with its id, method, route,
+policy, exit, status and latency; routes fill in ``request.state.policy`` and
+``request.state.exit``. With the default text format these lines are logged at
+DEBUG only: at INFO they would cost more than a small model's inference.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+HEADER = "x-request-id"
+MAX_ID_CHARS = 128
+_VALID_ID = re.compile(r"[A-Za-z0-9._:\-+=/]{1,%d}" % MAX_ID_CHARS)
+
+# The id of the request being handled, for log records made anywhere below the middleware.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+access_log = logging.getLogger("serving.access")
+
+
+def correlation_id(incoming: str | None) -> str:
+    """The client's id when acceptable, else a fresh one."""
+    if incoming is not None and _VALID_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware (no body buffering): correlation id in, header out, one log line per request."""
+
+    def __init__(self, app, log_format: str = "text") -> None:
+        self.app = app
+        self.level = logging.INFO if log_format == "json" else logging.DEBUG
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = correlation_id(incoming)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        token = current_request_id.set(request_id)
+        started = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if access_log.isEnabledFor(self.level):
+                route = scope.get("route")
+                access_log.log(self.level, "%s %s %s", scope.get("method"), scope.get("path"), status, extra={
+                    "request_id": request_id,
+                    "method": scope.get("method"),
+                    "route": getattr(route, "path", None) or scope.get("path"),
+                    "policy": state.get("policy"),
+                    "exit": state.get("exit"),
+                    "status": status,
+                    "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
+                })
+            current_request_id.reset(token)
+
+
+# Attributes every LogRecord has; anything else was passed with ``extra=`` and goes into the JSON.
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, request id and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = current_request_id.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logging for the server process: plain lines, or JSON lines with ``log_format='json'``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings become log records too (one JSON line each)

@@ -1,0 +1,111 @@
+"""Correlation ids (X-Request-ID) and JSON request logs, on real server processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import httpx
+import pytest
+
+from serving.requestlog import MAX_ID_CHARS, correlation_id
+from serving_model import ServerProcess, build_model_folder, encode, expected_label, uniform_image
+
+GENERATED = re.compile(r"[0-9a-f]{32}")
+
+
+def png(c: int) -> bytes:
+    return encode(uniform_image(c), "PNG")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def json_server(model_dir, tmp_path_factory):
+    env = {**os.environ, "EED_LOG_FORMAT": "json"}
+    with ServerProcess(model_dir, "--intra-op-threads", "1", tmp_dir=tmp_path_factory.mktemp("json"),
+                       env=env) as srv:
+        yield srv
+
+
+def log_entries(server: ServerProcess, request_id: str, timeout: float = 10) -> list[dict]:
+    """The JSON log lines carrying ``request_id`` (waits for the server to write them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+        found = [e for e in entries if e.get("request_id") == request_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_an_incoming_request_id_is_used_and_echoed(json_server):
+    r = httpx.post(json_server.url + "/classify", content=png(4), params={"exit": 2},
+                   headers={"Content-Type": "image/png", "X-Request-ID": "lb-7f3a:trace.42"}, timeout=30)
+    assert r.status_code == 200
+    assert r.headers["X-Request-ID"] == "lb-7f3a:trace.42"
+    assert r.json()["label"] == expected_label(4, 2)
+
+
+@pytest.mark.parametrize("incoming", ["a" * (MAX_ID_CHARS + 1), "has space", "semi;colon", "", "ünïcode"])
+def test_an_unacceptable_request_id_is_replaced_not_refused(json_server, incoming):
+    r = httpx.post(json_server.url + "/classify", content=png(4), params={"exit": 1},
+                   headers={"Content-Type": "image/png", "X-Request-ID": incoming.encode("utf-8")}, timeout=30)
+    assert r.status_code == 200
+    assert GENERATED.fullmatch(r.headers["X-Request-ID"])
+
+
+def test_every_response_has_its_own_id_errors_included(json_server):
+    ids = set()
+    for method, path in [("GET", "/healthz"), ("GET", "/nope"), ("POST", "/feedback"), ("GET", "/metrics")]:
+        r = httpx.request(method, json_server.url + path, timeout=30)
+        assert GENERATED.fullmatch(r.headers["X-Request-ID"]), (path, r.headers)
+        ids.add(r.headers["X-Request-ID"])
+    assert len(ids) == 4
+    r = httpx.get(json_server.url + "/nope", headers={"X-Request-ID": "mine-1"}, timeout=30)
+    assert r.status_code == 404 and r.headers["X-Request-ID"] == "mine-1"
+
+
+def test_json_logs_one_line_per_request_with_id_route_policy_exit_status_latency(json_server):
+    r = httpx.post(json_server.url + "/classify", content=png(5), params={"confidence": 0.9},
+                   headers={"Content-Type": "image/png", "X-Request-ID": "req-json-1"}, timeout=30)
+    assert r.status_code == 200
+    (entry,) = [e for e in log_entries(json_server, "req-json-1") if e["logger"] == "serving.access"]
+    assert entry["route"] == "/classify" and entry["method"] == "POST"
+    assert entry["policy"] == "confidence" and entry["exit"] == str(r.json()["exit"])
+    assert entry["status"] == 200 and entry["latency_ms"] > 0 and entry["level"] == "info"
+
+    r = httpx.post(json_server.url + "/classify", content=b"not an image",
+                   headers={"Content-Type": "image/png", "X-Request-ID": "req-json-2"}, timeout=30)
+    assert r.status_code == 400
+    (entry,) = [e for e in log_entries(json_server, "req-json-2") if e["logger"] == "serving.access"]
+    assert entry["status"] == 400 and entry["exit"] == "none"
+
+    # Every line the process wrote is JSON, uvicorn's own start-up lines included.
+    lines = [line for line in json_server.log().splitlines() if line.strip()]
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert any(json.loads(line)["logger"].startswith("uvicorn") for line in lines)
+
+
+def test_plain_text_logs_stay_the_default_without_request_lines(model_dir, tmp_path):
+    with ServerProcess(model_dir, "--intra-op-threads", "1", tmp_dir=tmp_path) as srv:
+        r = httpx.post(srv.url + "/classify", content=png(1), headers={"Content-Type": "image/png",
+                                                                       "X-Request-ID": "req-text-1"}, timeout=30)
+        assert r.status_code == 200 and r.headers["X-Request-ID"] == "req-text-1"
+        time.sleep(0.5)
+        log = srv.log()
+    assert "req-text-1" not in log
+    assert not log.lstrip().startswith("{")
+
+
+def test_correlation_id_rules():
+    assert correlation_id("abc-DEF_1.2:3+4=5/6") == "abc-DEF_1.2:3+4=5/6"
+    assert correlation_id("x" * MAX_ID_CHARS) == "x" * MAX_ID_CHARS
+    assert GENERATED.fullmatch(correlation_id(None))
+    assert GENERATED.fullmatch(correlation_id("x" * (MAX_ID_CHARS + 1)))
+    assert GENERATED.fullmatch(correlation_id("a\nb"))
