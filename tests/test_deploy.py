@@ -513,10 +513,12 @@ def test_promtool_check_config():
 
 def test_prometheus_scrapes_the_compose_servers():
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "eed"]
-    assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {f"server:{CONTAINER_PORT}", f"server-gpu:{CONTAINER_PORT}"}
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    # The GPU server (an optional profile) is its own job, so EEDServerDown (job="eed") stays
+    # quiet when it is not started.
+    for name, target in [("eed", "server"), ("eed-gpu", "server-gpu")]:
+        assert jobs[name].get("metrics_path", "/metrics") == "/metrics"
+        assert {t for sc in jobs[name]["static_configs"] for t in sc["targets"]} == {f"{target}:{CONTAINER_PORT}"}
 
 
 def dashboard() -> dict:
@@ -786,6 +788,10 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"]["scrape_interval"] = "1s"
     config["global"]["scrape_timeout"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    # The rules compose mounts at /etc/prometheus/rules, from the repository.
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+    config["rule_files"] = [str(DOCKER / "prometheus" / "rules" / "*.yml")]
     target = container_server["url"].removeprefix("http://")
     # The eed job as compose has it, its targets (compose service names) → the local server.
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "eed"]
@@ -845,5 +851,19 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
                 time.sleep(1.0)
             status, body = query('up{job="eed"}')
             assert [s["value"][1] for s in body["data"]["result"]] == ["1"]
+
+            # Every recording and alerting rule evaluates against the live server without error.
+            deadline = time.monotonic() + 30
+            while True:
+                groups = httpx.get(prom_url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+                rules = [(g["file"], r) for g in groups for r in g["rules"]]
+                assert len({f for f, _ in rules}) == len(list((DOCKER / "prometheus" / "rules").glob("*.yml")))
+                bad = [(f, r["name"], r.get("lastError")) for f, r in rules if r["health"] == "err"]
+                assert not bad, bad
+                if all(r["health"] == "ok" for _, r in rules):
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"rules not evaluated: {[r['name'] for _, r in rules if r['health'] != 'ok']}")
+                time.sleep(0.5)
         finally:
             stop_process(prom)
