@@ -27,8 +27,9 @@ from .errors import BadRequest, InvalidParameters, NotReady, ServingError, Unkno
 from .feedback import AnswerSigner, FeedbackStore
 from .images import Preprocessor
 from .metrics import ServingMetrics
-from .policy import PolicyParams, top_k as top_k_classes
-from .body import read_image_body
+from .oip import router as oip_router
+from .policy import PolicyParams, effective_params, params_from_request, top_k as top_k_classes
+from .body import read_body_within
 from .runtime import ModelRuntime, SessionOptions
 from .requestlog import RequestIdMiddleware
 from .service import InferenceService
@@ -36,7 +37,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("serving")
 
-CLASSIFY_PARAMS = {"budget_gflops", "budget_ms", "confidence", "exit", "top_k"}
+CLASSIFY_PARAMS = {"budget_gflops", "budget_ms", "confidence", "exit", "policy", "top_k"}
 # Bodies above this are decoded in a worker thread: a camera-sized JPEG takes tens of
 # ms to decode, which would stall every other request on the event loop; tiny images
 # decode faster than a thread hop.
@@ -61,6 +62,9 @@ class ClassifyResponse(BaseModel):
     policy: str
     latency_ms: float = Field(description="server-side time for the whole request")
     inference_ms: float = Field(description="time in the model: queueing, batching and inference")
+    deadline_met: bool | None = Field(
+        None, description="present whenever a deadline applied (budget_ms or the server's default_budget_ms): "
+        "whether the answer was ready in time")
 
 
 class FeedbackRequest(BaseModel):
@@ -117,7 +121,9 @@ async def load_model(state: AppState) -> None:
         await loop.run_in_executor(None, runtime.warm_up, settings.max_batch_size, settings.warmup_runs)
         await loop.run_in_executor(None, runtime.check_consistency)
         state.phase = "calibrating latency"
-        timings = await loop.run_in_executor(None, runtime.calibrate, settings.calibration_runs)
+        timings = await loop.run_in_executor(
+            None, runtime.calibrate, settings.calibration_runs, (1, settings.max_batch_size)
+        )
         service = InferenceService.from_settings(runtime, state.metrics, settings)
         service.seed_latency(timings)
         # A default policy the model cannot satisfy (exit:7 on 3 exits, a budget below
@@ -175,9 +181,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.eed = state
     _install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware, log_format=settings.log_format)
+    app.include_router(oip_router)  # Open Inference Protocol v2: /v2/...
 
     error_responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503)
+        code: {"model": ErrorBody} for code in (400, 408, 413, 415, 422, 503)
     }
 
     @app.post(
@@ -204,15 +211,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def classify(
         request: Request,
         budget_gflops: float | None = Query(None, description="deepest exit whose cost ≤ this many GFLOPs"),
-        budget_ms: float | None = Query(None, description="deepest exit whose latency estimate ≤ this (ms)"),
-        confidence: float | None = Query(
-            None, description="cascade: stop at the first exit whose top probability ≥ this (0..1)"
+        budget_ms: float | None = Query(
+            None,
+            description="deadline in ms from arrival: the deepest exit that can be ready in time; under load an "
+            "earlier exit, with deadline_met in the answer",
         ),
+        confidence: str | None = Query(
+            None,
+            description="cascade: stop at the first exit whose top probability ≥ threshold (0..1); one number, "
+            "or one per early exit (e.g. 0.65,0.43,0.33)",
+        ),
+        policy: str | None = Query(None, description="a calibrated policy's name (GET /v1/model lists them)"),
         exit: str | None = Query(None, description="this exit: 1..k, or 'last'"),
         top_k: int | None = Query(None, description="classes to return (capped at the number of classes)"),
     ) -> Response:
         """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
-        started = time.perf_counter()
+        arrived = time.perf_counter()
         metrics = state.metrics
         exit_label, policy_label, status = "none", "none", 500
         try:
@@ -221,32 +235,32 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 raise InvalidParameters(
                     f"unknown query parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(CLASSIFY_PARAMS))}"
                 )
-            params = PolicyParams(budget_gflops=budget_gflops, budget_ms=budget_ms, confidence=confidence,
-                                  exit=_parse_exit(exit))
-            if params.is_empty():
-                params = state.default_params
+            requested = params_from_request(
+                {"budget_gflops": budget_gflops, "budget_ms": budget_ms, "confidence": confidence,
+                 "policy": policy, "exit": exit}
+            )
+            params = effective_params(requested, state.default_params, settings.default_budget_ms)
             policy_label = params.name
             service = state.require_service()
             plan = service.plan(params)
             k = settings.default_top_k if top_k is None else top_k
             if k < 1:
                 raise InvalidParameters(f"top_k={k} must be at least 1")
+            # The whole body arrives before the request takes an admission slot, so slow
+            # uploads wait outside capacity; the read deadline bounds how long they may take.
+            data, content_type = await read_body_within(request, settings.max_body_bytes, settings.body_timeout_s)
             with service.admit() as ticket:
-                data, content_type = await read_image_body(request, settings.max_body_bytes)
                 if len(data) > INLINE_DECODE_BYTES:
                     x = await anyio.to_thread.run_sync(state.preprocess, data, content_type)
                 else:
                     x = state.preprocess(data, content_type)
-                outcome = await service.run(x, plan, ticket)
+                deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
+                outcome = await service.run(x, plan, ticket, deadline)
             ranked = top_k_classes(outcome.probs, k)
             request_id = state.signer.issue(service.runtime.manifest.name, outcome.exit, ranked[0][0])
             exit_label, status = str(outcome.exit), 200
-            elapsed = time.perf_counter() - started
-            metrics.request_latency.labels(exit_label).observe(elapsed)
-            metrics.gflops_spent.labels(exit_label).inc(outcome.gflops)
-            metrics.request_gflops.labels(exit_label, policy_label).observe(outcome.gflops)
-            if plan.budget_ms is not None and outcome.seconds * 1e3 > plan.budget_ms:
-                metrics.budget_misses.labels(exit_label, "ms").inc()
+            elapsed = time.perf_counter() - arrived
+            metrics.record_answer(outcome, policy_label, elapsed)
             body = _answer(request_id, outcome, ranked, service.runtime.manifest.classes, policy_label, elapsed)
             return JSONResponse(body, headers={"X-Request-ID": request_id})
         except ServingError as exc:
@@ -278,23 +292,39 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
-        """The manifest as served, with the provider and live latency estimates per exit."""
+        """The manifest as served, with the provider, the calibrated policies and live latency estimates."""
         service = state.require_service()
         runtime = service.runtime
         single, cascade = service.latency_estimates_ms()
+        idle_single, idle_cascade = service.idle_service_ms()
         live = state.feedback.live_accuracy()
         manifest = runtime.manifest.model_dump(mode="json")
-        for entry, s, c in zip(manifest["exits"], single, cascade):
+        for entry, s, c, idle_s, idle_c in zip(manifest["exits"], single, cascade, idle_single, idle_cascade):
             entry["latency_estimate_ms"] = round(s, 4)
             entry["cascade_latency_estimate_ms"] = round(c, 4)
+            entry["idle_service_ms"] = round(idle_s, 4)
+            entry["idle_cascade_service_ms"] = round(idle_c, 4)
             entry["cascade_gflops"] = service.costs.cascade_gflops[entry["exit"] - 1]
             entry["live_accuracy"] = live.get(entry["exit"])
+        recorded = (runtime.manifest.thresholds or {}).get("policies", {})
+        policies = {
+            name: {"thresholds": list(thresholds),
+                   **{k: v for k, v in recorded.get(name, {}).items() if k in ("target", "val", "test")}}
+            for name, thresholds in service.costs.policies.items()
+        }
         return {
             "manifest": manifest,
             "model_dir": str(runtime.model_dir),
             "provider": runtime.provider,
             "default_policy": settings.default_policy,
-            "latency_percentile": settings.latency_percentile,
+            "default_budget_ms": settings.default_budget_ms,
+            "policies": policies,
+            "latency": {
+                "queue_delay_ms": round(service.queue_delay_s() * 1e3, 4),
+                "prediction_gap_ms": round(service.prediction_gap.value() * 1e3, 4),
+                "half_life_s": settings.estimate_half_life_s,
+                "probe_interval_s": settings.probe_interval_s,
+            },
             "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                          "queue_size": settings.queue_size},
             "stage_chain_max_abs_diff": runtime.consistency,
@@ -340,19 +370,8 @@ def _answer(request_id: str, outcome, ranked: list[tuple[int, float]], classes: 
         "policy": policy,
         "latency_ms": round(elapsed_s * 1e3, 3),
         "inference_ms": round(outcome.seconds * 1e3, 3),
+        **({} if outcome.deadline_met is None else {"deadline_met": outcome.deadline_met}),
     }
-
-
-def _parse_exit(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    value = value.strip().lower()
-    if value == "last":
-        return "last"
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidParameters(f"exit={value!r} is not an exit number; accepted: an integer 1..k or 'last'") from None
 
 
 def _class_index(label: int | str, classes: list[str]) -> int:

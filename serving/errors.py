@@ -36,6 +36,13 @@ class BadRequest(ServingError):
     code = "bad_request"
 
 
+class BodyTimeout(ServingError):
+    """The request body did not arrive completely within the read deadline."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
 class InvalidImage(ServingError):
     """The body is not a decodable image (corrupt, truncated, empty, not an image)."""
 
@@ -83,6 +90,13 @@ class UnknownRequestId(ServingError):
 
     status_code = 404
     code = "unknown_request_id"
+
+
+class UnknownModel(ServingError):
+    """An Open Inference Protocol route names a model this server does not serve."""
+
+    status_code = 404
+    code = "unknown_model"
 
 
 class ForgedFeedbackId(ServingError):

@@ -14,7 +14,9 @@ eed_request_gflops                        histogram  exit, policy — GFLOPs per
 eed_batch_size                            histogram  exit, graph
 eed_queue_depth                           gauge      exit, graph
 eed_inflight_requests                     gauge      —
-eed_budget_misses_total                   counter    exit, budget (ms) — latency above budget_ms
+eed_deadline_total                        counter    exit, outcome (met|missed) — requests with a deadline
+eed_degraded_total                        counter    exit — deadline answers stopped before the exit an
+                                                     idle server would have reached (load, not confidence)
 eed_exit_gflops                           gauge      exit — full-path cost from the manifest
 eed_exit_stage_gflops                     gauge      exit — stage cost from the manifest
 eed_exit_params                           gauge      exit
@@ -100,9 +102,12 @@ class ServingMetrics:
             ["exit", "graph"], registry=r)
         self.inflight = Gauge(
             "eed_inflight_requests", "Requests admitted and not yet answered", registry=r)
-        self.budget_misses = Counter(
-            "eed_budget_misses", "Requests whose inference latency exceeded budget_ms",
-            ["exit", "budget"], registry=r)
+        self.deadlines = Counter(
+            "eed_deadline", "Answered requests with a deadline (budget_ms or the server default), by exit and "
+            "whether the answer was ready in time", ["exit", "outcome"], registry=r)
+        self.degraded = Counter(
+            "eed_degraded", "Deadline answers from an earlier exit than an idle server would have used, "
+            "because the next stage could not finish in time", ["exit"], registry=r)
         self.exit_gflops = Gauge(
             "eed_exit_gflops", "Full-path cost of each exit (manifest)", ["exit"], registry=r)
         self.exit_stage_gflops = Gauge(
@@ -113,7 +118,8 @@ class ServingMetrics:
             "eed_exit_accuracy", "Top-1 accuracy of each exit on the evaluation split (manifest)",
             ["exit"], registry=r)
         self.latency_estimate = Gauge(
-            "eed_exit_latency_estimate_seconds", "Current latency estimate used by budget_ms",
+            "eed_exit_latency_estimate_seconds", "Predicted time to an answer from this exit for a request "
+            "arriving now (queueing + service)",
             ["exit", "route"], registry=r)
         self.feedback = Counter(
             "eed_feedback", "Answers for which a client posted the true label, by answering exit and outcome",
@@ -139,6 +145,9 @@ class ServingMetrics:
             if spec.accuracy is not None:
                 self.exit_accuracy.labels(e).set(spec.accuracy)
             self.gflops_spent.labels(e)
+            self.degraded.labels(e)
+            for outcome in ("met", "missed"):
+                self.deadlines.labels(e, outcome)
             for outcome in ("true", "false"):
                 self.feedback.labels(e, outcome)
             self.request_latency.labels(e)
@@ -148,6 +157,17 @@ class ServingMetrics:
     def record_feedback(self, exit_number: int, correct: bool) -> None:
         """Count one labelled answer."""
         self.feedback.labels(str(exit_number), "true" if correct else "false").inc()
+
+    def record_answer(self, outcome, policy: str, elapsed_s: float) -> None:
+        """Count one answered request (any route): latency, GFLOPs, deadline outcome."""
+        e = str(outcome.exit)
+        self.request_latency.labels(e).observe(elapsed_s)
+        self.gflops_spent.labels(e).inc(outcome.gflops)
+        self.request_gflops.labels(e, policy).observe(outcome.gflops)
+        if outcome.deadline_met is not None:
+            self.deadlines.labels(e, "met" if outcome.deadline_met else "missed").inc()
+        if outcome.degraded:
+            self.degraded.labels(e).inc()
 
     def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
         """Publish build/model identity, and admission (``admitted`` is read at every scrape)."""

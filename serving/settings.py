@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .policy import PolicyParams, parse_policy_spec
@@ -64,7 +64,8 @@ class ServerSettings(BaseSettings):
     default_policy: str = Field(
         "exit:last",
         description="policy when a request gives none: comma-separated key:value pairs with keys "
-        "exit (N or last), budget_gflops, budget_ms, confidence; e.g. 'confidence:0.9'",
+        "exit (N or last), budget_gflops, budget_ms, confidence, policy (a calibrated policy's name, "
+        "see GET /v1/model); e.g. 'confidence:0.9' or 'policy:budget_0.5x_main'",
     )
     default_top_k: int = Field(5, ge=1, description="classes returned when a request gives no top_k")
 
@@ -74,10 +75,36 @@ class ServerSettings(BaseSettings):
     )
 
     warmup_runs: int = Field(3, ge=1, description="warm-up runs per graph before /readyz turns 200")
-    calibration_runs: int = Field(10, ge=1, description="timed batch-1 runs per graph that seed latency estimates")
-    latency_window: int = Field(512, ge=8, description="recent measurements kept per graph for latency estimates")
-    latency_percentile: float = Field(
-        95.0, gt=0, le=100, description="percentile of recent latencies used as the estimate for budget_ms"
+    calibration_runs: int = Field(
+        10, ge=1, description="timed runs per graph at batch 1 and at max_batch_size that seed service-time estimates"
+    )
+    estimate_half_life_s: float = Field(
+        0.5,
+        gt=0,
+        le=600,
+        description="half-life of the live measurements behind service-time estimates: after a burst they "
+        "return to the idle calibration within a few half-lives",
+    )
+    probe_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="while idle, re-time any graph not run for this long (batch 1), so estimates of exits "
+        "that deadlines skipped stay current; 0 = never probe",
+    )
+    deadline_margin_ms: float = Field(
+        0.5, ge=0, description="slack kept before a deadline for building the response"
+    )
+    default_budget_ms: float | None = Field(
+        None,
+        gt=0,
+        description="deadline (ms from arrival) for requests that give neither budget_ms nor exit: under load "
+        "they answer from earlier exits instead of queueing past it; unset = no server-wide deadline",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="time allowed to receive a whole request body (408 past it); bodies are read before "
+        "a request takes an admission slot, so slow uploads cannot exhaust capacity",
     )
     feedback_capacity: int = Field(
         100_000, ge=1, description="labelled answer ids this replica remembers, to refuse a second label (409)"
@@ -115,6 +142,16 @@ class ServerSettings(BaseSettings):
         if value is not None and len(value.get_secret_value().encode()) < 16:
             raise ValueError("feedback_secret must be at least 16 bytes; e.g. the output of `openssl rand -hex 32`")
         return value
+
+    @model_validator(mode="after")
+    def _check_default_deadline(self) -> "ServerSettings":
+        if self.default_budget_ms is not None and isinstance(self.default_policy_params.exit, int):
+            raise ValueError(
+                f"default_budget_ms cannot be combined with default_policy {self.default_policy!r}: a fixed exit "
+                "cannot move to an earlier one when the deadline is near; use exit:last (or budget_gflops to cap "
+                "the depth) with a server-wide deadline"
+            )
+        return self
 
     @property
     def default_policy_params(self) -> PolicyParams:
