@@ -582,6 +582,11 @@ def test_dashboard_has_the_required_panels():
     assert "rate(eed_gflops_spent_total" in exprs(panel_with("eed_gflops_spent_total", kind="timeseries"))
     panel_with("eed_batch_size_sum", "eed_batch_size_count")
     panel_with("eed_queue_depth")
+    # SLO panels, on the alerts' thresholds: availability, answers within 250 ms, deadlines met.
+    panel_with('eed_requests_total{instance=~"$instance",status=~"5.."}', kind="stat")
+    panel_with('eed_request_latency_seconds_bucket{instance=~"$instance",le="0.25"}', kind="stat")
+    panel_with('eed_deadline_total{instance=~"$instance",outcome="met"}', kind="stat")
+    panel_with('outcome="met"', 'le="0.25"', 'status=~"5.."', kind="timeseries")
     # Live accuracy: the recording rules over eed_feedback_total (docker/prometheus/rules/feedback.yml).
     panel_with("exit:eed_feedback_accuracy:ratio_rate1h", "exit:eed_feedback_accuracy:ratio_rate5m", kind="timeseries")
 
