@@ -4,11 +4,14 @@ Trains every method with several seeds on Fashion-MNIST with a CIFAR-style ResNe
 ``training/train.py`` (one subprocess per run), selects each run's epoch on a held-out
 validation split, evaluates that epoch once on the test split, and writes a Markdown and a
 JSON table (per-exit test accuracy mean ± std over seeds, ensemble accuracy, GFLOPs per
-exit) plus two plots under ``benchmarks/results/``. Every run is resumable: stop the
+exit) plus two plots under ``benchmarks/results/``. The small-data preset reports the final
+epoch instead, with paired-by-seed differences and 95 % t-intervals (``paired_report.py``). Every run is resumable: stop the
 benchmark at any time and start the same command again; finished runs are skipped and
 interrupted ones continue from their last epoch.
 
     python benchmarks/reproduce.py --preset cpu        # sized for a 2-core CPU (about 2.5 hours)
+    python benchmarks/reproduce.py --preset small-data # 2,500 images x 200 epochs, paired seeds, intervals
+    python benchmarks/reproduce.py --preset small-data --report-only   # interim report of finished runs
     python benchmarks/reproduce.py --preset paper      # the paper's full recipe, for a GPU
     python benchmarks/reproduce.py --preset smoke      # a minute: checks the pipeline end to end
 """
