@@ -1,0 +1,268 @@
+"""Open Inference Protocol v2 (KServe / Triton REST) on the same app as ``/classify``.
+
+Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
+``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``; ``{name}`` is the
+manifest's ``name``. An infer call carries a batch of N samples as one input:
+
+* ``input`` — FP32 ``[N, C, H, W]``, already preprocessed as the manifest's ``input`` says;
+* ``image`` — BYTES ``[N]``, encoded image files (base64 strings when sent as JSON).
+
+Request ``parameters`` carry the policy, with the same names and meaning as the query
+parameters of ``/classify`` (``budget_gflops``, ``budget_ms``, ``confidence``, ``exit``,
+``policy``), parsed by the same function. Each sample is one request of the inference
+service: admitted, batched with everything else in flight (``/classify`` included),
+counted in the same metrics. Outputs: ``probabilities`` FP32 ``[N, classes]``,
+``label`` INT64 ``[N]``, ``exit`` INT32 ``[N]``, ``gflops`` FP32 ``[N]`` and
+``feedback_id`` BYTES ``[N]`` (the signed ids ``POST /feedback`` takes). Errors are
+``{"error": "..."}`` as the protocol says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from . import buildinfo
+from .body import _read_limited
+from .errors import BadRequest, BodyTimeout, InvalidParameters, NotReady, ServingError, UnknownModel
+from .policy import POLICY_KEYS, effective_params, params_from_request
+from .tensors import BYTES, HEADER_LENGTH, InferRequest, decode_request, encode_response
+
+SERVER_NAME = "eed-anytime"
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+MODEL_VERSION = "1"
+FP32_INPUT, IMAGE_INPUT = "input", "image"
+OUTPUTS = {  # name → (datatype, shape with -1 for the batch; "K" = number of classes)
+    "probabilities": ("FP32", [-1, "K"]),
+    "label": ("INT64", [-1]),
+    "exit": ("INT32", [-1]),
+    "gflops": ("FP32", [-1]),
+    "feedback_id": (BYTES, [-1]),
+}
+# Bodies above this are decoded in a worker thread (as /classify does).
+INLINE_DECODE_BYTES = 64 * 1024
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+
+
+def oip_error(exc: ServingError) -> JSONResponse:
+    """The protocol's error body: ``{"error": "..."}``. Client errors the protocol has no
+    code for (415, 422) are 400; 404, 408, 413 and 503 keep theirs."""
+    status = exc.status_code if exc.status_code in (404, 408, 413, 503) or exc.status_code >= 500 else 400
+    return JSONResponse({"error": exc.detail}, status_code=status, headers=exc.headers)
+
+
+def _state(request: Request):
+    return request.app.state.eed
+
+
+def _served(request: Request, name: str):
+    """The service, if ``name`` is the model served and it is ready."""
+    state = _state(request)
+    service = state.require_service()
+    served = service.runtime.manifest.name
+    if name != served:
+        raise UnknownModel(f"no model named {name!r}; this server serves {served!r}")
+    return service
+
+
+def _ready_or_raise(request: Request) -> None:
+    if _state(request).draining:
+        raise NotReady("the server is draining before it shuts down")
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": buildinfo.package_version(), "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server liveness")
+async def server_live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness: the model is loaded and warm, no drain under way")
+async def server_ready(request: Request) -> Response:
+    try:
+        _ready_or_raise(request)
+        _state(request).require_service()
+    except ServingError as exc:
+        return oip_error(exc)
+    return JSONResponse({"ready": True})
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(name: str, request: Request) -> Response:
+    try:
+        service = _served(request, name)
+    except ServingError as exc:
+        return oip_error(exc)
+    manifest = service.runtime.manifest
+    spec = manifest.input
+    classes = len(manifest.classes)
+    outputs = [{"name": n, "datatype": dt, "shape": [classes if d == "K" else d for d in shape]}
+               for n, (dt, shape) in OUTPUTS.items()]
+    return JSONResponse({
+        "name": manifest.name,
+        "versions": [MODEL_VERSION],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, spec.channels, spec.height, spec.width]},
+            {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
+        ],
+        "outputs": outputs,
+    })
+
+
+@router.get("/models/{name}/ready", summary="Model readiness")
+async def model_ready(name: str, request: Request) -> Response:
+    try:
+        _ready_or_raise(request)
+        _served(request, name)
+    except ServingError as exc:
+        return oip_error(exc)
+    return JSONResponse({"name": name, "ready": True})
+
+
+@router.post("/models/{name}/infer", summary="Inference on a batch of N images or preprocessed inputs")
+async def infer(name: str, request: Request) -> Response:
+    arrived = time.perf_counter()
+    state = _state(request)
+    metrics = state.metrics
+    policy_label, status, exits = "none", 500, []
+    try:
+        service = _served(request, name)
+        settings = state.settings
+        body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        req = decode_request(body, request.headers.get(HEADER_LENGTH))
+        params = effective_params(_policy_params(req.parameters), state.default_params, settings.default_budget_ms)
+        policy_label = params.name
+        plan = service.plan(params)
+        requested = _requested_outputs(req)
+        xs = await _samples(req, state.preprocess, service.runtime.manifest.input)
+        if len(xs) > service.queue_size:
+            raise BadRequest(f"a batch of {len(xs)} is more than this server admits at once "
+                             f"({service.queue_size}, EED_QUEUE_SIZE); send smaller batches")
+        deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
+        with contextlib.ExitStack() as stack:
+            tickets = [stack.enter_context(service.admit()) for _ in xs]
+            outcomes = await asyncio.gather(*(service.run(x, plan, t, deadline) for x, t in zip(xs, tickets)))
+        elapsed = time.perf_counter() - arrived
+        manifest = service.runtime.manifest
+        labels = [int(np.argmax(o.probs)) for o in outcomes]
+        values = {
+            "probabilities": np.stack([o.probs for o in outcomes]).astype(np.float32),
+            "label": np.asarray(labels, dtype=np.int64),
+            "exit": np.asarray([o.exit for o in outcomes], dtype=np.int32),
+            "gflops": np.asarray([o.gflops for o in outcomes], dtype=np.float32),
+            "feedback_id": [state.signer.issue(manifest.name, o.exit, label).encode()
+                            for o, label in zip(outcomes, labels)],
+        }
+        for outcome in outcomes:
+            metrics.record_answer(outcome, policy_label, elapsed)
+        status, exits = 200, [o.exit for o in outcomes]
+        header: dict[str, Any] = {"model_name": manifest.name, "model_version": MODEL_VERSION,
+                                  "parameters": {"policy": policy_label}}
+        if req.id is not None:
+            header["id"] = req.id
+        deadlines = [o.deadline_met for o in outcomes if o.deadline_met is not None]
+        if deadlines:
+            header["parameters"]["deadline_met"] = all(deadlines)
+        content, headers = encode_response(
+            header, [(n, OUTPUTS[n][0], values[n]) for n in requested], requested)
+        return Response(content, headers=headers)
+    except ServingError as exc:
+        status = exc.status_code
+        return oip_error(exc)
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        if exits:
+            for number in exits:
+                metrics.requests.labels(str(number), policy_label, str(status)).inc()
+        else:
+            metrics.requests.labels("none", policy_label, str(status)).inc()
+        request.state.policy = policy_label
+        request.state.exit = ",".join(map(str, exits)) if exits else "none"
+
+
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body within the read deadline, before anything is admitted (as /classify)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadRequest(f"Content-Encoding {encoding} is not supported; send the request uncompressed")
+    try:
+        return await asyncio.wait_for(_read_limited(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s", timeout_s=timeout_s,
+                          headers={"Connection": "close"}) from None
+
+
+def _policy_params(parameters: dict[str, Any]):
+    unknown = sorted(set(parameters) - set(POLICY_KEYS))
+    if unknown:
+        raise InvalidParameters(f"unknown request parameter(s) {', '.join(unknown)}; accepted: "
+                                f"{', '.join(POLICY_KEYS)}, binary_data_output")
+    for key, value in parameters.items():
+        if isinstance(value, (bool, dict)) or value is None:
+            raise InvalidParameters(f"parameter {key}={value!r}: expected a number or a string")
+    return params_from_request(parameters)
+
+
+def _requested_outputs(req: InferRequest) -> dict[str, bool]:
+    """Output name → binary?, in the order the client asked (all outputs when it named none)."""
+    if req.outputs is None:
+        return {name: req.binary_default for name in OUTPUTS}
+    requested: dict[str, bool] = {}
+    for out in req.outputs:
+        if out.name not in OUTPUTS:
+            raise BadRequest(f"unknown output {out.name!r}; this model has {', '.join(OUTPUTS)}")
+        requested[out.name] = out.binary
+    return requested
+
+
+async def _samples(req: InferRequest, preprocess, spec) -> list[np.ndarray]:
+    """The N model inputs (C, H, W) of the request."""
+    if len(req.inputs) != 1 or req.inputs[0].name not in (FP32_INPUT, IMAGE_INPUT):
+        names = [t.name for t in req.inputs]
+        raise BadRequest(f"expected exactly one input, {FP32_INPUT!r} (FP32 [N, C, H, W], preprocessed) or "
+                         f"{IMAGE_INPUT!r} (BYTES [N], encoded images); got {names}")
+    tensor = req.inputs[0]
+    if tensor.name == FP32_INPUT:
+        expected = [spec.channels, spec.height, spec.width]
+        if tensor.datatype != "FP32":
+            raise BadRequest(f"input {FP32_INPUT!r} must be FP32, got {tensor.datatype}")
+        if len(tensor.shape) != 4 or tensor.shape[1:] != expected or tensor.shape[0] < 1:
+            raise BadRequest(f"input {FP32_INPUT!r} must have shape [N, {', '.join(map(str, expected))}] with "
+                             f"N >= 1, got {tensor.shape}")
+        if not np.all(np.isfinite(tensor.data)):
+            raise BadRequest(f"input {FP32_INPUT!r} holds NaN or infinite values")
+        return [np.ascontiguousarray(x, dtype=np.float32) for x in tensor.data]
+    if tensor.datatype != BYTES:
+        raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded image files), got {tensor.datatype}")
+    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
+        raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] with N >= 1, got {tensor.shape}")
+    images: list[bytes] = tensor.data
+
+    def decode_all() -> list[np.ndarray]:
+        return [_decode_one(preprocess, i, data) for i, data in enumerate(images)]
+
+    if sum(len(d) for d in images) > INLINE_DECODE_BYTES:
+        return await anyio.to_thread.run_sync(decode_all)
+    return decode_all()
+
+
+def _decode_one(preprocess, index: int, data: bytes) -> np.ndarray:
+    try:
+        return preprocess(data, None)
+    except ServingError as exc:  # say which image of the batch was wrong
+        exc.detail = f"image {index}: {exc.detail}"
+        raise

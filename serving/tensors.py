@@ -1,0 +1,299 @@
+"""Open Inference Protocol v2 tensors: JSON and the binary tensor data extension.
+
+An inference request is a JSON object; with the binary extension (what ``tritonclient``
+sends by default) the body is that JSON — its length in the
+``Inference-Header-Content-Length`` header — followed by the raw bytes of every input
+whose ``parameters.binary_data_size`` is set, in input order. Fixed-size types are
+little-endian, row-major; BYTES elements are each a 4-byte little-endian length and
+the bytes. Responses mirror that: an output is binary when its request asked
+``binary_data: true`` (or the request set ``binary_data_output: true``), and then the
+response carries the header too.
+
+In JSON, BYTES elements are strings; since encoded image files are not text, this
+server takes BYTES *inputs* given in JSON as base64 strings.
+
+Pure functions over bytes and numpy arrays; every malformed request raises
+:class:`~serving.errors.BadRequest` with what was wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BadRequest
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+BYTES = "BYTES"
+# A request may hold at most this many elements per tensor: bounds what a tiny JSON body
+# like {"shape": [1e9]} could make the server allocate (the body limit bounds the rest).
+MAX_ELEMENTS = 1 << 28
+
+
+@dataclass
+class InputTensor:
+    """One decoded input: a numpy array for fixed-size types, a list of bytes for BYTES."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    parameters: dict[str, Any]
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None  # None: every output
+    binary_default: bool = False
+
+
+def _fail(message: str) -> BadRequest:
+    return BadRequest(message)
+
+
+def _object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _shape(raw: Any, where: str) -> list[int]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
+        raise _fail(f"{where}: 'shape' must be a list of integers, got {raw!r}")
+    if any(d < 0 for d in raw):
+        raise _fail(f"{where}: 'shape' {raw} has a negative dimension")
+    if math.prod(raw) > MAX_ELEMENTS:
+        raise _fail(f"{where}: 'shape' {raw} has more than {MAX_ELEMENTS} elements")
+    return raw
+
+
+def _flatten(data: Any, where: str) -> list:
+    """Row-major elements of a flat or nested JSON list."""
+    if not isinstance(data, list):
+        raise _fail(f"{where}: 'data' must be a JSON list")
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _split_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+    """BYTES binary layout: each element is a 4-byte little-endian length and the bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise _fail(f"{where}: BYTES data ends inside an element's 4-byte length")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise _fail(f"{where}: a BYTES element says {length} bytes but only {len(raw) - offset} remain")
+        items.append(raw[offset:offset + length])
+        offset += length
+    if len(items) != count:
+        raise _fail(f"{where}: shape has {count} elements but the BYTES data holds {len(items)}")
+    return items
+
+
+def _json_bytes(elements: list, where: str) -> list[bytes]:
+    items = []
+    for i, element in enumerate(elements):
+        if not isinstance(element, str):
+            raise _fail(f"{where}: BYTES element {i} must be a base64 string in JSON, got {type(element).__name__}")
+        try:
+            items.append(base64.b64decode(element, altchars=b"-_" if ("-" in element or "_" in element) else None,
+                                          validate=True))
+        except (binascii.Error, ValueError):
+            raise _fail(f"{where}: BYTES element {i} is not valid base64 (JSON BYTES inputs are base64-encoded; "
+                        "or send them as binary data)") from None
+    return items
+
+
+def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
+    raw = _object(raw, f"inputs[{index}]")
+    name = raw.get("name")
+    where = f"input {name!r}" if isinstance(name, str) else f"inputs[{index}]"
+    if not isinstance(name, str) or not name:
+        raise _fail(f"{where}: 'name' must be a non-empty string")
+    datatype = raw.get("datatype")
+    if datatype != BYTES and datatype not in DTYPES:
+        raise _fail(f"{where}: datatype {datatype!r} is not one of {', '.join([*DTYPES, BYTES])}")
+    shape = _shape(raw.get("shape"), where)
+    count = math.prod(shape)
+    params = _object(raw.get("parameters") or {}, f"{where} parameters")
+    if "shared_memory_region" in params:
+        raise _fail(f"{where}: shared memory is not supported by this server; send the data in the request")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if "data" in raw:
+            raise _fail(f"{where}: give either 'data' or parameters.binary_data_size, not both")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _fail(f"{where}: binary_data_size must be a non-negative integer")
+        if offset + size > len(binary):
+            raise _fail(f"{where}: binary_data_size {size} runs past the end of the body "
+                        f"({len(binary) - offset} binary bytes left)")
+        chunk = bytes(binary[offset:offset + size])
+        offset += size
+        if datatype == BYTES:
+            data: Any = _split_bytes(chunk, count, where)
+        else:
+            dtype = DTYPES[datatype]
+            if size != count * dtype.itemsize:
+                raise _fail(f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
+                            f"binary_data_size is {size}")
+            data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+    else:
+        if "data" not in raw:
+            raise _fail(f"{where}: no 'data' and no parameters.binary_data_size")
+        elements = _flatten(raw["data"], where)
+        if len(elements) != count:
+            raise _fail(f"{where}: shape {shape} has {count} elements, 'data' has {len(elements)}")
+        if datatype == BYTES:
+            data = _json_bytes(elements, where)
+        else:
+            data = _json_numbers(elements, datatype, where).reshape(shape)
+    return InputTensor(name, datatype, shape, data), offset
+
+
+def _json_numbers(elements: list, datatype: str, where: str) -> np.ndarray:
+    if datatype == "BOOL":
+        if not all(isinstance(e, bool) for e in elements):
+            raise _fail(f"{where}: BOOL data must be true/false")
+        return np.asarray(elements, dtype=np.bool_)
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in elements):
+        raise _fail(f"{where}: {datatype} data must be numbers")
+    dtype = DTYPES[datatype]
+    if dtype.kind in "iu":
+        if not all(isinstance(e, int) for e in elements):
+            raise _fail(f"{where}: {datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if elements and (min(elements) < info.min or max(elements) > info.max):
+            raise _fail(f"{where}: a value is outside the range of {datatype}")
+        return np.asarray(elements, dtype=dtype)
+    with np.errstate(over="ignore"):
+        array = np.asarray(elements, dtype=dtype)
+    if not np.all(np.isfinite(array)):
+        raise _fail(f"{where}: a value is not finite in {datatype} (too large for the type?)")
+    return array
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON + binary tensors when ``header_length`` is given)."""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise _fail(f"{HEADER_LENGTH} {header_length!r} is not an integer") from None
+        if not 0 < length <= len(body):
+            raise _fail(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
+        head, binary = body[:length], memoryview(body)[length:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        raw = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        hint = f" (binary tensors need the {HEADER_LENGTH} header)" if header_length is None else ""
+        raise _fail(f"the inference request is not valid JSON: {exc}{hint}") from None
+    raw = _object(raw, "the inference request")
+    request_id = raw.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _fail("'id' must be a string")
+    parameters = _object(raw.get("parameters") or {}, "'parameters'")
+    binary_default = parameters.pop("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise _fail("parameters.binary_data_output must be true or false")
+    inputs_raw = raw.get("inputs")
+    if not isinstance(inputs_raw, list) or not inputs_raw:
+        raise _fail("'inputs' must be a non-empty list of tensors")
+    inputs, offset = [], 0
+    for i, item in enumerate(inputs_raw):
+        tensor, offset = _decode_input(item, i, binary, offset)
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise _fail(f"the body has {len(binary) - offset} binary bytes that no input's binary_data_size accounts for")
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise _fail(f"input names must be unique, got {names}")
+    outputs = None
+    if raw.get("outputs") is not None:
+        if not isinstance(raw["outputs"], list):
+            raise _fail("'outputs' must be a list")
+        outputs = []
+        for i, item in enumerate(raw["outputs"]):
+            item = _object(item, f"outputs[{i}]")
+            name = item.get("name")
+            if not isinstance(name, str):
+                raise _fail(f"outputs[{i}]: 'name' must be a string")
+            params = _object(item.get("parameters") or {}, f"output {name!r} parameters")
+            if params.get("classification"):
+                raise _fail(f"output {name!r}: the classification extension is not supported; request "
+                            "'probabilities' and 'label' instead")
+            if "shared_memory_region" in params:
+                raise _fail(f"output {name!r}: shared memory is not supported by this server")
+            binary_flag = params.get("binary_data", binary_default)
+            if not isinstance(binary_flag, bool):
+                raise _fail(f"output {name!r}: binary_data must be true or false")
+            outputs.append(RequestedOutput(name, binary_flag))
+    return InferRequest(request_id, parameters, inputs, outputs, binary_default)
+
+
+def encode_response(header: dict[str, Any], outputs: list[tuple[str, str, np.ndarray | list[bytes]]],
+                    binary: dict[str, bool]) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for ``header`` (model_name, id, ...) plus ``outputs`` as (name, datatype, values).
+
+    ``binary[name]`` says which outputs go as binary data; JSON ones get flat ``data``.
+    """
+    entries, chunks = [], []
+    for name, datatype, values in outputs:
+        if datatype == BYTES:
+            shape = [len(values)]
+            if binary[name]:
+                raw = b"".join(struct.pack("<I", len(v)) + v for v in values)
+            else:
+                data: Any = [v.decode("utf-8") for v in values]
+        else:
+            array = np.ascontiguousarray(values, dtype=DTYPES[datatype])
+            shape = list(array.shape)
+            if binary[name]:
+                raw = array.tobytes()
+            else:
+                data = array.ravel().tolist()
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if binary[name]:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = data
+        entries.append(entry)
+    head = json.dumps({**header, "outputs": entries}, separators=(",", ":")).encode()
+    if not chunks:
+        return head, {"Content-Type": "application/json"}
+    return head + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

@@ -1,0 +1,284 @@
+"""Open Inference Protocol v2, driven by the real ``tritonclient[http]`` against a real server.
+
+Answers are checked against ``/classify`` on the same images (same graphs, same
+policies), and against what the fixture model implies (tests/serving_model.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from serving_model import (
+    MEAN,
+    NUM_CLASSES,
+    STD,
+    ServerProcess,
+    build_model_folder,
+    cascade_exit,
+    encode,
+    expected_label,
+    gray_for_bin,
+    uniform_image,
+)
+
+MODEL = "tiny-test"
+BINS = list(range(10))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = build_model_folder(tmp_path_factory.mktemp("model"), name=MODEL)
+    # A generous batching wait, so that the samples of one call visibly share a batch.
+    with ServerProcess(model, "--intra-op-threads", "1", "--max-wait-ms", "30",
+                       tmp_dir=tmp_path_factory.mktemp("srv")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60.0)
+    yield c
+    c.close()
+
+
+def pngs(bins=BINS) -> list[bytes]:
+    return [encode(uniform_image(c), "PNG") for c in bins]
+
+
+def image_input(images: list[bytes], binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(images)], "BYTES")
+    if binary:
+        tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    else:  # JSON BYTES inputs are base64 strings
+        tensor.set_data_from_numpy(np.array([base64.b64encode(i) for i in images], dtype=np.object_),
+                                   binary_data=False)
+    return tensor
+
+
+def preprocessed(bins=BINS) -> np.ndarray:
+    """What the manifest's preprocessing makes of uniform images of these bins, computed here."""
+    values = [(gray_for_bin(c) / 255.0 - MEAN) / STD for c in bins]
+    return np.stack([np.full((1, 28, 28), v, dtype=np.float32) for v in values])
+
+
+def fp32_input(x: np.ndarray, binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    return tensor
+
+
+def classify_all(url: str, images: list[bytes], params: dict) -> list[dict]:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        out = []
+        for data in images:
+            r = http.post("/classify", content=data, headers={"Content-Type": "image/png"},
+                          params={**params, "top_k": NUM_CLASSES})
+            assert r.status_code == 200, r.text
+            out.append(r.json())
+        return out
+
+
+def assert_same_answers(result, answers: list[dict]) -> None:
+    """An OIP result equals /classify's answers, sample by sample."""
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (len(answers), NUM_CLASSES) and probs.dtype == np.float32
+    assert result.as_numpy("label").dtype == np.int64 and result.as_numpy("exit").dtype == np.int32
+    for i, answer in enumerate(answers):
+        assert result.as_numpy("label")[i] == answer["label"]
+        assert result.as_numpy("exit")[i] == answer["exit"]
+        assert result.as_numpy("gflops")[i] == pytest.approx(answer["gflops"], rel=1e-6)
+        by_class = {t["label"]: t["probability"] for t in answer["top_k"]}
+        np.testing.assert_allclose(probs[i], [by_class[c] for c in range(NUM_CLASSES)], rtol=1e-5, atol=1e-7)
+
+
+def metric_sum(url: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+# --- health and metadata -------------------------------------------------------------------
+
+def test_health_and_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and not client.is_model_ready("another-model")
+    server = client.get_server_metadata()
+    assert server["name"] == "eed-anytime" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata(MODEL)
+    assert meta["name"] == MODEL and meta["versions"]
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
+        "input": ("FP32", [-1, 1, 28, 28]), "image": ("BYTES", [-1])}
+    outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
+    assert outputs["probabilities"] == ("FP32", [-1, NUM_CLASSES])
+    assert outputs["label"] == ("INT64", [-1]) and outputs["exit"] == ("INT32", [-1])
+    assert outputs["gflops"] == ("FP32", [-1])
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("another-model")
+    assert err.value.status() == "404" and MODEL in err.value.message()
+
+
+# --- answers equal /classify's -----------------------------------------------------------
+
+POLICIES = [
+    {},
+    {"exit": 1},
+    {"exit": 2},
+    {"exit": "last"},
+    {"confidence": 0.9},
+    {"confidence": "0.99,0.5"},  # one threshold per early exit
+    {"budget_gflops": 0.0008},
+    {"confidence": 0.9, "budget_gflops": 0.0008},
+]
+
+
+@pytest.mark.parametrize("params", POLICIES, ids=[json.dumps(p) for p in POLICIES])
+def test_images_as_binary_bytes_answer_as_classify_does(client, server, params):
+    images = pngs()
+    result = client.infer(MODEL, [image_input(images)], parameters=params)
+    assert_same_answers(result, classify_all(server.url, images, params))
+
+
+def test_the_cascade_answers_from_the_first_confident_exit(client):
+    result = client.infer(MODEL, [image_input(pngs())], parameters={"confidence": 0.9})
+    assert list(result.as_numpy("exit")) == [cascade_exit(c, 0.9) for c in BINS]
+    assert list(result.as_numpy("label")) == [expected_label(c, cascade_exit(c, 0.9)) for c in BINS]
+    assert result.get_response()["parameters"]["policy"] == "confidence"
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_preprocessed_fp32_input_in_both_encodings(client, server, binary):
+    x = preprocessed()
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label", "exit",
+                                                                              "gflops")]
+    result = client.infer(MODEL, [fp32_input(x, binary)], outputs=outputs, parameters={"exit": 2})
+    assert list(result.as_numpy("label")) == [expected_label(c, 2) for c in BINS]
+    assert_same_answers(result, classify_all(server.url, pngs(), {"exit": 2}))
+    encoded = [o.get("parameters", {}).get("binary_data_size") is not None for o in result.get_response()["outputs"]]
+    assert encoded == [binary] * 4
+
+
+def test_images_as_json_base64_bytes(client, server):
+    images = pngs([0, 5, 9])
+    result = client.infer(MODEL, [image_input(images, binary=False)], parameters={"exit": 3})
+    assert_same_answers(result, classify_all(server.url, images, {"exit": 3}))
+
+
+def test_requested_outputs_only_each_in_its_encoding(client):
+    outputs = [triton.InferRequestedOutput("label", binary_data=False),
+               triton.InferRequestedOutput("probabilities", binary_data=True)]
+    result = client.infer(MODEL, [image_input(pngs([3, 8]))], outputs=outputs, parameters={"exit": 1})
+    response = result.get_response()
+    assert [o["name"] for o in response["outputs"]] == ["label", "probabilities"]
+    label, probs = response["outputs"]
+    assert label["data"] == [expected_label(3, 1), expected_label(8, 1)]
+    assert probs["parameters"]["binary_data_size"] == 2 * NUM_CLASSES * 4
+    assert result.as_numpy("probabilities").shape == (2, NUM_CLASSES) and result.as_numpy("exit") is None
+
+
+def test_a_plain_json_client_with_nested_data(server):
+    x = preprocessed([6])
+    body = {"id": "call-1", "parameters": {"exit": 1},
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": x.tolist()}],
+            "outputs": [{"name": "label"}, {"name": "exit"}]}
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    answer = r.json()
+    assert answer["id"] == "call-1" and answer["model_name"] == MODEL
+    assert {o["name"]: o["data"] for o in answer["outputs"]} == {"label": [expected_label(6, 1)], "exit": [1]}
+
+
+def test_feedback_ids_from_oip_answers_are_accepted(client, server):
+    result = client.infer(MODEL, [image_input(pngs([2]))], parameters={"exit": 1})
+    (feedback_id,) = result.as_numpy("feedback_id")
+    r = httpx.post(server.url + "/feedback", json={"id": feedback_id.decode(), "label": expected_label(2, 1)},
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["correct"] is True and r.json()["exit"] == 1
+
+
+def test_samples_of_one_call_share_the_batcher_and_the_metrics(client, server):
+    n = 8
+    requests_before = metric_sum(server.url, "eed_requests_total", exit="1", policy="exit", status="200")
+    items_before = metric_sum(server.url, "eed_batch_size_sum", exit="1", graph="exit")
+    batches_before = metric_sum(server.url, "eed_batch_size_count", exit="1", graph="exit")
+    client.infer(MODEL, [image_input(pngs(range(n)))], parameters={"exit": 1})
+    assert metric_sum(server.url, "eed_requests_total", exit="1", policy="exit", status="200") == \
+        requests_before + n
+    assert metric_sum(server.url, "eed_batch_size_sum", exit="1", graph="exit") == items_before + n
+    assert metric_sum(server.url, "eed_batch_size_count", exit="1", graph="exit") - batches_before < n
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def infer_error(client, inputs, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(MODEL, inputs, **kwargs)
+    return err.value
+
+
+def test_bad_requests_are_400_with_the_reason(client):
+    image = image_input(pngs([1]))
+    cases = [
+        (dict(inputs=[image], parameters={"exit": 7}), "1..3"),
+        (dict(inputs=[image], parameters={"exit": 1, "confidence": 0.5}), "cannot be combined"),
+        (dict(inputs=[image], parameters={"budget_gflops": 1e-9}), "cheapest"),
+        (dict(inputs=[image], parameters={"budget": 1}), "unknown request parameter"),
+        (dict(inputs=[image], parameters={"confidence": "high"}), "confidence"),
+        (dict(inputs=[fp32_input(np.zeros((2, 1, 14, 14), np.float32), True)]), "[N, 1, 28, 28]"),
+        (dict(inputs=[fp32_input(np.zeros((2, 1, 28, 27), np.float32), False)]), "[N, 1, 28, 28]"),
+        (dict(inputs=[image], outputs=[triton.InferRequestedOutput("logits")]), "unknown output"),
+        (dict(inputs=[image_input([pngs([1])[0], b"not an image"])]), "image 1:"),
+    ]
+    for kwargs, fragment in cases:
+        err = infer_error(client, **kwargs)
+        assert err.status() == "400" and fragment in err.message(), (kwargs, err)
+    wrong_type = triton.InferInput("input", [1, 1, 28, 28], "FP64")
+    wrong_type.set_data_from_numpy(np.zeros((1, 1, 28, 28)))
+    err = infer_error(client, [wrong_type])
+    assert err.status() == "400" and "FP32" in err.message()
+    with pytest.raises(InferenceServerException) as unknown:
+        client.infer("another-model", [image])
+    assert unknown.value.status() == "404"
+
+
+@pytest.mark.parametrize("body, headers, fragment", [
+    (b"{not json", {}, "not valid JSON"),
+    (b"[]", {}, "JSON object"),
+    (json.dumps({"inputs": []}).encode(), {}, "non-empty"),
+    (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0]}]}).encode(),
+     {}, "784 elements"),
+    (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(),
+     {}, "base64"),
+    (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                             "parameters": {"binary_data_size": 3136}}]}).encode(), {"Inference-Header-Content-Length": "x"},
+     "not an integer"),
+    (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                             "parameters": {"binary_data_size": 3136}}]}).encode() + b"\0" * 10,
+     {"Inference-Header-Content-Length": "LEN"}, "runs past the end"),
+    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(), {},
+     "expected exactly one input"),
+])
+def test_malformed_bodies_are_400_json_errors(server, body, headers, fragment):
+    headers = {k: (str(len(body) - 10) if v == "LEN" else v) for k, v in headers.items()}
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, timeout=30,
+                   headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and fragment in r.json()["error"]
+
+
+def test_the_server_keeps_answering_after_bad_requests(client, server):
+    test_bad_requests_are_400_with_the_reason(client)
+    assert client.is_server_ready()
+    result = client.infer(MODEL, [image_input(pngs([4]))], parameters={"exit": 2})
+    assert result.as_numpy("label")[0] == expected_label(4, 2)
+    assert metric_sum(server.url, "eed_requests_total", status="500") == 0
