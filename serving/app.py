@@ -304,14 +304,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             entry["cascade_latency_estimate_ms"] = round(c, 4)
             entry["idle_service_ms"] = round(idle_s, 4)
             entry["idle_cascade_service_ms"] = round(idle_c, 4)
-            entry["cascade_gflops"] = service.costs.cascade_gflops[entry["exit"] - 1]
             entry["live_accuracy"] = live.get(entry["exit"])
-        recorded = (runtime.manifest.thresholds or {}).get("policies", {})
-        policies = {
-            name: {"thresholds": list(thresholds),
-                   **{k: v for k, v in recorded.get(name, {}).items() if k in ("target", "val", "test")}}
-            for name, thresholds in service.costs.policies.items()
-        }
+        # The manifest's calibrated policies, as dumped above; listed again by name for clients.
+        policies = (manifest.get("thresholds") or {}).get("policies", {})
         return {
             "manifest": manifest,
             "model_dir": str(runtime.model_dir),

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -25,7 +25,7 @@ class ManifestError(ValueError):
 class InputSpec(BaseModel):
     """What the network expects and how to bring an arbitrary image to it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     channels: Literal[1, 3]
     height: int = Field(gt=0)
@@ -42,6 +42,7 @@ class InputSpec(BaseModel):
     background: int = Field(default=255, ge=0, le=255)
     layout: Literal["NCHW"] = "NCHW"
     dtype: Literal["float32"] = "float32"
+    normalization: str = "pixels scaled to [0, 1], then (x - mean) / std per channel"
 
     @model_validator(mode="after")
     def _check_stats(self) -> "InputSpec":
@@ -52,10 +53,14 @@ class InputSpec(BaseModel):
         return self
 
 
-class ExitSpec(BaseModel):
-    """One exit: its full-path graph, its stage graph and what it costs."""
+class _Strict(BaseModel):
+    """Unknown keys are refused: a typo or a stale field fails at load, not at use."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExitSpec(_Strict):
+    """One exit: its full-path graph, its stage graph and what it costs."""
 
     exit: int = Field(ge=1)
     gflops: float = Field(gt=0, description="full path input -> logits of this exit")
@@ -66,9 +71,13 @@ class ExitSpec(BaseModel):
     stage_gflops: float = Field(gt=0, description="stage graph: trunk stage i + head i")
     head_gflops: float | None = Field(default=None, ge=0)
     top5_accuracy: float | None = Field(default=None, ge=0, le=1)
+    stage_params: int | None = Field(default=None, ge=0, description="parameters of the stage graph")
+    cascade_gflops: float | None = Field(
+        default=None, gt=0, description="a cascade stopping here: stage graphs 1..i (DESIGN §2)"
+    )
 
 
-class GraphIO(BaseModel):
+class GraphIO(_Strict):
     """Names of the ONNX inputs/outputs, so the server never guesses them."""
 
     image_input: str = "image"
@@ -77,9 +86,121 @@ class GraphIO(BaseModel):
     features_output: str = "features_out"
 
 
-class Manifest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class PolicyScore(_Strict):
+    """A cascade policy scored on one split."""
 
+    accuracy: float = Field(ge=0, le=1)
+    mean_gflops: float = Field(ge=0)
+    exit_fractions: list[float]
+
+
+class CalibratedPolicy(_Strict):
+    """Per-exit thresholds chosen on validation for a target (mean cost or accuracy)."""
+
+    target: dict[str, float]
+    thresholds: list[float] = Field(description="one per early exit; > 1 never stops there")
+    family: str = Field(description="'shared' threshold or MSDNet's 'geometric' per-exit family")
+    parameter: float | None = None
+    val: PolicyScore
+    test: PolicyScore | None = Field(default=None, description="the same thresholds on test: reported, not chosen")
+
+
+class UncalibratedTarget(_Strict):
+    name: str
+    target: dict[str, float]
+    reason: str
+
+
+class Thresholds(_Strict):
+    """The calibrated cascade policies (``serving.cascade`` holds the rule they use)."""
+
+    rule: str
+    score: str = "top softmax probability"
+    calibrated_on: str | None = None
+    images: int | None = None
+    policies: dict[str, CalibratedPolicy] = Field(default_factory=dict)
+    not_calibrated: list[UncalibratedTarget] = Field(default_factory=list)
+    reason: str | None = None
+
+
+class SpotCheck(_Strict):
+    images: int
+    stride: int
+    selection: str
+    accuracy: list[float]
+
+
+class ExitAgreement(_Strict):
+    exit: int
+    both_right: float
+    exit_right_main_wrong: float
+    exit_wrong_main_right: float
+    both_wrong: float
+    predictions_differ: float
+
+
+class Disagreement(_Strict):
+    right_wrong: list[list[float]] = Field(description="[i][j]: share where exit i+1 is right and exit j+1 wrong")
+    vs_main: list[ExitAgreement]
+
+
+class Ensemble(_Strict):
+    accuracy: float
+    gflops: float
+
+
+class CurvePoint(_Strict):
+    threshold: float | None
+    accuracy: float
+    mean_gflops: float
+
+
+class Evaluation(_Strict):
+    """How the manifest's accuracies were measured (or why they were not)."""
+
+    split: str | None = None
+    reason: str | None = None
+    dataset: str | None = None
+    images: int | None = None
+    subset: int | None = None
+    backend: str | None = None
+    accuracy: str | None = Field(default=None, description="what the accuracy numbers are, e.g. top-1 fraction")
+    spot_check: SpotCheck | None = None
+    ensemble: Ensemble | None = None
+    disagreement: Disagreement | None = None
+    cascade_curve: list[CurvePoint] = Field(default_factory=list)
+
+
+class Parity(_Strict):
+    full_path: float
+    stage_chain: float
+    atol: float
+    batch_sizes: list[int]
+
+
+class Provenance(_Strict):
+    """Where the graphs came from. ``training_config`` is the run's own config, kept verbatim."""
+
+    command: str | None = None
+    note: str | None = None
+    git_revision: str | None = None
+    training_command: str | None = None
+    training_git_revision: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    dataset: str | None = None
+    epochs: int | None = None
+    epochs_planned: int | None = None
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    eval_subset: int | None = None
+    exporter: str | None = None
+    onnx: str | None = None
+    onnxruntime: str | None = None
+    opset: int | None = None
+    parity: Parity | None = None
+
+
+class Manifest(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
     name: str
     arch: str
@@ -89,9 +210,16 @@ class Manifest(BaseModel):
     exits: list[ExitSpec]
     files: dict[str, str] = Field(description="file name -> sha256 hex digest")
     io: GraphIO = Field(default_factory=GraphIO)
-    thresholds: dict = Field(default_factory=dict, description="calibrated cascade thresholds")
-    provenance: dict = Field(default_factory=dict)
-    evaluation: dict = Field(default_factory=dict)
+    thresholds: Thresholds | None = Field(default=None, description="calibrated cascade policies")
+    provenance: Provenance = Field(default_factory=Provenance)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    width_mult: float | None = None
+    method: str | None = None
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _no_calibration(cls, value: Any) -> Any:
+        return None if value == {} else value  # older exports wrote {} for "not calibrated"
 
     @model_validator(mode="after")
     def _check_exits(self) -> "Manifest":
@@ -102,6 +230,13 @@ class Manifest(BaseModel):
             raise ValueError(f"exits must be numbered 1..k in order, got {numbers}")
         # Costs need not grow with depth: in the paper's ResNet-50 the 1024→2048 conv of
         # exit 3 costs more than stage 4 itself, so exit 3 is dearer than the main output.
+        # The cost of a cascade stopping at exit i (DESIGN §2), written by the exporter;
+        # filled in here for older folders so every reader finds it in one place.
+        running = 0.0
+        for e in self.exits:
+            running += e.stage_gflops
+            if e.cascade_gflops is None:
+                e.cascade_gflops = running
         for e in self.exits:
             for name in (e.path, e.stage):
                 if name not in self.files:

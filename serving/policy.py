@@ -40,6 +40,7 @@ import numpy as np
 
 from . import cascade
 from .errors import ImpossibleBudget, InvalidParameters
+from .manifest import Thresholds
 
 # Relative slack when comparing a budget with a cost, so a client who copies a cost
 # from /v1/model (float → JSON → float) is never refused by rounding.
@@ -127,17 +128,12 @@ class CostTable:
         )
 
 
-def calibrated_policies(thresholds: Mapping, num_exits: int) -> dict[str, tuple[float, ...]]:
-    """Name → per-early-exit thresholds of every policy the manifest calibrated.
-
-    Policies whose target could not be met have no thresholds and are left out.
-    """
-    found: dict[str, tuple[float, ...]] = {}
-    for name, entry in (thresholds or {}).get("policies", {}).items():
-        values = entry.get("thresholds") if isinstance(entry, Mapping) else None
-        if values is not None:
-            found[name] = tuple(float(v) for v in cascade.as_thresholds(values, num_exits))
-    return found
+def calibrated_policies(thresholds: Thresholds | None, num_exits: int) -> dict[str, tuple[float, ...]]:
+    """Name → per-early-exit thresholds of every policy the manifest calibrated."""
+    if thresholds is None:
+        return {}
+    return {name: tuple(float(v) for v in cascade.as_thresholds(p.thresholds, num_exits))
+            for name, p in thresholds.policies.items()}
 
 
 def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:

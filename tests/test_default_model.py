@@ -70,7 +70,7 @@ def test_accuracy_on_1000_test_images_matches_manifest():
     manifest = load_manifest(MODEL_DIR, verify=False)
     if manifest.dataset != "fashion-mnist":
         pytest.skip(f"the shipped model is trained on {manifest.dataset}, not Fashion-MNIST")
-    if manifest.evaluation.get("split") != "test":
+    if manifest.evaluation.split != "test":
         pytest.skip("the manifest's accuracy is not from the test split")
     images, labels = _test_images(IMAGES)
     spec = manifest.input
@@ -78,17 +78,17 @@ def test_accuracy_on_1000_test_images_matches_manifest():
     x = ((x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None])
     x = x.astype(np.float32)
     io = manifest.io
-    spot = manifest.evaluation.get("spot_check") or {}
+    spot = manifest.evaluation.spot_check
     for e in manifest.exits:
         session = ort.InferenceSession(str(MODEL_DIR / e.path), providers=["CPUExecutionProvider"])
         logits = np.concatenate([session.run([io.logits_output], {io.image_input: x[i : i + 250]})[0]
                                  for i in range(0, len(x), 250)])  # fmt: skip
         accuracy = float((logits.argmax(1) == labels).mean())
         assert e.accuracy is not None, f"exit {e.exit} has no accuracy in the manifest"
-        if spot.get("images") == IMAGES:  # the exporter measured these very images: agree to 2 images
-            assert abs(accuracy - spot["accuracy"][e.exit - 1]) <= 2 / IMAGES, (
+        if spot is not None and spot.images == IMAGES:  # the exporter measured these very images: agree to 2 images
+            assert abs(accuracy - spot.accuracy[e.exit - 1]) <= 2 / IMAGES, (
                 f"exit {e.exit}: {100 * accuracy:.2f}% on {IMAGES} sampled test images, but "
-                f"{100 * spot['accuracy'][e.exit - 1]:.2f}% when exported: preprocessing or graphs changed"
+                f"{100 * spot.accuracy[e.exit - 1]:.2f}% when exported: preprocessing or graphs changed"
             )
         assert abs(accuracy - e.accuracy) * 100 <= TOLERANCE_POINTS, (
             f"exit {e.exit}: {100 * accuracy:.2f}% on {IMAGES} test images, manifest says {100 * e.accuracy:.2f}%"
@@ -149,10 +149,10 @@ def test_server_reproduces_every_calibrated_policy(tmp_path):
             assert (served_label != offline.prediction).sum() <= 2, name
             assert np.mean([a["gflops"] for a in answers]) == pytest.approx(offline.mean_gflops(), rel=0.01)
             # In aggregate: what the manifest recorded on the whole test split, within sampling error.
-            recorded = manifest.thresholds["policies"][name]["test"]
+            recorded = manifest.thresholds.policies[name].test
             fractions = np.bincount(served_exit, minlength=manifest.num_exits + 1)[1:] / n
-            for got, want in zip(fractions, recorded["exit_fractions"]):
+            for got, want in zip(fractions, recorded.exit_fractions):
                 assert abs(got - want) <= 4 * np.sqrt(want * (1 - want) / n) + 0.01, (name, fractions.tolist())
             accuracy = float((served_label == labels).mean())
-            assert abs(accuracy - recorded["accuracy"]) <= 4 * np.sqrt(0.1 / n) + 0.01, (name, accuracy)
-            assert np.mean([a["gflops"] for a in answers]) == pytest.approx(recorded["mean_gflops"], rel=0.1)
+            assert abs(accuracy - recorded.accuracy) <= 4 * np.sqrt(0.1 / n) + 0.01, (name, accuracy)
+            assert np.mean([a["gflops"] for a in answers]) == pytest.approx(recorded.mean_gflops, rel=0.1)

@@ -145,16 +145,18 @@ def test_manifest_round_trips_and_records_evaluation(resnet_export):
         assert 0 <= spec.accuracy <= 1
     assert loaded.exits[0].stage_gflops == pytest.approx(loaded.exits[0].gflops)  # stage 1 is exit 1's path
     ev = loaded.evaluation
-    assert ev["split"] == "test" and ev["images"] == 64 and ev["backend"].startswith("onnxruntime")
-    assert ev["spot_check"]["images"] == 64 and len(ev["spot_check"]["accuracy"]) == model.num_exits
+    assert ev.split == "test" and ev.images == 64 and ev.backend.startswith("onnxruntime")
+    assert ev.spot_check.images == 64 and len(ev.spot_check.accuracy) == model.num_exits
     th = loaded.thresholds
-    assert th["calibrated_on"] == "val" and th["images"] == 32
-    for policy in th["policies"].values():
-        assert len(policy["thresholds"]) == model.num_exits - 1 and "test" in policy and "val" in policy
+    assert th.calibrated_on == "val" and th.images == 32 and th.policies
+    for policy in th.policies.values():
+        assert len(policy.thresholds) == model.num_exits - 1 and policy.test is not None
+    chain = np.cumsum([e.stage_gflops for e in loaded.exits])
+    assert [e.cascade_gflops for e in loaded.exits] == pytest.approx(chain.tolist())
     prov = loaded.provenance
-    assert prov["checkpoint_sha256"] and prov["epochs"] == 1 and prov["dataset"] == "fashion-mnist"
-    assert prov["parity"]["full_path"] <= 1e-4 and prov["parity"]["batch_sizes"] == [1, 7]
-    assert prov["opset"] == 20 and "command" in prov and "git_revision" in prov
+    assert len(prov.checkpoint_sha256) == 64 and prov.epochs == 1 and prov.dataset == "fashion-mnist"
+    assert prov.parity.full_path <= 1e-4 and prov.parity.batch_sizes == [1, 7]
+    assert prov.opset == 20 and prov.command.startswith("python -m training.export") and prov.git_revision
 
 
 def test_tampered_file_fails_checksum(resnet_export, tmp_path):
@@ -198,7 +200,7 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
     # The same export without the drift succeeds, refuses to overwrite, and replaces with --force.
     assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 0
     manifest = load_manifest(out)
-    assert manifest.num_exits == 1 and manifest.thresholds == {} and manifest.evaluation["split"] is None
+    assert manifest.num_exits == 1 and manifest.thresholds is None and manifest.evaluation.split is None
     assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 2
     assert main([str(ckpt), "--out", str(out), "--skip-eval", "--force", "--name", "renamed"]) == 0
     assert load_manifest(out).name == "renamed"

@@ -187,9 +187,12 @@ POLICIES = {"eager": [0.9, 0.9], "strict": [cascade.NEVER, 0.9]}
 def policy_model_dir(tmp_path_factory):
     folder = build_model_folder(tmp_path_factory.mktemp("policies"))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["thresholds"] = {"rule": cascade.RULE, "policies": {
-        name: {"target": {"mean_gflops": 1.0}, "thresholds": t} for name, t in POLICIES.items()}}
-    manifest["thresholds"]["policies"]["unreachable"] = {"target": {"accuracy": 1.0}, "thresholds": None}
+    score = {"accuracy": 0.5, "mean_gflops": 0.001, "exit_fractions": [0.3, 0.3, 0.4]}
+    manifest["thresholds"] = {
+        "rule": cascade.RULE, "calibrated_on": "val",
+        "policies": {name: {"target": {"mean_gflops": 0.001}, "thresholds": t, "family": "shared", "val": score}
+                     for name, t in POLICIES.items()},
+        "not_calibrated": [{"name": "unreachable", "target": {"accuracy": 1.0}, "reason": "not reached"}]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

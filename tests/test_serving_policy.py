@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from serving.errors import ImpossibleBudget, InvalidParameters
+from serving.manifest import Thresholds
 from serving import cascade
 from serving.policy import (
     CostTable,
@@ -125,10 +126,14 @@ def test_unknown_or_contradictory_policy_is_422_listing_the_names():
 
 
 def test_calibrated_policies_come_from_the_manifest_thresholds_section():
-    section = {"policies": {"a": {"thresholds": [0.5, 0.6]}, "b": {"thresholds": None, "reason": "too cheap"},
-                            "c": {"thresholds": 0.9}}}
-    assert calibrated_policies(section, 3) == {"a": (0.5, 0.6), "c": (0.9, 0.9)}
-    assert calibrated_policies({}, 3) == {}
+    score = {"accuracy": 0.9, "mean_gflops": 0.2, "exit_fractions": [0.5, 0.3, 0.2]}
+    section = Thresholds.model_validate({
+        "rule": cascade.RULE,
+        "policies": {"a": {"target": {"mean_gflops": 0.2}, "thresholds": [0.5, 0.6], "family": "geometric",
+                           "val": score}},
+        "not_calibrated": [{"name": "b", "target": {"accuracy": 0.99}, "reason": "not reached"}]})
+    assert calibrated_policies(section, 3) == {"a": (0.5, 0.6)}
+    assert calibrated_policies(None, 3) == {}
 
 
 @pytest.mark.parametrize("budget, deepest", [(0.1, 1), (0.34, 1), (0.35, 2), (0.69, 2), (0.7, 3)])

@@ -319,7 +319,8 @@ def build_manifest(name: str, payload: dict, files: Sequence[tuple[str, str]], c
     manifest = Manifest(
         name=name, arch=payload["model_config"]["arch"], dataset=dataset["name"], classes=list(dataset["classes"]),
         input=input_spec(dataset), exits=exits, files=hashes, io=GraphIO(),
-        thresholds=thresholds_entry(results) if results else {}, provenance=provenance, evaluation=evaluation,
+        thresholds=(thresholds_entry(results) or None) if results else None, provenance=provenance,
+        evaluation=evaluation,
         width_mult=payload["model_config"].get("width_mult"), method=(payload.get("config") or {}).get("method"),
     )  # fmt: skip
     return manifest
@@ -544,11 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     for e in manifest.exits:
         acc = f"{100 * e.accuracy:.2f}%" if e.accuracy is not None else "n/a"
         print(f"  exit {e.exit}: {e.gflops:.4f} GFLOPs, {e.params:,} params, accuracy {acc}")
-    for policy, p in (manifest.thresholds.get("policies") or {}).items():
-        test = p.get(manifest.evaluation.get("split") or "", {})
-        if test:
-            print(f"  cascade {policy}: {100 * test['accuracy']:.2f}% at {test['mean_gflops']:.4f} GFLOPs "
-                  f"(thresholds from val: {[round(t, 6) for t in p['thresholds']]})")  # fmt: skip
+    for policy, p in (manifest.thresholds.policies if manifest.thresholds else {}).items():
+        if p.test is not None and manifest.evaluation.split == "test":
+            print(f"  cascade {policy}: {100 * p.test.accuracy:.2f}% at {p.test.mean_gflops:.4f} GFLOPs "
+                  f"(thresholds from val: {[round(t, 6) for t in p.thresholds]})")  # fmt: skip
     return 0
 
 
