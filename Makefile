@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEFAULT_RUN ?= runs/default-fmnist-resnet18-w025
 DEFAULT_TRAIN_ARGS ?= --arch resnet18 --dataset fashion-mnist --width-mult 0.25 --epochs 15 --val-split 5000 --seed 0 --alpha 1
 
-.PHONY: test test-all serve system-deps install install-serve default-model clean
+.PHONY: test test-all serve system-deps install install-serve default-model clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,16 @@ default-model: system-deps $(VENV)/.installed
 	fi
 	$(VENV)/bin/python -m training.evaluate $(DEFAULT_RUN)/checkpoint.pt --split test --out $(DEFAULT_RUN)/eval
 	$(VENV)/bin/python -m training.export $(DEFAULT_RUN)/checkpoint.pt --out $(MODEL_DIR) --name $(notdir $(MODEL_DIR)) --samples 12 --force
+
+# Hashed lock files the images install with --require-hashes (Linux x86_64 wheels): the serve
+# and train extras for the images' Python 3.11, and the serve extra with onnxruntime-gpu for the
+# GPU image's Python 3.10 (Ubuntu 22.04). Re-run after changing dependencies in pyproject.toml;
+# tests/test_locks.py fails while a lock no longer satisfies it.
+UV_COMPILE = $(VENV)/bin/uv pip compile --generate-hashes --python-platform x86_64-manylinux_2_28 --quiet
+lock: $(VENV)/.installed
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra serve --python-version 3.11 -o requirements/serve.lock
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra train --python-version 3.11 -o requirements/train.lock
+	$(UV_COMPILE) pyproject.toml requirements/build.in requirements/gpu.in --extra serve --no-emit-package onnxruntime --python-version 3.10 -o requirements/serve-gpu.lock
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache

@@ -58,12 +58,36 @@ def env_map(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
-def app_routes() -> set[str]:
-    from serving.app import create_app
-    from serving.settings import ServerSettings
+_app = None
 
-    app = create_app(ServerSettings(model_dir=ROOT / "exported" / "fmnist-resnet18-eed"))
-    return {route.path for route in app.routes if hasattr(route, "path")}
+
+def the_app():
+    global _app
+    if _app is None:
+        from serving.app import create_app
+        from serving.settings import ServerSettings
+
+        _app = create_app(ServerSettings(model_dir=ROOT / "exported" / "fmnist-resnet18-eed"))
+    return _app
+
+
+def app_routes() -> set[str]:
+    """Path templates the app serves (included routers are resolved lazily, so ask OpenAPI too)."""
+    app = the_app()
+    return {r.path for r in app.routes if getattr(r, "path", None)} | set(app.openapi()["paths"])
+
+
+def answers(path: str) -> int:
+    """The status the app gives GET path (no lifespan: the model is not loaded, so /readyz is 503)."""
+    import asyncio
+
+    import httpx
+
+    async def get() -> int:  # ASGITransport runs no lifespan: the model stays unloaded
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=the_app()), base_url="http://pod") as client:
+            return (await client.get(path)).status_code
+
+    return asyncio.run(get())
 
 
 def dockerfile_uid(dockerfile: str) -> int:
@@ -154,7 +178,8 @@ def test_deployment_matches_the_image_and_the_app(overlay):
     assert probes["liveness"]["path"] == "/healthz"
     for kind, probe in probes.items():
         assert probe["path"] in routes, f"{kind} probe {probe['path']} is not a route of the app"
-        assert probe["port"] in (http["name"], port)
+        assert answers(probe["path"]) != 404 and probe["port"] in (http["name"], port)
+    assert answers("/healthz") == 200 and answers("/readyz") == 503, "model not loaded: live, not ready"
     # The HEALTHCHECK of the image probes the same route.
     assert "/readyz" in healthcheck_cmd(parse_dockerfile(ROOT / dockerfile))[2]
 
