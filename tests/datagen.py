@@ -36,6 +36,27 @@ def make_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 128, seed: 
     return root
 
 
+def make_striped_fashion_mnist(root: Path, n_train: int = 1024, n_test: int = 200, seed: int = 0) -> Path:
+    """Fashion-MNIST files where class y is horizontal stripes of period y + 2 px at a random phase.
+
+    Unlike the bars of :func:`make_fashion_mnist`, the class survives the training
+    augmentation (a crop shifts the phase, a horizontal flip changes nothing), so a
+    network that learns reaches far above chance (10 %) in a few epochs.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = np.arange(28)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, y in enumerate(labels):
+            period = 2 + int(y)
+            images[i, (rows + rng.integers(0, period)) % period == 0, :] = 220
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
 def make_cifar(root: Path, num_classes: int, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
     """CIFAR-10 or CIFAR-100 in the official pickle layout (str keys, as Python 2 wrote them), tiny."""
     rng = np.random.default_rng(seed)

@@ -92,6 +92,46 @@ def test_loader_is_deterministic_per_epoch_and_sharded(tmp_path):
     assert len(labels[0]) == len(labels[1]) == 20
 
 
+def _gray_levels(images: torch.Tensor, spec, y: int = 0, x: int = 0) -> list[float]:
+    """The 8-bit gray level of pixel (y, x) of each image, read back through the normalisation."""
+    return [(float(v) * spec.std[0] + spec.mean[0]) * 255 for v in images[:, 0, y, x]]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_evaluation_shards_are_disjoint_and_complete_in_memory(world_size):
+    from training.data import ArraySplit, DATASETS
+
+    n = 10  # not a multiple of 3: no padding duplicates allowed at evaluation
+    split = ArraySplit(torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 28, 28).contiguous(),
+                       torch.zeros(n, dtype=torch.int64))
+    spec = DATASETS["fashion-mnist"]
+    seen = []
+    for rank in range(world_size):
+        loader = make_loader(split, spec, 4, train=False, rank=rank, world_size=world_size)
+        images = torch.cat([x for x, _ in loader])
+        seen += [round(g) for g in _gray_levels(images, spec)]  # gray level = the image's index
+    assert sorted(seen) == list(range(n))  # every image exactly once: disjoint and complete
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_evaluation_shards_are_disjoint_and_complete_imagefolder(tmp_path, world_size):
+    from PIL import Image
+
+    for split, n in (("train", 2), ("val", 5)):
+        for c, cls in enumerate(("cat", "dog")):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):  # gray level = a unique id per validation image
+                Image.new("RGB", (224, 224), (10 * (c * n + i) + 5,) * 3).save(folder / f"{i}.png")
+    data = build_datasets("imagefolder", tmp_path, seed=0)
+    seen = []
+    for rank in range(world_size):
+        loader = make_loader(data.test, data.spec, 3, train=False, rank=rank, world_size=world_size, workers=0)
+        images = torch.cat([x for x, _ in loader])
+        seen += [round((g - 5) / 10) for g in _gray_levels(images, data.spec, 112, 112)]
+    assert sorted(seen) == list(range(10))
+
+
 def test_imagefolder_layout(tmp_path):
     from PIL import Image
 

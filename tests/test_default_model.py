@@ -156,3 +156,32 @@ def test_server_reproduces_every_calibrated_policy(tmp_path):
             accuracy = float((served_label == labels).mean())
             assert abs(accuracy - recorded.accuracy) <= 4 * np.sqrt(0.1 / n) + 0.01, (name, accuracy)
             assert np.mean([a["gflops"] for a in answers]) == pytest.approx(recorded.mean_gflops, rel=0.1)
+
+
+def test_shipped_samples_are_the_test_images_their_names_say():
+    """``samples/INDEX-LABEL-CLASS.png``: through the server's own decoding and preprocessing,
+    each is test image INDEX exactly, whose label is LABEL, named CLASS in the manifest."""
+    from training.data import read_idx
+
+    from serving.images import Preprocessor
+
+    manifest = load_manifest(MODEL_DIR, verify=False)
+    samples = sorted((MODEL_DIR / "samples").glob("*.png"))
+    if manifest.dataset != "fashion-mnist" or not samples:
+        pytest.skip("no Fashion-MNIST samples shipped with the default model")
+    files = {k: next(iter(sorted(FMNIST_DIR.glob(f"{stem}*"))), None)
+             for k, stem in (("images", "t10k-images-idx3-ubyte"), ("labels", "t10k-labels-idx1-ubyte"))}
+    if not all(files.values()):
+        pytest.skip(f"Fashion-MNIST test files not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)")
+    images, labels = read_idx(files["images"]), read_idx(files["labels"])
+    preprocess = Preprocessor.from_spec(manifest.input, 4096 * 4096)
+    spec = manifest.input
+    for path in samples:
+        index, label, slug = path.stem.split("-", 2)
+        index, label = int(index), int(label)
+        assert labels[index] == label, path.name
+        expected_slug = "".join(c if c.isalnum() else "-" for c in manifest.classes[label].lower()).strip("-")
+        assert slug == expected_slug, path.name
+        x = preprocess(path.read_bytes(), "image/png")
+        expected = (images[index].astype(np.float32) / 255.0 - spec.mean[0]) / spec.std[0]
+        assert x.shape == (1, 28, 28) and np.allclose(x[0], expected, atol=1e-5), path.name

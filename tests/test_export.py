@@ -129,6 +129,22 @@ def test_graphs_are_clean_and_self_contained(which, request):
             assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
+def test_onnx_accuracy_equals_pytorch_accuracy_on_the_same_checkpoint(resnet_export, fmnist):
+    """The manifest's accuracies (ONNX Runtime on the exported graphs) are the checkpoint's own
+    (PyTorch), per exit and for the calibrated policies: same images, same answers."""
+    from training.evaluate import evaluate_checkpoint
+
+    _, manifest, folder = resnet_export
+    results, _ = evaluate_checkpoint(folder.parent / "ckpt.pt", "test", download=False)
+    n = manifest.evaluation.images
+    assert results["images"] == n == 64
+    for spec, torch_exit in zip(manifest.exits, results["exits"]):
+        # A logit within float noise of another may flip one image; no more.
+        assert abs(spec.accuracy - torch_exit["accuracy"]) <= 1 / n, spec.exit
+    torch_policies = {p["name"]: p for p in results["cascade"]["calibration"]["policies"] if p["thresholds"]}
+    assert set(torch_policies) == set(manifest.thresholds.policies)
+
+
 def test_manifest_round_trips_and_records_evaluation(resnet_export):
     model, manifest, folder = resnet_export
     raw = json.loads((folder / "manifest.json").read_text())
@@ -142,7 +158,7 @@ def test_manifest_round_trips_and_records_evaluation(resnet_export):
     for spec, cost in zip(loaded.exits, costs):
         assert spec.gflops == pytest.approx(cost.gflops) and spec.params == cost.params
         assert spec.stage_gflops == pytest.approx(cost.stage_gflops)
-        assert 0 <= spec.accuracy <= 1
+        assert spec.accuracy == pytest.approx(manifest_accuracy_from_spot_check(loaded, spec.exit), abs=1e-9)
     assert loaded.exits[0].stage_gflops == pytest.approx(loaded.exits[0].gflops)  # stage 1 is exit 1's path
     ev = loaded.evaluation
     assert ev.split == "test" and ev.images == 64 and ev.backend.startswith("onnxruntime")
@@ -214,3 +230,9 @@ def test_clear_errors(tmp_path, capsys):
     assert main([str(tmp_path / "junk.pt"), "--out", str(tmp_path / "m")]) == 2
     assert "could not be read" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def manifest_accuracy_from_spot_check(manifest, exit_number):
+    """With 64 test images the spot check (every image) must equal the exit's accuracy."""
+    assert manifest.evaluation.spot_check.stride == 1
+    return manifest.evaluation.spot_check.accuracy[exit_number - 1]

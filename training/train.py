@@ -109,17 +109,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Names of the options the user actually typed (to tell them from defaults)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if action.nargs == 0:
-                probe.add_argument(*action.option_strings, action="store_const", const=True, **kwargs)
-            else:
-                probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
+    """Names of the options the user actually typed (to tell them from defaults).
+
+    Parses ``argv`` again with every default replaced by a sentinel (public argparse API
+    only: ``set_defaults`` overrides argument defaults); what is not the sentinel was typed.
+    """
+    untyped = object()
+    probe = get_args_parser()
+    probe.set_defaults(**{dest: untyped for dest in vars(parser.parse_args([]))})
     known, _ = probe.parse_known_args(argv)
-    return set(vars(known))
+    return {dest for dest, value in vars(known).items() if value is not untyped}
 
 
 def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
