@@ -50,7 +50,7 @@ class ServerSettings(BaseSettings):
     ort_allow_spinning: bool = Field(
         False,
         description="let ORT worker threads busy-wait for work; off by default because spinning threads "
-        "take the CPU the event loop needs for HTTP (measured: ~1.6x throughput on 2 cores without)",
+        "take the CPU the event loop needs for HTTP on machines with few cores",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
