@@ -1,36 +1,54 @@
-"""Serving benchmark: the real server under closed-loop load vs raw in-process ONNX Runtime.
+"""Serving benchmark, one method for every figure: the real server under ``wrk`` vs raw ONNX Runtime.
 
-For each model folder given:
+One command measures the three request-path targets (issue 13):
 
-1. raw ONNX Runtime, in this process, with the server's session options: every
-   exit's full-path graph at batch sizes equal to the concurrency levels
-   (latency per batch and samples per second);
-2. the real server (``python -m serving``) in a subprocess, driven by a separate
-   load-generator process (this script with ``--loadgen``) that keeps
-   ``concurrency`` keep-alive HTTP/1.1 connections busy for ``--duration`` seconds
-   per exit and level, posting the same PNG with ``?exit=N``.
+1. **Saturation** — server requests/s with 32 keep-alive connections (``wrk``, a C load
+   generator that costs the server little CPU) against raw ONNX Runtime samples/s at
+   batch 32, in this process, at the main exit and at exit 1.
+2. **Single-request overhead** — the server's p50 latency with one connection against
+   raw ORT's p50 at batch 1, at the main exit.
+3. **Cascade efficiency** — sequential requests over real test images, once with
+   ``?exit=<main>`` and once as a confidence cascade: the share of inference time the
+   cascade saves (mean ``inference_ms`` of the answers) against the share of GFLOPs it
+   saves (mean ``gflops``). Target ≥ 0.8. The cascade's answers are checked against the
+   same rule simulated offline on raw ORT outputs (``agreement``), so "accuracy
+   unchanged" is verified, not assumed.
 
-It prints, per exit and concurrency: server throughput and p50/p99 latency, raw
-ORT throughput and latency at the same batch size, and the ratio; and writes all
-of it to ``benchmarks/results/serve_bench.json``.
+Raw ORT runs twice: with ONNX Runtime's default session options (the baseline of the
+targets) and with the server's options. Server and raw runs alternate round by round
+in one invocation, so a busy machine hits both alike; medians over rounds are
+reported. ``--variant NAME=ARGS`` (repeatable) starts one server per variant (extra
+``python -m serving`` flags, optionally from another source tree with
+``--variant-tree NAME=PATH``) and alternates between them too: an A/B in one run.
 
-    python benchmarks/serve_bench.py exported/NAME [MORE_DIRS...] [--duration 5]
+    python benchmarks/serve_bench.py                       # all three targets, ~4 minutes
+    python benchmarks/serve_bench.py --variant base= --variant spin=--ort-allow-spinning
 
-The load generator shares the machine's cores with the server; on a 2-core box
-that costs the server some throughput, which the ratio includes.
+Defaults: saturation and overhead on the full-width CIFAR-100 ResNet-18 export
+(``runs/bench/resnet18-cifar100``; built by ``python benchmarks/untrained_export.py
+--out runs/bench/resnet18-cifar100`` when missing); cascade efficiency on the shipped
+model over Fashion-MNIST test images and on the full-width export (thresholds at the
+median top probability of each early exit on the same images). Without ``wrk`` a
+Python load generator in its own process stands in (slower; the report says so).
+Run on an otherwise idle machine: every figure depends on the free cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
+import http.client
 import io
 import json
 import os
 import platform
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,264 +59,518 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_bench.json"
+FULL_WIDTH = ROOT / "runs" / "bench" / "resnet18-cifar100"
+SHIPPED = ROOT / "exported" / "fmnist-resnet18-eed"
+FMNIST_DIRS = (ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+TARGETS = {"saturation_main": 0.95, "saturation_exit1": 0.85, "overhead_p50_ms": 0.5, "cascade_efficiency": 0.8}
+
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("EED_BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "image/png"
+done = function(summary, latency, requests)
+  io.write(string.format(
+    "EED_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"non2xx\\": %d, \\"socket_errors\\": %d, "
+    .. "\\"p50_ms\\": %.4f, \\"p99_ms\\": %.4f}\\n",
+    summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
 
 
 # ------------------------------------------------------------------------------------------
-# Load generator (runs in its own process)
+# Load: wrk, or a Python closed-loop generator in its own process when wrk is missing
 # ------------------------------------------------------------------------------------------
 
-async def _connection(host: str, port: int, request: bytes, warm_until: float, stop_at: float,
-                      latencies: list[float], errors: list[int]) -> None:
+def run_wrk(url: str, path: str, connections: int, seconds: float, script: Path, body: Path) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url + path]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)},
+                         timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("EED_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line[len("EED_JSON "):])
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+            "requests": r["requests"], "errors": r["non2xx"] + r["socket_errors"]}
+
+
+async def _py_connection(host, port, request, stop_at, latencies, errors) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        while True:
-            started = time.perf_counter()
-            if started >= stop_at:
-                break
+        while (started := time.perf_counter()) < stop_at:
             writer.write(request)
             status = await reader.readline()
             length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
+            while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value)
             await reader.readexactly(length)
-            finished = time.perf_counter()
-            if started >= warm_until:
-                if status.split()[1:2] == [b"200"]:
-                    latencies.append(finished - started)
-                else:
-                    errors.append(int(status.split()[1]))
+            (latencies if status.split()[1:2] == [b"200"] else errors).append(time.perf_counter() - started)
     finally:
         writer.close()
 
 
-async def _loadgen(url: str, path: str, body: bytes, concurrency: int, duration: float, warmup: float) -> dict:
+def loadgen_main(url: str, path: str, connections: int, seconds: float, body: bytes) -> None:
     host, port = url.removeprefix("http://").split(":")
     request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     latencies: list[float] = []
-    errors: list[int] = []
-    start = time.perf_counter()
-    warm_until, stop_at = start + warmup, start + warmup + duration
-    await asyncio.gather(*(_connection(host, int(port), request, warm_until, stop_at, latencies, errors)
-                           for _ in range(concurrency)))
-    measured = time.perf_counter() - warm_until
+    errors: list[float] = []
+    t0 = time.perf_counter()
+
+    async def main():
+        await asyncio.gather(*(_py_connection(host, int(port), request, t0 + seconds, latencies, errors)
+                               for _ in range(connections)))
+
+    asyncio.run(main())
     ms = np.asarray(latencies) * 1e3
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "throughput_rps": len(latencies) / measured,
-        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
-        "mean_ms": float(ms.mean()) if len(ms) else None,
-    }
+    print(json.dumps({"rps": len(ms) / (time.perf_counter() - t0), "p50_ms": float(np.percentile(ms, 50)),
+                      "p99_ms": float(np.percentile(ms, 99)), "requests": len(ms), "errors": len(errors)}))
 
 
-def loadgen_main(args: argparse.Namespace) -> None:
-    try:
-        import uvloop  # lower client overhead where available
-
-        uvloop.install()
-    except ImportError:
-        pass
-    body = Path(args.image).read_bytes()
-    result = asyncio.run(_loadgen(args.loadgen, args.path, body, args.concurrency, args.duration, args.warmup))
-    print(json.dumps(result))
+def run_load(url: str, path: str, connections: int, seconds: float, workdir: Path, body: Path) -> dict:
+    if shutil.which("wrk"):
+        return run_wrk(url, path, connections, seconds, workdir / "post.lua", body)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen", url, path, str(connections), str(seconds),
+           str(body)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------
 # Raw ONNX Runtime
 # ------------------------------------------------------------------------------------------
 
-def raw_ort(model_dir: Path, batch_sizes: list[int], seconds: float, options,
-            exits: list[int] | None = None) -> tuple[dict, str]:
-    """Per exit and batch size: p50 latency per batch and samples/s of the bare session."""
+class RawORT:
+    """One model's full-path sessions, with ORT's default options and with the server's."""
+
+    def __init__(self, model_dir: Path, server_options) -> None:
+        import onnxruntime as ort
+
+        from serving.manifest import load_manifest
+        from serving.runtime import ModelRuntime, provider_chain
+
+        self.manifest = load_manifest(model_dir)
+        chain = provider_chain(server_options.providers, ort.get_available_providers())
+        self.server = ModelRuntime.load(model_dir, server_options)
+        self.provider = self.server.provider
+        self.default = {
+            spec.exit: ort.InferenceSession(str(model_dir / spec.path), providers=chain)  # ORT's defaults
+            for spec in self.manifest.exits
+        }
+        self.input_name = self.manifest.io.image_input
+
+    def time(self, options: str, exit_number: int, batch: int, seconds: float) -> dict:
+        x = self.server.example_input(batch)
+        if options == "server":
+            graph = self.server.exits[exit_number - 1]
+            run = lambda: graph.run(x)  # noqa: E731
+        else:
+            session = self.default[exit_number]
+            run = lambda: session.run(None, {self.input_name: x})  # noqa: E731
+        for _ in range(2):
+            run()
+        times = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop or len(times) < 5:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        t = np.asarray(times)
+        return {"p50_ms": float(np.median(t) * 1e3), "sps": float(batch / t.mean()), "runs": len(t)}
+
+
+# ------------------------------------------------------------------------------------------
+# Servers
+# ------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m serving`` in a subprocess, from ``tree`` (default: this checkout)."""
+
+    def __init__(self, name: str, model_dir: Path, args: list[str], tree: Path, workdir: Path,
+                 providers: str) -> None:
+        self.name, self.tree = name, tree
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "serving", "--model-dir", str(model_dir.resolve()), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--providers", providers, "--allow-provider-fallback",
+                    "--log-level", "warning", *args]
+        self.log = workdir / f"server-{name}-{model_dir.name}.log"
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        self.proc = subprocess.Popen(self.cmd, cwd=tree, env=env, stdout=open(self.log, "wb"),
+                                     stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited with {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/readyz")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server {self.name} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_servers(model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path,
+                  providers: str) -> list[Server]:
+    servers = [Server(name, model_dir, args, tree, workdir, providers) for name, (args, tree) in variants.items()]
+    try:
+        for server in servers:
+            server.wait_ready()
+    except Exception:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+# ------------------------------------------------------------------------------------------
+# 1 + 2: saturation and single-request overhead
+# ------------------------------------------------------------------------------------------
+
+def png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
+    raw = RawORT(model_dir, server_options)
+    spec = raw.manifest.input
+    k = raw.manifest.num_exits
+    rng = np.random.default_rng(0)
+    shape = (spec.height, spec.width) if spec.channels == 1 else (spec.height, spec.width, 3)
+    body = workdir / "bench.png"
+    body.write_bytes(png(rng.integers(0, 256, shape, dtype=np.uint8)))
+    conns = args.connections
+    cases = [("saturation_main", k, conns), ("saturation_exit1", 1, conns), ("overhead_main", k, 1)]
+    samples: dict = {case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in variants}}
+                     for case, _, _ in cases}
+    servers = start_servers(model_dir, variants, workdir, args.providers)
+    try:
+        for server in servers:  # warm the HTTP path and the batch sizes once
+            run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, workdir, body)
+        for r in range(args.rounds):
+            for case, exit_number, c in cases:
+                batch = c
+                samples[case]["raw_default"].append(raw.time("default", exit_number, batch, args.raw_seconds))
+                for server in servers if r % 2 == 0 else servers[::-1]:
+                    path = f"/classify?exit={exit_number}&top_k=1"
+                    run_load(server.url, path, c, 1.0, workdir, body)  # settle after the raw run
+                    samples[case][server.name].append(run_load(server.url, path, c, args.seconds, workdir, body))
+                samples[case]["raw_server_options"].append(raw.time("server", exit_number, batch,
+                                                                    args.raw_seconds))
+                print(f"  round {r + 1} {case}: " + ", ".join(
+                    f"{name} {_fmt(v[-1])}" for name, v in samples[case].items()), flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+
+    def med(values, key):
+        return float(np.median([v[key] for v in values]))
+
+    result = {"model_dir": _rel(model_dir), "model": raw.manifest.name, "provider": raw.provider,
+              "connections": conns, "rounds": args.rounds, "seconds": args.seconds, "cases": {}}
+    for case, exit_number, c in cases:
+        s = samples[case]
+        entry = {"exit": exit_number, "connections": c,
+                 "raw_default": {"sps": med(s["raw_default"], "sps"), "p50_ms": med(s["raw_default"], "p50_ms")},
+                 "raw_server_options": {"sps": med(s["raw_server_options"], "sps"),
+                                        "p50_ms": med(s["raw_server_options"], "p50_ms")},
+                 "servers": {}}
+        for name in variants:
+            served = {"rps": med(s[name], "rps"), "p50_ms": med(s[name], "p50_ms"), "p99_ms": med(s[name], "p99_ms"),
+                      "errors": int(sum(v["errors"] for v in s[name])), "runs": s[name]}
+            if case.startswith("saturation"):
+                served["ratio_vs_raw_default"] = served["rps"] / entry["raw_default"]["sps"]
+                served["ratio_vs_raw_server_options"] = served["rps"] / entry["raw_server_options"]["sps"]
+            else:
+                served["p50_overhead_ms_vs_raw_default"] = served["p50_ms"] - entry["raw_default"]["p50_ms"]
+                served["p50_overhead_ms_vs_raw_server_options"] = (served["p50_ms"]
+                                                                   - entry["raw_server_options"]["p50_ms"])
+            entry["servers"][name] = served
+        result["cases"][case] = entry
+    return result
+
+
+def _fmt(v: dict) -> str:
+    if "rps" in v:
+        return f"{v['rps']:.1f} req/s p50 {v['p50_ms']:.2f} ms"
+    return f"{v['sps']:.1f} img/s p50 {v['p50_ms']:.2f} ms"
+
+
+# ------------------------------------------------------------------------------------------
+# 3: cascade efficiency on real images
+# ------------------------------------------------------------------------------------------
+
+def fashion_mnist_test(limit: int, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The first ``limit`` Fashion-MNIST test images (uint8 28×28) and labels, from the idx files."""
+    for folder in ([data_dir] if data_dir else list(FMNIST_DIRS)):
+        images, labels = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
+        if images.is_file() and labels.is_file():
+            x = np.frombuffer(gzip.decompress(images.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
+            y = np.frombuffer(gzip.decompress(labels.read_bytes()), np.uint8, offset=8)
+            return x[:limit], y[:limit].astype(int), folder
+    raise SystemExit("Fashion-MNIST test files not found (apt-get install dataset-fashion-mnist, or --fmnist-dir)")
+
+
+def offline_cascade(model_dir: Path, bodies: list[bytes], server_options) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and exit: top probability and prediction, from the stage chain in this process."""
+    from serving import cascade
+    from serving.images import Preprocessor
     from serving.runtime import ModelRuntime
 
-    runtime = ModelRuntime.load(model_dir, options)
-    results: dict[int, dict[int, dict]] = {}
-    for graph in runtime.exits:
-        if exits and graph.exit not in exits:
-            continue
-        results[graph.exit] = {}
-        for batch in batch_sizes:
-            x = runtime.example_input(batch)
-            for _ in range(3):
-                graph.run(x)
-            times = []
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline or len(times) < 5:
-                t0 = time.perf_counter()
-                graph.run(x)
-                times.append(time.perf_counter() - t0)
-            t = np.asarray(times)
-            results[graph.exit][batch] = {
-                "batch": batch,
-                "runs": len(times),
-                "p50_ms": float(np.percentile(t, 50) * 1e3),
-                "p99_ms": float(np.percentile(t, 99) * 1e3),
-                "throughput_sps": float(batch / t.mean()),
-            }
-    provider = runtime.provider
-    del runtime
-    return results, provider
+    runtime = ModelRuntime.load(model_dir, server_options)
+    pre = Preprocessor.from_spec(runtime.manifest.input, 4096 * 4096)
+    x = np.stack([pre(b, "image/png") for b in bodies])
+    conf, pred = [], []
+    for start in range(0, len(x), 64):
+        feats, c, p = x[start:start + 64], [], []
+        for graph in runtime.stages:
+            outputs = graph.run(feats)
+            c.append(cascade.top_probability(outputs[0]))
+            p.append(outputs[0].argmax(-1))
+            if len(outputs) > 1:
+                feats = outputs[1]
+        conf.append(np.stack(c, 1))
+        pred.append(np.stack(p, 1))
+    return np.concatenate(conf), np.concatenate(pred)
+
+
+def classify_all(port: int, bodies: list[bytes], query: str) -> list[dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    answers = []
+    for body in bodies:
+        conn.request("POST", f"/classify?{query}", body=body, headers={"Content-Type": "image/png"})
+        response = conn.getresponse()
+        payload = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"/classify?{query} answered {response.status}: {payload[:300]!r}")
+        answers.append(json.loads(payload))
+    conn.close()
+    return answers
+
+
+def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
+    from serving import cascade
+    from serving.manifest import load_manifest
+
+    manifest = load_manifest(model_dir)
+    k = manifest.num_exits
+    images, labels, source = fashion_mnist_test(args.images, args.fmnist_dir)
+    if manifest.input.channels == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)  # the server would do L → RGB itself anyway
+    bodies = [png(im) for im in images]
+    conf, pred = offline_cascade(model_dir, bodies, server_options)
+    policies = json.loads((model_dir / "manifest.json").read_text()).get("thresholds", {}).get("policies", {})
+    if args.policy and args.policy in policies:
+        query, how = f"policy={args.policy}", f"calibrated policy {args.policy}"
+        thresholds = cascade.as_thresholds(policies[args.policy]["thresholds"], k)
+    else:  # an untrained or uncalibrated model: each early exit keeps the images above its median confidence
+        thresholds = np.asarray([float(np.median(conf[:, i])) for i in range(k - 1)])
+        query = "confidence=" + ",".join(f"{t:.9g}" for t in thresholds)
+        thresholds = np.asarray([float(f"{t:.9g}") for t in thresholds])
+        how = "per-exit thresholds at the median top probability of each early exit on these images"
+    simulated = cascade.simulate(conf, pred, thresholds, [e.stage_gflops for e in manifest.exits])
+    half = (len(bodies) + 1) // 2
+    servers = start_servers(model_dir, variants, workdir, args.providers)
+    per_variant = {}
+    try:
+        for server in servers:
+            classify_all(server.port, bodies[:50], f"exit={k}&top_k=1")  # warm-up
+            classify_all(server.port, bodies[:50], query + "&top_k=1")
+        runs: dict = {s.name: {"main": [], "cascade": []} for s in servers}
+        for r, chunk in enumerate((slice(0, half), slice(half, None))):  # alternate, so load shifts hit both
+            for server in servers:
+                order = (("main", f"exit={k}"), ("cascade", query))
+                for mode, q in order if r == 0 else order[::-1]:
+                    runs[server.name][mode].extend(classify_all(server.port, bodies[chunk], q + "&top_k=1"))
+    finally:
+        for server in servers:
+            server.stop()
+    main_gflops = manifest.exits[-1].gflops
+    for name, modes in runs.items():
+        main, casc = modes["main"], modes["cascade"]
+        t_main = float(np.mean([a["inference_ms"] for a in main]))
+        t_casc = float(np.mean([a["inference_ms"] for a in casc]))
+        l_main = float(np.mean([a["latency_ms"] for a in main]))
+        l_casc = float(np.mean([a["latency_ms"] for a in casc]))
+        g_casc = float(np.mean([a["gflops"] for a in casc]))
+        gflops_saved = 1 - g_casc / main_gflops
+        time_saved = 1 - t_casc / t_main
+        served_exit = np.asarray([a["exit"] for a in casc])
+        served_label = np.asarray([a["label"] for a in casc])
+        per_variant[name] = {
+            "main_inference_ms": t_main, "cascade_inference_ms": t_casc,
+            "main_latency_ms": l_main, "cascade_latency_ms": l_casc,
+            "main_gflops": main_gflops, "cascade_gflops": g_casc,
+            "gflops_saved": gflops_saved, "inference_time_saved": time_saved,
+            "latency_saved": 1 - l_casc / l_main,
+            "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
+            "exit_fractions": np.bincount(served_exit, minlength=k + 1)[1:].tolist(),
+            "agreement_with_offline_rule": float(np.mean((served_exit == simulated.exit)
+                                                         & (served_label == simulated.prediction))),
+            "accuracy_main": float(np.mean(np.asarray([a["label"] for a in main]) == labels)),
+            "accuracy_cascade": float(np.mean(served_label == labels)),
+        }
+        v = per_variant[name]
+        print(f"  {manifest.name} [{name}]: GFLOPs saved {100 * gflops_saved:.1f} %, inference time saved "
+              f"{100 * time_saved:.1f} % (efficiency {v['efficiency']:.2f}), latency saved "
+              f"{100 * v['latency_saved']:.1f} %, agreement {100 * v['agreement_with_offline_rule']:.2f} %, "
+              f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
+              flush=True)
+    return {"model_dir": _rel(model_dir), "model": manifest.name, "images": len(bodies), "source": str(source),
+            "query": query, "thresholds": how, "variants": per_variant}
 
 
 # ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become ready")
-
-
-def _test_image(manifest, path: Path) -> Path:
-    from PIL import Image
-
-    spec = manifest.input
-    rng = np.random.default_rng(0)
-    shape = (spec.height, spec.width) if spec.channels == 1 else (spec.height, spec.width, 3)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
-    return path
-
-
-def bench_model(model_dir: Path, args: argparse.Namespace, workdir: Path) -> dict:
-    from serving.manifest import load_manifest
-    from serving.runtime import SessionOptions
-
-    manifest = load_manifest(model_dir)
-    # Raw ORT gets exactly the server's session options.
-    options = SessionOptions(providers=args.providers, intra_op_threads=args.intra_op_threads,
-                             allow_spinning=args.ort_allow_spinning, allow_provider_fallback=True)
-    print(f"\n== {manifest.name} ({model_dir}) ==", flush=True)
-    raw, provider = raw_ort(model_dir, args.concurrency, args.raw_seconds, options, args.exits)
-    image = _test_image(manifest, workdir / f"{manifest.name}.png")
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server_cmd = [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-                  "--port", str(port), "--providers", args.providers, "--allow-provider-fallback",
-                  "--intra-op-threads", str(args.intra_op_threads),
-                  "--ort-allow-spinning" if args.ort_allow_spinning else "--no-ort-allow-spinning",
-                  "--log-level", "warning", *args.server_arg]
-    log = open(workdir / f"server-{port}.log", "wb")
-    server = subprocess.Popen(server_cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    exits = []
+def _rel(path: Path) -> str:
     try:
-        _wait_ready(url, server)
-        for spec in manifest.exits:
-            if args.exits and spec.exit not in args.exits:
-                continue
-            points = {}
-            for concurrency in args.concurrency:
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen", url, "--path",
-                       f"/classify?exit={spec.exit}&top_k=1", "--image", str(image), "--concurrency",
-                       str(concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-                served = json.loads(out.stdout)
-                base = raw[spec.exit][concurrency]
-                served["raw_ort"] = base
-                served["throughput_ratio"] = (served["throughput_rps"] / base["throughput_sps"]
-                                              if base["throughput_sps"] else None)
-                served["p50_overhead_ms"] = (
-                    served["p50_ms"] - base["p50_ms"] if served["p50_ms"] is not None else None
-                )
-                points[str(concurrency)] = served
-                print(f"exit {spec.exit} ({spec.gflops:.4g} GFLOPs) c={concurrency:>3}: "
-                      f"server {served['throughput_rps']:9.1f} req/s  p50 {served['p50_ms']:8.3f} ms  "
-                      f"p99 {served['p99_ms']:8.3f} ms | raw ORT batch {concurrency:>3}: "
-                      f"{base['throughput_sps']:9.1f} samples/s  p50 {base['p50_ms']:8.3f} ms | "
-                      f"ratio {served['throughput_ratio']:.2f}  errors {served['errors']}", flush=True)
-            exits.append({"exit": spec.exit, "gflops": spec.gflops, "points": points})
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-    return {"model_dir": str(model_dir), "name": manifest.name, "arch": manifest.arch, "provider": provider,
-            "server_command": " ".join(server_cmd[1:]), "exits": exits}
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def parse_variants(specs: list[str], trees: list[str]) -> dict[str, tuple[list[str], Path]]:
+    tree_of = {}
+    for spec in trees:
+        name, _, path = spec.partition("=")
+        tree_of[name] = Path(path).resolve()
+    variants = {}
+    for spec in specs or ["server="]:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"bad --variant {spec!r}: expected NAME=FLAGS (FLAGS may be empty)")
+        variants[name] = (shlex.split(flags), tree_of.get(name, ROOT))
+    unknown = set(tree_of) - set(variants)
+    if unknown:
+        raise SystemExit(f"--variant-tree for unknown variants {sorted(unknown)}")
+    return variants
+
+
+def summary(report: dict) -> list[str]:
+    lines = []
+    t = report.get("throughput")
+    if t:
+        for name in next(iter(t["cases"].values()))["servers"]:
+            sat_main = t["cases"]["saturation_main"]["servers"][name]["ratio_vs_raw_default"]
+            sat_one = t["cases"]["saturation_exit1"]["servers"][name]["ratio_vs_raw_default"]
+            over = t["cases"]["overhead_main"]["servers"][name]["p50_overhead_ms_vs_raw_default"]
+            lines.append(f"[{name}] saturation main {sat_main:.2f}x (>= {TARGETS['saturation_main']}), exit 1 "
+                         f"{sat_one:.2f}x (>= {TARGETS['saturation_exit1']}), p50 overhead {over:+.2f} ms "
+                         f"(<= {TARGETS['overhead_p50_ms']})")
+    for c in report.get("cascade", []):
+        for name, v in c["variants"].items():
+            lines.append(f"[{name}] {c['model']}: cascade efficiency {v['efficiency']:.2f} "
+                         f"(>= {TARGETS['cascade_efficiency']}), agreement {100 * v['agreement_with_offline_rule']:.1f} %")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dirs", nargs="*", type=Path, help="exported model folders")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--exits", type=int, nargs="+", help="only these exits (default: all)")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per exit and concurrency")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each measurement")
-    parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds of raw ORT timing per batch size")
-    parser.add_argument("--providers", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--intra-op-threads", type=int, default=0, help="for the server and raw ORT alike")
-    parser.add_argument("--ort-allow-spinning", action=argparse.BooleanOptionalAction, default=False,
-                        help="for the server and raw ORT alike")
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra argument for python -m serving (repeatable), e.g. --server-arg=--max-wait-ms=1")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    # Load-generator mode (internal).
-    parser.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
-    parser.add_argument("--path", help=argparse.SUPPRESS)
-    parser.add_argument("--image", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.loadgen:
-        args.concurrency = args.concurrency[0]
-        loadgen_main(args)
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--loadgen":
+        url, path, conns, seconds, body = sys.argv[2:7]
+        loadgen_main(url, path, int(conns), float(seconds), Path(body).read_bytes())
         return 0
-    if not args.model_dirs:
-        parser.error("give at least one model folder")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=FULL_WIDTH, help="model for saturation and overhead")
+    parser.add_argument("--cascade-model", type=Path, action="append",
+                        help="model(s) for cascade efficiency (default: the shipped model and the full-width export)")
+    parser.add_argument("--only", choices=["throughput", "cascade"], help="run one part only")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating server/raw rounds (medians reported)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw ORT timing")
+    parser.add_argument("--images", type=int, default=2000, help="test images for cascade efficiency")
+    parser.add_argument("--full-width-images", type=int, default=600,
+                        help="of which the full-width export gets this many (it is ~20x slower per image)")
+    parser.add_argument("--policy", default="budget_0.75x_main",
+                        help="calibrated policy for the cascade where the manifest has it")
+    parser.add_argument("--fmnist-dir", type=Path, help="folder with the Fashion-MNIST t10k idx.gz files")
+    parser.add_argument("--providers", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="a server variant: extra flags for python -m serving (repeatable; default one plain "
+                             "server). Variants alternate within each round")
+    parser.add_argument("--variant-tree", action="append", default=[], metavar="NAME=PATH",
+                        help="run variant NAME from another source tree (e.g. a `git archive` of the old code)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    variants = parse_variants(args.variant, args.variant_tree)
 
-    import tempfile
+    from serving.runtime import SessionOptions
 
-    import onnxruntime
-
-    results = []
-    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        for model_dir in args.model_dirs:
-            results.append(bench_model(model_dir, args, Path(tmp)))
-    report = {
+    server_options = SessionOptions(providers=args.providers, allow_provider_fallback=True)
+    if args.only != "cascade" and not (args.model / "manifest.json").is_file():
+        parser.error(f"no model in {args.model}: `python benchmarks/untrained_export.py --out {args.model}`")
+    cascade_models = args.cascade_model or [SHIPPED, FULL_WIDTH]
+    started = time.time()
+    report: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "onnxruntime": onnxruntime.__version__},
-        "method": "closed loop: each of `concurrency` keep-alive connections posts the same PNG and waits for the "
-                  "answer; raw ORT = the exit's full-path session in-process at batch = concurrency; "
-                  "throughput_ratio = server req/s / raw samples/s; p50_overhead_ms = server p50 - raw p50",
-        "settings": {"concurrency": args.concurrency, "exits": args.exits, "duration_s": args.duration,
-                     "warmup_s": args.warmup,
-                     "providers": args.providers, "intra_op_threads": args.intra_op_threads,
-                     "ort_allow_spinning": args.ort_allow_spinning,
-                     "server_args": args.server_arg},
-        "models": results,
+                    "load_average_at_start": os.getloadavg()},
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "load_generator": "wrk" if shutil.which("wrk") else "python (wrk not installed)",
+        "method": "server and raw ONNX Runtime alternate in each round (medians over rounds); saturation = server "
+                  "req/s with N keep-alive connections / raw ORT samples/s at batch N (ORT default session options); "
+                  "overhead = server p50 with 1 connection - raw ORT p50 at batch 1; cascade efficiency = share of "
+                  "mean inference_ms saved / share of mean GFLOPs saved, sequential requests over real test images",
+        "targets": TARGETS,
+        "variants": {name: {"flags": flags, "tree": _rel(tree)} for name, (flags, tree) in variants.items()},
     }
+    import onnxruntime
+
+    report["machine"]["onnxruntime"] = onnxruntime.__version__
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "post.lua").write_text(WRK_SCRIPT)
+        if args.only != "cascade":
+            print(f"== saturation and overhead: {args.model} ==", flush=True)
+            report["throughput"] = bench_throughput(args.model, args, variants, workdir, server_options)
+        if args.only != "throughput":
+            report["cascade"] = []
+            for model_dir in cascade_models:
+                if not (model_dir / "manifest.json").is_file():
+                    print(f"skipping cascade efficiency on {model_dir}: no model there", flush=True)
+                    continue
+                print(f"== cascade efficiency: {model_dir} ==", flush=True)
+                saved_images = args.images
+                if model_dir.resolve() == FULL_WIDTH.resolve():
+                    args.images = min(args.images, args.full_width_images)
+                report["cascade"].append(bench_cascade(model_dir, args, variants, workdir, server_options))
+                args.images = saved_images
+    report["seconds"] = round(time.time() - started, 1)
+    report["summary"] = summary(report)
+    print("\n".join(report["summary"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"wrote {args.out} ({report['seconds']} s)")
     return 0
 
 
