@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from .errors import ModelLoadError
 from .manifest import Manifest, ManifestError, load_manifest
+from .sessions import open_session, run_chain
 
 log = logging.getLogger("serving.runtime")
 
@@ -178,10 +179,7 @@ class ModelRuntime:
 
     def stage_inputs(self, x: np.ndarray) -> list[np.ndarray]:
         """The input of every stage graph for image batch ``x`` (index 0 is ``x``)."""
-        inputs = [x]
-        for graph in self.stages[:-1]:
-            inputs.append(graph.run(inputs[-1])[1])
-        return inputs
+        return [inp for inp, _ in run_chain([g.run for g in self.stages], x)]
 
     def calibrate(self, runs: int = 10, batch_sizes: Sequence[int] = (1,)) -> dict[str, list[tuple[int, float]]]:
         """Time every graph ``runs`` times at each batch size.
@@ -223,14 +221,9 @@ class ModelRuntime:
 
 def _open(path: Path, name: str, kind: str, exit_number: int, input_name: str, output_names: list[str],
           chain: Sequence[str], options: SessionOptions) -> Graph:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = options.intra_op_threads
-    so.inter_op_num_threads = options.inter_op_threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
-    so.log_severity_level = 3  # ORT's warnings about unused initializers etc. are noise here
     try:
-        session = ort.InferenceSession(str(path), sess_options=so, providers=list(chain))
+        session = open_session(path, chain, intra_op_threads=options.intra_op_threads,
+                               inter_op_threads=options.inter_op_threads, allow_spinning=options.allow_spinning)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise ModelLoadError(f"ONNX Runtime cannot load {path}: {exc}") from exc
     inputs = [i.name for i in session.get_inputs()]

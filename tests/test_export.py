@@ -12,7 +12,7 @@ import torch
 
 from datagen import make_fashion_mnist
 from serving.manifest import Manifest, ManifestError, load_manifest
-from training import export as export_mod
+from training import onnx_checks
 from training.checkpoint import save_checkpoint
 from training.data import DATASETS, FASHION_MNIST_CLASSES
 from training.export import ExportError, export_checkpoint, main
@@ -206,8 +206,8 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
     save_checkpoint({"model_config": model.config.to_dict(), "config": {}, "epoch": 1, "model": model.state_dict(),
                      "dataset": {"name": "fashion-mnist", "classes": FASHION_MNIST_CLASSES, "channels": 1,
                                  "image_size": 28, "mean": [0.286], "std": [0.353]}}, ckpt)  # fmt: skip
-    real_session = export_mod.ort_session
-    monkeypatch.setattr(export_mod, "ort_session", lambda path: _OffByALittle(real_session(path)))
+    real_session = onnx_checks.ort_session
+    monkeypatch.setattr(onnx_checks, "ort_session", lambda path: _OffByALittle(real_session(path)))
     out = tmp_path / "exported" / "m"
     with pytest.raises(ExportError, match=r"exit 1 .*differs from PyTorch by 0\.001"):
         export_checkpoint(ckpt, out, skip_eval=True, log=lambda *_: None)

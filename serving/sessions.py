@@ -1,0 +1,55 @@
+"""ONNX Runtime sessions and stage chains: one implementation for the server and the exporter.
+
+The server (``serving.runtime``) opens every graph of a model folder with its
+settings' thread and provider options; the exporter (``training.export``) opens the
+graphs it just wrote on the CPU to check them against PyTorch and to measure their
+accuracy. Both build sessions with :func:`open_session` and run stage graphs in turn
+with :func:`run_chain`, so what the exporter verifies is what the server runs.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+CPU = "CPUExecutionProvider"
+
+StageFn = Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+def open_session(
+    path,
+    providers: Sequence[str] = (CPU,),
+    *,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    allow_spinning: bool = False,
+) -> ort.InferenceSession:
+    """A session with full graph optimisation and quiet logs; raises what ONNX Runtime raises."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = inter_op_threads
+    # Spinning threads take the CPU the event loop needs on machines with few cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    so.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+
+
+def run_chain(stages: Sequence[StageFn], x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run stage graphs 1, 2, ... in turn on batch ``x``, the trunk computed once.
+
+    Each stage maps its input to ``[logits]`` or ``[logits, features]``; the features
+    feed the next stage. Returns, per stage run, ``(its input, its logits)``.
+    """
+    results = []
+    for stage in stages:
+        outputs = stage(x)
+        results.append((x, outputs[0]))
+        if len(outputs) < 2:
+            break
+        x = outputs[1]
+    return results
