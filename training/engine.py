@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.evaluate import topk_correct
+
 try:
     from tqdm import tqdm
 except ImportError:  # progress bars are a nicety, never a requirement
@@ -112,13 +114,8 @@ def collect_logits(
     return torch.cat(all_logits), torch.cat(all_features), torch.cat(all_labels)
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    """How many rows have the label among their k highest logits."""
-    k = min(k, logits.shape[-1])
-    return (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum().item()
-
-
-def _accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def _accuracy_counts(logits_t: torch.Tensor, labels_t: torch.Tensor) -> dict[str, float]:
+    logits, labels = logits_t.numpy(), labels_t.numpy()
     counts: dict[str, float] = {"n": float(len(labels))}
     num_exits, num_classes = logits.shape[1], logits.shape[2]
     for i in range(num_exits):

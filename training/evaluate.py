@@ -42,11 +42,19 @@ class EvaluationError(ValueError):
 # ----------------------------------------------------------------------------- metrics (numpy)
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows of (N, C) logits whose label is among the k highest."""
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    """How many rows of (N, C) logits have their label among the k highest.
+
+    The one top-k of the project: training's per-epoch evaluation counts with it too.
+    """
     k = min(k, logits.shape[-1])
     top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-    return float((top == labels[:, None]).any(-1).mean()) if len(labels) else 0.0
+    return int((top == labels[:, None]).any(-1).sum())
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows of (N, C) logits whose label is among the k highest."""
+    return topk_correct(logits, labels, k) / len(labels) if len(labels) else 0.0
 
 
 def disagreement(logits: np.ndarray, labels: np.ndarray) -> dict:

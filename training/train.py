@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python training/train.py` puts training/ on sys.path, not the repo
@@ -249,9 +249,48 @@ def format_epoch_line(epoch: int, epochs: int, lr: float, metrics: dict, split: 
 # ----------------------------------------------------------------------------- main
 
 
+@dataclass
+class Run:
+    """Everything one training run holds between setup, the epoch loop and the final report."""
+
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    data: object
+    train_loader: object
+    eval_loader: object
+    eval_split: str
+    model: torch.nn.Module
+    costs: list
+    criterion: MultiExitLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    run_dir: Path
+    config: dict
+    dataset_info: dict
+    revision: str | None
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"epoch": None, "val_acc_main": -1.0})
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     """Train as ``args`` says; returns the final test metrics (rank 0) or {} (other ranks)."""
-    explicit = explicit if explicit is not None else set()
+    run = setup(args, explicit if explicit is not None else set())
+    if run.is_main:
+        write_run_records(run)
+    train_epochs(run)
+    return finalize(run)
+
+
+def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
+    """Resolve the flags (or the resumed run's), then build data, model, loss, optimizer and state."""
     resume_payload = None
     if args.resume:
         resume_payload = load_checkpoint(args.resume)
@@ -264,7 +303,6 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     args = resolve_args(args, explicit)
 
     rank, world_size, device = init_distributed(args.device)
-    is_main = rank == 0
     if args.batch_size % world_size:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world_size} DDP processes")
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
@@ -319,88 +357,106 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
                     "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
                     "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
                     "test_size": len(data.test), "source": data.source}  # fmt: skip
-    if is_main:
-        if resume_payload is None and (run_dir / "checkpoint.pt").exists():
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                             "or pick another --run-name")  # fmt: skip
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_payload is None:  # records of an interrupted attempt that left no checkpoint
-            for stale in ("log.jsonl", "final.json", "best.pt"):
-                (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": config, "model_config": model.config.to_dict(), "dataset": dataset_info,
-             "exit_costs": [asdict(c) for c in costs], "git_revision": revision,
-             "world_size": world_size, "command": " ".join(repo_relative(a) if os.path.isabs(a) else a
-                                                             for a in sys.argv)}, indent=2))  # fmt: skip
-        print(f"run folder: {run_dir}")
-        print(f"{args.arch} x{args.width_mult} on {spec.name} ({len(data.train)} train / {len(eval_data)} "
-              f"{eval_split}), method {args.method}, {model.num_exits} exits, GFLOPs per exit: "
-              + ", ".join(f"{c.gflops:.4f}" for c in costs) + f", device {device}, {world_size} process(es)")  # fmt: skip
-        if start_epoch:
-            print(f"resuming from epoch {start_epoch}")
+    if rank == 0 and resume_payload is None and (run_dir / "checkpoint.pt").exists():
+        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or pick another --run-name")  # fmt: skip
+    return Run(args, rank, world_size, device, data, train_loader, eval_loader, eval_split, model, costs,
+               criterion, optimizer, scheduler, amp_dtype, scaler, run_dir, config, dataset_info, revision,
+               start_epoch, best)  # fmt: skip
 
+
+def write_run_records(run: Run) -> None:
+    """The run folder and its config.json (rank 0), and the run's one-line summary."""
+    args, run_dir, model = run.args, run.run_dir, run.model
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run.start_epoch == 0:  # records of an interrupted attempt that left no checkpoint
+        for stale in ("log.jsonl", "final.json", "best.pt"):
+            (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"config": run.config, "model_config": model.config.to_dict(), "dataset": run.dataset_info,
+         "exit_costs": [asdict(c) for c in run.costs], "git_revision": run.revision,
+         "world_size": run.world_size, "command": " ".join(repo_relative(a) if os.path.isabs(a) else a
+                                                           for a in sys.argv)}, indent=2))  # fmt: skip
+    eval_size = len(run.data.val if run.eval_split == "val" else run.data.test)
+    print(f"run folder: {run_dir}")
+    print(f"{args.arch} x{args.width_mult} on {run.data.spec.name} ({len(run.data.train)} train / {eval_size} "
+          f"{run.eval_split}), method {args.method}, {model.num_exits} exits, GFLOPs per exit: "
+          + ", ".join(f"{c.gflops:.4f}" for c in run.costs) + f", device {run.device}, "
+          f"{run.world_size} process(es)")  # fmt: skip
+    if run.start_epoch:
+        print(f"resuming from epoch {run.start_epoch}")
+
+
+def train_epochs(run: Run) -> None:
+    """The epoch loop: train, evaluate on the selection split, log, checkpoint every epoch."""
+    args, model = run.args, run.model
     train_model = model
-    if world_size > 1:
+    if run.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
-
-    log_path = run_dir / "log.jsonl"
-    for epoch in range(start_epoch, args.epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        metrics = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, scaler,
-                                  amp_dtype, args.channels_last, args.progress and is_main)  # fmt: skip
-        scheduler.step()
+    log_path = run.run_dir / "log.jsonl"
+    for epoch in range(run.start_epoch, args.epochs):
+        lr = run.optimizer.param_groups[0]["lr"]
+        metrics = train_one_epoch(train_model, run.criterion, run.train_loader, run.optimizer, run.device, epoch,
+                                  run.scaler, run.amp_dtype, args.channels_last, args.progress and run.is_main)  # fmt: skip
+        run.scheduler.step()
         last = epoch + 1 == args.epochs
         evaluated = last or (epoch + 1) % args.eval_every == 0
         if evaluated:
-            metrics.update(evaluate(model, eval_loader, device, args.channels_last, prefix=f"{eval_split}_"))
+            metrics.update(evaluate(model, run.eval_loader, run.device, args.channels_last,
+                                    prefix=f"{run.eval_split}_"))  # fmt: skip
         record = {"epoch": epoch + 1, "lr": lr, **metrics}
         # Every rank tracks the best epoch (the metrics are all-reduced, hence identical), so
-        # all of them take part in evaluating it below; only rank 0 writes files.
+        # all of them take part in evaluating it in finalize; only rank 0 writes files.
         main_key = f"val_acc_exit{model.num_exits}"
-        improved = main_key in metrics and metrics[main_key] > best["val_acc_main"]
+        improved = main_key in metrics and metrics[main_key] > run.best["val_acc_main"]
         if improved:
-            best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
-        if is_main:
-            print(format_epoch_line(epoch + 1, args.epochs, lr, metrics, eval_split if evaluated else None), flush=True)
+            run.best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
+        if run.is_main:
+            print(format_epoch_line(epoch + 1, args.epochs, lr, metrics, run.eval_split if evaluated else None),
+                  flush=True)  # fmt: skip
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             payload = {
-                "model_config": model.config.to_dict(), "config": config, "dataset": dataset_info,
-                "exit_costs": [asdict(c) for c in costs], "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "metrics": record,
-                "git_revision": revision,
+                "model_config": model.config.to_dict(), "config": run.config, "dataset": run.dataset_info,
+                "exit_costs": [asdict(c) for c in run.costs], "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler is not None else None, "metrics": record,
+                "git_revision": run.revision,
             }  # fmt: skip
             if improved:
-                save_checkpoint({**payload, "best": best}, run_dir / "best.pt")
-            save_checkpoint({**payload, "best": best}, run_dir / "checkpoint.pt")
+                save_checkpoint({**payload, "best": run.best}, run.run_dir / "best.pt")
+            save_checkpoint({**payload, "best": run.best}, run.run_dir / "checkpoint.pt")
 
+
+def finalize(run: Run) -> dict:
+    """Test-split accuracy after the final epoch and of the validation-selected epoch; final.json."""
+    args, model, spec = run.args, run.model, run.data.spec
     results: dict = {}
-    test_loader = make_loader(data.test, spec, 256, False, args.seed, rank, world_size, args.workers)
-    final = evaluate(model, test_loader, device, args.channels_last, prefix="test_")
+    test_loader = make_loader(run.data.test, spec, 256, False, args.seed, run.rank, run.world_size, args.workers)
+    final = evaluate(model, test_loader, run.device, args.channels_last, prefix="test_")
     results["final_epoch"] = {"epoch": args.epochs, **final}
-    if best["epoch"] is not None:  # selected on the validation split; test used once for it
-        if world_size > 1:
+    if run.best["epoch"] is not None:  # selected on the validation split; test used once for it
+        if run.world_size > 1:
             dist.barrier()  # rank 0 has finished writing best.pt
-        selected = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)["model"]
+        selected = torch.load(run.run_dir / "best.pt", map_location=run.device, weights_only=False)["model"]
         model.load_state_dict(selected)
-        results["val_selected"] = {"epoch": best["epoch"], "val_acc_main": best["val_acc_main"],
-                                   **evaluate(model, test_loader, device, args.channels_last, prefix="test_")}  # fmt: skip
-    if is_main:
-        results["exit_costs"] = [asdict(c) for c in costs]
-        (run_dir / "final.json").write_text(json.dumps(results, indent=2))
+        results["val_selected"] = {"epoch": run.best["epoch"], "val_acc_main": run.best["val_acc_main"],
+                                   **evaluate(model, test_loader, run.device, args.channels_last, prefix="test_")}  # fmt: skip
+    if run.is_main:
+        results["exit_costs"] = [asdict(c) for c in run.costs]
+        (run.run_dir / "final.json").write_text(json.dumps(results, indent=2))
         accs = " ".join(f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in final.items() if k.startswith("test_acc_"))
         print(f"test accuracy after the final epoch ({args.epochs}): {accs}")
         if "val_selected" in results:
             sel = results["val_selected"]
             accs = " ".join(f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in sel.items() if k.startswith("test_acc_"))
             print(f"test accuracy of the epoch selected on val ({sel['epoch']}): {accs}")
-    if world_size > 1:
+    if run.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return results if is_main else {}
+    return results if run.is_main else {}
 
 
 def cli(argv: list[str] | None = None) -> int:
