@@ -249,8 +249,27 @@ def plot(table: dict, out_dir: Path, preset: str) -> list[Path]:
     return paths
 
 
+def run_order(preset: str, methods: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[str, int]]:
+    """(method, seed) runs in the order they are launched.
+
+    A preset's "phases" are (methods, seeds) groups run one after the other (default: one
+    phase, every method and the preset's seeds). ``methods`` narrows every phase (methods no
+    phase names form a last one); ``seeds`` replaces every phase's seeds. Seeds are outermost
+    within a phase, so an interrupted benchmark leaves whole comparisons (every method of the
+    phase, paired by seed) rather than every seed of the first methods.
+    """
+    spec = PRESETS[preset]
+    phases = [(list(ms), list(ss)) for ms, ss in spec.get("phases") or [(list(METHODS), spec["seeds"])]]
+    if methods:
+        listed = {m for ms, _ in phases for m in ms}
+        phases.append(([m for m in methods if m not in listed], spec["seeds"]))
+    phases = [([m for m in ms if not methods or m in methods], seeds or ss) for ms, ss in phases]
+    return list(dict.fromkeys((name, seed) for ms, ss in phases for seed in ss for name in ms))
+
+
 def _parse_stop_time(text: str) -> float:
-    """HH:MM (UTC) today, or tomorrow if already past, as a time.time() value."""
+    """HH:MM (UTC) as a time.time() value: the occurrence nearest to now (so "01:00" said at
+    23:00 means tomorrow, and "06:24" said at 06:30 means six minutes ago: stop now)."""
     import datetime as dt
 
     try:
@@ -258,9 +277,8 @@ def _parse_stop_time(text: str) -> float:
         when = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
     except ValueError as exc:
         raise SystemExit(f"--stop-launching-at wants HH:MM (UTC), got {text!r}") from exc
-    if when.timestamp() < time.time() - 12 * 3600:  # "01:00" said at 23:00 means tomorrow
-        when += dt.timedelta(days=1)
-    return when.timestamp()
+    candidates = [(when + dt.timedelta(days=d)).timestamp() for d in (-1, 0, 1)]
+    return min(candidates, key=lambda t: abs(t - time.time()))
 
 
 def main(argv=None) -> int:
@@ -285,15 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to train.py")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    seeds = args.seeds or preset["seeds"]
-    # (methods, seeds) phases in the order they run; --methods narrows every phase, --seeds
-    # replaces every phase's seeds (the phases then only order the methods).
-    phases = [(list(ms), list(ss)) for ms, ss in preset.get("phases") or [(METHODS, seeds)]]
-    if args.methods:
-        listed = {m for ms, _ in phases for m in ms}
-        phases.append(([m for m in args.methods if m not in listed], seeds))
-    phases = [([m for m in ms if args.methods is None or m in args.methods], args.seeds or ss) for ms, ss in phases]
-    methods = list(dict.fromkeys(m for ms, _ in phases for m in ms))
+    order = run_order(args.preset, args.methods, args.seeds)
+    methods = list(dict.fromkeys(name for name, _ in order))
     stop_at = _parse_stop_time(args.stop_launching_at) if args.stop_launching_at else None
     out_dir = Path(args.out_dir)
     runs_dir = Path(args.runs_dir or out_dir / f"reproduce-{args.preset}")
@@ -304,9 +315,6 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     start = time.perf_counter()
-    # Seeds outermost within each phase: an interrupted benchmark leaves whole comparisons
-    # (every method of the phase, paired by seed) rather than every seed of the first methods.
-    order = list(dict.fromkeys((name, seed) for ms, ss in phases for seed in ss for name in ms))
     if args.report_only:
         finished = {key: runs_dir / f"{key[0]}-s{key[1]}" for key in order}
         finished = {key: d for key, d in finished.items() if (d / "final.json").is_file()}
