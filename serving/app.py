@@ -28,6 +28,7 @@ from .feedback import AnswerSigner, FeedbackStore
 from .images import Preprocessor
 from .metrics import ServingMetrics
 from .oip import router as oip_router
+from .openapi import install as install_openapi
 from .policy import PolicyParams, effective_params, params_from_request, top_k as top_k_classes
 from .body import read_body_within
 from .runtime import ModelRuntime, SessionOptions
@@ -182,6 +183,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware, log_format=settings.log_format)
     app.include_router(oip_router)  # Open Inference Protocol v2: /v2/...
+    install_openapi(app)  # the exact, model-aware schema at /openapi.json
 
     error_responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorBody} for code in (400, 408, 413, 415, 422, 503)

@@ -95,6 +95,7 @@ class InferenceService:
         self.service_models = {g.name: ServiceTimeModel(estimate_half_life_s) for g in runtime.graphs}
         # Observed minus predicted finish time of a stage (event-loop delay, hand-offs).
         self.prediction_gap = DecayingMean(estimate_half_life_s)
+        self.deadline_floor_ms: float | None = None  # set by seed_latency
         self._probe_interval_s = probe_interval_s
         self._margin_s = deadline_margin_ms / 1000.0
         self._probe_task: asyncio.Task | None = None
@@ -153,6 +154,11 @@ class InferenceService:
         """Seed every graph's service-time model from start-up calibration."""
         for name, samples in timings.items():
             self.service_models[name].seed(samples)
+        # The shortest deadline accepted (422 below): exit 1's calibrated idle service time,
+        # fixed, so that whether a request is valid does not change with load history (and
+        # the OpenAPI schema can state it). Longer deadlines that the live estimate says exit 1
+        # cannot meet still get exit 1's answer, with deadline_met false.
+        self.deadline_floor_ms = self.idle_service_ms()[1][0]
         self.publish_estimates()
 
     async def start(self) -> None:
@@ -289,7 +295,10 @@ class InferenceService:
     def plan(self, params: PolicyParams) -> Plan:
         """Plan a request against this model's costs and idle service times."""
         if params.budget_ms is not None:
-            return plan_request(params, self.costs, self.idle_service_ms()[1])
+            idle_cascade_ms = self.idle_service_ms()[1]
+            if self.deadline_floor_ms is not None:
+                idle_cascade_ms[0] = self.deadline_floor_ms
+            return plan_request(params, self.costs, idle_cascade_ms)
         return plan_request(params, self.costs)
 
     async def run(

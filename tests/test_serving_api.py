@@ -81,7 +81,7 @@ def test_health_ready_docs(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/classify", "/feedback", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
-    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert "image/png" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]  # exactness: test_serving_openapi
 
 
 def test_model_endpoint_has_manifest_provider_and_live_estimates(client):

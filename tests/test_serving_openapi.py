@@ -1,0 +1,101 @@
+"""The OpenAPI document is the contract: schemathesis (all checks) against a real server finds
+nothing, and the model-dependent bounds in the schema are exactly where the server's answer flips."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving_model import NUM_EXITS, ROOT, ServerProcess, build_model_folder, encode, uniform_image
+
+SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+CONFIG = ROOT / "tests" / "schemathesis.toml"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = build_model_folder(tmp_path_factory.mktemp("model"))
+    with ServerProcess(model, "--intra-op-threads", "1", tmp_dir=tmp_path_factory.mktemp("srv")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def spec(server):
+    return httpx.get(server.url + "/openapi.json", timeout=30).json()
+
+
+def classify(server, **params) -> httpx.Response:
+    return httpx.post(server.url + "/classify", content=encode(uniform_image(3), "PNG"),
+                      headers={"Content-Type": "image/png"}, params=params, timeout=30)
+
+
+def test_schemathesis_with_all_checks_finds_nothing(server, tmp_path):
+    # Fixed seed and example count: the same requests every run, well within a minute.
+    cmd = [str(SCHEMATHESIS), "--config-file", str(CONFIG), "run", server.url + "/openapi.json", "--checks", "all",
+           "--max-examples", "40", "--seed", "11", "--generation-database", "none", "--no-color"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NO_COLOR": "1"})
+    assert r.returncode == 0, r.stdout[-20000:] + r.stderr[-5000:]
+    assert " passed" in r.stdout, r.stdout[-5000:]
+
+
+def test_every_operation_documents_its_statuses_and_the_request_id(spec):
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            assert "200" in responses, (method, path)
+            for code, response in responses.items():
+                assert "X-Request-ID" in response.get("headers", {}), (method, path, code)
+                if code != "200":
+                    (schema,) = [c["schema"] for c in response["content"].values()]
+                    expected = "OipError" if path.startswith("/v2") else "ErrorBody"
+                    assert schema == {"$ref": f"#/components/schemas/{expected}"}, (method, path, code)
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    oip = {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/ready",
+           "/v2/models/{name}/infer"}
+    assert oip <= set(spec["paths"])
+
+
+def test_classify_parameters_carry_the_models_bounds(spec, server):
+    model = httpx.get(server.url + "/v1/model", timeout=30).json()["manifest"]
+    params = spec["components"]["schemas"]["ClassifyParameters"]
+    props = params["properties"]
+    assert props["exit"]["oneOf"][0]["maximum"] == NUM_EXITS
+    cheapest = min(e["gflops"] for e in model["exits"])
+    assert props["budget_gflops"]["minimum"] <= cheapest < props["budget_gflops"]["minimum"] * (1 + 1e-6)
+    assert params["additionalProperties"] is False
+    assert {"required": ["exit", "confidence"]} in params["not"]["anyOf"]
+    label = spec["components"]["schemas"]["FeedbackRequest"]["properties"]["label"]["anyOf"]
+    assert {"type": "integer", "minimum": 0, "maximum": len(model["classes"]) - 1} in label
+    assert {"type": "string", "enum": model["classes"]} in label
+
+
+@pytest.mark.parametrize("name", ["budget_gflops", "budget_ms"])
+def test_the_documented_minimum_budget_is_exactly_where_the_server_stops_refusing(spec, server, name):
+    minimum = spec["components"]["schemas"]["ClassifyParameters"]["properties"][name]["minimum"]
+    assert minimum > 0
+    accepted = classify(server, **{name: repr(minimum)})
+    assert accepted.status_code == 200, accepted.text
+    below = classify(server, **{name: repr(math.nextafter(minimum, 0))})
+    assert below.status_code == 422 and below.json()["error"] == "impossible_budget", below.text
+
+
+def test_the_per_exit_confidence_pattern_matches_what_the_server_accepts(spec, server):
+    import re
+
+    pattern = spec["components"]["schemas"]["ClassifyParameters"]["properties"]["confidence"]["pattern"]
+    accepted = ["0.9", "1", "0", ".5", "0.65,0.4", " 0.3 , 1.0 ", "+1", "-0"]
+    refused = ["1.5", "-0.1", "0.5,0.5,0.5", "", "a", "0.5,", ",0.5", "nan"]
+    for value in accepted:
+        assert re.search(pattern, value), value
+        assert classify(server, confidence=value).status_code == 200, value
+    for value in refused:
+        assert not re.search(pattern, value), value
+        assert classify(server, confidence=value).status_code == 422, value
