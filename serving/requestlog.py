@@ -92,7 +92,8 @@ class RequestIdMiddleware:
 
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and goes into the JSON.
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                              "color_message"}  # uvicorn's ANSI copy
 
 
 class JsonFormatter(logging.Formatter):
