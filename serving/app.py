@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownRequestId
 from .feedback import AnswerSigner, FeedbackStore
+from .fused import attach_fused_cascade
 from .images import Preprocessor
 from .metrics import ServingMetrics
 from .oip import router as oip_router
@@ -121,6 +122,8 @@ async def load_model(state: AppState) -> None:
         state.phase = "warming up"
         await loop.run_in_executor(None, runtime.warm_up, settings.max_batch_size, settings.warmup_runs)
         await loop.run_in_executor(None, runtime.check_consistency)
+        await loop.run_in_executor(None, attach_fused_cascade, runtime, settings.cascade_graph,
+                                   SessionOptions.from_settings(settings), settings.max_batch_size)
         state.phase = "calibrating latency"
         timings = await loop.run_in_executor(
             None, runtime.calibrate, settings.calibration_runs, (1, settings.max_batch_size)

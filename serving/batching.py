@@ -32,7 +32,7 @@ log = logging.getLogger("serving.batching")
 class WorkItem:
     """One sample for one graph, and where its result goes."""
 
-    inputs: np.ndarray
+    inputs: Any  # one sample: an array, or a tuple of arrays for a graph with several inputs
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -74,7 +74,15 @@ async def collect_batch(
     return batch
 
 
-RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
+RunFn = Callable[[Any], Sequence[np.ndarray]]
+
+
+def _stack(inputs: list) -> Any:
+    """Stack samples into a batch: arrays along a new axis 0; tuples of arrays (a graph
+    with several inputs, e.g. the fused cascade's image and thresholds) element-wise."""
+    if isinstance(inputs[0], tuple):
+        return tuple(np.stack(parts) for parts in zip(*inputs))
+    return np.stack(inputs)
 
 
 class GraphWorker:
@@ -153,7 +161,7 @@ class GraphWorker:
             started = time.perf_counter()
             self.running = (len(batch), started)
             try:
-                stacked = np.stack([item.inputs for item in batch])
+                stacked = _stack([item.inputs for item in batch])
                 outputs = await loop.run_in_executor(self._executor, self._run, stacked)
             except asyncio.CancelledError:
                 for item in batch:

@@ -92,7 +92,7 @@ class Graph:
     """One ONNX Runtime session and the names it is fed and read with."""
 
     name: str  # "exit2", "stage2"
-    kind: Literal["exit", "stage"]
+    kind: Literal["exit", "stage", "cascade"]
     exit: int
     session: ort.InferenceSession
     input_name: str
@@ -114,10 +114,12 @@ class ModelRuntime:
     stages: list[Graph]  # stage graphs, index 0 = stage 1
     provider: str
     consistency: dict[str, float] = field(default_factory=dict)
+    # The confidence cascade fused into one graph (serving/fused.py), when chosen.
+    fused: Graph | None = None
 
     @property
     def graphs(self) -> list[Graph]:
-        return [*self.exits, *self.stages]
+        return [*self.exits, *self.stages, *([self.fused] if self.fused is not None else [])]
 
     @classmethod
     def load(cls, model_dir: str | Path, options: SessionOptions = SessionOptions()) -> "ModelRuntime":
@@ -192,7 +194,8 @@ class ModelRuntime:
             x = self.example_input(size, seed=1)
             inputs = self.stage_inputs(x)
             for graph in self.graphs:
-                feed = x if graph.kind == "exit" else inputs[graph.exit - 1]
+                feed = (x if graph.kind == "exit" else inputs[graph.exit - 1] if graph.kind == "stage"
+                        else (x, graph.full_depth(size)))
                 for _ in range(runs):
                     t0 = time.perf_counter()
                     graph.run(feed)

@@ -30,6 +30,7 @@ import numpy as np
 from . import cascade
 from .batching import GraphWorker
 from .errors import Overloaded
+from .fused import cap_thresholds
 from .latency import DecayingMean, ServiceTimeModel
 from .metrics import ServingMetrics
 from .policy import CostTable, Plan, PolicyParams, plan_request, softmax
@@ -104,6 +105,9 @@ class InferenceService:
         self._preparing = 0
         self.exit_workers = [self._worker(g) for g in runtime.exits]
         self.stage_workers = [self._worker(g) for g in runtime.stages]
+        # Confidence cascades without a deadline run in one ORT call when the model has
+        # a fused cascade graph (serving/fused.py chose it by measurement at load).
+        self.fused_worker = self._worker(runtime.fused) if runtime.fused is not None else None
 
     @classmethod
     def from_settings(cls, runtime: ModelRuntime, metrics: ServingMetrics, settings) -> "InferenceService":
@@ -146,7 +150,7 @@ class InferenceService:
 
     @property
     def _all_workers(self) -> list[GraphWorker]:
-        return [*self.exit_workers, *self.stage_workers]
+        return [*self.exit_workers, *self.stage_workers, *([self.fused_worker] if self.fused_worker else [])]
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -168,7 +172,8 @@ class InferenceService:
         x = self.runtime.example_input(1, seed=3)
         stage_inputs = self.runtime.stage_inputs(x)
         for graph in self.runtime.graphs:
-            self._probe_inputs[graph.name] = x if graph.kind == "exit" else stage_inputs[graph.exit - 1]
+            self._probe_inputs[graph.name] = (x if graph.kind == "exit" else stage_inputs[graph.exit - 1]
+                                              if graph.kind == "stage" else (x, graph.full_depth(1)))
         if self._probe_interval_s > 0:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop(), name="latency-probes")
 
@@ -318,6 +323,11 @@ class InferenceService:
             (logits,) = await self.exit_workers[plan.exit - 1].submit(x)
             probs = softmax(logits)
             evaluated.append(plan.exit)
+        elif deadline is None and self.fused_worker is not None:
+            # The same rule inside the graph (float64 score, per-sample thresholds capped at plan.exit).
+            logits, answered = await self.fused_worker.submit((x, cap_thresholds(plan.thresholds, plan.exit)))
+            probs = softmax(logits)
+            evaluated.extend(range(1, int(answered) + 1))
         else:
             thresholds = np.asarray(plan.thresholds, dtype=np.float64)
             features = x

@@ -45,6 +45,12 @@ class ServerSettings(BaseSettings):
         "per batch, so more than 1 mostly adds contention on CPU",
     )
 
+    cascade_graph: Literal["auto", "fused", "stages"] = Field(
+        "auto",
+        description="how confidence cascades without a deadline run: fused = one ONNX Runtime call per batch "
+        "(the stage graphs fused into one graph with per-sample early stopping; needs the onnx package), "
+        "stages = stage by stage, auto = fused when it measures faster at load (deadlines always go stage by stage)",
+    )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads per session (0 = ORT default)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads per session (0 = ORT default)")
     ort_allow_spinning: bool = Field(
