@@ -227,6 +227,23 @@ def build_model_folder(out: str | Path, channels: int = 1, name: str = "tiny-tes
     return out
 
 
+def with_calibrated_policy(model_dir):
+    """Add a calibrated policy to the fixture manifest: per-exit thresholds 0.99 (exit 1), 0.5 (exit 2)."""
+    import json
+
+    path = Path(model_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    score = {"accuracy": 0.9, "mean_gflops": 0.0005, "exit_fractions": [0.3, 0.3, 0.4]}
+    manifest["thresholds"] = {
+        "rule": "evaluate exits in order; stop at the first exit i < k whose top softmax probability >= "
+                "thresholds[i-1]; the last exit always answers",
+        "policies": {"half": {"target": {"mean_gflops": 0.0005}, "thresholds": [0.99, 0.5], "family": "geometric",
+                              "val": score}},
+    }
+    path.write_text(json.dumps(manifest, indent=2))
+    return model_dir
+
+
 def uniform_image(c: int, size: tuple[int, int] = (28, 28), mode: str = "L"):
     """A Pillow image of uniform brightness bin c."""
     from PIL import Image

@@ -27,6 +27,7 @@ from serving_model import (
     expected_label,
     gray_for_bin,
     uniform_image,
+    with_calibrated_policy,
 )
 
 MODEL = "tiny-test"
@@ -35,7 +36,7 @@ BINS = list(range(10))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = build_model_folder(tmp_path_factory.mktemp("model"), name=MODEL)
+    model = with_calibrated_policy(build_model_folder(tmp_path_factory.mktemp("model"), name=MODEL))
     # A generous batching wait, so that the samples of one call visibly share a batch.
     with ServerProcess(model, "--intra-op-threads", "1", "--max-wait-ms", "30",
                        tmp_dir=tmp_path_factory.mktemp("srv")) as srv:
@@ -138,6 +139,8 @@ POLICIES = [
     {"confidence": 0.9},
     {"confidence": "0.99,0.5"},  # one threshold per early exit
     {"budget_gflops": 0.0008},
+    {"policy": "half"},  # a calibrated policy of the manifest
+    {"policy": "half", "budget_ms": 60_000},
     {"confidence": 0.9, "budget_gflops": 0.0008},
 ]
 

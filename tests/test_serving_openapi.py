@@ -12,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving_model import NUM_EXITS, ROOT, ServerProcess, build_model_folder, encode, uniform_image
+from serving_model import (
+    NUM_EXITS,
+    ROOT,
+    ServerProcess,
+    build_model_folder,
+    encode,
+    uniform_image,
+    with_calibrated_policy,
+)
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 CONFIG = ROOT / "tests" / "schemathesis.toml"
@@ -20,7 +28,7 @@ CONFIG = ROOT / "tests" / "schemathesis.toml"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = build_model_folder(tmp_path_factory.mktemp("model"))
+    model = with_calibrated_policy(build_model_folder(tmp_path_factory.mktemp("model")))
     with ServerProcess(model, "--intra-op-threads", "1", tmp_dir=tmp_path_factory.mktemp("srv")) as srv:
         yield srv
 
@@ -72,6 +80,7 @@ def test_classify_parameters_carry_the_models_bounds(spec, server):
     assert props["budget_gflops"]["minimum"] <= cheapest < props["budget_gflops"]["minimum"] * (1 + 1e-6)
     assert params["additionalProperties"] is False
     assert {"required": ["exit", "confidence"]} in params["not"]["anyOf"]
+    assert props["policy"]["enum"] == ["half"]
     label = spec["components"]["schemas"]["FeedbackRequest"]["properties"]["label"]["anyOf"]
     assert {"type": "integer", "minimum": 0, "maximum": len(model["classes"]) - 1} in label
     assert {"type": "string", "enum": model["classes"]} in label
