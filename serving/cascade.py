@@ -16,8 +16,8 @@ evaluated on the way — ``cumsum(stage_gflops)[i-1]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +30,10 @@ RULE = (
 )
 
 
-def as_thresholds(thresholds: float | Sequence[float], num_exits: int) -> np.ndarray:
+ThresholdsLike = float | Sequence[float] | np.ndarray  # one for all early exits, or one per early exit
+
+
+def as_thresholds(thresholds: ThresholdsLike, num_exits: int) -> np.ndarray:
     """A shared scalar or one threshold per early exit → float64 array of length k-1."""
     t = np.asarray(thresholds, dtype=np.float64)
     if t.ndim == 0:
@@ -61,7 +64,7 @@ def stops_at(top_prob: float, thresholds: np.ndarray, exit_number: int) -> bool:
     return bool(top_prob >= thresholds[exit_number - 1])
 
 
-def exits_taken(conf: np.ndarray, thresholds: float | Sequence[float]) -> np.ndarray:
+def exits_taken(conf: np.ndarray, thresholds: ThresholdsLike) -> np.ndarray:
     """1-based exit at which each sample stops, from (N, k) top probabilities.
 
     The vectorised form of :func:`stops_at` applied exit by exit.
@@ -112,7 +115,7 @@ class CascadeOutcome:
 
 
 def simulate(
-    conf: np.ndarray, pred: np.ndarray, thresholds: float | Sequence[float], stage_gflops: Sequence[float]
+    conf: np.ndarray, pred: np.ndarray, thresholds: ThresholdsLike, stage_gflops: Sequence[float]
 ) -> CascadeOutcome:
     """The cascade on precomputed (N, k) top probabilities and predictions."""
     if len(stage_gflops) != conf.shape[1]:

@@ -17,14 +17,14 @@ confidence; together with the single-threshold sweep these candidate policies ar
 on validation, and for a target mean cost (or accuracy) the best one is picked. Only the
 validation split is ever used to pick thresholds.
 
-Functions that take ``logits`` also accept the ``ExitScores`` that ``confidences`` makes
+Functions that take ``logits`` (``Logits``) also accept the ``ExitScores`` that ``confidences`` makes
 of them, so scoring many policies on one split computes the softmax once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -33,11 +33,14 @@ from serving.cascade import (  # noqa: F401  (re-exported: callers import them f
     NEVER,
     RULE,
     CascadeOutcome,
-    as_thresholds as _as_thresholds,
+    ThresholdsLike,
     cumulative_gflops,
     exits_taken,
     simulate,
     top_probability,
+)
+from serving.cascade import (
+    as_thresholds as _as_thresholds,
 )
 
 
@@ -56,7 +59,10 @@ class ExitScores:
         return self.conf.shape[1]
 
 
-def confidences(logits: np.ndarray) -> ExitScores:
+Logits = np.ndarray | ExitScores  # (N, k, C) logits, or the scores computed from them once
+
+
+def confidences(logits: Logits) -> ExitScores:
     """Scores of (N, k, C) logits, one exit at a time (bounded memory for 1000-class data)."""
     if isinstance(logits, ExitScores):
         return logits
@@ -71,9 +77,7 @@ def confidences(logits: np.ndarray) -> ExitScores:
     return ExitScores(conf, pred)
 
 
-def run_cascade(
-    logits: np.ndarray | ExitScores, thresholds: float | Sequence[float], stage_gflops: Sequence[float]
-) -> CascadeOutcome:
+def run_cascade(logits: Logits, thresholds: ThresholdsLike, stage_gflops: Sequence[float]) -> CascadeOutcome:
     """Simulate the cascade on precomputed (N, k, C) logits: who answers, with what, at what cost."""
     scores = confidences(logits)
     return simulate(scores.conf, scores.pred, thresholds, stage_gflops)
@@ -95,9 +99,9 @@ class CascadePoint:
 
 
 def score(
-    logits: np.ndarray,
+    logits: Logits,
     labels: np.ndarray,
-    thresholds: float | Sequence[float],
+    thresholds: ThresholdsLike,
     stage_gflops: Sequence[float],
     family: str = "shared",
     parameter: float | None = None,
@@ -119,7 +123,7 @@ def default_threshold_grid() -> np.ndarray:
 
 
 def sweep(
-    logits: np.ndarray, labels: np.ndarray, stage_gflops: Sequence[float], grid: Iterable[float] | None = None
+    logits: Logits, labels: np.ndarray, stage_gflops: Sequence[float], grid: Iterable[float] | None = None
 ) -> list[CascadePoint]:
     """Score a single threshold shared by all early exits, for every threshold in ``grid``."""
     grid = default_threshold_grid() if grid is None else grid
@@ -133,7 +137,7 @@ def geometric_exit_distribution(ratio: float, num_exits: int) -> np.ndarray:
     return weights / weights.sum()
 
 
-def fit_quantile_thresholds(conf: np.ndarray, exit_shares: Sequence[float]) -> np.ndarray:
+def fit_quantile_thresholds(conf: np.ndarray, exit_shares: Sequence[float] | np.ndarray) -> np.ndarray:
     """Per-exit thresholds that make ``exit_shares[i]`` of the samples stop at exit i+1.
 
     MSDNet's ``dynamic_eval_find_threshold``: at each early exit, among the samples still
@@ -153,7 +157,7 @@ def fit_quantile_thresholds(conf: np.ndarray, exit_shares: Sequence[float]) -> n
 
 
 def geometric_family(
-    logits: np.ndarray, labels: np.ndarray, stage_gflops: Sequence[float], ratios: Iterable[float] | None = None
+    logits: Logits, labels: np.ndarray, stage_gflops: Sequence[float], ratios: Iterable[float] | None = None
 ) -> list[CascadePoint]:
     """MSDNet's per-exit threshold policies, fitted and scored on one (validation) split."""
     ratios = np.arange(1, 40) / 20.0 if ratios is None else ratios  # MSDNet's grid: 0.05..1.95
@@ -165,7 +169,7 @@ def geometric_family(
     return points
 
 
-def candidate_policies(logits: np.ndarray, labels: np.ndarray, stage_gflops: Sequence[float]) -> list[CascadePoint]:
+def candidate_policies(logits: Logits, labels: np.ndarray, stage_gflops: Sequence[float]) -> list[CascadePoint]:
     """Every policy calibration chooses from, scored on the split given (validation)."""
     scores = confidences(logits)
     if scores.num_exits < 2:
@@ -192,7 +196,7 @@ class Calibration:
     evaluated: dict = field(default_factory=dict)  # the same thresholds scored on other splits
 
     def to_dict(self) -> dict:
-        d = {"target": self.target, "thresholds": None, "val": None, "reason": self.reason or None}
+        d: dict = {"target": self.target, "thresholds": None, "val": None, "reason": self.reason or None}
         if self.chosen is not None:
             d["thresholds"] = self.chosen.thresholds
             d["family"] = self.chosen.family
@@ -208,8 +212,12 @@ def calibrate_for_budget(candidates: Sequence[CascadePoint], target_gflops: floa
     feasible = [p for p in candidates if p.mean_gflops <= target_gflops * (1 + 1e-9)]
     if not feasible:
         cheapest = min((p.mean_gflops for p in candidates), default=float("nan"))
-        return Calibration(target, None, f"budget {target_gflops:.4g} GFLOPs is below the cheapest cascade "
-                                         f"({cheapest:.4g} GFLOPs: every sample stops at exit 1)")  # fmt: skip
+        return Calibration(
+            target,
+            None,
+            f"budget {target_gflops:.4g} GFLOPs is below the cheapest cascade "
+            f"({cheapest:.4g} GFLOPs: every sample stops at exit 1)",
+        )
     best = max(feasible, key=lambda p: (p.accuracy, -p.mean_gflops))
     return Calibration(target, best)
 
@@ -220,19 +228,20 @@ def calibrate_for_accuracy(candidates: Sequence[CascadePoint], target_accuracy: 
     feasible = [p for p in candidates if p.accuracy >= target_accuracy]
     if not feasible:
         best = max((p.accuracy for p in candidates), default=float("nan"))
-        return Calibration(target, None, f"accuracy {target_accuracy:.4f} is not reached on validation "
-                                         f"by any policy (best {best:.4f})")  # fmt: skip
-    best = min(feasible, key=lambda p: (p.mean_gflops, -p.accuracy))
-    return Calibration(target, best)
+        return Calibration(
+            target, None, f"accuracy {target_accuracy:.4f} is not reached on validation by any policy (best {best:.4f})"
+        )
+    cheapest = min(feasible, key=lambda p: (p.mean_gflops, -p.accuracy))
+    return Calibration(target, cheapest)
 
 
 def calibrate(
-    val_logits: np.ndarray,
+    val_logits: Logits,
     val_labels: np.ndarray,
     stage_gflops: Sequence[float],
     budgets_gflops: Sequence[float] = (),
     target_accuracies: Sequence[float] = (),
-    eval_splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    eval_splits: dict[str, tuple[Logits, np.ndarray]] | None = None,
 ) -> list[Calibration]:
     """Pick thresholds on validation for each budget and accuracy target.
 
@@ -248,6 +257,9 @@ def calibrate(
             continue
         for name, (logits, labels) in scored.items():
             p = score(logits, labels, cal.chosen.thresholds, stage_gflops)
-            cal.evaluated[name] = {"accuracy": p.accuracy, "mean_gflops": p.mean_gflops,
-                                   "exit_fractions": p.exit_fractions}  # fmt: skip
+            cal.evaluated[name] = {
+                "accuracy": p.accuracy,
+                "mean_gflops": p.mean_gflops,
+                "exit_fractions": p.exit_fractions,
+            }
     return results

@@ -66,7 +66,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by training/train.py")
     if payload.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload['version']}; this code reads ≤ {CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {payload['version']}; this code reads ≤ {CHECKPOINT_VERSION}"
+        )
     return payload
 
 

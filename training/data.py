@@ -13,18 +13,27 @@ from __future__ import annotations
 import gzip
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -63,7 +72,7 @@ class ArraySplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, index: torch.Tensor | slice) -> "ArraySplit":
+    def take(self, index: torch.Tensor | slice) -> ArraySplit:
         return ArraySplit(self.images[index], self.labels[index])
 
 
@@ -71,9 +80,9 @@ class ArraySplit:
 class DataBundle:
     spec: DatasetSpec
     classes: list[str]
-    train: object  # ArraySplit or a torch Dataset (ImageFolder)
-    test: object
-    val: object | None = None
+    train: Any  # ArraySplit or a torch Dataset (ImageFolder)
+    test: Any
+    val: Any = None
     source: dict = field(default_factory=dict)
 
 
@@ -89,7 +98,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -100,8 +109,12 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
-    for candidate in (directory / stem, directory / f"{stem}.gz", directory / "FashionMNIST" / "raw" / stem,
-                      directory / "FashionMNIST" / "raw" / f"{stem}.gz"):  # fmt: skip
+    for candidate in (
+        directory / stem,
+        directory / f"{stem}.gz",
+        directory / "FashionMNIST" / "raw" / stem,
+        directory / "FashionMNIST" / "raw" / f"{stem}.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -137,7 +150,7 @@ def load_fashion_mnist(data_dir: str | Path | None, download: bool) -> tuple[Arr
                 raise DatasetNotFoundError(_fmnist_missing(candidates, f"download failed: {exc}")) from exc
             return load_fashion_mnist(data_dir, download=False)
         raise DatasetNotFoundError(_fmnist_missing(candidates, "downloading is off"))
-    arrays = {k: read_idx(p) for k, p in files.items()}
+    arrays = {k: read_idx(p) for k, p in files.items() if p is not None}
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
             raise ValueError(f"Fashion-MNIST in {directory}: {split} images and labels differ in count")
@@ -166,7 +179,7 @@ def load_cifar(name: str, data_dir: str | Path, download: bool) -> tuple[ArraySp
 
     base = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
 
-    class _Cifar(base):
+    class _Cifar(base):  # type: ignore[valid-type,misc]  # a class chosen at run time
         # torchvision checks the md5 of the official files; a folder in the same format
         # (a mirror, or the small files tests write) is accepted if every file is present.
         meta = {**base.meta, "md5": None}  # md5 None: torchvision only checks the file exists
@@ -246,8 +259,10 @@ def split_indices(
     if val_split and not 0 < val_split < n:
         raise ValueError(f"--val-split {val_split} must be between 1 and {n - 1} (training set size)")
     if train_size is not None and not 0 < train_size <= n - val_split:
-        raise ValueError(f"--train-size {train_size} must be between 1 and {n - val_split} (the {n} training "
-                         f"images minus the {val_split} held out by --val-split)")  # fmt: skip
+        raise ValueError(
+            f"--train-size {train_size} must be between 1 and {n - val_split} (the {n} training "
+            f"images minus the {val_split} held out by --val-split)"
+        )
     if not val_split and train_size is None:
         return None, None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -272,9 +287,7 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None)
     train_tf = transforms.Compose(
         [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
     )
-    test_tf = transforms.Compose(
-        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize]
-    )
+    test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
     train = datasets.ImageFolder(str(root / "train"), train_tf)
     test = datasets.ImageFolder(str(root / "val"), test_tf)
     val = None
@@ -288,7 +301,8 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None)
         train = torch.utils.data.Subset(train, range(min(subset, len(train))))
         test = torch.utils.data.Subset(test, range(min(subset, len(test))))
         val = torch.utils.data.Subset(val, range(min(subset, len(val)))) if val is not None else None
-    classes = test.dataset.classes if isinstance(test, torch.utils.data.Subset) else test.classes
+    folder: Any = test.dataset if isinstance(test, torch.utils.data.Subset) else test
+    classes = folder.classes
     spec = DatasetSpec(spec.name, len(classes), spec.channels, spec.image_size, spec.mean, spec.std, 0)
     return DataBundle(spec, list(classes), train, test, val, {"path": str(root)})
 
@@ -343,7 +357,7 @@ class InMemoryLoader:
         order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
         if self.world_size > 1:
             # Like DistributedSampler: pad (training) so every rank gets as many batches.
-            per_rank = math.ceil(n / self.world_size) if self.train else None
+            per_rank = math.ceil(n / self.world_size)
             if self.train and n % self.world_size:
                 order = torch.cat([order, order[: per_rank * self.world_size - n]])
             order = order[self.rank :: self.world_size]
@@ -374,9 +388,15 @@ class InMemoryLoader:
 
 
 def make_loader(
-    split, spec: DatasetSpec, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+    split,
+    spec: DatasetSpec,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     workers: int | None = None,
-):  # fmt: skip
+):
     """An iterable of (images, labels) batches with ``set_epoch``, whatever the split type."""
     if isinstance(split, ArraySplit):
         return InMemoryLoader(split, spec, batch_size, train, seed, rank, world_size)
@@ -393,7 +413,7 @@ class _DatasetLoader:
             # Evaluation shards without padding: DistributedSampler would repeat images to
             # even out the ranks and bias the all-reduced accuracy.
             dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-            self.sampler = SequentialSampler(dataset)
+            self.sampler: torch.utils.data.Sampler = SequentialSampler(dataset)
         elif world_size > 1:
             self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
         elif train:
@@ -402,7 +422,11 @@ class _DatasetLoader:
             self.sampler = SequentialSampler(dataset)
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self.loader = DataLoader(
-            dataset, batch_size, sampler=self.sampler, num_workers=workers, drop_last=train,
+            dataset,
+            batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=train,
             pin_memory=torch.cuda.is_available(),
         )
         self.seed = seed
@@ -418,5 +442,3 @@ class _DatasetLoader:
 
     def __iter__(self):
         return iter(self.loader)
-
-

@@ -26,7 +26,9 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def train_one_epoch(
@@ -54,17 +56,13 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        )
+        autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with autocast:
             output = model(images)
             parts = criterion(output, labels)
         loss = parts["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data"
-            )
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -133,14 +133,23 @@ def analyze(
             results["ensemble"]["top5_accuracy"] = topk_accuracy(ens, labels, 5)
         results["disagreement"] = disagreement(logits, labels)
         results["cascade"] = _cascade_section(
-            logits, labels, stage, split, val, costs[-1]["gflops"],
-            budget_fractions, budgets_gflops, accuracy_drops, target_accuracies,
-        )  # fmt: skip
+            logits,
+            labels,
+            stage,
+            split,
+            val,
+            costs[-1]["gflops"],
+            budget_fractions,
+            budgets_gflops,
+            accuracy_drops,
+            target_accuracies,
+        )
     return results
 
 
-def _cascade_section(logits, labels, stage, split, val, main_gflops, budget_fractions, budgets_gflops,
-                     accuracy_drops, target_accuracies) -> dict:  # fmt: skip
+def _cascade_section(
+    logits, labels, stage, split, val, main_gflops, budget_fractions, budgets_gflops, accuracy_drops, target_accuracies
+) -> dict:
     scores = cascade.confidences(logits)  # softmax once for every policy below
     section: dict = {
         "rule": cascade.RULE,
@@ -162,15 +171,20 @@ def _cascade_section(logits, labels, stage, split, val, main_gflops, budget_frac
     budgets += [(f"budget_{g:g}_gflops", {"fraction_of_main": g / main_gflops}, g) for g in budgets_gflops]
     targets = [(f"accuracy_main_minus_{d:g}pt", {"drop_points": d}, main_val_acc - d / 100) for d in accuracy_drops]
     targets += [(f"accuracy_{a:g}", {}, a) for a in target_accuracies]
-    cals = cascade.calibrate(val_logits, val_labels, stage, [b[2] for b in budgets], [t[2] for t in targets],
-                             {split: (scores, labels)})  # fmt: skip
+    cals = cascade.calibrate(
+        val_logits, val_labels, stage, [b[2] for b in budgets], [t[2] for t in targets], {split: (scores, labels)}
+    )
     policies = []
     for cal, (name, extra, _) in zip(cals, budgets + targets):
         d = cal.to_dict()
         d["target"] = {**d["target"], **extra}
         policies.append({"name": name, **d})
-    section["calibration"] = {"split": "val", "images": int(len(val_labels)), "main_val_accuracy": main_val_acc,
-                              "policies": policies}  # fmt: skip
+    section["calibration"] = {
+        "split": "val",
+        "images": int(len(val_labels)),
+        "main_val_accuracy": main_val_acc,
+        "policies": policies,
+    }
     return section
 
 
@@ -196,20 +210,39 @@ def plot_accuracy_vs_gflops(results: dict, path: str | Path, title: str = "") ->
     for e in results["exits"]:
         ax.annotate(f"{e['exit']}", (e["gflops"], 100 * e["accuracy"]), textcoords="offset points", xytext=(4, -10))
     if "ensemble" in results:
-        ax.plot([results["ensemble"]["gflops"]], [100 * results["ensemble"]["accuracy"]], "s", color="C3",
-                label="ensemble of all exits")  # fmt: skip
+        ax.plot(
+            [results["ensemble"]["gflops"]],
+            [100 * results["ensemble"]["accuracy"]],
+            "s",
+            color="C3",
+            label="ensemble of all exits",
+        )
     cas = results.get("cascade")
     if cas:
-        for key, style, label in (("curve", "C1", "cascade, one threshold"),
-                                  ("geometric_curve", "C2", "cascade, per-exit thresholds (MSDNet)")):  # fmt: skip
+        for key, style, label in (
+            ("curve", "C1", "cascade, one threshold"),
+            ("geometric_curve", "C2", "cascade, per-exit thresholds (MSDNet)"),
+        ):
             front = cascade.pareto_front([cascade.CascadePoint(**p) for p in cas[key]])
-            ax.plot([p.mean_gflops for p in front], [100 * p.accuracy for p in front], ".-", color=style,
-                    alpha=0.8, label=label)  # fmt: skip
+            ax.plot(
+                [p.mean_gflops for p in front],
+                [100 * p.accuracy for p in front],
+                ".-",
+                color=style,
+                alpha=0.8,
+                label=label,
+            )
         split = results["split"]
         chosen = [p[split] for p in cas["calibration"]["policies"] if p.get("thresholds") and split in p]
         if chosen:
-            ax.plot([c["mean_gflops"] for c in chosen], [100 * c["accuracy"] for c in chosen], "*", ms=12,
-                    color="k", label="thresholds calibrated on val")  # fmt: skip
+            ax.plot(
+                [c["mean_gflops"] for c in chosen],
+                [100 * c["accuracy"] for c in chosen],
+                "*",
+                ms=12,
+                color="k",
+                label="thresholds calibrated on val",
+            )
     ax.set_xlabel("GFLOPs per image (mean actually spent for cascades)")
     ax.set_ylabel(f"top-1 accuracy on {results['split']} (%)")
     ax.set_title(title or "accuracy vs cost")
@@ -301,8 +334,15 @@ def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None
     if not info or "name" not in info:
         raise EvaluationError("the checkpoint does not say which data set it was trained on (no 'dataset' entry)")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
-    bundle = build_datasets(info["name"], data_dir, int(config.get("val_split") or 0), subset,
-                            int(config.get("seed") or 0), download, config.get("train_size"))  # fmt: skip
+    bundle = build_datasets(
+        info["name"],
+        data_dir,
+        int(config.get("val_split") or 0),
+        subset,
+        int(config.get("seed") or 0),
+        download,
+        config.get("train_size"),
+    )
     model_cfg = payload.get("model_config") or {}
     problems = []
     if model_cfg.get("num_classes") not in (None, bundle.spec.num_classes):
@@ -331,9 +371,16 @@ def split_logits(model, bundle, split: str, batch_size: int = 256, device: str =
     return logits.numpy(), labels.numpy()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_dir: str | None = None,
-                        subset: int | None = None, download: bool = True, batch_size: int = 256,
-                        device: str = "cpu", **targets) -> tuple[dict, dict]:  # fmt: skip
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    split: str = "test",
+    data_dir: str | None = None,
+    subset: int | None = None,
+    download: bool = True,
+    batch_size: int = 256,
+    device: str = "cpu",
+    **targets,
+) -> tuple[dict, dict]:
     """Load, run and analyse a checkpoint; returns (results, payload)."""
     from serving.manifest import sha256_file
     from training.checkpoint import load_model, resolve_checkpoint_path
@@ -366,12 +413,16 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_dir: s
 
 def format_summary(results: dict) -> str:
     """A few human-readable lines: per-exit accuracy/cost, ensemble, calibrated policies."""
-    lines = [f"{results['arch']} on {results['dataset']} {results['split']} ({results['images']} images), "
-             f"epoch {results.get('epoch')}"]  # fmt: skip
+    lines = [
+        f"{results['arch']} on {results['dataset']} {results['split']} ({results['images']} images), "
+        f"epoch {results.get('epoch')}"
+    ]
     lines.append(f"{'exit':>6} {'acc %':>7} {'GFLOPs':>9} {'stage GFLOPs':>13} {'params':>10}")
     for e in results["exits"]:
-        lines.append(f"{e['exit']:>6} {100 * e['accuracy']:>7.2f} {e['gflops']:>9.4f} {e['stage_gflops']:>13.4f} "
-                     f"{e['params']:>10,}")  # fmt: skip
+        lines.append(
+            f"{e['exit']:>6} {100 * e['accuracy']:>7.2f} {e['gflops']:>9.4f} {e['stage_gflops']:>13.4f} "
+            f"{e['params']:>10,}"
+        )
     if "ensemble" in results:
         ens = results["ensemble"]
         lines.append(f"{'ens.':>6} {100 * ens['accuracy']:>7.2f} {ens['gflops']:>9.4f}")
@@ -405,11 +456,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=None, help="only the first N images of each split (quick look)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--budget-fractions", type=float, nargs="*", default=list(DEFAULT_BUDGET_FRACTIONS),
-                   help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs")  # fmt: skip
+    p.add_argument(
+        "--budget-fractions",
+        type=float,
+        nargs="*",
+        default=list(DEFAULT_BUDGET_FRACTIONS),
+        help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs",
+    )
     p.add_argument("--budget-gflops", type=float, nargs="*", default=[], help="cascade budgets in GFLOPs")
-    p.add_argument("--accuracy-drops", type=float, nargs="*", default=list(DEFAULT_ACCURACY_DROPS),
-                   help="accuracy targets, in points below the main exit's validation accuracy")  # fmt: skip
+    p.add_argument(
+        "--accuracy-drops",
+        type=float,
+        nargs="*",
+        default=list(DEFAULT_ACCURACY_DROPS),
+        help="accuracy targets, in points below the main exit's validation accuracy",
+    )
     p.add_argument("--target-accuracy", type=float, nargs="*", default=[], help="absolute accuracy targets (0..1)")
     return p
 
@@ -421,10 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         results, _ = evaluate_checkpoint(
-            args.checkpoint, args.split, args.data_dir, args.subset, args.download, args.batch_size, args.device,
-            budget_fractions=args.budget_fractions, budgets_gflops=args.budget_gflops,
-            accuracy_drops=args.accuracy_drops, target_accuracies=args.target_accuracy,
-        )  # fmt: skip
+            args.checkpoint,
+            args.split,
+            args.data_dir,
+            args.subset,
+            args.download,
+            args.batch_size,
+            args.device,
+            budget_fractions=args.budget_fractions,
+            budgets_gflops=args.budget_gflops,
+            accuracy_drops=args.accuracy_drops,
+            target_accuracies=args.target_accuracy,
+        )
     except (CheckpointError, DatasetNotFoundError, EvaluationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -432,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{results['arch']} x{results['width_mult']} {results['method']} on {results['dataset']}"
-    plots = {"accuracy_vs_gflops": plot_accuracy_vs_gflops(results, out / "accuracy_vs_gflops.png", title)}
+    plots: dict[str, Path | None] = {
+        "accuracy_vs_gflops": plot_accuracy_vs_gflops(results, out / "accuracy_vs_gflops.png", title)
+    }
     plots["disagreement"] = plot_disagreement(results, out / "disagreement.png")
     log = run_dir / "log.jsonl"
     if log.is_file():

@@ -28,8 +28,8 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from serving.manifest import GraphIO, Manifest, ManifestError, load_manifest, write_manifest
 from training.data import ArraySplit
@@ -99,13 +99,19 @@ def export_checkpoint(
             real_split = bundle.test if split == "test" else bundle.val
             real = [next(iter(make_loader(real_split, bundle.spec, 7, train=False)))[0].numpy()]
         parity = check_parity(model, tmp, files, shape, io_names, atol, real)
-        log(f"parity ok: max |ONNX Runtime - PyTorch| = {parity['full_path']:.2g} (full paths), "
-            f"{parity['stage_chain']:.2g} (stage chains)")  # fmt: skip
+        log(
+            f"parity ok: max |ONNX Runtime - PyTorch| = {parity['full_path']:.2g} (full paths), "
+            f"{parity['stage_chain']:.2g} (stage chains)"
+        )
         results = None
         if bundle is not None:
             results = evaluate_onnx(tmp, files, io_names, bundle, split, costs, **targets)
-            log("accuracy (" + results["split"] + ", ONNX Runtime): " + ", ".join(
-                f"exit {e['exit']} {100 * e['accuracy']:.2f}%" for e in results["exits"]))  # fmt: skip
+            log(
+                "accuracy ("
+                + results["split"]
+                + ", ONNX Runtime): "
+                + ", ".join(f"exit {e['exit']} {100 * e['accuracy']:.2f}%" for e in results["exits"])
+            )
         provenance = provenance_entry(checkpoint, payload, argv, opset, parity, subset)
         manifest = build_manifest(name, payload, files, costs, results, tmp, provenance)
         write_manifest(manifest, tmp)
@@ -165,10 +171,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |ORT - PyTorch| on logits")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--samples", type=int, default=0, help="also write the first N test images as PNG in samples/")
-    p.add_argument("--budget-fractions", type=float, nargs="*", default=list(DEFAULT_BUDGET_FRACTIONS),
-                   help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs")  # fmt: skip
-    p.add_argument("--accuracy-drops", type=float, nargs="*", default=list(DEFAULT_ACCURACY_DROPS),
-                   help="accuracy targets, in points below the main exit's validation accuracy")  # fmt: skip
+    p.add_argument(
+        "--budget-fractions",
+        type=float,
+        nargs="*",
+        default=list(DEFAULT_BUDGET_FRACTIONS),
+        help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs",
+    )
+    p.add_argument(
+        "--accuracy-drops",
+        type=float,
+        nargs="*",
+        default=list(DEFAULT_ACCURACY_DROPS),
+        help="accuracy targets, in points below the main exit's validation accuracy",
+    )
     return p
 
 
@@ -179,15 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
     if args.opset not in SUPPORTED_OPSETS:
-        print(f"error: --opset {args.opset} is outside what this exporter supports "
-              f"({SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: --opset {args.opset} is outside what this exporter supports "
+            f"({SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})",
+            file=sys.stderr,
+        )
         return 2
     try:
         manifest = export_checkpoint(
-            args.checkpoint, args.out, args.name, args.opset, args.split, args.data_dir, args.subset,
-            args.skip_eval, args.download, args.atol, args.force, argv,
-            samples=args.samples, budget_fractions=args.budget_fractions, accuracy_drops=args.accuracy_drops,
-        )  # fmt: skip
+            args.checkpoint,
+            args.out,
+            args.name,
+            args.opset,
+            args.split,
+            args.data_dir,
+            args.subset,
+            args.skip_eval,
+            args.download,
+            args.atol,
+            args.force,
+            argv,
+            samples=args.samples,
+            budget_fractions=args.budget_fractions,
+            accuracy_drops=args.accuracy_drops,
+        )
     except (ExportError, CheckpointError, DatasetNotFoundError, EvaluationError, ManifestError) as exc:
         print(f"error: {exc}\n{args.out} was not written (or, with --force, left as it was)", file=sys.stderr)
         return 2
@@ -198,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  exit {e.exit}: {e.gflops:.4f} GFLOPs, {e.params:,} params, accuracy {acc}")
     for policy, p in (manifest.thresholds.policies if manifest.thresholds else {}).items():
         if p.test is not None and manifest.evaluation.split == "test":
-            print(f"  cascade {policy}: {100 * p.test.accuracy:.2f}% at {p.test.mean_gflops:.4f} GFLOPs "
-                  f"(thresholds from val: {[round(t, 6) for t in p.thresholds]})")  # fmt: skip
+            print(
+                f"  cascade {policy}: {100 * p.test.accuracy:.2f}% at {p.test.mean_gflops:.4f} GFLOPs "
+                f"(thresholds from val: {[round(t, 6) for t in p.thresholds]})"
+            )
     return 0
 
 

@@ -13,7 +13,7 @@ gradient flows into it through the distillation terms.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,9 @@ def logit_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str, 
     """l_z(student, teacher): Hinton KL at temperature T (times T²) or logit MSE."""
     if kind == "kl":
         t = temperature
-        return F.kl_div(
-            F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
-        ) * (t * t)
+        return F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * (
+            t * t
+        )
     if kind == "mse":
         return F.mse_loss(student, teacher)
     raise ValueError(f"unknown distillation kind {kind!r}; choose one of {DISTILL_KINDS}")
@@ -95,9 +95,12 @@ def multi_exit_loss(
             students = range(k - 1)
             z_teachers = [logits[-1].detach()] * (k - 1)
         if alpha:
-            logit_term = alpha * torch.stack(
-                [logit_distillation(logits[i], t, distill, temperature) for i, t in zip(students, z_teachers)]
-            ).sum()
+            logit_term = (
+                alpha
+                * torch.stack(
+                    [logit_distillation(logits[i], t, distill, temperature) for i, t in zip(students, z_teachers)]
+                ).sum()
+            )
         if beta and method in ("byot", "eed"):
             if features is None:
                 raise ValueError(f"method {method!r} with beta != 0 needs the per-exit features")
@@ -107,7 +110,12 @@ def multi_exit_loss(
                 g_f = features[-1].detach()
             feature_term = beta * torch.stack([F.mse_loss(features[i], g_f) for i in students]).sum()
 
-    out = {"loss": ce + logit_term + feature_term, "ce": ce, "logit_distill": logit_term, "feature_distill": feature_term}
+    out = {
+        "loss": ce + logit_term + feature_term,
+        "ce": ce,
+        "logit_distill": logit_term,
+        "feature_distill": feature_term,
+    }
     for i, term in enumerate(ce_terms, start=1):
         out[f"ce_exit{i}"] = term.detach()
     return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -17,9 +17,15 @@ from training import cascade
 def input_spec(dataset: dict) -> InputSpec:
     """The network's input and how an arbitrary image is brought to it (as evaluation does)."""
     size = int(dataset["image_size"])
-    common = dict(channels=int(dataset["channels"]), height=size, width=size, mean=list(dataset["mean"]),
-                  std=list(dataset["std"]), interpolation="bilinear",
-                  normalization="pixels scaled to [0, 1], then (x - mean) / std per channel")  # fmt: skip
+    common = dict(
+        channels=int(dataset["channels"]),
+        height=size,
+        width=size,
+        mean=list(dataset["mean"]),
+        std=list(dataset["std"]),
+        interpolation="bilinear",
+        normalization="pixels scaled to [0, 1], then (x - mean) / std per channel",
+    )
     if dataset["name"] == "imagefolder":  # ImageNet evaluation: shorter side to 256, centre crop 224
         return InputSpec(resize="resize_center_crop", resize_size=round(size * 256 / 224), **common)
     # Fashion-MNIST draws bright garments on black, so transparent pixels become black.
@@ -32,8 +38,14 @@ def thresholds_entry(results: dict) -> dict:
     cal = (results.get("cascade") or {}).get("calibration")
     if cal is None:
         return {}
-    entry = {"rule": cascade.RULE, "score": "top softmax probability", "calibrated_on": cal["split"],
-             "images": cal.get("images"), "policies": {}, "not_calibrated": []}  # fmt: skip
+    entry = {
+        "rule": cascade.RULE,
+        "score": "top softmax probability",
+        "calibrated_on": cal["split"],
+        "images": cal.get("images"),
+        "policies": {},
+        "not_calibrated": [],
+    }
     if cal["split"] is None:
         entry["reason"] = cal["reason"]
     for p in cal["policies"]:
@@ -44,27 +56,46 @@ def thresholds_entry(results: dict) -> dict:
     return entry
 
 
-def build_manifest(name: str, payload: dict, files: Sequence[tuple[str, str]], costs: Sequence,
-                   results: dict | None, folder: Path, provenance: dict) -> Manifest:  # fmt: skip
+def build_manifest(
+    name: str,
+    payload: dict,
+    files: Sequence[tuple[str, str]],
+    costs: Sequence,
+    results: dict | None,
+    folder: Path,
+    provenance: dict,
+) -> Manifest:
     """Assemble and validate the manifest of a folder whose graphs are written."""
     dataset = payload["dataset"]
     exits = []
     chain = cascade.cumulative_gflops([c.stage_gflops for c in costs])
     for (exit_file, stage_file), c in zip(files, costs):
         measured = results["exits"][c.exit - 1] if results else {}
-        exits.append(ExitSpec(
-            exit=c.exit, gflops=c.gflops, params=c.params, accuracy=measured.get("accuracy"),
-            top5_accuracy=measured.get("top5_accuracy"), path=exit_file, stage=stage_file,
-            stage_gflops=c.stage_gflops, head_gflops=c.head_gflops, stage_params=c.stage_params,
-            cascade_gflops=float(chain[c.exit - 1]),
-        ))  # fmt: skip
+        exits.append(
+            ExitSpec(
+                exit=c.exit,
+                gflops=c.gflops,
+                params=c.params,
+                accuracy=measured.get("accuracy"),
+                top5_accuracy=measured.get("top5_accuracy"),
+                path=exit_file,
+                stage=stage_file,
+                stage_gflops=c.stage_gflops,
+                head_gflops=c.head_gflops,
+                stage_params=c.stage_params,
+                cascade_gflops=float(chain[c.exit - 1]),
+            )
+        )
     evaluation: dict = {"split": None, "reason": "export ran with --skip-eval"}
     if results:
         evaluation = {
-            "split": results["split"], "dataset": dataset["name"], "images": results["images"],
-            "subset": provenance.get("eval_subset"), "backend": "onnxruntime (exported stage graphs, CPU)",
+            "split": results["split"],
+            "dataset": dataset["name"],
+            "images": results["images"],
+            "subset": provenance.get("eval_subset"),
+            "backend": "onnxruntime (exported stage graphs, CPU)",
             "accuracy": "top-1, fraction",
-        }  # fmt: skip
+        }
         if "spot_check" in results:
             evaluation["spot_check"] = results["spot_check"]
         if "ensemble" in results:
@@ -76,17 +107,26 @@ def build_manifest(name: str, payload: dict, files: Sequence[tuple[str, str]], c
             ]
     hashes = {f: sha256_file(folder / f) for pair in files for f in pair}
     manifest = Manifest(
-        name=name, arch=payload["model_config"]["arch"], dataset=dataset["name"], classes=list(dataset["classes"]),
-        input=input_spec(dataset), exits=exits, files=hashes, io=GraphIO(),
-        thresholds=(thresholds_entry(results) or None) if results else None, provenance=provenance,
+        name=name,
+        arch=payload["model_config"]["arch"],
+        dataset=dataset["name"],
+        classes=list(dataset["classes"]),
+        input=input_spec(dataset),
+        exits=exits,
+        files=hashes,
+        io=GraphIO(),
+        thresholds=(thresholds_entry(results) or None) if results else None,
+        provenance=provenance,
         evaluation=evaluation,
-        width_mult=payload["model_config"].get("width_mult"), method=(payload.get("config") or {}).get("method"),
-    )  # fmt: skip
+        width_mult=payload["model_config"].get("width_mult"),
+        method=(payload.get("config") or {}).get("method"),
+    )
     return manifest
 
 
-def provenance_entry(checkpoint: Path, payload: dict, argv: Sequence[str], opset: int, parity: dict,
-                     eval_subset: int | None) -> dict:  # fmt: skip
+def provenance_entry(
+    checkpoint: Path, payload: dict, argv: Sequence[str], opset: int, parity: dict, eval_subset: int | None
+) -> dict:
     """Where the model came from and how it was exported."""
     import onnx
     import onnxruntime

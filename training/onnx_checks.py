@@ -9,17 +9,17 @@ factory and stage chain (``serving.sessions``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from serving.manifest import GraphIO
 from serving.sessions import open_session, run_chain
 from training.evaluate import EvaluationError, analyze
+from training.models.multi_exit import MultiExitNetwork
 from training.onnx_graphs import ExportError
 
 DEFAULT_ATOL = 1e-4
@@ -42,8 +42,11 @@ class OnnxChain:
     def __call__(self, images: np.ndarray, upto: int | None = None) -> list[np.ndarray]:
         """Logits of exits 1..upto (default all) for a float32 (N, C, H, W) batch."""
         stages = [
-            (lambda x, s=session, name=self.io.image_input if i == 0 else self.io.features_input:
-             s.run(None, {name: x}))
+            (
+                lambda x, s=session, name=self.io.image_input if i == 0 else self.io.features_input: s.run(
+                    None, {name: x}
+                )
+            )
             for i, session in enumerate(self.sessions[:upto])
         ]
         return [logits for _, logits in run_chain(stages, images)]
@@ -57,8 +60,15 @@ class OnnxChain:
         return np.concatenate(all_logits), np.concatenate(all_labels)
 
 
-def check_parity(model: nn.Module, folder: Path, files: Sequence[tuple[str, str]], input_shape, io_names: GraphIO,
-                 atol: float = DEFAULT_ATOL, extra_inputs: Sequence[np.ndarray] = ()) -> dict:  # fmt: skip
+def check_parity(
+    model: MultiExitNetwork,
+    folder: Path,
+    files: Sequence[tuple[str, str]],
+    input_shape,
+    io_names: GraphIO,
+    atol: float = DEFAULT_ATOL,
+    extra_inputs: Sequence[np.ndarray] = (),
+) -> dict:
     """ONNX Runtime against PyTorch on inputs the tracer never saw; raises ExportError on any gap.
 
     For every exit: the full-path graph, and the chain of stage graphs 1..i, against
@@ -77,11 +87,14 @@ def check_parity(model: nn.Module, folder: Path, files: Sequence[tuple[str, str]
         chained = chain(x)
         for i, ref in enumerate(reference, start=1):
             full = exits[i - 1].run(None, {io_names.image_input: x})[0]
-            for kind, got, name in (("full_path", full, files[i - 1][0]), ("stage_chain", chained[i - 1],
-                                                                          f"stage1..{i}.onnx")):  # fmt: skip
+            for kind, got, name in (
+                ("full_path", full, files[i - 1][0]),
+                ("stage_chain", chained[i - 1], f"stage1..{i}.onnx"),
+            ):
                 if got.shape != ref.shape:
-                    raise ExportError(f"{name}: ONNX Runtime returned shape {got.shape} for a batch of {len(x)}, "
-                                      f"PyTorch {ref.shape}")  # fmt: skip
+                    raise ExportError(
+                        f"{name}: ONNX Runtime returned shape {got.shape} for a batch of {len(x)}, PyTorch {ref.shape}"
+                    )
                 diff = float(np.abs(got - ref).max())
                 worst[kind] = max(worst[kind], diff)
                 if not diff <= atol:  # also catches NaN
@@ -113,7 +126,10 @@ def evaluate_onnx(folder: Path, files, io_names: GraphIO, bundle, split: str, co
     n = min(SPOT_CHECK, len(labels))
     stride = len(labels) // n
     idx = np.arange(0, stride * n, stride)
-    results["spot_check"] = {"images": n, "stride": stride,
-                             "selection": f"every {stride}th image of the {split} split, from the first",
-                             "accuracy": (logits[idx].argmax(-1) == labels[idx, None]).mean(0).tolist()}  # fmt: skip
+    results["spot_check"] = {
+        "images": n,
+        "stride": stride,
+        "selection": f"every {stride}th image of the {split} split, from the first",
+        "accuracy": (logits[idx].argmax(-1) == labels[idx, None]).mean(0).tolist(),
+    }
     return results

@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from serving.manifest import GraphIO
+from training.models.multi_exit import MultiExitNetwork
 
 DEFAULT_OPSET = 20  # torch's default for the dynamo exporter; onnxruntime >= 1.17 runs it
 # What the dynamo exporter can emit: its translations start at opset 18, and 23 is the
@@ -36,7 +37,7 @@ class ExportError(RuntimeError):
 class ExitPath(nn.Module):
     """image → logits of one exit along its full path (what exit{i}.onnx computes)."""
 
-    def __init__(self, model: nn.Module, exit_index: int):
+    def __init__(self, model: MultiExitNetwork, exit_index: int):
         super().__init__()
         self.model, self.exit_index = model, exit_index
 
@@ -47,7 +48,7 @@ class ExitPath(nn.Module):
 class StageGraph(nn.Module):
     """features_in → (logits, features_out) of one stage; the last stage returns logits only."""
 
-    def __init__(self, model: nn.Module, exit_index: int):
+    def __init__(self, model: MultiExitNetwork, exit_index: int):
         super().__init__()
         self.model, self.exit_index = model, exit_index
         self.last = exit_index == model.num_exits
@@ -83,10 +84,17 @@ def export_graph(
         with contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter chatter; correctness is checked below
             torch.onnx.export(
-                module, (example,), str(path), input_names=[input_name], output_names=list(output_names),
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, external_data=False,
-                opset_version=opset, verbose=False,
-            )  # fmt: skip
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=list(output_names),
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                dynamo=True,
+                external_data=False,
+                opset_version=opset,
+                verbose=False,
+            )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {path.name}: {exc}\n{log.getvalue()[-2000:]}") from exc
     proto = onnx.load(str(path))
@@ -108,8 +116,9 @@ def check_graph(path: Path, input_name: str, output_names: Sequence[str], opset:
     inputs = [v.name for v in proto.graph.input]
     outputs = [v.name for v in proto.graph.output]
     if inputs != [input_name] or outputs != list(output_names):
-        raise ExportError(f"{path.name} has inputs {inputs} and outputs {outputs}; expected "
-                          f"[{input_name!r}] and {list(output_names)}")  # fmt: skip
+        raise ExportError(
+            f"{path.name} has inputs {inputs} and outputs {outputs}; expected [{input_name!r}] and {list(output_names)}"
+        )
     version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if version != opset:
         raise ExportError(f"{path.name} uses opset {version}, not the requested {opset}")
@@ -119,8 +128,14 @@ def check_graph(path: Path, input_name: str, output_names: Sequence[str], opset:
             raise ExportError(f"{path.name}: {value.name} has a fixed batch size {batch.dim_value}, not a dynamic axis")
 
 
-def export_graphs(model: nn.Module, input_shape: tuple[int, int, int], folder: Path, opset: int,
-                  io_names: GraphIO, metadata: dict[str, str]) -> list[tuple[str, str]]:  # fmt: skip
+def export_graphs(
+    model: MultiExitNetwork,
+    input_shape: tuple[int, int, int],
+    folder: Path,
+    opset: int,
+    io_names: GraphIO,
+    metadata: dict[str, str],
+) -> list[tuple[str, str]]:
     """Write exit{i}.onnx and stage{i}.onnx for every exit; returns their file names."""
     model.eval()  # batch norm with running statistics, as served
     # A traced batch of 2: batch 1 would let the exporter specialise the batch axis away.
@@ -130,11 +145,25 @@ def export_graphs(model: nn.Module, input_shape: tuple[int, int, int], folder: P
         for i in range(1, model.num_exits + 1):
             exit_name, stage_name = f"exit{i}.onnx", f"stage{i}.onnx"
             inp, outs = graph_io(i, model.num_exits, "exit", io_names)
-            export_graph(ExitPath(model, i).eval(), example, folder / exit_name, inp, outs, opset,
-                         {**metadata, "graph": "exit", "exit": str(i)})  # fmt: skip
+            export_graph(
+                ExitPath(model, i).eval(),
+                example,
+                folder / exit_name,
+                inp,
+                outs,
+                opset,
+                {**metadata, "graph": "exit", "exit": str(i)},
+            )
             inp, outs = graph_io(i, model.num_exits, "stage", io_names)
-            export_graph(StageGraph(model, i).eval(), features, folder / stage_name, inp, outs, opset,
-                         {**metadata, "graph": "stage", "exit": str(i)})  # fmt: skip
+            export_graph(
+                StageGraph(model, i).eval(),
+                features,
+                folder / stage_name,
+                inp,
+                outs,
+                opset,
+                {**metadata, "graph": "stage", "exit": str(i)},
+            )
             features = model.forward_stage(features, i)[0]
             names.append((exit_name, stage_name))
     return names

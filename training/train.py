@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,11 +28,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint  # noqa: E402
-from training.data import DATASETS, DatasetNotFoundError, build_datasets, make_loader  # noqa: E402
+from training.data import DATASETS, DataBundle, DatasetNotFoundError, build_datasets, make_loader  # noqa: E402
 from training.engine import evaluate, train_one_epoch  # noqa: E402
 from training.flops import exit_costs  # noqa: E402
 from training.losses import DISTILL_KINDS, METHODS, MultiExitLoss  # noqa: E402
-from training.models import UnknownModelError, create_model, list_models  # noqa: E402
+from training.models import UnknownModelError, create_model, list_models
+from training.models.multi_exit import MultiExitNetwork  # noqa: E402
 
 PAPER_EPOCHS = 200
 # The CLI's α when --alpha is not given: the weights the paper's authors ran. Their code
@@ -41,8 +43,19 @@ DEFAULT_ALPHA = {"kl": 0.1, "mse": 1.0}
 PAPER_MILESTONES = (75, 130, 180)
 
 # Flags that may differ when resuming a run; everything else must match the checkpoint.
-RESUME_MUTABLE = {"epochs", "resume", "device", "workers", "progress", "threads", "output_dir", "run_name",
-                  "data_dir", "download", "eval_every"}  # fmt: skip
+RESUME_MUTABLE = {
+    "epochs",
+    "resume",
+    "device",
+    "workers",
+    "progress",
+    "threads",
+    "output_dir",
+    "run_name",
+    "data_dir",
+    "download",
+    "eval_every",
+}
 
 
 class UsageError(ValueError):
@@ -59,27 +72,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--width-mult", type=float, default=1.0, help="scale every channel width (0.25 for a CPU)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS))
-    g.add_argument("--data-dir", default=None, help="where the data set lives / is downloaded (default ./data; "
-                   "Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist)")  # fmt: skip
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the data set lives / is downloaded (default ./data; "
+        "Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist)",
+    )
     g.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
     g.add_argument("--val-split", type=int, default=0, help="hold out N training images for model selection")
-    g.add_argument("--train-size", type=int, default=None,
-                   help="train on a seeded random N images of the training split (same --seed, same images); "
-                        "the test split stays whole, the rest of the training split feeds --val-split or is unused")
-    g.add_argument("--subset", type=int, default=None,
-                   help="quick runs: only the first N images of every split, the test split included "
-                        "(use --train-size to shrink only the training set)")  # fmt: skip
+    g.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on a seeded random N images of the training split (same --seed, same images); "
+        "the test split stays whole, the rest of the training split feeds --val-split or is unused",
+    )
+    g.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="quick runs: only the first N images of every split, the test split included "
+        "(use --train-size to shrink only the training set)",
+    )
     g.add_argument("--workers", type=int, default=None, help="data loader workers (ImageFolder only)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="eed", choices=METHODS)
     g.add_argument("--distill", default="kl", choices=DISTILL_KINDS, help="l_z: KL (x T^2) or logit MSE")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="weight of l_z (default 0.1 with --distill kl, 1.0 with mse: the weights the paper's "
-                        "authors ran; their code scales the KL term by 0.1)")  # fmt: skip
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="weight of l_z (default 0.1 with --distill kl, 1.0 with mse: the weights the paper's "
+        "authors ran; their code scales the KL term by 0.1)",
+    )
     g.add_argument("--beta", type=float, default=None, help="weight of l_f (default 1.0)")
     g.add_argument("--temperature", type=float, default=3.0, help="T of the KL term")
-    g.add_argument("--teacher-exits", type=int, nargs="+", default=None,
-                   help="exits forming the EED ensemble teacher, e.g. 1 4 (default: all)")  # fmt: skip
+    g.add_argument(
+        "--teacher-exits",
+        type=int,
+        nargs="+",
+        default=None,
+        help="exits forming the EED ensemble teacher, e.g. 1 4 (default: all)",
+    )
     g = p.add_argument_group("optimization (paper recipe by default)")
     g.add_argument("--epochs", type=int, default=PAPER_EPOCHS)
     g.add_argument("--batch-size", type=int, default=128, help="global batch size, split across DDP ranks")
@@ -88,16 +122,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--nesterov", action="store_true")
     g.add_argument("--lr-schedule", default="multistep", choices=("multistep", "cosine"))
-    g.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help="epochs where lr is multiplied by --lr-gamma (default 75 130 180, "
-                        "scaled proportionally when --epochs is not 200)")  # fmt: skip
+    g.add_argument(
+        "--milestones",
+        type=int,
+        nargs="+",
+        default=None,
+        help="epochs where lr is multiplied by --lr-gamma (default 75 130 180, "
+        "scaled proportionally when --epochs is not 200)",
+    )
     g.add_argument("--lr-gamma", type=float, default=0.1)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action="store_true",
-                   help="mixed precision: fp16 with loss scaling on CUDA, bfloat16 autocast on the CPU "
-                        "(fast where the CPU has AMX/AVX512-BF16)")  # fmt: skip
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: fp16 with loss scaling on CUDA, bfloat16 autocast on the CPU "
+        "(fast where the CPU has AMX/AVX512-BF16)",
+    )
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     g.add_argument("--output-dir", default="runs")
@@ -128,8 +170,10 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     if args.method in ("baseline", "branchynet"):
         for flag in ("alpha", "beta", "teacher_exits"):
             if flag in explicit:
-                raise UsageError(f"--{flag.replace('_', '-')} has no effect with --method {args.method} "
-                                 "(it only weights distillation terms); drop it or use --method kd/byot/eed")  # fmt: skip
+                raise UsageError(
+                    f"--{flag.replace('_', '-')} has no effect with --method {args.method} "
+                    "(it only weights distillation terms); drop it or use --method kd/byot/eed"
+                )
     if args.method == "kd" and "beta" in explicit:
         raise UsageError("--beta weights the feature term, which --method kd does not have; use --method byot or eed")
     if args.teacher_exits and args.method != "eed":
@@ -210,7 +254,8 @@ def _check_resume_matches(saved: dict, args: argparse.Namespace, explicit: set[s
     ]
     if mismatched:
         raise UsageError(
-            "cannot resume with settings that differ from the checkpoint's: " + "; ".join(mismatched)
+            "cannot resume with settings that differ from the checkpoint's: "
+            + "; ".join(mismatched)
             + ". Drop those flags to continue the run as it was, or start a new run without --resume."
         )
 
@@ -239,8 +284,7 @@ def format_epoch_line(epoch: int, epochs: int, lr: float, metrics: dict, split: 
         )
     )
     if split:
-        accs = [f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in metrics.items()
-                if k.startswith(f"{split}_acc_")]  # fmt: skip
+        accs = [f"{k.split('_')[-1]} {100 * v:.2f}" for k, v in metrics.items() if k.startswith(f"{split}_acc_")]
         parts.append(f"| {split} " + " ".join(accs))
     parts.append(f"| {metrics['train_images_per_s']:.0f} img/s {metrics['train_seconds']:.1f}s")
     return " ".join(parts)
@@ -257,15 +301,15 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
-    data: object
-    train_loader: object
-    eval_loader: object
+    data: DataBundle
+    train_loader: Iterable
+    eval_loader: Iterable
     eval_split: str
-    model: torch.nn.Module
+    model: MultiExitNetwork
     costs: list
     criterion: MultiExitLoss
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     run_dir: Path
@@ -308,8 +352,9 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
     torch.manual_seed(args.seed)
 
-    data = build_datasets(args.dataset, args.data_dir, args.val_split, args.subset, args.seed, args.download,
-                          args.train_size)  # fmt: skip
+    data = build_datasets(
+        args.dataset, args.data_dir, args.val_split, args.subset, args.seed, args.download, args.train_size
+    )
     spec = data.spec
     per_rank_batch = args.batch_size // world_size
     train_loader = make_loader(data.train, spec, per_rank_batch, True, args.seed, rank, world_size, args.workers)
@@ -317,8 +362,9 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     eval_data = data.val if data.val is not None else data.test
     eval_loader = make_loader(eval_data, spec, 256, False, args.seed, rank, world_size, args.workers)
 
-    model = create_model(args.arch, spec.num_classes, spec.channels, args.width_mult,
-                         with_exits=args.method != "baseline")  # fmt: skip
+    model = create_model(
+        args.arch, spec.num_classes, spec.channels, args.width_mult, with_exits=args.method != "baseline"
+    )
     costs = exit_costs(model, (spec.channels, spec.image_size, spec.image_size))
     model.to(device)
     if args.channels_last:
@@ -329,8 +375,9 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
         if bad:
             raise UsageError(f"--teacher-exits {bad} do not exist; {args.arch} has exits 1..{model.num_exits}")
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.nesterov)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov
+    )
     scheduler = build_scheduler(optimizer, args)
     amp_dtype, scaler = amp_setup(args.amp, device)
 
@@ -353,16 +400,45 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     args.run_dir = str(run_dir)
     config = dict(vars(args))
     config.update({k: repo_relative(config.get(k)) for k in PATH_KEYS})
-    dataset_info = {"name": spec.name, "classes": data.classes, "channels": spec.channels,
-                    "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
-                    "train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
-                    "test_size": len(data.test), "source": data.source}  # fmt: skip
+    dataset_info = {
+        "name": spec.name,
+        "classes": data.classes,
+        "channels": spec.channels,
+        "image_size": spec.image_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "train_size": len(data.train),
+        "val_size": len(data.val) if data.val is not None else 0,
+        "test_size": len(data.test),
+        "source": data.source,
+    }
     if rank == 0 and resume_payload is None and (run_dir / "checkpoint.pt").exists():
-        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                         "or pick another --run-name")  # fmt: skip
-    return Run(args, rank, world_size, device, data, train_loader, eval_loader, eval_split, model, costs,
-               criterion, optimizer, scheduler, amp_dtype, scaler, run_dir, config, dataset_info, revision,
-               start_epoch, best)  # fmt: skip
+        raise UsageError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-name"
+        )
+    return Run(
+        args,
+        rank,
+        world_size,
+        device,
+        data,
+        train_loader,
+        eval_loader,
+        eval_split,
+        model,
+        costs,
+        criterion,
+        optimizer,
+        scheduler,
+        amp_dtype,
+        scaler,
+        run_dir,
+        config,
+        dataset_info,
+        revision,
+        start_epoch,
+        best,
+    )
 
 
 def write_run_records(run: Run) -> None:
@@ -372,17 +448,29 @@ def write_run_records(run: Run) -> None:
     if run.start_epoch == 0:  # records of an interrupted attempt that left no checkpoint
         for stale in ("log.jsonl", "final.json", "best.pt"):
             (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(
-        {"config": run.config, "model_config": model.config.to_dict(), "dataset": run.dataset_info,
-         "exit_costs": [asdict(c) for c in run.costs], "git_revision": run.revision,
-         "world_size": run.world_size, "command": " ".join(repo_relative(a) if os.path.isabs(a) else a
-                                                           for a in sys.argv)}, indent=2))  # fmt: skip
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "config": run.config,
+                "model_config": model.config.to_dict(),
+                "dataset": run.dataset_info,
+                "exit_costs": [asdict(c) for c in run.costs],
+                "git_revision": run.revision,
+                "world_size": run.world_size,
+                "command": " ".join(repo_relative(a) if os.path.isabs(a) else a for a in sys.argv),
+            },
+            indent=2,
+        )
+    )
     eval_size = len(run.data.val if run.eval_split == "val" else run.data.test)
     print(f"run folder: {run_dir}")
-    print(f"{args.arch} x{args.width_mult} on {run.data.spec.name} ({len(run.data.train)} train / {eval_size} "
-          f"{run.eval_split}), method {args.method}, {model.num_exits} exits, GFLOPs per exit: "
-          + ", ".join(f"{c.gflops:.4f}" for c in run.costs) + f", device {run.device}, "
-          f"{run.world_size} process(es)")  # fmt: skip
+    print(
+        f"{args.arch} x{args.width_mult} on {run.data.spec.name} ({len(run.data.train)} train / {eval_size} "
+        f"{run.eval_split}), method {args.method}, {model.num_exits} exits, GFLOPs per exit: "
+        + ", ".join(f"{c.gflops:.4f}" for c in run.costs)
+        + f", device {run.device}, "
+        f"{run.world_size} process(es)"
+    )
     if run.start_epoch:
         print(f"resuming from epoch {run.start_epoch}")
 
@@ -390,7 +478,7 @@ def write_run_records(run: Run) -> None:
 def train_epochs(run: Run) -> None:
     """The epoch loop: train, evaluate on the selection split, log, checkpoint every epoch."""
     args, model = run.args, run.model
-    train_model = model
+    train_model: torch.nn.Module = model
     if run.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None
@@ -398,14 +486,25 @@ def train_epochs(run: Run) -> None:
     log_path = run.run_dir / "log.jsonl"
     for epoch in range(run.start_epoch, args.epochs):
         lr = run.optimizer.param_groups[0]["lr"]
-        metrics = train_one_epoch(train_model, run.criterion, run.train_loader, run.optimizer, run.device, epoch,
-                                  run.scaler, run.amp_dtype, args.channels_last, args.progress and run.is_main)  # fmt: skip
+        metrics = train_one_epoch(
+            train_model,
+            run.criterion,
+            run.train_loader,
+            run.optimizer,
+            run.device,
+            epoch,
+            run.scaler,
+            run.amp_dtype,
+            args.channels_last,
+            args.progress and run.is_main,
+        )
         run.scheduler.step()
         last = epoch + 1 == args.epochs
         evaluated = last or (epoch + 1) % args.eval_every == 0
         if evaluated:
-            metrics.update(evaluate(model, run.eval_loader, run.device, args.channels_last,
-                                    prefix=f"{run.eval_split}_"))  # fmt: skip
+            metrics.update(
+                evaluate(model, run.eval_loader, run.device, args.channels_last, prefix=f"{run.eval_split}_")
+            )
         record = {"epoch": epoch + 1, "lr": lr, **metrics}
         # Every rank tracks the best epoch (the metrics are all-reduced, hence identical), so
         # all of them take part in evaluating it in finalize; only rank 0 writes files.
@@ -414,17 +513,25 @@ def train_epochs(run: Run) -> None:
         if improved:
             run.best = {"epoch": epoch + 1, "val_acc_main": metrics[main_key]}
         if run.is_main:
-            print(format_epoch_line(epoch + 1, args.epochs, lr, metrics, run.eval_split if evaluated else None),
-                  flush=True)  # fmt: skip
+            print(
+                format_epoch_line(epoch + 1, args.epochs, lr, metrics, run.eval_split if evaluated else None),
+                flush=True,
+            )
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             payload = {
-                "model_config": model.config.to_dict(), "config": run.config, "dataset": run.dataset_info,
-                "exit_costs": [asdict(c) for c in run.costs], "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict() if run.scaler is not None else None, "metrics": record,
+                "model_config": model.config.to_dict(),
+                "config": run.config,
+                "dataset": run.dataset_info,
+                "exit_costs": [asdict(c) for c in run.costs],
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                "metrics": record,
                 "git_revision": run.revision,
-            }  # fmt: skip
+            }
             if improved:
                 save_checkpoint({**payload, "best": run.best}, run.run_dir / "best.pt")
             save_checkpoint({**payload, "best": run.best}, run.run_dir / "checkpoint.pt")
@@ -442,8 +549,11 @@ def finalize(run: Run) -> dict:
             dist.barrier()  # rank 0 has finished writing best.pt
         selected = torch.load(run.run_dir / "best.pt", map_location=run.device, weights_only=False)["model"]
         model.load_state_dict(selected)
-        results["val_selected"] = {"epoch": run.best["epoch"], "val_acc_main": run.best["val_acc_main"],
-                                   **evaluate(model, test_loader, run.device, args.channels_last, prefix="test_")}  # fmt: skip
+        results["val_selected"] = {
+            "epoch": run.best["epoch"],
+            "val_acc_main": run.best["val_acc_main"],
+            **evaluate(model, test_loader, run.device, args.channels_last, prefix="test_"),
+        }
     if run.is_main:
         results["exit_costs"] = [asdict(c) for c in run.costs]
         (run.run_dir / "final.json").write_text(json.dumps(results, indent=2))

@@ -1,8 +1,8 @@
 """Multi-exit architectures, registered by name.
 
-    >>> from training.models import create_model
-    >>> model = create_model("resnet18", num_classes=100)
-    >>> out = model(images)          # MultiExitOutput(logits=(Z_1, ..., Z_k), features=(F_1, ..., F_k))
+>>> from training.models import create_model
+>>> model = create_model("resnet18", num_classes=100)
+>>> out = model(images)          # MultiExitOutput(logits=(Z_1, ..., Z_k), features=(F_1, ..., F_k))
 """
 
 from . import plain, resnet  # noqa: F401  (importing registers the builders)

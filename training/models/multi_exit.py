@@ -7,11 +7,15 @@ widths, and this module attaches the paper's exit heads after every stage but th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .registry import ModelConfig
 
 
 class MultiExitOutput(NamedTuple):
@@ -105,6 +109,8 @@ class MultiExitNetwork(nn.Module):
     network), and the model has a single exit.
     """
 
+    config: ModelConfig  # set by the registry's builders (what rebuilds the model from a checkpoint)
+
     def __init__(
         self,
         stem: nn.Module,
@@ -127,9 +133,7 @@ class MultiExitNetwork(nn.Module):
         self.num_classes = num_classes
         self.with_exits = with_exits
         # exit_stage[j] is the index of the stage that head j reads from.
-        self.exit_stages: tuple[int, ...] = (
-            tuple(range(len(stages))) if with_exits else (len(stages) - 1,)
-        )
+        self.exit_stages: tuple[int, ...] = tuple(range(len(stages))) if with_exits else (len(stages) - 1,)
         self.heads = nn.ModuleList(
             make_exit_head(self.stage_specs, s, num_classes, exit_last_stride) for s in self.exit_stages
         )

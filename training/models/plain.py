@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import nn
 
@@ -13,7 +12,12 @@ from .registry import register_model
 # (32 → 16 → 8 → 4 → 1 px), so the exits sit at 16, 8 and 4 px like a ResNet's. The last
 # stage's final conv block works at 2 px, but the paper's exits end at 4x4 (its cost table):
 # every exit conv has stride 2 except the last (stride 1), DESIGN §1.
-_VGG19_STAGES = ((64, 64, "M"), (128, 128, "M"), (256,) * 4 + ("M",), (512,) * 4 + ("M",) + (512,) * 4 + ("M",))
+_VGG19_STAGES: tuple[tuple[int | str, ...], ...] = (
+    (64, 64, "M"),
+    (128, 128, "M"),
+    (256,) * 4 + ("M",),
+    (512,) * 4 + ("M",) + (512,) * 4 + ("M",),
+)
 
 
 @register_model("vgg19")
@@ -27,7 +31,7 @@ def vgg19(num_classes, in_channels=3, width_mult=1.0, with_exits=True):
             if item == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))  # ceil: 7 px → 4 → 2 → 1 for 28 px input
             else:
-                width = scaled(item, width_mult)
+                width = scaled(int(item), width_mult)
                 layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
                 c_in = width
         stages.append(nn.Sequential(*layers))

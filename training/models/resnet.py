@@ -6,7 +6,7 @@ and the stage widths differ between the CIFAR and ImageNet variants.
 
 from __future__ import annotations
 
-from typing import Sequence, Type
+from collections.abc import Sequence
 
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -14,7 +14,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from .multi_exit import MultiExitNetwork, StageSpec, scaled
 from .registry import register_model
 
-BlockType = Type[BasicBlock] | Type[Bottleneck]
+BlockType = type[BasicBlock] | type[Bottleneck]
 
 
 def _make_stage(block: BlockType, in_planes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
@@ -104,7 +104,7 @@ class ResNeXtBlock(nn.Module):
             nn.Conv2d(group_width, out_planes, 1, bias=False),
             nn.BatchNorm2d(out_planes),
         )
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != out_planes:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
