@@ -362,18 +362,19 @@ def offline_cascade(model_dir: Path, bodies: list[bytes], server_options) -> tup
     return np.concatenate(conf), np.concatenate(pred)
 
 
-def classify_all(port: int, bodies: list[bytes], query: str) -> list[dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    answers = []
-    for body in bodies:
-        conn.request("POST", f"/classify?{query}", body=body, headers={"Content-Type": "image/png"})
-        response = conn.getresponse()
+class Client:
+    """One keep-alive HTTP/1.1 connection to a server's /classify."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def classify(self, body: bytes, query: str) -> dict:
+        self.conn.request("POST", f"/classify?{query}", body=body, headers={"Content-Type": "image/png"})
+        response = self.conn.getresponse()
         payload = response.read()
         if response.status != 200:
             raise RuntimeError(f"/classify?{query} answered {response.status}: {payload[:300]!r}")
-        answers.append(json.loads(payload))
-    conn.close()
-    return answers
+        return json.loads(payload)
 
 
 def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
@@ -397,23 +398,26 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
         thresholds = np.asarray([float(f"{t:.9g}") for t in thresholds])
         how = "per-exit thresholds at the median top probability of each early exit on these images"
     simulated = cascade.simulate(conf, pred, thresholds, [e.stage_gflops for e in manifest.exits])
-    half = (len(bodies) + 1) // 2
     servers = start_servers(model_dir, variants, workdir, args.providers)
-    per_variant = {}
+    runs: dict = {s.name: {"main": [], "cascade": []} for s in servers}
     try:
-        for server in servers:
-            classify_all(server.port, bodies[:50], f"exit={k}&top_k=1")  # warm-up
-            classify_all(server.port, bodies[:50], query + "&top_k=1")
-        runs: dict = {s.name: {"main": [], "cascade": []} for s in servers}
-        for r, chunk in enumerate((slice(0, half), slice(half, None))):  # alternate, so load shifts hit both
-            for server in servers:
-                order = (("main", f"exit={k}"), ("cascade", query))
-                for mode, q in order if r == 0 else order[::-1]:
-                    runs[server.name][mode].extend(classify_all(server.port, bodies[chunk], q + "&top_k=1"))
+        clients = {s.name: Client(s.port) for s in servers}
+        for client in clients.values():  # warm-up
+            for body in bodies[:50]:
+                client.classify(body, f"exit={k}&top_k=1")
+                client.classify(body, query + "&top_k=1")
+        # Image by image, every server and mode in turn (the order rotating), so that a busy
+        # moment of the machine hits all of them alike.
+        turns = [(name, mode, q) for name in clients for mode, q in (("main", f"exit={k}"), ("cascade", query))]
+        for i, body in enumerate(bodies):
+            for j in range(len(turns)):
+                name, mode, q = turns[(i + j) % len(turns)]
+                runs[name][mode].append(clients[name].classify(body, q + "&top_k=1"))
     finally:
         for server in servers:
             server.stop()
     main_gflops = manifest.exits[-1].gflops
+    per_variant = {}
     for name, modes in runs.items():
         main, casc = modes["main"], modes["cascade"]
         t_main = float(np.mean([a["inference_ms"] for a in main]))
@@ -428,6 +432,8 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
         per_variant[name] = {
             "main_inference_ms": t_main, "cascade_inference_ms": t_casc,
             "main_latency_ms": l_main, "cascade_latency_ms": l_casc,
+            "main_inference_ms_median": float(np.median([a["inference_ms"] for a in main])),
+            "cascade_inference_ms_median": float(np.median([a["inference_ms"] for a in casc])),
             "main_gflops": main_gflops, "cascade_gflops": g_casc,
             "gflops_saved": gflops_saved, "inference_time_saved": time_saved,
             "latency_saved": 1 - l_casc / l_main,

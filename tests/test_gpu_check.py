@@ -1,0 +1,43 @@
+"""benchmarks/gpu_check.sh, the prepared GPU run: its steps, their bookkeeping and result files,
+exercised on the CPU (``--cpu-smoke``: the same steps, tiny, with the CPU device and provider)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+@pytest.mark.slow  # about a minute: a tiny training benchmark and two short server runs
+def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
+    out = tmp_path / "gpu"
+    result = subprocess.run(["bash", str(SCRIPT), str(out), "--cpu-smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert result.returncode == 0, (result.stdout[-3000:], summary)
+    assert [s["step"] for s in summary["steps"]] == ["pytest_gpu", "train_speed", "serve_bench"]
+    assert all(s["passed"] and (out / s["log"]).is_file() for s in summary["steps"])
+    assert "onnxruntime" in (out / "environment.txt").read_text()
+    train = json.loads((out / "train_speed_cpu.json").read_text())
+    assert train["device"] == "cpu" and train["reference_images_per_s"] > 0
+    serve = json.loads((out / "serve_bench_cpu.json").read_text())
+    cases = serve["throughput"]["cases"]
+    assert set(cases) == {"saturation_main", "saturation_exit1", "overhead_main"}
+    assert serve["throughput"]["provider"] == "CPUExecutionProvider"
+    (casc,) = serve["cascade"]
+    assert casc["variants"]["server"]["agreement_with_offline_rule"] == 1.0  # the served rule is the offline one
+    assert len(serve["summary"]) == 2
+
+
+def test_a_failing_step_is_reported_and_fails_the_run(tmp_path):
+    out = tmp_path / "gpu"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "/bin/false"}  # every Python step fails at once
+    result = subprocess.run(["bash", str(SCRIPT), str(out), "--cpu-smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["passed"] for s in summary["steps"]] == [False, False, False]
