@@ -67,7 +67,7 @@ done = function(summary, latency, requests)
 end
 """
 
-SERIES = re.compile(r'^(eed_requests_total|eed_deadline_total)\{([^}]*)\} (\S+)$')
+SERIES = re.compile(r"^(eed_requests_total|eed_deadline_total)\{([^}]*)\} (\S+)$")
 
 
 def parse_phases(text: str) -> list[tuple[int, float]]:
@@ -78,7 +78,7 @@ def parse_phases(text: str) -> list[tuple[int, float]]:
         try:
             phases.append((int(conns), float(seconds)))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"bad phase {part!r}: expected CONNECTIONS:SECONDS, e.g. 64:20")
+            raise argparse.ArgumentTypeError(f"bad phase {part!r}: expected CONNECTIONS:SECONDS, e.g. 64:20") from None
         if phases[-1][0] < 1 or phases[-1][1] <= 0:
             raise argparse.ArgumentTypeError(f"bad phase {part!r}: connections >= 1 and seconds > 0")
     return phases
@@ -107,8 +107,9 @@ def scrape(url: str) -> dict:
 
 def delta(later: dict, earlier: dict, num_exits: int) -> dict:
     """What happened between two scrapes."""
-    answered = {str(e): later["exit"].get(str(e), 0.0) - earlier["exit"].get(str(e), 0.0)
-                for e in range(1, num_exits + 1)}
+    answered = {
+        str(e): later["exit"].get(str(e), 0.0) - earlier["exit"].get(str(e), 0.0) for e in range(1, num_exits + 1)
+    }
     total = sum(answered.values())
     status = {k: v - earlier["status"].get(k, 0.0) for k, v in later["status"].items()}
     met, missed = later["met"] - earlier["met"], later["missed"] - earlier["missed"]
@@ -145,14 +146,27 @@ class Scraper(threading.Thread):
 
 def run_wrk(url: str, query: str, connections: int, seconds: float, script: Path, body: Path) -> dict:
     threads = max(1, min(connections, 2))
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "10s",
-           "-s", str(script), f"{url}/classify?{query}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)},
-                         timeout=seconds + 60)
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"{url}/classify?{query}",
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)}, timeout=seconds + 60
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("EED_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    result = json.loads(line[len("EED_JSON "):])
+    result = json.loads(line[len("EED_JSON ") :])
     result["requests_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
     return result
 
@@ -160,8 +174,20 @@ def run_wrk(url: str, query: str, connections: int, seconds: float, script: Path
 def start_server(model_dir: Path, port: int, log_path: Path, extra: list[str]) -> subprocess.Popen:
     import httpx
 
-    cmd = [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving",
+        "--model-dir",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     give_up = time.monotonic() + 300
     while time.monotonic() < give_up:
@@ -189,7 +215,7 @@ def test_image(manifest, path: Path) -> Path:
 
 def recovery_seconds(samples: list[tuple[float, dict]], since: float, num_exits: int) -> float | None:
     """Seconds after ``since`` until an interval whose answers came ≥ 90 % from the main exit."""
-    for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+    for (t0, c0), (_, c1) in zip(samples, samples[1:]):
         if t0 < since:
             continue
         d = delta(c1, c0, num_exits)
@@ -213,16 +239,17 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_ylabel("share of answers")
     ax1.set_ylim(0, 1)
     ax1.legend(loc="upper right", fontsize=8)
-    ax1.set_title(f"{result['model']}: deadline {result['deadline_ms']:g} ms, step load "
-                  f"{' → '.join(str(p['connections']) for p in result['phases'])} connections")
+    ax1.set_title(
+        f"{result['model']}: deadline {result['deadline_ms']:g} ms, step load "
+        f"{' → '.join(str(p['connections']) for p in result['phases'])} connections"
+    )
     met = [s["deadline_met_share"] if s["deadline_met_share"] is not None else np.nan for s in series]
     ax2.step(t, met, where="post", label="deadlines met (share)", color="tab:green")
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("share met")
     ax2.set_xlabel("seconds")
     ax3 = ax2.twinx()
-    ax3.step(t, [s["requests_per_s"] for s in series], where="post", color="tab:blue", alpha=0.6,
-             label="answers/s")
+    ax3.step(t, [s["requests_per_s"] for s in series], where="post", color="tab:blue", alpha=0.6, label="answers/s")
     ax3.set_ylabel("answers/s")
     for p in result["phases"]:
         for ax in (ax1, ax2):
@@ -238,11 +265,19 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", nargs="?", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--phases", type=parse_phases, default=parse_phases("1:10,64:20,1:15"),
-                        help="CONNECTIONS:SECONDS,... (default 1:10,64:20,1:15)")
-    parser.add_argument("--deadline-ms", type=float, default=None,
-                        help="the deadline of every request (default: between the main exit's and exit 1's p50 "
-                             "at the peak load, from the regime check)")
+    parser.add_argument(
+        "--phases",
+        type=parse_phases,
+        default=parse_phases("1:10,64:20,1:15"),
+        help="CONNECTIONS:SECONDS,... (default 1:10,64:20,1:15)",
+    )
+    parser.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=None,
+        help="the deadline of every request (default: between the main exit's and exit 1's p50 "
+        "at the peak load, from the regime check)",
+    )
     parser.add_argument("--check-seconds", type=float, default=6.0, help="duration of each regime-check run")
     parser.add_argument("--scrape-interval", type=float, default=0.5)
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeatable)")
@@ -252,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed: apt-get install -y wrk")
     if not (args.model_dir / "manifest.json").is_file():
-        parser.error(f"no model in {args.model_dir}: build the full-width export with "
-                     f"`python benchmarks/untrained_export.py --out {args.model_dir}`")
+        parser.error(
+            f"no model in {args.model_dir}: build the full-width export with "
+            f"`python benchmarks/untrained_export.py --out {args.model_dir}`"
+        )
     manifest = load_manifest(args.model_dir, verify=False)
     k = manifest.num_exits
     peak = max(c for c, _ in args.phases)
@@ -269,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         for e in (k, 1):
             r = run_wrk(url, f"exit={e}", peak, args.check_seconds, script, body)
             regime[f"exit{e}"] = r
-            print(f"regime check, {peak} connections, exit={e}: {r['requests_per_s']:.1f} req/s, "
-                  f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", flush=True)
+            print(
+                f"regime check, {peak} connections, exit={e}: {r['requests_per_s']:.1f} req/s, "
+                f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
+                flush=True,
+            )
         deadline = args.deadline_ms or round(math.sqrt(regime[f"exit{k}"]["p50_ms"] * regime["exit1"]["p50_ms"]), 1)
         print(f"deadline: {deadline:g} ms", flush=True)
         time.sleep(3)  # let the estimates settle back to idle before the step load
@@ -283,15 +323,26 @@ def main(argv: list[str] | None = None) -> int:
             before = scrape(url)
             w = run_wrk(url, f"budget_ms={deadline:g}", connections, seconds, script, body)
             d = delta(scrape(url), before, k)
-            phase = {"connections": connections, "seconds": seconds, "start_s": round(start_s, 2),
-                     "requests_per_s": round(w["requests_per_s"], 1), "p50_ms": w["p50_ms"], "p99_ms": w["p99_ms"],
-                     "wrk_non2xx": w["non2xx"], "socket_errors": w["socket_errors"], **d}
+            phase = {
+                "connections": connections,
+                "seconds": seconds,
+                "start_s": round(start_s, 2),
+                "requests_per_s": round(w["requests_per_s"], 1),
+                "p50_ms": w["p50_ms"],
+                "p99_ms": w["p99_ms"],
+                "wrk_non2xx": w["non2xx"],
+                "socket_errors": w["socket_errors"],
+                **d,
+            }
             phases.append(phase)
             shares = " ".join(f"e{e}:{100 * s:.0f}%" for e, s in d["exit_shares"].items())
             met = "n/a" if d["deadline_met_share"] is None else f"{100 * d['deadline_met_share']:.1f}%"
-            print(f"{connections:>4} conn {seconds:g}s: {phase['requests_per_s']:.1f} req/s, p50 {w['p50_ms']:.1f} ms, "
-                  f"p99 {w['p99_ms']:.1f} ms (deadline {deadline:g}), met {met}, {shares}, "
-                  f"422: {d['status_422']}, 503: {d['status_503']}", flush=True)
+            print(
+                f"{connections:>4} conn {seconds:g}s: {phase['requests_per_s']:.1f} req/s, p50 {w['p50_ms']:.1f} ms, "
+                f"p99 {w['p99_ms']:.1f} ms (deadline {deadline:g}), met {met}, {shares}, "
+                f"422: {d['status_422']}, 503: {d['status_503']}",
+                flush=True,
+            )
         scraper.stop()
     finally:
         proc.terminate()
@@ -305,26 +356,44 @@ def main(argv: list[str] | None = None) -> int:
     drop = next((p["start_s"] for p, q in zip(phases[1:], phases) if p["connections"] < q["connections"]), None)
     recovery = None if drop is None else recovery_seconds(scraper.samples, drop, k)
     peak_phase = max(phases, key=lambda p: p["connections"])
-    answered_share = peak_phase["answered"] / max(1, peak_phase["answered"] + peak_phase["status_503"]
-                                                   + peak_phase["status_422"] + peak_phase["status_other_errors"])
+    answered_share = peak_phase["answered"] / max(
+        1,
+        peak_phase["answered"]
+        + peak_phase["status_503"]
+        + peak_phase["status_422"]
+        + peak_phase["status_other_errors"],
+    )
     targets = {
         "peak_answered_share": round(answered_share, 4),
         "peak_deadline_met_share": peak_phase["deadline_met_share"],
         "total_422": sum(p["status_422"] for p in phases),
         "main_exit_again_after_s": recovery,
-        "met": bool(answered_share >= 0.95 and (peak_phase["deadline_met_share"] or 0) >= 0.90
-                    and sum(p["status_422"] for p in phases) == 0 and recovery is not None and recovery <= 5),
+        "met": bool(
+            answered_share >= 0.95
+            and (peak_phase["deadline_met_share"] or 0) >= 0.90
+            and sum(p["status_422"] for p in phases) == 0
+            and recovery is not None
+            and recovery <= 5
+        ),
     }
     result = {
-        "model": manifest.name, "model_dir": os.path.relpath(args.model_dir, ROOT), "num_exits": k,
-        "deadline_ms": deadline, "regime_check": regime, "phases": phases, "targets": targets,
-        "over_time": over_time, "server_args": args.server_arg,
+        "model": manifest.name,
+        "model_dir": os.path.relpath(args.model_dir, ROOT),
+        "num_exits": k,
+        "deadline_ms": deadline,
+        "regime_check": regime,
+        "phases": phases,
+        "targets": targets,
+        "over_time": over_time,
+        "server_args": args.server_arg,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"targets: answered at peak {100 * answered_share:.1f}% (>= 95), deadlines met at peak "
-          f"{100 * (peak_phase['deadline_met_share'] or 0):.1f}% (>= 90), 422s {targets['total_422']} (0), "
-          f"main exit again {recovery} s after the load dropped (<= 5): {'MET' if targets['met'] else 'NOT MET'}")
+    print(
+        f"targets: answered at peak {100 * answered_share:.1f}% (>= 95), deadlines met at peak "
+        f"{100 * (peak_phase['deadline_met_share'] or 0):.1f}% (>= 90), 422s {targets['total_422']} (0), "
+        f"main exit again {recovery} s after the load dropped (<= 5): {'MET' if targets['met'] else 'NOT MET'}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     png = args.out.with_suffix(".png")

@@ -18,15 +18,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from training.checkpoint import save_checkpoint  # noqa: E402
-from training.data import DATASETS  # noqa: E402
-from training.export import export_checkpoint  # noqa: E402
-from training.flops import exit_costs  # noqa: E402
-from training.models import create_model  # noqa: E402
+from training.checkpoint import save_checkpoint
+from training.data import DATASETS
+from training.export import export_checkpoint
+from training.flops import exit_costs
+from training.models import create_model
 
 
 def main(argv=None) -> int:
@@ -48,9 +46,14 @@ def main(argv=None) -> int:
         {
             "model_config": model.config.to_dict(),
             "config": {"untrained": True, **vars(args)},
-            "dataset": {"name": spec.name, "classes": [f"class {i}" for i in range(spec.num_classes)],
-                        "channels": spec.channels, "image_size": spec.image_size,
-                        "mean": list(spec.mean), "std": list(spec.std)},  # fmt: skip
+            "dataset": {
+                "name": spec.name,
+                "classes": [f"class {i}" for i in range(spec.num_classes)],
+                "channels": spec.channels,
+                "image_size": spec.image_size,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+            },
             "exit_costs": [asdict(c) for c in exit_costs(model, shape)],
             "epoch": 0,
             "model": model.state_dict(),

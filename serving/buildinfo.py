@@ -35,8 +35,7 @@ def git_revision() -> str:
     if not (root / ".git").exists():
         return UNKNOWN
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else UNKNOWN

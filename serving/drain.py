@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Callable
 
 import uvicorn
 
@@ -67,8 +67,9 @@ class DrainingServer(uvicorn.Server):
         if not self._announced and (self._drain_deadline is not None or self.should_exit):
             self._announced = True
             if self._drain_deadline is not None and self.drain_seconds > 0:
-                log.info("SIGTERM: draining for %.1f s (/readyz answers 503, requests still served)",
-                         self.drain_seconds)
+                log.info(
+                    "SIGTERM: draining for %.1f s (/readyz answers 503, requests still served)", self.drain_seconds
+                )
             if self._on_drain is not None:
                 self._on_drain()
         if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:

@@ -81,8 +81,13 @@ class AnswerSigner:
 
     def issue(self, model: str, exit_number: int, label: int, now: float | None = None) -> str:
         """A signed id for an answer of ``model`` given by ``exit_number`` predicting ``label``."""
-        claims = {"m": model, "e": exit_number, "l": label,
-                  "t": round(time.time() if now is None else now, 3), "n": secrets.token_hex(8)}
+        claims = {
+            "m": model,
+            "e": exit_number,
+            "l": label,
+            "t": round(time.time() if now is None else now, 3),
+            "n": secrets.token_hex(8),
+        }
         body = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
         signed_part = f"{VERSION}.{body}"
         return f"{signed_part}.{_b64encode(self._mac(signed_part))}"
@@ -108,8 +113,13 @@ class AnswerSigner:
         # Signed by us, so the claims are well-formed; parse defensively all the same.
         try:
             raw = json.loads(_b64decode(body))
-            claim = Claim(model=str(raw["m"]), exit=int(raw["e"]), label=int(raw["l"]),
-                          issued_at=float(raw["t"]), nonce=str(raw["n"]))
+            claim = Claim(
+                model=str(raw["m"]),
+                exit=int(raw["e"]),
+                label=int(raw["l"]),
+                issued_at=float(raw["t"]),
+                nonce=str(raw["n"]),
+            )
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise forged from None
         age = (time.time() if now is None else now) - claim.issued_at

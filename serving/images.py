@@ -90,7 +90,7 @@ class Preprocessor:
     max_pixels: int = 4096 * 4096
 
     @classmethod
-    def from_spec(cls, input_spec, max_pixels: int) -> "Preprocessor":
+    def from_spec(cls, input_spec, max_pixels: int) -> Preprocessor:
         """Build from a manifest ``input`` section."""
         background = getattr(input_spec, "background", 255)
         return cls(
@@ -189,7 +189,7 @@ def decode_image(
         with warnings.catch_warnings():
             # Our own pixel limit applies; Pillow's warning would only add log noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", max_pixels=max_pixels) from None
     except UnidentifiedImageError:
@@ -276,4 +276,3 @@ def _unidentified(data: bytes, content_type: str | None) -> Exception:
 def _describe(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text[:200]
-

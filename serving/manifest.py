@@ -45,7 +45,7 @@ class InputSpec(BaseModel):
     normalization: str = "pixels scaled to [0, 1], then (x - mean) / std per channel"
 
     @model_validator(mode="after")
-    def _check_stats(self) -> "InputSpec":
+    def _check_stats(self) -> InputSpec:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, one per channel")
         if any(s <= 0 for s in self.std):
@@ -222,7 +222,7 @@ class Manifest(_Strict):
         return None if value == {} else value  # older exports wrote {} for "not calibrated"
 
     @model_validator(mode="after")
-    def _check_exits(self) -> "Manifest":
+    def _check_exits(self) -> Manifest:
         if not self.exits:
             raise ValueError("a manifest needs at least one exit")
         numbers = [e.exit for e in self.exits]

@@ -33,8 +33,9 @@ comma-separated ``key:value`` pairs, e.g. ``exit:last``, ``exit:2``,
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class CostTable:
         return cascade.gflops_spent(self.gflops, self.stage_gflops, mode, exits_evaluated)
 
     @classmethod
-    def from_manifest(cls, manifest) -> "CostTable":
+    def from_manifest(cls, manifest) -> CostTable:
         return cls(
             gflops=tuple(e.gflops for e in manifest.exits),
             stage_gflops=tuple(e.stage_gflops for e in manifest.exits),
@@ -132,8 +133,10 @@ def calibrated_policies(thresholds: Thresholds | None, num_exits: int) -> dict[s
     """Name → per-early-exit thresholds of every policy the manifest calibrated."""
     if thresholds is None:
         return {}
-    return {name: tuple(float(v) for v in cascade.as_thresholds(p.thresholds, num_exits))
-            for name, p in thresholds.policies.items()}
+    return {
+        name: tuple(float(v) for v in cascade.as_thresholds(p.thresholds, num_exits))
+        for name, p in thresholds.policies.items()
+    }
 
 
 def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
@@ -265,9 +268,7 @@ def effective_params(
     return replace(params, budget_ms=default_budget_ms)
 
 
-def plan_request(
-    params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequence[float] | None = None
-) -> Plan:
+def plan_request(params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequence[float] | None = None) -> Plan:
     """Turn request parameters into a :class:`Plan`, or raise a 422 error.
 
     ``idle_cascade_ms[i]`` is the idle service time of a cascade ending at exit i+1
@@ -292,8 +293,9 @@ def _thresholds(params: PolicyParams, costs: CostTable) -> tuple[float, ...] | N
             )
         if params.policy not in costs.policies:
             names = ", ".join(sorted(costs.policies)) or "none (this model's manifest has no calibrated policies)"
-            raise InvalidParameters(f"unknown policy {params.policy!r}; this model's policies: {names}",
-                                    accepted=sorted(costs.policies))
+            raise InvalidParameters(
+                f"unknown policy {params.policy!r}; this model's policies: {names}", accepted=sorted(costs.policies)
+            )
         return costs.policies[params.policy]
     if params.confidence is None:
         return None

@@ -10,7 +10,7 @@ Torch-free.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort

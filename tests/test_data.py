@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from datagen import make_cifar, make_fashion_mnist, write_idx
 
 from training.data import (
     FASHION_MNIST_SYSTEM_DIR,
@@ -10,8 +11,6 @@ from training.data import (
     random_crop_flip,
     read_idx,
 )
-
-from datagen import make_cifar, make_fashion_mnist, write_idx
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -99,11 +98,13 @@ def _gray_levels(images: torch.Tensor, spec, y: int = 0, x: int = 0) -> list[flo
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ddp_evaluation_shards_are_disjoint_and_complete_in_memory(world_size):
-    from training.data import ArraySplit, DATASETS
+    from training.data import DATASETS, ArraySplit
 
     n = 10  # not a multiple of 3: no padding duplicates allowed at evaluation
-    split = ArraySplit(torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 28, 28).contiguous(),
-                       torch.zeros(n, dtype=torch.int64))
+    split = ArraySplit(
+        torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 28, 28).contiguous(),
+        torch.zeros(n, dtype=torch.int64),
+    )
     spec = DATASETS["fashion-mnist"]
     seen = []
     for rank in range(world_size):

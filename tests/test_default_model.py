@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from serving.manifest import load_manifest
 
@@ -55,8 +55,10 @@ def _test_images(n: int):
     """
     from training.data import read_idx
 
-    files = {k: next(iter(sorted(FMNIST_DIR.glob(f"{stem}*"))), None)
-             for k, stem in (("images", "t10k-images-idx3-ubyte"), ("labels", "t10k-labels-idx1-ubyte"))}  # fmt: skip
+    files = {
+        k: next(iter(sorted(FMNIST_DIR.glob(f"{stem}*"))), None)
+        for k, stem in (("images", "t10k-images-idx3-ubyte"), ("labels", "t10k-labels-idx1-ubyte"))
+    }
     if not all(files.values()):
         pytest.skip(f"Fashion-MNIST test files not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)")
     images, labels = read_idx(files["images"]), read_idx(files["labels"]).astype(np.int64)
@@ -75,14 +77,15 @@ def test_accuracy_on_1000_test_images_matches_manifest():
     images, labels = _test_images(IMAGES)
     spec = manifest.input
     x = images.astype(np.float32)[:, None] / 255.0  # the same preprocessing the manifest describes
-    x = ((x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None])
+    x = (x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None]
     x = x.astype(np.float32)
     io = manifest.io
     spot = manifest.evaluation.spot_check
     for e in manifest.exits:
         session = ort.InferenceSession(str(MODEL_DIR / e.path), providers=["CPUExecutionProvider"])
-        logits = np.concatenate([session.run([io.logits_output], {io.image_input: x[i : i + 250]})[0]
-                                 for i in range(0, len(x), 250)])  # fmt: skip
+        logits = np.concatenate(
+            [session.run([io.logits_output], {io.image_input: x[i : i + 250]})[0] for i in range(0, len(x), 250)]
+        )
         accuracy = float((logits.argmax(1) == labels).mean())
         assert e.accuracy is not None, f"exit {e.exit} has no accuracy in the manifest"
         if spot is not None and spot.images == IMAGES:  # the exporter measured these very images: agree to 2 images
@@ -103,10 +106,10 @@ def test_server_reproduces_every_calibrated_policy(tmp_path):
 
     import httpx
     import onnxruntime as ort
+    from serving_model import ServerProcess, encode
 
     from serving import cascade
     from serving.policy import calibrated_policies
-    from serving_model import ServerProcess, encode
 
     manifest = load_manifest(MODEL_DIR, verify=False)
     policies = calibrated_policies(manifest.thresholds, manifest.num_exits)
@@ -116,7 +119,7 @@ def test_server_reproduces_every_calibrated_policy(tmp_path):
     images, labels = _test_images(n)
     spec, io = manifest.input, manifest.io
     x = images.astype(np.float32)[:, None] / 255.0
-    x = ((x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None])
+    x = (x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None]
     logits = []
     for e in manifest.exits:
         session = ort.InferenceSession(str(MODEL_DIR / e.path), providers=["CPUExecutionProvider"])
@@ -131,8 +134,9 @@ def test_server_reproduces_every_calibrated_policy(tmp_path):
 
             async def one(data):
                 async with sem:
-                    r = await ac.post("/classify", content=data, headers={"Content-Type": "image/png"},
-                                      params={"policy": policy})
+                    r = await ac.post(
+                        "/classify", content=data, headers={"Content-Type": "image/png"}, params={"policy": policy}
+                    )
                     assert r.status_code == 200, r.text
                     return r.json()
 
@@ -161,16 +165,17 @@ def test_server_reproduces_every_calibrated_policy(tmp_path):
 def test_shipped_samples_are_the_test_images_their_names_say():
     """``samples/INDEX-LABEL-CLASS.png``: through the server's own decoding and preprocessing,
     each is test image INDEX exactly, whose label is LABEL, named CLASS in the manifest."""
-    from training.data import read_idx
-
     from serving.images import Preprocessor
+    from training.data import read_idx
 
     manifest = load_manifest(MODEL_DIR, verify=False)
     samples = sorted((MODEL_DIR / "samples").glob("*.png"))
     if manifest.dataset != "fashion-mnist" or not samples:
         pytest.skip("no Fashion-MNIST samples shipped with the default model")
-    files = {k: next(iter(sorted(FMNIST_DIR.glob(f"{stem}*"))), None)
-             for k, stem in (("images", "t10k-images-idx3-ubyte"), ("labels", "t10k-labels-idx1-ubyte"))}
+    files = {
+        k: next(iter(sorted(FMNIST_DIR.glob(f"{stem}*"))), None)
+        for k, stem in (("images", "t10k-images-idx3-ubyte"), ("labels", "t10k-labels-idx1-ubyte"))
+    }
     if not all(files.values()):
         pytest.skip(f"Fashion-MNIST test files not found in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)")
     images, labels = read_idx(files["images"]), read_idx(files["labels"])

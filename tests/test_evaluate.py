@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from datagen import make_fashion_mnist
+
 from training import cascade
 from training.evaluate import analyze, disagreement, main, topk_accuracy
 from training.flops import exit_costs
@@ -86,13 +86,20 @@ def test_calibration_meets_targets_on_validation_only():
     stage = [1.0, 0.5, 0.5]
     val_logits, val_labels = _separable(800, seed=1)
     test_logits, test_labels = _separable(800, seed=2)
-    cals = cascade.calibrate(val_logits, val_labels, stage, budgets_gflops=[1.4, 0.5],
-                             target_accuracies=[0.8, 0.999], eval_splits={"test": (test_logits, test_labels)})
+    cals = cascade.calibrate(
+        val_logits,
+        val_labels,
+        stage,
+        budgets_gflops=[1.4, 0.5],
+        target_accuracies=[0.8, 0.999],
+        eval_splits={"test": (test_logits, test_labels)},
+    )
     budget, impossible_budget, acc, impossible_acc = cals
     val_point = cascade.score(val_logits, val_labels, budget.chosen.thresholds, stage)
     assert val_point.mean_gflops <= 1.4 and budget.chosen.mean_gflops == pytest.approx(val_point.mean_gflops)
     assert budget.evaluated["test"]["mean_gflops"] == pytest.approx(
-        cascade.score(test_logits, test_labels, budget.chosen.thresholds, stage).mean_gflops)
+        cascade.score(test_logits, test_labels, budget.chosen.thresholds, stage).mean_gflops
+    )
     assert impossible_budget.chosen is None and "below the cheapest" in impossible_budget.reason
     assert acc.chosen.accuracy >= 0.8 and impossible_acc.chosen is None and "not reached" in impossible_acc.reason
     # The choice depends on validation alone: other evaluation data changes nothing.
@@ -113,7 +120,11 @@ def test_disagreement_and_topk():
     d = disagreement(logits, labels)
     vs = d["vs_main"][0]
     assert (vs["both_right"], vs["exit_right_main_wrong"], vs["exit_wrong_main_right"], vs["both_wrong"]) == (
-        0.25, 0.25, 0.25, 0.25)  # fmt: skip
+        0.25,
+        0.25,
+        0.25,
+        0.25,
+    )
     assert vs["predictions_differ"] == 0.5
     assert d["right_wrong"] == [[0.0, 0.25], [0.25, 0.0]]
     assert topk_accuracy(logits[:, 0], labels, 1) == 0.5
@@ -123,8 +134,10 @@ def test_disagreement_and_topk():
 def test_analyze_reports_top5_with_many_classes():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(50, 2, 100)), rng.integers(0, 100, 50)
-    costs = [{"exit": 1, "gflops": 1.0, "params": 1, "stage_gflops": 1.0, "head_gflops": 0.2},
-             {"exit": 2, "gflops": 1.5, "params": 2, "stage_gflops": 0.6, "head_gflops": 0.1}]  # fmt: skip
+    costs = [
+        {"exit": 1, "gflops": 1.0, "params": 1, "stage_gflops": 1.0, "head_gflops": 0.2},
+        {"exit": 2, "gflops": 1.5, "params": 2, "stage_gflops": 0.6, "head_gflops": 0.1},
+    ]
     res = analyze(logits, labels, costs, "test")  # no validation split: nothing calibrated
     assert "top5_accuracy" in res["exits"][0] and "top5_accuracy" in res["ensemble"]
     assert res["ensemble"]["gflops"] == pytest.approx(1.6)
@@ -135,9 +148,30 @@ def test_analyze_reports_top5_with_many_classes():
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = make_fashion_mnist(root / "data", n_train=160, n_test=64)
-    args = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--width-mult", "0.125", "--batch-size", "32",
-            "--epochs", "2", "--val-split", "32", "--data-dir", str(data), "--no-download", "--no-progress",
-            "--threads", "1", "--output-dir", str(root), "--run-name", "r"]  # fmt: skip
+    args = [
+        "--arch",
+        "resnet18",
+        "--dataset",
+        "fashion-mnist",
+        "--width-mult",
+        "0.125",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--val-split",
+        "32",
+        "--data-dir",
+        str(data),
+        "--no-download",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--output-dir",
+        str(root),
+        "--run-name",
+        "r",
+    ]
     assert train_cli(args) == 0
     return root / "r", data
 
@@ -152,8 +186,12 @@ def test_cli_writes_results_and_plots(tiny_run, capsys):
     assert {"ensemble", "disagreement", "cascade"} <= set(res)
     cal = res["cascade"]["calibration"]
     assert cal["split"] == "val" and cal["images"] == 32
-    assert [p["name"] for p in cal["policies"]] == ["budget_0.5x_main", "budget_0.75x_main",
-                                                    "accuracy_main_minus_0.5pt", "accuracy_main_minus_1pt"]
+    assert [p["name"] for p in cal["policies"]] == [
+        "budget_0.5x_main",
+        "budget_0.75x_main",
+        "accuracy_main_minus_0.5pt",
+        "accuracy_main_minus_1pt",
+    ]
     for name in ("accuracy_vs_gflops", "training_curves", "disagreement"):
         assert (out / f"{name}.png").stat().st_size > 1000
     assert "exit" in capsys.readouterr().out

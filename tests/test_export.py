@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from datagen import make_fashion_mnist
+
 from serving.manifest import Manifest, ManifestError, load_manifest
 from training import onnx_checks
 from training.checkpoint import save_checkpoint
@@ -36,15 +36,28 @@ def make_checkpoint(path, arch="resnet18", dataset="fashion-mnist", val_split=32
     classes = FASHION_MNIST_CLASSES if dataset == "fashion-mnist" else [f"c{i}" for i in range(spec.num_classes)]
     payload = {
         "model_config": model.config.to_dict(),
-        "config": {"arch": arch, "method": "eed", "epochs": 1, "val_split": val_split, "seed": 0,
-                   "data_dir": str(data_dir) if data_dir else None, "width_mult": WIDTH},
-        "dataset": {"name": dataset, "classes": list(classes), "channels": spec.channels,
-                    "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)},
+        "config": {
+            "arch": arch,
+            "method": "eed",
+            "epochs": 1,
+            "val_split": val_split,
+            "seed": 0,
+            "data_dir": str(data_dir) if data_dir else None,
+            "width_mult": WIDTH,
+        },
+        "dataset": {
+            "name": dataset,
+            "classes": list(classes),
+            "channels": spec.channels,
+            "image_size": spec.image_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
         "exit_costs": [asdict(c) for c in exit_costs(model, (spec.channels, spec.image_size, spec.image_size))],
         "epoch": 1,
         "model": model.state_dict(),
         "git_revision": None,
-    }  # fmt: skip
+    }
     save_checkpoint(payload, path)
     return model
 
@@ -203,9 +216,23 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 1, WIDTH, with_exits=False)  # one exit: two graphs, fast
     ckpt = tmp_path / "ckpt.pt"
-    save_checkpoint({"model_config": model.config.to_dict(), "config": {}, "epoch": 1, "model": model.state_dict(),
-                     "dataset": {"name": "fashion-mnist", "classes": FASHION_MNIST_CLASSES, "channels": 1,
-                                 "image_size": 28, "mean": [0.286], "std": [0.353]}}, ckpt)  # fmt: skip
+    save_checkpoint(
+        {
+            "model_config": model.config.to_dict(),
+            "config": {},
+            "epoch": 1,
+            "model": model.state_dict(),
+            "dataset": {
+                "name": "fashion-mnist",
+                "classes": FASHION_MNIST_CLASSES,
+                "channels": 1,
+                "image_size": 28,
+                "mean": [0.286],
+                "std": [0.353],
+            },
+        },
+        ckpt,
+    )
     real_session = onnx_checks.ort_session
     monkeypatch.setattr(onnx_checks, "ort_session", lambda path: _OffByALittle(real_session(path)))
     out = tmp_path / "exported" / "m"

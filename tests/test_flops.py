@@ -24,7 +24,9 @@ def test_counts_conv_and_linear_macs_twice():
     assert costs[0].gflops * 1e9 == pytest.approx(conv1 + exit_conv + fc)
     assert costs[1].gflops * 1e9 == pytest.approx(conv1 + conv2 + fc)
     assert costs[1].stage_gflops * 1e9 == pytest.approx(conv2 + fc)
-    assert cumulative_gflops([c.stage_gflops for c in costs])[1] * 1e9 == pytest.approx(conv1 + exit_conv + fc + conv2 + fc)
+    assert cumulative_gflops([c.stage_gflops for c in costs])[1] * 1e9 == pytest.approx(
+        conv1 + exit_conv + fc + conv2 + fc
+    )
     assert costs[1].params == 1 * 4 * 9 + 4 * 8 * 9 + 8 * 5 + 5
 
 
@@ -33,8 +35,9 @@ def test_resnet18_cifar_main_output_matches_the_paper():
     costs = exit_costs(model, (3, 32, 32))
     assert costs[-1].gflops == pytest.approx(1.11, abs=0.02)  # paper: about 1.12 GFLOPs
     assert all(a.gflops < b.gflops for a, b in zip(costs, costs[1:]))
-    assert costs[-1].params == pytest.approx(sum(p.numel() for n, p in model.named_parameters()
-                                                 if not n.startswith(("heads.0", "heads.1", "heads.2"))))
+    assert costs[-1].params == pytest.approx(
+        sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("heads.0", "heads.1", "heads.2")))
+    )
     # Chaining the stage graphs costs the trunk once plus every head run.
     for chained, c in zip(cumulative_gflops([c.stage_gflops for c in costs]), costs):
         assert chained >= c.gflops - 1e-9
@@ -43,7 +46,9 @@ def test_resnet18_cifar_main_output_matches_the_paper():
 def test_cli_json():
     out = subprocess.run(
         [sys.executable, "-m", "training.flops", "--arch", "vgg19", "--dataset", "cifar100", "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     payload = json.loads(out.stdout)
     assert payload["arch"] == "vgg19" and [e["exit"] for e in payload["exits"]] == [1, 2, 3, 4]

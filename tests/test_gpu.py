@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from datagen import make_fashion_mnist
+
 from training.train import cli
 
 pytestmark = [
@@ -14,9 +14,29 @@ pytestmark = [
 
 def test_amp_channels_last_training_on_cuda(tmp_path):
     data = make_fashion_mnist(tmp_path / "data", n_train=256, n_test=64)
-    args = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--data-dir", str(data), "--width-mult", "0.25",
-            "--epochs", "2", "--batch-size", "64", "--device", "cuda", "--amp", "--channels-last", "--no-progress",
-            "--output-dir", str(tmp_path), "--run-name", "gpu"]  # fmt: skip
+    args = [
+        "--arch",
+        "resnet18",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(data),
+        "--width-mult",
+        "0.25",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--device",
+        "cuda",
+        "--amp",
+        "--channels-last",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "gpu",
+    ]
     assert cli(args) == 0
     payload = torch.load(tmp_path / "gpu" / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert payload["scaler"] is not None  # fp16 with loss scaling on CUDA

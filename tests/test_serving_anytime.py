@@ -16,8 +16,8 @@ import socket
 import time
 
 import httpx
-import numpy as np
 import pytest
+from serving_model import NUM_EXITS, ServerProcess, build_model_folder, cascade_exit, encode, uniform_image
 
 from serving import cascade
 from serving.latency import DecayingMean, ServiceTimeModel
@@ -25,7 +25,6 @@ from serving.metrics import ServingMetrics
 from serving.policy import PolicyParams
 from serving.runtime import ModelRuntime, SessionOptions
 from serving.service import InferenceService
-from serving_model import NUM_EXITS, ServerProcess, build_model_folder, cascade_exit, encode, uniform_image
 
 STAGE_S, PER_ITEM_S = 0.010, 0.001
 
@@ -39,6 +38,7 @@ class FakeClock:
 
 
 # --- estimates --------------------------------------------------------------------------------
+
 
 def test_service_time_model_fits_batch_size_and_returns_to_idle_after_a_burst():
     clock = FakeClock()
@@ -78,6 +78,7 @@ def test_prediction_gap_fades_without_new_observations():
 
 # --- the service under load, on a slowed real model --------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_model_folder(tmp_path_factory.mktemp("model"))
@@ -87,6 +88,7 @@ def _slowed(run):
     def slow(batch):
         time.sleep(STAGE_S + PER_ITEM_S * len(batch))
         return run(batch)
+
     return slow
 
 
@@ -95,8 +97,9 @@ def service(model_dir):
     runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
     for graph in runtime.graphs:
         graph.run = _slowed(graph.run)
-    svc = InferenceService(runtime, ServingMetrics(), max_batch_size=4, max_wait_ms=0, estimate_half_life_s=0.5,
-                           probe_interval_s=0.2)
+    svc = InferenceService(
+        runtime, ServingMetrics(), max_batch_size=4, max_wait_ms=0, estimate_half_life_s=0.5, probe_interval_s=0.2
+    )
     svc.seed_latency(runtime.calibrate(runs=2, batch_sizes=(1, 4)))
     return svc
 
@@ -132,8 +135,9 @@ def test_burst_degrades_to_earlier_exits_instead_of_refusing_then_recovers(servi
             assert plan.exit == NUM_EXITS  # what an idle server would answer from
             x = _x(service)
             # 40 at once: stage 1 alone needs 10 batches of 14 ms, so most cannot go deeper in time.
-            outcomes = await asyncio.gather(*(
-                service.run(x, plan, deadline=time.perf_counter() + 0.1) for _ in range(40)))
+            outcomes = await asyncio.gather(
+                *(service.run(x, plan, deadline=time.perf_counter() + 0.1) for _ in range(40))
+            )
             exits = [o.exit for o in outcomes]
             assert all(o.deadline_met is not None for o in outcomes)
             assert exits.count(1) >= 20 and any(o.degraded for o in outcomes), exits
@@ -189,22 +193,29 @@ def policy_model_dir(tmp_path_factory):
     manifest = json.loads((folder / "manifest.json").read_text())
     score = {"accuracy": 0.5, "mean_gflops": 0.001, "exit_fractions": [0.3, 0.3, 0.4]}
     manifest["thresholds"] = {
-        "rule": cascade.RULE, "calibrated_on": "val",
-        "policies": {name: {"target": {"mean_gflops": 0.001}, "thresholds": t, "family": "shared", "val": score}
-                     for name, t in POLICIES.items()},
-        "not_calibrated": [{"name": "unreachable", "target": {"accuracy": 1.0}, "reason": "not reached"}]}
+        "rule": cascade.RULE,
+        "calibrated_on": "val",
+        "policies": {
+            name: {"target": {"mean_gflops": 0.001}, "thresholds": t, "family": "shared", "val": score}
+            for name, t in POLICIES.items()
+        },
+        "not_calibrated": [{"name": "unreachable", "target": {"accuracy": 1.0}, "reason": "not reached"}],
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
 def _post(client, c, **params):
-    return client.post("/classify", content=encode(uniform_image(c), "PNG"),
-                       headers={"Content-Type": "image/png"}, params=params)
+    return client.post(
+        "/classify", content=encode(uniform_image(c), "PNG"), headers={"Content-Type": "image/png"}, params=params
+    )
 
 
 def test_named_and_per_exit_policies(policy_model_dir, tmp_path):
-    with ServerProcess(policy_model_dir, "--default-policy", "policy:strict", tmp_dir=tmp_path) as srv, \
-            httpx.Client(base_url=srv.url, timeout=30) as client:
+    with (
+        ServerProcess(policy_model_dir, "--default-policy", "policy:strict", tmp_dir=tmp_path) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as client,
+    ):
         info = client.get("/v1/model").json()
         assert {n: p["thresholds"] for n, p in info["policies"].items()} == POLICIES
         for c in range(10):  # exit 1 is confident from bin 7, exit 2 from bin 4 (tests/serving_model.py)
@@ -220,8 +231,10 @@ def test_named_and_per_exit_policies(policy_model_dir, tmp_path):
 
 
 def test_server_default_deadline_applies_to_requests_without_one(policy_model_dir, tmp_path):
-    with ServerProcess(policy_model_dir, "--default-budget-ms", "60000", tmp_dir=tmp_path) as srv, \
-            httpx.Client(base_url=srv.url, timeout=30) as client:
+    with (
+        ServerProcess(policy_model_dir, "--default-budget-ms", "60000", tmp_dir=tmp_path) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as client,
+    ):
         body = _post(client, 1).json()
         assert (body["exit"], body["deadline_met"], body["policy"]) == (NUM_EXITS, True, "budget_ms")
         assert "deadline_met" not in _post(client, 1, exit=2).json()  # an explicit exit is exact
@@ -238,12 +251,17 @@ def test_hundreds_of_trickling_uploads_do_not_lock_out_other_clients(policy_mode
         try:
             for _ in range(300):
                 s = socket.create_connection(("127.0.0.1", port))
-                s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                          + f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:5])
+                s.sendall(
+                    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                    + data[:5]
+                )
                 tricklers.append(s)
             with httpx.Client(base_url=srv.url, timeout=30) as client:
-                codes = [client.post("/classify", content=data, headers={"Content-Type": "image/png"}).status_code
-                         for _ in range(20)]
+                codes = [
+                    client.post("/classify", content=data, headers={"Content-Type": "image/png"}).status_code
+                    for _ in range(20)
+                ]
             assert codes == [200] * 20
             # Past the read deadline a trickler is told so (408) and its connection closed.
             tricklers[0].settimeout(15)

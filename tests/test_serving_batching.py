@@ -121,9 +121,15 @@ def test_no_item_is_lost_or_duplicated_under_racing_deadlines():
 
 
 def _worker(run_fn, executor, batches, **kw):
-    return GraphWorker("double", run_fn, executor, max_batch_size=kw.pop("max_batch_size", 8),
-                       max_wait_s=kw.pop("max_wait_s", 0.05),
-                       on_batch=lambda size, wait, t: batches.append(size), **kw)
+    return GraphWorker(
+        "double",
+        run_fn,
+        executor,
+        max_batch_size=kw.pop("max_batch_size", 8),
+        max_wait_s=kw.pop("max_wait_s", 0.05),
+        on_batch=lambda size, wait, t: batches.append(size),
+        **kw,
+    )
 
 
 def test_worker_batches_concurrent_requests_and_returns_each_its_own_result():

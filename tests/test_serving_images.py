@@ -26,16 +26,20 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width×height but carries almost no data (a bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("fmt, kw", [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"lossless": True}),
-                                     ("BMP", {}), ("GIF", {}), ("TIFF", {})])
+@pytest.mark.parametrize(
+    "fmt, kw",
+    [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"lossless": True}), ("BMP", {}), ("GIF", {}), ("TIFF", {})],
+)
 def test_every_accepted_format_decodes_to_the_same_tensor(fmt, kw):
     x = GRAY(encode(Image.new("L", (28, 28), 102), fmt, **kw))
     assert x.shape == (1, 28, 28) and x.dtype == np.float32
@@ -132,8 +136,16 @@ def test_large_jpeg_decodes_reduced_but_same_result():
 
 
 def test_resize_center_crop_follows_torchvision_semantics():
-    pre = Preprocessor(channels=1, height=4, width=4, mean=(0.0,), std=(1.0,), resize="resize_center_crop",
-                       resize_size=4, interpolation="nearest")
+    pre = Preprocessor(
+        channels=1,
+        height=4,
+        width=4,
+        mean=(0.0,),
+        std=(1.0,),
+        resize="resize_center_crop",
+        resize_size=4,
+        interpolation="nearest",
+    )
     # 16 wide × 4 high: the short side is already 4; the crop keeps the middle 4 columns.
     row = np.repeat(np.arange(16, dtype=np.uint8) * 10, 1)[None].repeat(4, axis=0)
     x = pre(encode(Image.fromarray(row), "PNG"))
@@ -141,8 +153,9 @@ def test_resize_center_crop_follows_torchvision_semantics():
 
 
 def test_resize_center_crop_scales_short_side_first():
-    pre = Preprocessor(channels=1, height=8, width=8, mean=(0.0,), std=(1.0,), resize="resize_center_crop",
-                       resize_size=10)
+    pre = Preprocessor(
+        channels=1, height=8, width=8, mean=(0.0,), std=(1.0,), resize="resize_center_crop", resize_size=10
+    )
     assert pre(encode(Image.new("L", (50, 30), 9), "PNG")).shape == (1, 8, 8)
 
 
@@ -177,10 +190,15 @@ def test_garbage_is_an_invalid_image(data):
         GRAY(data)
 
 
-@pytest.mark.parametrize("data, name", [(b"%PDF-1.7\n...", "PDF"),
-                                        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
-                                        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "PostScript"),
-                                        (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 20, "HEIC")])
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        (b"%PDF-1.7\n...", "PDF"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "PostScript"),
+        (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 20, "HEIC"),
+    ],
+)
 def test_known_but_refused_formats_are_415(data, name):
     with pytest.raises(UnsupportedMediaType) as info:
         GRAY(data)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from serving import cascade
 from serving.errors import ImpossibleBudget, InvalidParameters
 from serving.manifest import Thresholds
-from serving import cascade
 from serving.policy import (
     CostTable,
     PolicyParams,
@@ -127,11 +127,15 @@ def test_unknown_or_contradictory_policy_is_422_listing_the_names():
 
 def test_calibrated_policies_come_from_the_manifest_thresholds_section():
     score = {"accuracy": 0.9, "mean_gflops": 0.2, "exit_fractions": [0.5, 0.3, 0.2]}
-    section = Thresholds.model_validate({
-        "rule": cascade.RULE,
-        "policies": {"a": {"target": {"mean_gflops": 0.2}, "thresholds": [0.5, 0.6], "family": "geometric",
-                           "val": score}},
-        "not_calibrated": [{"name": "b", "target": {"accuracy": 0.99}, "reason": "not reached"}]})
+    section = Thresholds.model_validate(
+        {
+            "rule": cascade.RULE,
+            "policies": {
+                "a": {"target": {"mean_gflops": 0.2}, "thresholds": [0.5, 0.6], "family": "geometric", "val": score}
+            },
+            "not_calibrated": [{"name": "b", "target": {"accuracy": 0.99}, "reason": "not reached"}],
+        }
+    )
     assert calibrated_policies(section, 3) == {"a": (0.5, 0.6)}
     assert calibrated_policies(None, 3) == {}
 
@@ -155,16 +159,25 @@ def test_exit_out_of_range_is_422(number):
         plan(exit=number)
 
 
-@pytest.mark.parametrize("extra", [{"budget_gflops": 1.0}, {"confidence": 0.5}, {"budget_ms": 3.0},
-                                   {"policy": "cheap"}])
+@pytest.mark.parametrize(
+    "extra", [{"budget_gflops": 1.0}, {"confidence": 0.5}, {"budget_ms": 3.0}, {"policy": "cheap"}]
+)
 def test_exit_with_budget_or_confidence_is_contradictory(extra):
     with pytest.raises(InvalidParameters, match="cannot be combined"):
         plan(exit=1, **extra)
 
 
 @pytest.mark.parametrize(
-    "kw", [{"confidence": 1.5}, {"confidence": -0.1}, {"confidence": math.nan}, {"budget_gflops": 0.0},
-           {"budget_gflops": -1.0}, {"budget_gflops": math.inf}, {"budget_ms": math.nan}]
+    "kw",
+    [
+        {"confidence": 1.5},
+        {"confidence": -0.1},
+        {"confidence": math.nan},
+        {"budget_gflops": 0.0},
+        {"budget_gflops": -1.0},
+        {"budget_gflops": math.inf},
+        {"budget_ms": math.nan},
+    ],
 )
 def test_out_of_range_values_are_422(kw):
     with pytest.raises(InvalidParameters):
@@ -193,9 +206,16 @@ def test_parse_policy_spec(spec, expected):
 
 @pytest.mark.parametrize(
     "spec, fragment",
-    [("", "empty policy"), ("last", "expected comma-separated key:value"), ("exit:first", "integer or 'last'"),
-     ("speed:3", "keys exit, budget_gflops"), ("confidence:high", "finite number"), ("exit:1,exit:2", "twice"),
-     ("budget_ms:inf", "finite number"), ("policy:", "calibrated policy's name")],
+    [
+        ("", "empty policy"),
+        ("last", "expected comma-separated key:value"),
+        ("exit:first", "integer or 'last'"),
+        ("speed:3", "keys exit, budget_gflops"),
+        ("confidence:high", "finite number"),
+        ("exit:1,exit:2", "twice"),
+        ("budget_ms:inf", "finite number"),
+        ("policy:", "calibrated policy's name"),
+    ],
 )
 def test_parse_policy_spec_rejects_with_a_readable_message(spec, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -204,11 +224,16 @@ def test_parse_policy_spec_rejects_with_a_readable_message(spec, fragment):
 
 def test_params_from_request_parses_strings_and_numbers():
     assert params_from_request({"confidence": "0.65, 0.43", "exit": None, "budget_ms": "20"}) == PolicyParams(
-        confidence=(0.65, 0.43), budget_ms=20.0)
+        confidence=(0.65, 0.43), budget_ms=20.0
+    )
     assert params_from_request({"exit": "LAST", "policy": "cheap"}) == PolicyParams(exit="last", policy="cheap")
     assert params_from_request({"budget_gflops": 1.5}) == PolicyParams(budget_gflops=1.5)
-    for bad, fragment in [({"confidence": "0.5,x"}, "comma-separated"), ({"budget_ms": "soon"}, "not a number"),
-                          ({"exit": "first"}, "not an exit number"), ({"budget_gflops": "nan"}, "finite")]:
+    for bad, fragment in [
+        ({"confidence": "0.5,x"}, "comma-separated"),
+        ({"budget_ms": "soon"}, "not a number"),
+        ({"exit": "first"}, "not an exit number"),
+        ({"budget_gflops": "nan"}, "finite"),
+    ]:
         with pytest.raises(InvalidParameters, match=fragment):
             params_from_request(bad)
 

@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from serving_model import NUM_CLASSES, ROOT, build_model_folder, free_port
 
 from serving.__main__ import parse_settings
 from serving.errors import ModelLoadError
 from serving.manifest import ManifestError
 from serving.runtime import CPU, CUDA, ModelRuntime, SessionOptions, check_provider, provider_chain
 from serving.settings import ServerSettings
-from serving_model import NUM_CLASSES, ROOT, build_model_folder, free_port
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,19 @@ def test_settings_from_env_and_cli(monkeypatch, tmp_path):
     monkeypatch.setenv("EED_PORT", "9123")
     monkeypatch.setenv("EED_MAX_BATCH_SIZE", "7")
     monkeypatch.setenv("EED_DEFAULT_POLICY", "confidence:0.8")
-    s = parse_settings(["--model-dir", str(tmp_path), "--max-batch-size", "4", "--allow-provider-fallback",
-                        "--providers", "cpu", "--max-wait-ms", "0.5"])
+    s = parse_settings(
+        [
+            "--model-dir",
+            str(tmp_path),
+            "--max-batch-size",
+            "4",
+            "--allow-provider-fallback",
+            "--providers",
+            "cpu",
+            "--max-wait-ms",
+            "0.5",
+        ]
+    )
     assert (s.port, s.max_batch_size, s.allow_provider_fallback) == (9123, 4, True)
     assert (s.providers, s.max_wait_ms) == ("cpu", 0.5)
     assert s.default_policy_params.confidence == (0.8,)
@@ -127,9 +138,14 @@ def test_server_deadline_cannot_pin_a_fixed_default_exit(tmp_path):
 
 
 def _serve(args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_cli_refuses_a_folder_without_manifest_at_once(tmp_path):
@@ -153,8 +169,14 @@ def test_cli_exits_when_default_policy_does_not_fit_the_model(model_dir):
 
 
 def test_cli_help_lists_every_setting():
-    result = subprocess.run([sys.executable, "-m", "serving", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "serving", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert result.returncode == 0
     for name in ServerSettings.model_fields:
         assert "--" + name.replace("_", "-") in result.stdout, name
@@ -162,7 +184,6 @@ def test_cli_help_lists_every_setting():
 
 def test_example_input_is_deterministic(runtime):
     assert np.array_equal(runtime.example_input(2, seed=5), runtime.example_input(2, seed=5))
-
 
 
 def _asgi_client(app):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import httpx
-
 from serving_model import (
     ROOT,
     ServerProcess,
@@ -37,8 +36,14 @@ print("ok", len(list(pkgutil.iter_modules(serving.__path__))))
 
 
 def test_every_serving_module_imports_without_torch(tmp_path):
-    result = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=torch_blocking_env(tmp_path),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=ROOT,
+        env=torch_blocking_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
 
@@ -46,7 +51,12 @@ def test_every_serving_module_imports_without_torch(tmp_path):
 def test_server_serves_without_torch(tmp_path):
     model = build_model_folder(tmp_path / "model")
     with ServerProcess(model, "--intra-op-threads", "1", tmp_dir=tmp_path, block_torch=True) as server:
-        r = httpx.post(server.url + "/classify", content=encode(uniform_image(7), "PNG"),
-                       headers={"Content-Type": "image/png"}, params={"confidence": 0.9}, timeout=30)
+        r = httpx.post(
+            server.url + "/classify",
+            content=encode(uniform_image(7), "PNG"),
+            headers={"Content-Type": "image/png"},
+            params={"confidence": 0.9},
+            timeout=30,
+        )
         assert r.status_code == 200 and r.json()["exit"] == 1 and r.json()["label"] == expected_label(7, 1)
     assert "blocked" not in server.log()

@@ -8,14 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from datagen import make_fashion_mnist, make_striped_fashion_mnist
+
 from training.checkpoint import load_model
 from training.train import cli, explicit_flags, get_args_parser, repo_relative, resolve_args
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--width-mult", "0.125", "--batch-size", "32",
-         "--no-progress", "--no-download"]  # fmt: skip
+SMALL = [
+    "--arch",
+    "resnet18",
+    "--dataset",
+    "fashion-mnist",
+    "--width-mult",
+    "0.125",
+    "--batch-size",
+    "32",
+    "--no-progress",
+    "--no-download",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,19 @@ def run_train(*args, cwd=ROOT, extra_env=None, module=None):
 
 
 def test_cli_trains_and_reports_per_exit_accuracy(fmnist, tmp_path):
-    res = run_train(*SMALL, "--data-dir", str(fmnist), "--epochs", "2", "--val-split", "32",
-                    "--output-dir", str(tmp_path), "--run-name", "r")  # fmt: skip
+    res = run_train(
+        *SMALL,
+        "--data-dir",
+        str(fmnist),
+        "--epochs",
+        "2",
+        "--val-split",
+        "32",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+    )
     assert res.returncode == 0, res.stderr
     assert "val exit1" in res.stdout and "exit4" in res.stdout and "ensemble" in res.stdout
     assert "test accuracy after the final epoch (2)" in res.stdout
@@ -47,7 +68,8 @@ def test_cli_trains_and_reports_per_exit_accuracy(fmnist, tmp_path):
 
     results, _ = evaluate_checkpoint(run / "checkpoint.pt", "test", download=False)
     assert [final["final_epoch"][f"test_acc_exit{i}"] for i in range(1, 5)] == pytest.approx(
-        [e["accuracy"] for e in results["exits"]], abs=1 / 64)
+        [e["accuracy"] for e in results["exits"]], abs=1 / 64
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["milestones"] and config["model_config"]["arch"] == "resnet18"
     # The checkpoint rebuilds the model without the CLI.
@@ -60,8 +82,23 @@ def test_training_learns_far_above_chance(tmp_path):
     """Every exit of a small EED ResNet-18 learns a learnable task: striped images whose
     stripe period is the class (chance: 10 %)."""
     data = make_striped_fashion_mnist(tmp_path / "stripes")
-    args = [*SMALL, "--data-dir", str(data), "--epochs", "8", "--milestones", "6", "--lr", "0.05",
-            "--output-dir", str(tmp_path), "--run-name", "learn", "--threads", "1"]
+    args = [
+        *SMALL,
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "8",
+        "--milestones",
+        "6",
+        "--lr",
+        "0.05",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "learn",
+        "--threads",
+        "1",
+    ]
     assert cli(args) == 0
     final = json.loads((tmp_path / "learn" / "final.json").read_text())["final_epoch"]
     for i in range(1, 5):
@@ -103,8 +140,10 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
         (["--method", "kd", "--teacher-exits", "1", "4"], "--teacher-exits selects the EED ensemble teacher"),
         (["--method", "branchynet", "--alpha", "2"], "--alpha has no effect with --method branchynet"),
         (["--lr-schedule", "cosine", "--milestones", "5"], "--milestones belongs to --lr-schedule multistep"),
-        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--epochs", "0"],
-         "CUDA is not available" if not torch.cuda.is_available() else "--epochs must be at least 1"),
+        (
+            ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--epochs", "0"],
+            "CUDA is not available" if not torch.cuda.is_available() else "--epochs must be at least 1",
+        ),
         (["--dataset", "fashion-mnist", "--teacher-exits", "9", "--subset", "8"], "--teacher-exits [9] do not exist"),
     ],
 )
@@ -125,11 +164,27 @@ def test_cifar100_default_fails_clearly_without_network(tmp_path):
 
 def test_ddp_two_cpu_processes(fmnist, tmp_path):
     res = run_train(
-        "--standalone", "--nproc_per_node=2", str(ROOT / "training" / "train.py"),
-        *SMALL, "--data-dir", str(fmnist), "--subset", "128", "--epochs", "2", "--threads", "1", "--val-split", "32",
-        "--output-dir", str(tmp_path), "--run-name", "ddp",
-        module=["-m", "torch.distributed.run"], extra_env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "training" / "train.py"),
+        *SMALL,
+        "--data-dir",
+        str(fmnist),
+        "--subset",
+        "128",
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "--val-split",
+        "32",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "ddp",
+        module=["-m", "torch.distributed.run"],
+        extra_env={"OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
     final = json.loads((tmp_path / "ddp" / "final.json").read_text())
@@ -165,8 +220,21 @@ def test_default_alpha_follows_the_distillation_kind(flags, alpha):
 
 
 def test_train_size_trains_on_n_images_and_tests_on_the_whole_test_split(fmnist, tmp_path):
-    args = [*SMALL, "--data-dir", str(fmnist), "--epochs", "1", "--train-size", "50", "--val-split", "32",
-            "--output-dir", str(tmp_path), "--run-name", "small"]  # fmt: skip
+    args = [
+        *SMALL,
+        "--data-dir",
+        str(fmnist),
+        "--epochs",
+        "1",
+        "--train-size",
+        "50",
+        "--val-split",
+        "32",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "small",
+    ]
     assert cli(args) == 0
     dataset = json.loads((tmp_path / "small" / "config.json").read_text())["dataset"]
     assert (dataset["train_size"], dataset["val_size"], dataset["test_size"]) == (50, 32, 64)

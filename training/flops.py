@@ -17,10 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-if __package__ in (None, ""):  # allow `python training/flops.py`
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-
-from training.models import MultiExitNetwork, create_model  # noqa: E402
+from training.models import MultiExitNetwork, create_model
 
 
 @dataclass
