@@ -267,7 +267,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             elapsed = time.perf_counter() - arrived
             metrics.record_answer(outcome, policy_label, elapsed)
             body = _answer(request_id, outcome, ranked, service.runtime.manifest.classes, policy_label, elapsed)
-            return JSONResponse(body, headers={"X-Request-ID": request_id})
+            return JSONResponse(body)  # X-Request-ID: the correlation id (serving/requestlog.py)
         except ServingError as exc:
             status = exc.status_code
             raise
