@@ -2,7 +2,7 @@
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
 ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``; ``{name}`` is the
-manifest's ``name``. An infer call carries a batch of N samples as one input:
+manifest's ``name``; the model routes also under ``/v2/models/{name}/versions/1/...``. An infer call carries a batch of N samples as one input:
 
 * ``input`` — FP32 ``[N, C, H, W]``, already preprocessed as the manifest's ``input`` says;
 * ``image`` — BYTES ``[N]``, encoded image files (base64 strings when sent as JSON).
@@ -192,6 +192,42 @@ async def infer(name: str, request: Request) -> Response:
             metrics.requests.labels("none", policy_label, str(status)).inc()
         request.state.policy = policy_label
         request.state.exit = ",".join(map(str, exits)) if exits else "none"
+
+
+# The protocol's versioned paths (what a client sends when it names a model version): this
+# server has one version of its one model, MODEL_VERSION.
+
+
+def _check_version(version: str) -> None:
+    if version != MODEL_VERSION:
+        raise UnknownModel(f"no version {version!r} of this model; the one served is {MODEL_VERSION!r}")
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned path)")
+async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+    try:
+        _check_version(version)
+    except ServingError as exc:
+        return oip_error(exc)
+    return await model_metadata(name, request)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (versioned path)")
+async def model_version_ready(name: str, version: str, request: Request) -> Response:
+    try:
+        _check_version(version)
+    except ServingError as exc:
+        return oip_error(exc)
+    return await model_ready(name, request)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference (versioned path)")
+async def model_version_infer(name: str, version: str, request: Request) -> Response:
+    try:
+        _check_version(version)
+    except ServingError as exc:
+        return oip_error(exc)
+    return await infer(name, request)
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from . import policy as policy_module
-from .oip import FP32_INPUT, IMAGE_INPUT, OUTPUTS
+from .oip import FP32_INPUT, IMAGE_INPUT, MODEL_VERSION, OUTPUTS
 from .requestlog import MAX_ID_CHARS
 from .tensors import BYTES, DTYPES, HEADER_LENGTH
 
@@ -56,6 +56,9 @@ STATUSES = {
     ("get", "/v2/models/{name}"): (404, 503),
     ("get", "/v2/models/{name}/ready"): (404, 503),
     ("post", "/v2/models/{name}/infer"): (400, 404, 408, 413, 503),
+    ("get", "/v2/models/{name}/versions/{version}"): (404, 503),
+    ("get", "/v2/models/{name}/versions/{version}/ready"): (404, 503),
+    ("post", "/v2/models/{name}/versions/{version}/infer"): (400, 404, 408, 413, 503),
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string",
                                                                                               "pattern": "^[0-9]+$"}}}
@@ -263,6 +266,9 @@ def _oip(paths: dict, schemas: dict, service) -> None:
             for parameter in operation.get("parameters", []):
                 if parameter["name"] == "name":
                     parameter["schema"] = {**name_schema, "description": "the manifest's model name"}
+                elif parameter["name"] == "version":
+                    parameter["schema"] = {"type": "string", "enum": [MODEL_VERSION],
+                                           "description": "the one version served"}
 
     def json_200(path: str, method: str, ref: str) -> None:
         paths[path][method]["responses"]["200"]["content"] = {
@@ -344,3 +350,11 @@ def _oip(paths: dict, schemas: dict, service) -> None:
         "name": HEADER_LENGTH, "in": "header", "required": False,
         "description": "length of the JSON part of a binary-extension body",
         "schema": {"type": "string", "pattern": "^[0-9]+$"}})
+    # The versioned paths answer as the plain ones.
+    for suffix, method in (("", "get"), ("/ready", "get"), ("/infer", "post")):
+        plain = paths["/v2/models/{name}" + suffix][method]
+        versioned = paths["/v2/models/{name}/versions/{version}" + suffix][method]
+        versioned["responses"]["200"] = copy.deepcopy(plain["responses"]["200"])
+        if "requestBody" in plain:
+            versioned["requestBody"] = copy.deepcopy(plain["requestBody"])
+            versioned["parameters"].extend(p for p in plain["parameters"] if p["in"] == "header")

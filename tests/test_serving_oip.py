@@ -152,6 +152,16 @@ def test_images_as_binary_bytes_answer_as_classify_does(client, server, params):
     assert_same_answers(result, classify_all(server.url, images, params))
 
 
+def test_versioned_paths(client):
+    assert client.is_model_ready(MODEL, "1") and not client.is_model_ready(MODEL, "2")
+    assert client.get_model_metadata(MODEL, "1")["name"] == MODEL
+    result = client.infer(MODEL, [image_input(pngs([7]))], model_version="1", parameters={"exit": 1})
+    assert result.as_numpy("label")[0] == expected_label(7, 1)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(MODEL, [image_input(pngs([7]))], model_version="2")
+    assert err.value.status() == "404" and "version" in err.value.message()
+
+
 def test_the_cascade_answers_from_the_first_confident_exit(client):
     result = client.infer(MODEL, [image_input(pngs())], parameters={"confidence": 0.9})
     assert list(result.as_numpy("exit")) == [cascade_exit(c, 0.9) for c in BINS]
