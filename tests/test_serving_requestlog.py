@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -90,6 +91,19 @@ def test_json_logs_one_line_per_request_with_id_route_policy_exit_status_latency
     lines = [line for line in json_server.log().splitlines() if line.strip()]
     assert all(isinstance(json.loads(line), dict) for line in lines)
     assert any(json.loads(line)["logger"].startswith("uvicorn") for line in lines)
+
+
+def test_json_logs_oip_calls_with_the_exit_of_every_sample(json_server):
+    images = [base64.b64encode(png(c)).decode() for c in (2, 8)]
+    body = {"parameters": {"confidence": 0.9}, "outputs": [{"name": "exit"}],
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": images}]}
+    r = httpx.post(json_server.url + "/v2/models/tiny-test/infer", json=body, headers={"X-Request-ID": "oip-1"},
+                   timeout=30)
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == "oip-1"
+    exits = r.json()["outputs"][0]["data"]
+    (entry,) = [e for e in log_entries(json_server, "oip-1") if e["logger"] == "serving.access"]
+    assert entry["route"] == "/v2/models/{name}/infer" and entry["status"] == 200
+    assert entry["policy"] == "confidence" and entry["exit"] == ",".join(map(str, exits))
 
 
 def test_plain_text_logs_stay_the_default_without_request_lines(model_dir, tmp_path):
