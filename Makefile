@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEFAULT_RUN ?= runs/default-fmnist-resnet18-w025
 DEFAULT_TRAIN_ARGS ?= --arch resnet18 --dataset fashion-mnist --width-mult 0.25 --epochs 15 --val-split 5000 --seed 0 --alpha 1
 
-.PHONY: test test-all serve system-deps install install-serve default-model clean lock
+.PHONY: test test-all serve system-deps install install-serve default-model clean lock container-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ lock: $(VENV)/.installed
 	$(UV_COMPILE) pyproject.toml requirements/build.in --extra serve --python-version 3.11 -o requirements/serve.lock
 	$(UV_COMPILE) pyproject.toml requirements/build.in --extra train --python-version 3.11 -o requirements/train.lock
 	$(UV_COMPILE) pyproject.toml requirements/build.in requirements/gpu.in --extra serve --no-emit-package onnxruntime --python-version 3.10 -o requirements/serve-gpu.lock
+
+# The README's `docker compose up` for real: the CPU image built and run with rootful podman,
+# docker-compose against podman's Docker API, Prometheus scraping the server (root; a few minutes;
+# scripts/container_test.sh says how).
+container-test: $(VENV)/.installed
+	bash scripts/container_test.sh
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache

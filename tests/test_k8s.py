@@ -181,7 +181,8 @@ def test_deployment_matches_the_image_and_the_app(overlay):
         assert answers(probe["path"]) != 404 and probe["port"] in (http["name"], port)
     assert answers("/healthz") == 200 and answers("/readyz") == 503, "model not loaded: live, not ready"
     # The HEALTHCHECK of the image probes the same route.
-    assert "/readyz" in healthcheck_cmd(parse_dockerfile(ROOT / dockerfile))[2]
+    assert healthcheck_cmd(parse_dockerfile(ROOT / dockerfile)) == ["python", "-m", "serving.healthcheck"]
+    assert "/readyz" in (ROOT / "serving" / "healthcheck.py").read_text()
 
     # Security: non-root with the Dockerfile's numeric UID, read-only root, a writable /tmp.
     security = pod["securityContext"]
