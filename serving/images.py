@@ -23,6 +23,7 @@ Decompression bombs: the pixel count is read from the header and checked against
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -123,11 +124,15 @@ class Preprocessor:
         if array.ndim == 2:
             array = array[:, :, None]
         # (x / 255 - mean) / std fused into one multiply-add per pixel.
-        std = np.asarray(self.std, dtype=np.float32)
-        scale = 1.0 / (255.0 * std)
-        offset = -np.asarray(self.mean, dtype=np.float32) / std
+        scale, offset = self._affine
         array = array * scale + offset
         return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+
+    @functools.cached_property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset) per channel of the normalisation, computed once per model, not per image."""
+        std = np.asarray(self.std, dtype=np.float32)
+        return 1.0 / (255.0 * std), -np.asarray(self.mean, dtype=np.float32) / std
 
     def _high_depth(self, image: Image.Image, target: str) -> np.ndarray:
         """16/32-bit single-channel images: scale to 0..255 in float, resize in float."""
