@@ -46,7 +46,8 @@ def classify(server, **params) -> httpx.Response:
 def test_schemathesis_with_all_checks_finds_nothing(server, tmp_path):
     # Fixed seed and example count: the same requests every run, well within a minute.
     cmd = [str(SCHEMATHESIS), "--config-file", str(CONFIG), "run", server.url + "/openapi.json", "--checks", "all",
-           "--max-examples", "40", "--seed", "11", "--generation-database", "none", "--no-color"]
+           "--max-examples", "40", "--seed", "11", "--generation-database", "none", "--no-color",
+           "--suppress-health-check", "too_slow"]  # a busy CI machine generates slowly; that is no failure
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "NO_COLOR": "1"})
     assert r.returncode == 0, r.stdout[-20000:] + r.stderr[-5000:]
