@@ -2,7 +2,8 @@
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
 ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``; ``{name}`` is the
-manifest's ``name``; the model routes also under ``/v2/models/{name}/versions/1/...``. An infer call carries a batch of N samples as one input:
+manifest's ``name``; the model routes also under ``/v2/models/{name}/versions/1/...``.
+An infer call carries a batch of N samples as one input:
 
 * ``input`` — FP32 ``[N, C, H, W]``, already preprocessed as the manifest's ``input`` says;
 * ``image`` — BYTES ``[N]``, encoded image files (base64 strings when sent as JSON).
