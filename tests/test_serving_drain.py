@@ -58,8 +58,9 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
     lock = threading.Lock()
     stop_load = threading.Event()
 
-    with ServerProcess(model_dir, "--drain-seconds", str(DRAIN_SECONDS), "--log-level", "info",
-                       tmp_dir=tmp_path) as server:
+    # The slow upload below spans the whole drain window: allow its body plenty of time.
+    with ServerProcess(model_dir, "--drain-seconds", str(DRAIN_SECONDS), "--body-timeout-s", "120",
+                       "--log-level", "info", tmp_dir=tmp_path) as server:
 
         def client_loop():
             with httpx.Client(base_url=server.url, timeout=30) as client:  # keep-alive, like a proxy
