@@ -33,7 +33,7 @@ from .openapi import install as install_openapi
 from .policy import PolicyParams, effective_params, params_from_request, top_k as top_k_classes
 from .body import read_body_within
 from .runtime import ModelRuntime, SessionOptions
-from .requestlog import RequestIdMiddleware
+from .requestlog import install as install_request_ids
 from .service import InferenceService
 from .settings import ServerSettings
 
@@ -184,7 +184,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     app.state.eed = state
     _install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware, log_format=settings.log_format)
+    install_request_ids(app, settings.log_format)  # X-Request-ID in and out, request logs
     app.include_router(oip_router)  # Open Inference Protocol v2: /v2/...
     install_openapi(app)  # the exact, model-aware schema at /openapi.json
 

@@ -91,6 +91,20 @@ class RequestIdMiddleware:
             current_request_id.reset(token)
 
 
+def install(app, log_format: str = "text") -> None:
+    """Put :class:`RequestIdMiddleware` outside every other layer of a Starlette/FastAPI app.
+
+    ``app.add_middleware`` would place it inside Starlette's ServerErrorMiddleware, which
+    sends the 500 of an unhandled exception itself: that response would lack the id.
+    """
+    build = app.build_middleware_stack
+
+    def build_with_ids():
+        return RequestIdMiddleware(build(), log_format=log_format)
+
+    app.build_middleware_stack = build_with_ids
+
+
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and goes into the JSON.
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
                                                                               "color_message"}  # uvicorn's ANSI copy

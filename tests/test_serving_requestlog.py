@@ -117,6 +117,30 @@ def test_plain_text_logs_stay_the_default_without_request_lines(model_dir, tmp_p
     assert not log.lstrip().startswith("{")
 
 
+def test_even_an_unhandled_error_answers_with_the_request_id():
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from serving.requestlog import install
+
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    install(app)
+
+    async def call():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/boom", headers={"X-Request-ID": "bug-1"})
+
+    r = asyncio.run(call())
+    assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-1"
+
+
 def test_correlation_id_rules():
     assert correlation_id("abc-DEF_1.2:3+4=5/6") == "abc-DEF_1.2:3+4=5/6"
     assert correlation_id("x" * MAX_ID_CHARS) == "x" * MAX_ID_CHARS
