@@ -40,7 +40,7 @@ SERVER_NAME = "eed-anytime"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 MODEL_VERSION = "1"
 FP32_INPUT, IMAGE_INPUT = "input", "image"
-OUTPUTS = {  # name → (datatype, shape with -1 for the batch; "K" = number of classes)
+OUTPUTS: dict[str, tuple[str, list[int | str]]] = {  # name → (datatype, shape: -1 the batch, "K" the classes)
     "probabilities": ("FP32", [-1, "K"]),
     "label": ("INT64", [-1]),
     "exit": ("INT32", [-1]),
@@ -108,18 +108,22 @@ async def model_metadata(name: str, request: Request) -> Response:
     manifest = service.runtime.manifest
     spec = manifest.input
     classes = len(manifest.classes)
-    outputs = [{"name": n, "datatype": dt, "shape": [classes if d == "K" else d for d in shape]}
-               for n, (dt, shape) in OUTPUTS.items()]
-    return JSONResponse({
-        "name": manifest.name,
-        "versions": [MODEL_VERSION],
-        "platform": "onnxruntime_onnx",
-        "inputs": [
-            {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, spec.channels, spec.height, spec.width]},
-            {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
-        ],
-        "outputs": outputs,
-    })
+    outputs = [
+        {"name": n, "datatype": dt, "shape": [classes if d == "K" else d for d in shape]}
+        for n, (dt, shape) in OUTPUTS.items()
+    ]
+    return JSONResponse(
+        {
+            "name": manifest.name,
+            "versions": [MODEL_VERSION],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, spec.channels, spec.height, spec.width]},
+                {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
+            ],
+            "outputs": outputs,
+        }
+    )
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
@@ -149,8 +153,10 @@ async def infer(name: str, request: Request) -> Response:
         requested = _requested_outputs(req)
         xs = await _samples(req, state.preprocess, service.runtime.manifest.input)
         if len(xs) > service.queue_size:
-            raise BadRequest(f"a batch of {len(xs)} is more than this server admits at once "
-                             f"({service.queue_size}, EED_QUEUE_SIZE); send smaller batches")
+            raise BadRequest(
+                f"a batch of {len(xs)} is more than this server admits at once "
+                f"({service.queue_size}, EED_QUEUE_SIZE); send smaller batches"
+            )
         deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
         with contextlib.ExitStack() as stack:
             tickets = [stack.enter_context(service.admit()) for _ in xs]
@@ -158,26 +164,29 @@ async def infer(name: str, request: Request) -> Response:
         elapsed = time.perf_counter() - arrived
         manifest = service.runtime.manifest
         labels = [int(np.argmax(o.probs)) for o in outcomes]
-        values = {
+        values: dict[str, np.ndarray | list[bytes]] = {
             "probabilities": np.stack([o.probs for o in outcomes]).astype(np.float32),
             "label": np.asarray(labels, dtype=np.int64),
             "exit": np.asarray([o.exit for o in outcomes], dtype=np.int32),
             "gflops": np.asarray([o.gflops for o in outcomes], dtype=np.float32),
-            "feedback_id": [state.signer.issue(manifest.name, o.exit, label).encode()
-                            for o, label in zip(outcomes, labels)],
+            "feedback_id": [
+                state.signer.issue(manifest.name, o.exit, label).encode() for o, label in zip(outcomes, labels)
+            ],
         }
         for outcome in outcomes:
             metrics.record_answer(outcome, policy_label, elapsed)
         status, exits = 200, [o.exit for o in outcomes]
-        header: dict[str, Any] = {"model_name": manifest.name, "model_version": MODEL_VERSION,
-                                  "parameters": {"policy": policy_label}}
+        header: dict[str, Any] = {
+            "model_name": manifest.name,
+            "model_version": MODEL_VERSION,
+            "parameters": {"policy": policy_label},
+        }
         if req.id is not None:
             header["id"] = req.id
         deadlines = [o.deadline_met for o in outcomes if o.deadline_met is not None]
         if deadlines:
             header["parameters"]["deadline_met"] = all(deadlines)
-        content, headers = encode_response(
-            header, [(n, OUTPUTS[n][0], values[n]) for n in requested], requested)
+        content, headers = encode_response(header, [(n, OUTPUTS[n][0], values[n]) for n in requested], requested)
         return Response(content, headers=headers)
     except ServingError as exc:
         status = exc.status_code
@@ -239,15 +248,19 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
     try:
         return await asyncio.wait_for(_read_limited(request, max_bytes), timeout_s)
     except asyncio.TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s", timeout_s=timeout_s,
-                          headers={"Connection": "close"}) from None
+        raise BodyTimeout(
+            f"the request body did not arrive within {timeout_s:g} s",
+            timeout_s=timeout_s,
+            headers={"Connection": "close"},
+        ) from None
 
 
 def _policy_params(parameters: dict[str, Any]):
     unknown = sorted(set(parameters) - set(POLICY_KEYS))
     if unknown:
-        raise InvalidParameters(f"unknown request parameter(s) {', '.join(unknown)}; accepted: "
-                                f"{', '.join(POLICY_KEYS)}, binary_data_output")
+        raise InvalidParameters(
+            f"unknown request parameter(s) {', '.join(unknown)}; accepted: {', '.join(POLICY_KEYS)}, binary_data_output"
+        )
     for key, value in parameters.items():
         if isinstance(value, (bool, dict)) or value is None:
             raise InvalidParameters(f"parameter {key}={value!r}: expected a number or a string")
@@ -270,16 +283,20 @@ async def _samples(req: InferRequest, preprocess, spec) -> list[np.ndarray]:
     """The N model inputs (C, H, W) of the request."""
     if len(req.inputs) != 1 or req.inputs[0].name not in (FP32_INPUT, IMAGE_INPUT):
         names = [t.name for t in req.inputs]
-        raise BadRequest(f"expected exactly one input, {FP32_INPUT!r} (FP32 [N, C, H, W], preprocessed) or "
-                         f"{IMAGE_INPUT!r} (BYTES [N], encoded images); got {names}")
+        raise BadRequest(
+            f"expected exactly one input, {FP32_INPUT!r} (FP32 [N, C, H, W], preprocessed) or "
+            f"{IMAGE_INPUT!r} (BYTES [N], encoded images); got {names}"
+        )
     tensor = req.inputs[0]
     if tensor.name == FP32_INPUT:
         expected = [spec.channels, spec.height, spec.width]
         if tensor.datatype != "FP32":
             raise BadRequest(f"input {FP32_INPUT!r} must be FP32, got {tensor.datatype}")
         if len(tensor.shape) != 4 or tensor.shape[1:] != expected or tensor.shape[0] < 1:
-            raise BadRequest(f"input {FP32_INPUT!r} must have shape [N, {', '.join(map(str, expected))}] with "
-                             f"N >= 1, got {tensor.shape}")
+            raise BadRequest(
+                f"input {FP32_INPUT!r} must have shape [N, {', '.join(map(str, expected))}] with "
+                f"N >= 1, got {tensor.shape}"
+            )
         if not np.all(np.isfinite(tensor.data)):
             raise BadRequest(f"input {FP32_INPUT!r} holds NaN or infinite values")
         return [np.ascontiguousarray(x, dtype=np.float32) for x in tensor.data]

@@ -60,8 +60,12 @@ STATUSES = {
     ("get", "/v2/models/{name}/versions/{version}/ready"): (404, 503),
     ("post", "/v2/models/{name}/versions/{version}/infer"): (400, 404, 408, 413, 503),
 }
-RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string",
-                                                                                              "pattern": "^[0-9]+$"}}}
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
 
 
 def install(app: FastAPI) -> None:
@@ -87,21 +91,28 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     schemas["ErrorBody"] = {
-        "type": "object", "required": ["error", "detail"],
-        "properties": {"error": {"type": "string", "description": "stable machine-readable code"},
-                       "detail": {"type": "string", "description": "what was wrong and what is accepted"}},
+        "type": "object",
+        "required": ["error", "detail"],
+        "properties": {
+            "error": {"type": "string", "description": "stable machine-readable code"},
+            "detail": {"type": "string", "description": "what was wrong and what is accepted"},
+        },
         "description": "A client error; some carry more keys (e.g. cheapest_gflops with a 422 on a budget).",
     }
     schemas["OipError"] = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-    components["headers"] = {"X-Request-ID": {
-        "description": "the request's correlation id: the client's X-Request-ID when acceptable, else a new one",
-        "schema": {"type": "string", "pattern": f"^[A-Za-z0-9._:+=/-]{{1,{MAX_ID_CHARS}}}$"}}}
+    components["headers"] = {
+        "X-Request-ID": {
+            "description": "the request's correlation id: the client's X-Request-ID when acceptable, else a new one",
+            "schema": {"type": "string", "pattern": f"^[A-Za-z0-9._:+=/-]{{1,{MAX_ID_CHARS}}}$"},
+        }
+    }
 
     paths = schema["paths"]
     _classify(paths["/classify"]["post"], schemas, settings, service)
     _feedback(paths["/feedback"]["post"], schemas, service)
     paths["/metrics"]["get"]["responses"]["200"]["content"] = {
-        "text/plain": {"schema": {"type": "string", "description": "Prometheus text exposition format"}}}
+        "text/plain": {"schema": {"type": "string", "description": "Prometheus text exposition format"}}
+    }
     _oip(paths, schemas, service)
 
     for (method, path), codes in STATUSES.items():
@@ -118,20 +129,32 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
                 entry["headers"] = dict(RETRY_AFTER)
         for entry in responses.values():
             entry.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID_HEADER
-        operation.setdefault("parameters", []).append({
-            "name": "X-Request-ID", "in": "header", "required": False,
-            "description": f"correlation id, echoed: 1-{MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ : - + = /; "
-                           "anything else is replaced by a new id (not refused)",
-            "schema": {"type": "string"}})
+        operation.setdefault("parameters", []).append(
+            {
+                "name": "X-Request-ID",
+                "in": "header",
+                "required": False,
+                "description": f"correlation id, echoed: 1-{MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ : - + = /; "
+                "anything else is replaced by a new id (not refused)",
+                "schema": {"type": "string"},
+            }
+        )
     return schema
 
 
 def _describe(code: int) -> str:
-    return {400: "malformed request or body", 403: "id not issued by this deployment (forged or altered)",
-            404: "unknown id or model", 408: "the body did not arrive within body_timeout_s",
-            409: "conflict", 410: "the id has expired", 413: "body or image too large",
-            415: "not an accepted media type", 422: "invalid or contradictory parameters",
-            503: "not ready, draining or at capacity; retry after Retry-After seconds"}[code]
+    return {
+        400: "malformed request or body",
+        403: "id not issued by this deployment (forged or altered)",
+        404: "unknown id or model",
+        408: "the body did not arrive within body_timeout_s",
+        409: "conflict",
+        410: "the id has expired",
+        413: "body or image too large",
+        415: "not an accepted media type",
+        422: "invalid or contradictory parameters",
+        503: "not ready, draining or at capacity; retry after Retry-After seconds",
+    }[code]
 
 
 # -- /classify ---------------------------------------------------------------------------
@@ -186,16 +209,24 @@ def _classify(operation: dict, schemas: dict, settings, service) -> None:
         single_min = lowest_budget(min(costs.gflops))
         cascade_min = lowest_budget(min(costs.cascade_gflops))
         # A cascade (confidence, policy or a deadline) is bounded by what it spends, from stage 1 on.
-        cascade_when = [{"required": ["confidence"]}, {"required": ["policy"]}, {"required": ["budget_ms"]}]
+        cascade_when: list[dict[str, Any]] = [
+            {"required": ["confidence"]},
+            {"required": ["policy"]},
+            {"required": ["budget_ms"]},
+        ]
         if settings.default_budget_ms is not None:
             cascade_when.append({"not": {"required": ["exit"]}})
         properties["budget_gflops"] = {"type": "number", "minimum": min(single_min, cascade_min)}
         if service.deadline_floor_ms is not None:  # fixed at start-up (serving/service.py)
             properties["budget_ms"] = {"type": "number", "minimum": lowest_budget(service.deadline_floor_ms)}
         if cascade_min != single_min:
-            rules.append({"if": {"anyOf": cascade_when},
-                          "then": {"properties": {"budget_gflops": {"minimum": cascade_min}}},
-                          "else": {"properties": {"budget_gflops": {"minimum": single_min}}}})
+            rules.append(
+                {
+                    "if": {"anyOf": cascade_when},
+                    "then": {"properties": {"budget_gflops": {"minimum": cascade_min}}},
+                    "else": {"properties": {"budget_gflops": {"minimum": single_min}}},
+                }
+            )
     for name, prop in properties.items():
         if described.get(name):
             prop["description"] = described[name]
@@ -208,21 +239,27 @@ def _classify(operation: dict, schemas: dict, settings, service) -> None:
         "not": {"anyOf": [{"required": pair} for pair in contradictions]},
         **({"allOf": rules} if rules else {}),
         "description": "How to pick the exit; all optional (none: the server's default policy). 'exit' stands "
-                       "alone; 'policy' and 'confidence' exclude each other.",
+        "alone; 'policy' and 'confidence' exclude each other.",
     }
-    operation["parameters"] = [{
-        "name": "selection", "in": "query", "required": False, "style": "form", "explode": True,
-        "schema": {"$ref": "#/components/schemas/ClassifyParameters"},
-        "description": "query parameters budget_gflops, budget_ms, confidence, policy, exit, top_k",
-    }]
+    operation["parameters"] = [
+        {
+            "name": "selection",
+            "in": "query",
+            "required": False,
+            "style": "form",
+            "explode": True,
+            "schema": {"$ref": "#/components/schemas/ClassifyParameters"},
+            "description": "query parameters budget_gflops, budget_ms, confidence, policy, exit, top_k",
+        }
+    ]
     binary = {"schema": {"type": "string", "format": "binary"}}
     operation["requestBody"] = {
         "required": True,
         # Only bodies whose every schema-valid instance is an image are documented: a generic
         # binary (octet-stream, a multipart file part) admits bytes that are no image at all.
         "description": "the image file as the body, typed with its media type. Also accepted, not described "
-                       "here: BMP and TIFF, application/octet-stream or untyped bodies (the format is read from "
-                       "the bytes), and multipart/form-data with the image in field 'file'",
+        "here: BMP and TIFF, application/octet-stream or untyped bodies (the format is read from "
+        "the bytes), and multipart/form-data with the image in field 'file'",
         "content": {t: binary for t in IMAGE_TYPES},
     }
 
@@ -234,22 +271,36 @@ def _feedback(operation: dict, schemas: dict, service) -> None:
     label: dict[str, Any] = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "minLength": 1}]}
     if service is not None:
         classes = list(service.runtime.manifest.classes)
-        label = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": len(classes) - 1},
-                           {"type": "string", "enum": classes},
-                           {"type": "string", "pattern": r"^\s*0*(?:" + "|".join(map(str, range(len(classes))))
-                            + r")\s*$"}]}
+        label = {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": len(classes) - 1},
+                {"type": "string", "enum": classes},
+                {"type": "string", "pattern": r"^\s*0*(?:" + "|".join(map(str, range(len(classes)))) + r")\s*$"},
+            ]
+        }
     label["description"] = "the true class: index or class name"
     request = schemas["FeedbackRequest"]
-    request["properties"]["id"] = {"type": "string", "minLength": 1,
-                                   "description": "the id of a /classify answer (or an OIP feedback_id)"}
+    request["properties"]["id"] = {
+        "type": "string",
+        "minLength": 1,
+        "description": "the id of a /classify answer (or an OIP feedback_id)",
+    }
     request["properties"]["label"] = label
     schemas["FeedbackAnswer"] = {
-        "type": "object", "required": ["id", "exit", "predicted", "label", "correct", "live_accuracy"],
-        "properties": {"id": {"type": "string"}, "exit": {"type": "integer"}, "predicted": {"type": "integer"},
-                       "label": {"type": "integer"}, "correct": {"type": "boolean"},
-                       "live_accuracy": {"type": "number", "description": "this replica's count since start"}}}
+        "type": "object",
+        "required": ["id", "exit", "predicted", "label", "correct", "live_accuracy"],
+        "properties": {
+            "id": {"type": "string"},
+            "exit": {"type": "integer"},
+            "predicted": {"type": "integer"},
+            "label": {"type": "integer"},
+            "correct": {"type": "boolean"},
+            "live_accuracy": {"type": "number", "description": "this replica's count since start"},
+        },
+    }
     operation["responses"]["200"]["content"] = {
-        "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackAnswer"}}}
+        "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackAnswer"}}
+    }
 
 
 # -- Open Inference Protocol v2 ------------------------------------------------------------------
@@ -267,31 +318,56 @@ def _oip(paths: dict, schemas: dict, service) -> None:
                 if parameter["name"] == "name":
                     parameter["schema"] = {**name_schema, "description": "the manifest's model name"}
                 elif parameter["name"] == "version":
-                    parameter["schema"] = {"type": "string", "enum": [MODEL_VERSION],
-                                           "description": "the one version served"}
+                    parameter["schema"] = {
+                        "type": "string",
+                        "enum": [MODEL_VERSION],
+                        "description": "the one version served",
+                    }
 
     def json_200(path: str, method: str, ref: str) -> None:
         paths[path][method]["responses"]["200"]["content"] = {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
+        }
 
-    schemas["OipServerMetadata"] = {"type": "object", "required": ["name", "version", "extensions"], "properties": {
-        "name": {"type": "string"}, "version": {"type": "string"},
-        "extensions": {"type": "array", "items": {"type": "string"}}}}
+    schemas["OipServerMetadata"] = {
+        "type": "object",
+        "required": ["name", "version", "extensions"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+    }
     schemas["OipLive"] = {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}
-    schemas["OipReady"] = {"type": "object", "required": ["ready"], "properties": {
-        "ready": {"type": "boolean"}, "name": {"type": "string"}}}
-    tensor_meta = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
-        "name": {"type": "string"}, "datatype": {"type": "string"},
-        "shape": {"type": "array", "items": {"type": "integer"}}}}
-    schemas["OipModelMetadata"] = {"type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
-                                   "properties": {"name": {"type": "string"},
-                                                  "versions": {"type": "array", "items": {"type": "string"}},
-                                                  "platform": {"type": "string"},
-                                                  "inputs": {"type": "array", "items": tensor_meta},
-                                                  "outputs": {"type": "array", "items": tensor_meta}}}
+    schemas["OipReady"] = {
+        "type": "object",
+        "required": ["ready"],
+        "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}},
+    }
+    tensor_meta = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+    schemas["OipModelMetadata"] = {
+        "type": "object",
+        "required": ["name", "versions", "platform", "inputs", "outputs"],
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": tensor_meta},
+            "outputs": {"type": "array", "items": tensor_meta},
+        },
+    }
     datatypes = [*DTYPES, BYTES]
     schemas["OipRequestInput"] = {
-        "type": "object", "required": ["name", "datatype", "shape"],
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
         "properties": {
             "name": {"type": "string", "enum": [FP32_INPUT, IMAGE_INPUT]},
             "datatype": {"type": "string", "enum": datatypes},
@@ -300,32 +376,58 @@ def _oip(paths: dict, schemas: dict, service) -> None:
             "data": {"type": "array", "description": "row-major, flat or nested; BYTES as base64 strings"},
         },
         "description": f"'{FP32_INPUT}': FP32 [N, C, H, W] preprocessed as the manifest says; '{IMAGE_INPUT}': "
-                       "BYTES [N] encoded image files. Data as JSON 'data' or binary (binary_data_size).",
+        "BYTES [N] encoded image files. Data as JSON 'data' or binary (binary_data_size).",
     }
-    schemas["OipRequestOutput"] = {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string", "enum": list(OUTPUTS)},
-        "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}
+    schemas["OipRequestOutput"] = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "enum": list(OUTPUTS)},
+            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+        },
+    }
     schemas["OipInferenceRequest"] = {
-        "type": "object", "required": ["inputs"],
+        "type": "object",
+        "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
-            "parameters": {"type": "object", "description": "budget_gflops, budget_ms, confidence, exit, policy "
-                           "(as the /classify query parameters) and binary_data_output",
-                           "properties": {"binary_data_output": {"type": "boolean"}}},
-            "inputs": {"type": "array", "minItems": 1, "maxItems": 1,
-                       "items": {"$ref": "#/components/schemas/OipRequestInput"}},
+            "parameters": {
+                "type": "object",
+                "description": "budget_gflops, budget_ms, confidence, exit, policy "
+                "(as the /classify query parameters) and binary_data_output",
+                "properties": {"binary_data_output": {"type": "boolean"}},
+            },
+            "inputs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 1,
+                "items": {"$ref": "#/components/schemas/OipRequestInput"},
+            },
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/OipRequestOutput"}},
         },
     }
-    output_tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
-        "name": {"type": "string", "enum": list(OUTPUTS)}, "datatype": {"type": "string"},
-        "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array"},
-        "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}}}}
+    output_tensor = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string", "enum": list(OUTPUTS)},
+            "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "data": {"type": "array"},
+            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
+        },
+    }
     schemas["OipInferenceResponse"] = {
-        "type": "object", "required": ["model_name", "outputs"],
-        "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
-                       "id": {"type": "string"}, "parameters": {"type": "object"},
-                       "outputs": {"type": "array", "items": output_tensor}}}
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "outputs": {"type": "array", "items": output_tensor},
+        },
+    }
 
     json_200("/v2", "get", "OipServerMetadata")
     json_200("/v2/health/live", "get", "OipLive")
@@ -335,21 +437,35 @@ def _oip(paths: dict, schemas: dict, service) -> None:
     infer = paths["/v2/models/{name}/infer"]["post"]
     json_200("/v2/models/{name}/infer", "post", "OipInferenceResponse")
     infer["responses"]["200"]["content"]["application/octet-stream"] = {
-        "schema": {"type": "string", "format": "binary",
-                   "description": f"binary tensor extension: JSON header ({HEADER_LENGTH} bytes) + output data"}}
+        "schema": {
+            "type": "string",
+            "format": "binary",
+            "description": f"binary tensor extension: JSON header ({HEADER_LENGTH} bytes) + output data",
+        }
+    }
     infer["requestBody"] = {
         "required": True,
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/OipInferenceRequest"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary",
-                                                    "description": f"binary tensor extension: the JSON request "
-                                                    f"({HEADER_LENGTH} header) followed by the tensors' bytes"}},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"binary tensor extension: the JSON request "
+                    f"({HEADER_LENGTH} header) followed by the tensors' bytes",
+                }
+            },
         },
     }
-    infer.setdefault("parameters", []).append({
-        "name": HEADER_LENGTH, "in": "header", "required": False,
-        "description": "length of the JSON part of a binary-extension body",
-        "schema": {"type": "string", "pattern": "^[0-9]+$"}})
+    infer.setdefault("parameters", []).append(
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "description": "length of the JSON part of a binary-extension body",
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    )
     # The versioned paths answer as the plain ones.
     for suffix, method in (("", "get"), ("/ready", "get"), ("/infer", "post")):
         plain = paths["/v2/models/{name}" + suffix][method]

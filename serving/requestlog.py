@@ -27,7 +27,7 @@ from typing import Any
 
 HEADER = "x-request-id"
 MAX_ID_CHARS = 128
-_VALID_ID = re.compile(r"[A-Za-z0-9._:\-+=/]{1,%d}" % MAX_ID_CHARS)
+_VALID_ID = re.compile(rf"[A-Za-z0-9._:\-+=/]{{1,{MAX_ID_CHARS}}}")
 
 # The id of the request being handled, for log records made anywhere below the middleware.
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -79,15 +79,22 @@ class RequestIdMiddleware:
         finally:
             if access_log.isEnabledFor(self.level):
                 route = scope.get("route")
-                access_log.log(self.level, "%s %s %s", scope.get("method"), scope.get("path"), status, extra={
-                    "request_id": request_id,
-                    "method": scope.get("method"),
-                    "route": getattr(route, "path", None) or scope.get("path"),
-                    "policy": state.get("policy"),
-                    "exit": state.get("exit"),
-                    "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
-                })
+                access_log.log(
+                    self.level,
+                    "%s %s %s",
+                    scope.get("method"),
+                    scope.get("path"),
+                    status,
+                    extra={
+                        "request_id": request_id,
+                        "method": scope.get("method"),
+                        "route": getattr(route, "path", None) or scope.get("path"),
+                        "policy": state.get("policy"),
+                        "exit": state.get("exit"),
+                        "status": status,
+                        "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
+                    },
+                )
             current_request_id.reset(token)
 
 
@@ -106,8 +113,12 @@ def install(app, log_format: str = "text") -> None:
 
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and goes into the JSON.
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
-                                                                              "color_message"}  # uvicorn's ANSI copy
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}  # uvicorn's ANSI copy
 
 
 class JsonFormatter(logging.Formatter):

@@ -34,9 +34,17 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
 BYTES = "BYTES"
 # A request may hold at most this many elements per tensor: bounds what a tiny JSON body
@@ -116,7 +124,7 @@ def _split_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
         offset += 4
         if offset + length > len(raw):
             raise _fail(f"{where}: a BYTES element says {length} bytes but only {len(raw) - offset} remain")
-        items.append(raw[offset:offset + length])
+        items.append(raw[offset : offset + length])
         offset += length
     if len(items) != count:
         raise _fail(f"{where}: shape has {count} elements but the BYTES data holds {len(items)}")
@@ -129,11 +137,14 @@ def _json_bytes(elements: list, where: str) -> list[bytes]:
         if not isinstance(element, str):
             raise _fail(f"{where}: BYTES element {i} must be a base64 string in JSON, got {type(element).__name__}")
         try:
-            items.append(base64.b64decode(element, altchars=b"-_" if ("-" in element or "_" in element) else None,
-                                          validate=True))
+            items.append(
+                base64.b64decode(element, altchars=b"-_" if ("-" in element or "_" in element) else None, validate=True)
+            )
         except (binascii.Error, ValueError):
-            raise _fail(f"{where}: BYTES element {i} is not valid base64 (JSON BYTES inputs are base64-encoded; "
-                        "or send them as binary data)") from None
+            raise _fail(
+                f"{where}: BYTES element {i} is not valid base64 (JSON BYTES inputs are base64-encoded; "
+                "or send them as binary data)"
+            ) from None
     return items
 
 
@@ -158,17 +169,21 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _fail(f"{where}: binary_data_size must be a non-negative integer")
         if offset + size > len(binary):
-            raise _fail(f"{where}: binary_data_size {size} runs past the end of the body "
-                        f"({len(binary) - offset} binary bytes left)")
-        chunk = bytes(binary[offset:offset + size])
+            raise _fail(
+                f"{where}: binary_data_size {size} runs past the end of the body "
+                f"({len(binary) - offset} binary bytes left)"
+            )
+        chunk = bytes(binary[offset : offset + size])
         offset += size
         if datatype == BYTES:
             data: Any = _split_bytes(chunk, count, where)
         else:
             dtype = DTYPES[datatype]
             if size != count * dtype.itemsize:
-                raise _fail(f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
-                            f"binary_data_size is {size}")
+                raise _fail(
+                    f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
+                    f"binary_data_size is {size}"
+                )
             data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
     else:
         if "data" not in raw:
@@ -254,8 +269,10 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
                 raise _fail(f"outputs[{i}]: 'name' must be a string")
             params = _object(item.get("parameters") or {}, f"output {name!r} parameters")
             if params.get("classification"):
-                raise _fail(f"output {name!r}: the classification extension is not supported; request "
-                            "'probabilities' and 'label' instead")
+                raise _fail(
+                    f"output {name!r}: the classification extension is not supported; request "
+                    "'probabilities' and 'label' instead"
+                )
             if "shared_memory_region" in params:
                 raise _fail(f"output {name!r}: shared memory is not supported by this server")
             binary_flag = params.get("binary_data", binary_default)
@@ -265,8 +282,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(request_id, parameters, inputs, outputs, binary_default)
 
 
-def encode_response(header: dict[str, Any], outputs: list[tuple[str, str, np.ndarray | list[bytes]]],
-                    binary: dict[str, bool]) -> tuple[bytes, dict[str, str]]:
+def encode_response(
+    header: dict[str, Any], outputs: list[tuple[str, str, np.ndarray | list[bytes]]], binary: dict[str, bool]
+) -> tuple[bytes, dict[str, str]]:
     """Body and headers for ``header`` (model_name, id, ...) plus ``outputs`` as (name, datatype, values).
 
     ``binary[name]`` says which outputs go as binary data; JSON ones get flat ``data``.

@@ -17,10 +17,10 @@ import time
 
 import httpx
 import pytest
+from serving_model import NUM_EXITS, ROOT, ServerProcess, build_model_folder, encode, expected_label, uniform_image
 
 from serving.errors import ExpiredFeedbackId, ForgedFeedbackId
 from serving.feedback import AnswerSigner
-from serving_model import NUM_EXITS, ROOT, ServerProcess, build_model_folder, encode, expected_label, uniform_image
 
 SECRET = "a-shared-secret-for-tests-0123456789"
 RULES = ROOT / "docker/prometheus/rules/feedback.yml"
@@ -33,8 +33,7 @@ def png(c: int) -> bytes:
 
 
 def classify(url: str, c: int, **params) -> dict:
-    r = httpx.post(url + "/classify", content=png(c), headers={"Content-Type": "image/png"}, params=params,
-                   timeout=30)
+    r = httpx.post(url + "/classify", content=png(c), headers={"Content-Type": "image/png"}, params=params, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -65,9 +64,11 @@ def replicas(model_dir, tmp_path_factory):
     env = {**os.environ, "EED_FEEDBACK_SECRET": SECRET}
     other = {**env, "EED_FEEDBACK_SECRET": "another-secret-another-secret-42"}
     args = ("--intra-op-threads", "1")
-    with ServerProcess(model_dir, *args, tmp_dir=tmp, env=env) as a, \
-            ServerProcess(model_dir, *args, tmp_dir=tmp, env=env) as b, \
-            ServerProcess(model_dir, *args, tmp_dir=tmp, env=other) as c:
+    with (
+        ServerProcess(model_dir, *args, tmp_dir=tmp, env=env) as a,
+        ServerProcess(model_dir, *args, tmp_dir=tmp, env=env) as b,
+        ServerProcess(model_dir, *args, tmp_dir=tmp, env=other) as c,
+    ):
         yield a, b, c
 
 
@@ -196,13 +197,20 @@ def test_signer_round_trip_and_refusals():
 
 def test_a_short_secret_is_refused_at_start(model_dir):
     env = {**os.environ, "EED_FEEDBACK_SECRET": "short", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "serving", "--model-dir", str(model_dir)], env=env,
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "serving", "--model-dir", str(model_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "feedback_secret" in r.stderr and "16 bytes" in r.stderr
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
 def test_live_accuracy_recording_rule():
-    r = subprocess.run([PROMTOOL, "test", "rules", str(RULES_TEST)], capture_output=True, text=True, timeout=60,
-                       cwd=RULES_TEST.parent)
+    r = subprocess.run(
+        [PROMTOOL, "test", "rules", str(RULES_TEST)], capture_output=True, text=True, timeout=60, cwd=RULES_TEST.parent
+    )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -14,8 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
-
 from serving_model import (
     MEAN,
     NUM_CLASSES,
@@ -29,6 +27,7 @@ from serving_model import (
     uniform_image,
     with_calibrated_policy,
 )
+from tritonclient.utils import InferenceServerException
 
 MODEL = "tiny-test"
 BINS = list(range(10))
@@ -38,8 +37,9 @@ BINS = list(range(10))
 def server(tmp_path_factory):
     model = with_calibrated_policy(build_model_folder(tmp_path_factory.mktemp("model"), name=MODEL))
     # A generous batching wait, so that the samples of one call visibly share a batch.
-    with ServerProcess(model, "--intra-op-threads", "1", "--max-wait-ms", "30",
-                       tmp_dir=tmp_path_factory.mktemp("srv")) as srv:
+    with ServerProcess(
+        model, "--intra-op-threads", "1", "--max-wait-ms", "30", tmp_dir=tmp_path_factory.mktemp("srv")
+    ) as srv:
         yield srv
 
 
@@ -59,8 +59,7 @@ def image_input(images: list[bytes], binary: bool = True) -> triton.InferInput:
     if binary:
         tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
     else:  # JSON BYTES inputs are base64 strings
-        tensor.set_data_from_numpy(np.array([base64.b64encode(i) for i in images], dtype=np.object_),
-                                   binary_data=False)
+        tensor.set_data_from_numpy(np.array([base64.b64encode(i) for i in images], dtype=np.object_), binary_data=False)
     return tensor
 
 
@@ -80,8 +79,12 @@ def classify_all(url: str, images: list[bytes], params: dict) -> list[dict]:
     with httpx.Client(base_url=url, timeout=60) as http:
         out = []
         for data in images:
-            r = http.post("/classify", content=data, headers={"Content-Type": "image/png"},
-                          params={**params, "top_k": NUM_CLASSES})
+            r = http.post(
+                "/classify",
+                content=data,
+                headers={"Content-Type": "image/png"},
+                params={**params, "top_k": NUM_CLASSES},
+            )
             assert r.status_code == 200, r.text
             out.append(r.json())
         return out
@@ -111,6 +114,7 @@ def metric_sum(url: str, name: str, **labels) -> float:
 
 # --- health and metadata -------------------------------------------------------------------
 
+
 def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL) and not client.is_model_ready("another-model")
@@ -119,7 +123,9 @@ def test_health_and_metadata(client):
     meta = client.get_model_metadata(MODEL)
     assert meta["name"] == MODEL and meta["versions"]
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
-        "input": ("FP32", [-1, 1, 28, 28]), "image": ("BYTES", [-1])}
+        "input": ("FP32", [-1, 1, 28, 28]),
+        "image": ("BYTES", [-1]),
+    }
     outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
     assert outputs["probabilities"] == ("FP32", [-1, NUM_CLASSES])
     assert outputs["label"] == ("INT64", [-1]) and outputs["exit"] == ("INT32", [-1])
@@ -172,8 +178,7 @@ def test_the_cascade_answers_from_the_first_confident_exit(client):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_preprocessed_fp32_input_in_both_encodings(client, server, binary):
     x = preprocessed()
-    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label", "exit",
-                                                                              "gflops")]
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label", "exit", "gflops")]
     result = client.infer(MODEL, [fp32_input(x, binary)], outputs=outputs, parameters={"exit": 2})
     assert list(result.as_numpy("label")) == [expected_label(c, 2) for c in BINS]
     assert_same_answers(result, classify_all(server.url, pngs(), {"exit": 2}))
@@ -188,8 +193,10 @@ def test_images_as_json_base64_bytes(client, server):
 
 
 def test_requested_outputs_only_each_in_its_encoding(client):
-    outputs = [triton.InferRequestedOutput("label", binary_data=False),
-               triton.InferRequestedOutput("probabilities", binary_data=True)]
+    outputs = [
+        triton.InferRequestedOutput("label", binary_data=False),
+        triton.InferRequestedOutput("probabilities", binary_data=True),
+    ]
     result = client.infer(MODEL, [image_input(pngs([3, 8]))], outputs=outputs, parameters={"exit": 1})
     response = result.get_response()
     assert [o["name"] for o in response["outputs"]] == ["label", "probabilities"]
@@ -201,9 +208,12 @@ def test_requested_outputs_only_each_in_its_encoding(client):
 
 def test_a_plain_json_client_with_nested_data(server):
     x = preprocessed([6])
-    body = {"id": "call-1", "parameters": {"exit": 1},
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": x.tolist()}],
-            "outputs": [{"name": "label"}, {"name": "exit"}]}
+    body = {
+        "id": "call-1",
+        "parameters": {"exit": 1},
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": x.tolist()}],
+        "outputs": [{"name": "label"}, {"name": "exit"}],
+    }
     r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     answer = r.json()
@@ -214,8 +224,9 @@ def test_a_plain_json_client_with_nested_data(server):
 def test_feedback_ids_from_oip_answers_are_accepted(client, server):
     result = client.infer(MODEL, [image_input(pngs([2]))], parameters={"exit": 1})
     (feedback_id,) = result.as_numpy("feedback_id")
-    r = httpx.post(server.url + "/feedback", json={"id": feedback_id.decode(), "label": expected_label(2, 1)},
-                   timeout=30)
+    r = httpx.post(
+        server.url + "/feedback", json={"id": feedback_id.decode(), "label": expected_label(2, 1)}, timeout=30
+    )
     assert r.status_code == 200 and r.json()["correct"] is True and r.json()["exit"] == 1
 
 
@@ -225,13 +236,13 @@ def test_samples_of_one_call_share_the_batcher_and_the_metrics(client, server):
     items_before = metric_sum(server.url, "eed_batch_size_sum", exit="1", graph="exit")
     batches_before = metric_sum(server.url, "eed_batch_size_count", exit="1", graph="exit")
     client.infer(MODEL, [image_input(pngs(range(n)))], parameters={"exit": 1})
-    assert metric_sum(server.url, "eed_requests_total", exit="1", policy="exit", status="200") == \
-        requests_before + n
+    assert metric_sum(server.url, "eed_requests_total", exit="1", policy="exit", status="200") == requests_before + n
     assert metric_sum(server.url, "eed_batch_size_sum", exit="1", graph="exit") == items_before + n
     assert metric_sum(server.url, "eed_batch_size_count", exit="1", graph="exit") - batches_before < n
 
 
 # --- errors ----------------------------------------------------------------------------------
+
 
 def infer_error(client, inputs, **kwargs) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as err:
@@ -264,27 +275,72 @@ def test_bad_requests_are_400_with_the_reason(client):
     assert unknown.value.status() == "404"
 
 
-@pytest.mark.parametrize("body, headers, fragment", [
-    (b"{not json", {}, "not valid JSON"),
-    (b"[]", {}, "JSON object"),
-    (json.dumps({"inputs": []}).encode(), {}, "non-empty"),
-    (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0]}]}).encode(),
-     {}, "784 elements"),
-    (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(),
-     {}, "base64"),
-    (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                             "parameters": {"binary_data_size": 3136}}]}).encode(),
-     {"Inference-Header-Content-Length": "x"}, "not an integer"),
-    (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                             "parameters": {"binary_data_size": 3136}}]}).encode() + b"\0" * 10,
-     {"Inference-Header-Content-Length": "LEN"}, "runs past the end"),
-    (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(), {},
-     "expected exactly one input"),
-])
+@pytest.mark.parametrize(
+    "body, headers, fragment",
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (b"[]", {}, "JSON object"),
+        (json.dumps({"inputs": []}).encode(), {}, "non-empty"),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0]}]}
+            ).encode(),
+            {},
+            "784 elements",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(),
+            {},
+            "base64",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "datatype": "FP32",
+                            "shape": [1, 1, 28, 28],
+                            "parameters": {"binary_data_size": 3136},
+                        }
+                    ]
+                }
+            ).encode(),
+            {"Inference-Header-Content-Length": "x"},
+            "not an integer",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "datatype": "FP32",
+                            "shape": [1, 1, 28, 28],
+                            "parameters": {"binary_data_size": 3136},
+                        }
+                    ]
+                }
+            ).encode()
+            + b"\0" * 10,
+            {"Inference-Header-Content-Length": "LEN"},
+            "runs past the end",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode(),
+            {},
+            "expected exactly one input",
+        ),
+    ],
+)
 def test_malformed_bodies_are_400_json_errors(server, body, headers, fragment):
     headers = {k: (str(len(body) - 10) if v == "LEN" else v) for k, v in headers.items()}
-    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, timeout=30,
-                   headers={"Content-Type": "application/json", **headers})
+    r = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        content=body,
+        timeout=30,
+        headers={"Content-Type": "application/json", **headers},
+    )
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"} and fragment in r.json()["error"]
 

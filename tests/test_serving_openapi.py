@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from serving_model import (
     NUM_EXITS,
     ROOT,
@@ -39,17 +38,38 @@ def spec(server):
 
 
 def classify(server, **params) -> httpx.Response:
-    return httpx.post(server.url + "/classify", content=encode(uniform_image(3), "PNG"),
-                      headers={"Content-Type": "image/png"}, params=params, timeout=30)
+    return httpx.post(
+        server.url + "/classify",
+        content=encode(uniform_image(3), "PNG"),
+        headers={"Content-Type": "image/png"},
+        params=params,
+        timeout=30,
+    )
 
 
 def test_schemathesis_with_all_checks_finds_nothing(server, tmp_path):
     # Fixed seed and example count: the same requests every run, well within a minute.
-    cmd = [str(SCHEMATHESIS), "--config-file", str(CONFIG), "run", server.url + "/openapi.json", "--checks", "all",
-           "--max-examples", "40", "--seed", "11", "--generation-database", "none", "--no-color",
-           "--suppress-health-check", "too_slow"]  # a busy CI machine generates slowly; that is no failure
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "NO_COLOR": "1"})
+    cmd = [
+        str(SCHEMATHESIS),
+        "--config-file",
+        str(CONFIG),
+        "run",
+        server.url + "/openapi.json",
+        "--checks",
+        "all",
+        "--max-examples",
+        "40",
+        "--seed",
+        "11",
+        "--generation-database",
+        "none",
+        "--no-color",
+        "--suppress-health-check",
+        "too_slow",
+    ]  # a busy CI machine generates slowly; that is no failure
+    r = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"}
+    )
     assert r.returncode == 0, r.stdout[-20000:] + r.stderr[-5000:]
     assert " passed" in r.stdout, r.stdout[-5000:]
 
@@ -67,8 +87,14 @@ def test_every_operation_documents_its_statuses_and_the_request_id(spec):
                     assert schema == {"$ref": f"#/components/schemas/{expected}"}, (method, path, code)
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
-    oip = {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/ready",
-           "/v2/models/{name}/infer"}
+    oip = {
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/infer",
+    }
     assert oip <= set(spec["paths"])
 
 

@@ -10,9 +10,9 @@ import time
 
 import httpx
 import pytest
+from serving_model import ServerProcess, build_model_folder, encode, expected_label, uniform_image
 
 from serving.requestlog import MAX_ID_CHARS, correlation_id
-from serving_model import ServerProcess, build_model_folder, encode, expected_label, uniform_image
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
@@ -29,8 +29,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def json_server(model_dir, tmp_path_factory):
     env = {**os.environ, "EED_LOG_FORMAT": "json"}
-    with ServerProcess(model_dir, "--intra-op-threads", "1", tmp_dir=tmp_path_factory.mktemp("json"),
-                       env=env) as srv:
+    with ServerProcess(model_dir, "--intra-op-threads", "1", tmp_dir=tmp_path_factory.mktemp("json"), env=env) as srv:
         yield srv
 
 
@@ -46,8 +45,13 @@ def log_entries(server: ServerProcess, request_id: str, timeout: float = 10) -> 
 
 
 def test_an_incoming_request_id_is_used_and_echoed(json_server):
-    r = httpx.post(json_server.url + "/classify", content=png(4), params={"exit": 2},
-                   headers={"Content-Type": "image/png", "X-Request-ID": "lb-7f3a:trace.42"}, timeout=30)
+    r = httpx.post(
+        json_server.url + "/classify",
+        content=png(4),
+        params={"exit": 2},
+        headers={"Content-Type": "image/png", "X-Request-ID": "lb-7f3a:trace.42"},
+        timeout=30,
+    )
     assert r.status_code == 200
     assert r.headers["X-Request-ID"] == "lb-7f3a:trace.42"
     assert r.json()["label"] == expected_label(4, 2)
@@ -55,8 +59,13 @@ def test_an_incoming_request_id_is_used_and_echoed(json_server):
 
 @pytest.mark.parametrize("incoming", ["a" * (MAX_ID_CHARS + 1), "has space", "semi;colon", "", "ünïcode"])
 def test_an_unacceptable_request_id_is_replaced_not_refused(json_server, incoming):
-    r = httpx.post(json_server.url + "/classify", content=png(4), params={"exit": 1},
-                   headers={"Content-Type": "image/png", "X-Request-ID": incoming.encode("utf-8")}, timeout=30)
+    r = httpx.post(
+        json_server.url + "/classify",
+        content=png(4),
+        params={"exit": 1},
+        headers={"Content-Type": "image/png", "X-Request-ID": incoming.encode("utf-8")},
+        timeout=30,
+    )
     assert r.status_code == 200
     assert GENERATED.fullmatch(r.headers["X-Request-ID"])
 
@@ -73,16 +82,25 @@ def test_every_response_has_its_own_id_errors_included(json_server):
 
 
 def test_json_logs_one_line_per_request_with_id_route_policy_exit_status_latency(json_server):
-    r = httpx.post(json_server.url + "/classify", content=png(5), params={"confidence": 0.9},
-                   headers={"Content-Type": "image/png", "X-Request-ID": "req-json-1"}, timeout=30)
+    r = httpx.post(
+        json_server.url + "/classify",
+        content=png(5),
+        params={"confidence": 0.9},
+        headers={"Content-Type": "image/png", "X-Request-ID": "req-json-1"},
+        timeout=30,
+    )
     assert r.status_code == 200
     (entry,) = [e for e in log_entries(json_server, "req-json-1") if e["logger"] == "serving.access"]
     assert entry["route"] == "/classify" and entry["method"] == "POST"
     assert entry["policy"] == "confidence" and entry["exit"] == str(r.json()["exit"])
     assert entry["status"] == 200 and entry["latency_ms"] > 0 and entry["level"] == "info"
 
-    r = httpx.post(json_server.url + "/classify", content=b"not an image",
-                   headers={"Content-Type": "image/png", "X-Request-ID": "req-json-2"}, timeout=30)
+    r = httpx.post(
+        json_server.url + "/classify",
+        content=b"not an image",
+        headers={"Content-Type": "image/png", "X-Request-ID": "req-json-2"},
+        timeout=30,
+    )
     assert r.status_code == 400
     (entry,) = [e for e in log_entries(json_server, "req-json-2") if e["logger"] == "serving.access"]
     assert entry["status"] == 400 and entry["exit"] == "none"
@@ -95,10 +113,14 @@ def test_json_logs_one_line_per_request_with_id_route_policy_exit_status_latency
 
 def test_json_logs_oip_calls_with_the_exit_of_every_sample(json_server):
     images = [base64.b64encode(png(c)).decode() for c in (2, 8)]
-    body = {"parameters": {"confidence": 0.9}, "outputs": [{"name": "exit"}],
-            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": images}]}
-    r = httpx.post(json_server.url + "/v2/models/tiny-test/infer", json=body, headers={"X-Request-ID": "oip-1"},
-                   timeout=30)
+    body = {
+        "parameters": {"confidence": 0.9},
+        "outputs": [{"name": "exit"}],
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": images}],
+    }
+    r = httpx.post(
+        json_server.url + "/v2/models/tiny-test/infer", json=body, headers={"X-Request-ID": "oip-1"}, timeout=30
+    )
     assert r.status_code == 200 and r.headers["X-Request-ID"] == "oip-1"
     exits = r.json()["outputs"][0]["data"]
     (entry,) = [e for e in log_entries(json_server, "oip-1") if e["logger"] == "serving.access"]
@@ -108,8 +130,12 @@ def test_json_logs_oip_calls_with_the_exit_of_every_sample(json_server):
 
 def test_plain_text_logs_stay_the_default_without_request_lines(model_dir, tmp_path):
     with ServerProcess(model_dir, "--intra-op-threads", "1", tmp_dir=tmp_path) as srv:
-        r = httpx.post(srv.url + "/classify", content=png(1), headers={"Content-Type": "image/png",
-                                                                       "X-Request-ID": "req-text-1"}, timeout=30)
+        r = httpx.post(
+            srv.url + "/classify",
+            content=png(1),
+            headers={"Content-Type": "image/png", "X-Request-ID": "req-text-1"},
+            timeout=30,
+        )
         assert r.status_code == 200 and r.headers["X-Request-ID"] == "req-text-1"
         time.sleep(0.5)
         log = srv.log()
