@@ -362,6 +362,16 @@ def offline_cascade(model_dir: Path, bodies: list[bytes], server_options) -> tup
     return np.concatenate(conf), np.concatenate(pred)
 
 
+def cascade_path(port: int) -> str:
+    """How the server ran the cascades: "fused" (one ORT call) or "stages", from its batch metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    fused = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("eed_batch_size_count{") and 'graph="cascade"' in line)
+    return "fused" if fused > 0 else "stages"
+
+
 class Client:
     """One keep-alive HTTP/1.1 connection to a server's /classify."""
 
@@ -413,6 +423,7 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             for j in range(len(turns)):
                 name, mode, q = turns[(i + j) % len(turns)]
                 runs[name][mode].append(clients[name].classify(body, q + "&top_k=1"))
+        how = {s.name: cascade_path(s.port) for s in servers}
     finally:
         for server in servers:
             server.stop()
@@ -438,6 +449,7 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             "gflops_saved": gflops_saved, "inference_time_saved": time_saved,
             "latency_saved": 1 - l_casc / l_main,
             "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
+            "cascade_ran": how[name],
             "exit_fractions": np.bincount(served_exit, minlength=k + 1)[1:].tolist(),
             "agreement_with_offline_rule": float(np.mean((served_exit == simulated.exit)
                                                          & (served_label == simulated.prediction))),
@@ -445,7 +457,7 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             "accuracy_cascade": float(np.mean(served_label == labels)),
         }
         v = per_variant[name]
-        print(f"  {manifest.name} [{name}]: GFLOPs saved {100 * gflops_saved:.1f} %, inference time saved "
+        print(f"  {manifest.name} [{name}, {how[name]}]: GFLOPs saved {100 * gflops_saved:.1f} %, inference time saved "
               f"{100 * time_saved:.1f} % (efficiency {v['efficiency']:.2f}), latency saved "
               f"{100 * v['latency_saved']:.1f} %, agreement {100 * v['agreement_with_offline_rule']:.2f} %, "
               f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",

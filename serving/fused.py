@@ -36,7 +36,9 @@ import numpy as np
 import onnxruntime as ort
 
 from . import cascade
+from .batching import GraphWorker
 from .errors import ModelLoadError
+from .policy import softmax
 from .runtime import Graph, ModelRuntime, SessionOptions, provider_chain
 
 log = logging.getLogger("serving.fused")
@@ -202,8 +204,9 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
 
     ``mode``: ``stages`` never fuses; ``fused`` always does (an error when it cannot);
     ``auto`` fuses when the fused graph, timed at batch 1 through every stage, costs no
-    more than the stage chain plus one thread hand-off per extra stage (what the stage
-    path pays on top of ORT). Returns a one-line reason, also logged.
+    more than the stage chain plus, per extra stage, what the stage path pays on top of
+    ORT (its queue, batching loop and thread hand-off, timed with a graph that does
+    nothing). Returns a one-line reason, also logged.
     """
     k = runtime.manifest.num_exits
     if mode == "stages" or k < 2:
@@ -281,8 +284,8 @@ def _check(runtime: ModelRuntime, graph: FusedCascadeGraph, batch: int = 16) -> 
 
 def _timings(runtime: ModelRuntime, graph: FusedCascadeGraph, pairs: int = 30) -> tuple[float, float, float]:
     """Batch-1 seconds: the fused graph through every stage, the stage chain, and what the
-    stage path adds per extra stage on top of ORT (a hand-off from an event loop to an
-    inference thread and back, plus the score of the stage's logits)."""
+    stage path adds per extra stage on top of ORT (its batching queue, the hand-off to the
+    inference thread and back, the score and softmax of the stage's logits)."""
     x = runtime.example_input(1, seed=6)
     rows = graph.full_depth(1)
     logits = runtime.stages[0].run(x)[0]
@@ -293,13 +296,20 @@ def _timings(runtime: ModelRuntime, graph: FusedCascadeGraph, pairs: int = 30) -
             feats = stage.run(feats)[-1]
 
     async def hand_offs(pool, n: int = 60) -> float:
-        loop = asyncio.get_running_loop()
+        # The stage path's own machinery with a graph that does nothing: queue, batching
+        # loop, inference thread and back, then the score and softmax of the stage's logits.
+        worker = GraphWorker("hand-off", lambda batch: [batch], pool, 1, 0.0)
+        worker.start()
         times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await loop.run_in_executor(pool, int)
-            cascade.top_probability(logits[0])
-            times.append(time.perf_counter() - t0)
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                (out,) = await worker.submit(logits[0])
+                cascade.top_probability(out)
+                softmax(out)
+                times.append(time.perf_counter() - t0)
+        finally:
+            await worker.stop()
         return float(np.median(times[10:]))
 
     with ThreadPoolExecutor(1) as pool:
