@@ -14,20 +14,22 @@ import shutil
 import subprocess
 
 import pytest
-
 from serving_model import ROOT
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="rootful podman and debootstrap need root")
-@pytest.mark.skipif(shutil.which("apt-get") is None and shutil.which("podman") is None,
-                    reason="needs Debian's podman (installed with apt-get)")
+@pytest.mark.skipif(
+    shutil.which("apt-get") is None and shutil.which("podman") is None,
+    reason="needs Debian's podman (installed with apt-get)",
+)
 @pytest.mark.timeout(1800)
 def test_make_container_test(tmp_path):
     env = {**os.environ, "CONTAINER_TEST_DIR": str(tmp_path / "containers")}
-    r = subprocess.run(["bash", "scripts/container_test.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=1700)
+    r = subprocess.run(
+        ["bash", "scripts/container_test.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1700
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     assert "PNG: exit" in out and "JPEG: exit" in out

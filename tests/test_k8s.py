@@ -17,12 +17,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from serving.drain import SHUTDOWN_TIMEOUT_S
 from test_deploy import (
-    CONTAINER_PORT, ROOT, _tool, env_of, healthcheck_cmd, instructions, final_stage, parse_dockerfile,
+    CONTAINER_PORT,
+    ROOT,
+    _tool,
+    env_of,
+    final_stage,
+    healthcheck_cmd,
+    instructions,
+    parse_dockerfile,
     server_setting_names,
 )
+
+from serving.drain import SHUTDOWN_TIMEOUT_S
 
 K8S = ROOT / "k8s"
 KUBECTL = _tool("kubectl")
@@ -111,8 +118,12 @@ def test_renders_and_built_in_kinds_validate_strictly(overlay, tmp_path):
     docs = rendered(overlay)
     builtin = [d for d in docs if d["apiVersion"].startswith(BUILTIN_GROUPS)]
     if overlay != "overlays/kserve":
-        assert {d["kind"] for d in builtin} == {"Deployment", "Service", "HorizontalPodAutoscaler",
-                                                 "PodDisruptionBudget"}
+        assert {d["kind"] for d in builtin} == {
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+        }
     for i, doc in enumerate(builtin):
         path = tmp_path / f"{i}-{doc['kind']}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -124,8 +135,16 @@ def test_renders_and_built_in_kinds_validate_strictly(overlay, tmp_path):
 def test_the_validator_rejects_an_unknown_field(tmp_path):
     """The strict validation above can fail: a misspelt field is refused."""
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-                                    "spec": {"ports": [{"port": 80, "targetPrt": 8000}]}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "x"},
+                "spec": {"ports": [{"port": 80, "targetPrt": 8000}]},
+            }
+        )
+    )
     assert validate(path).returncode != 0
 
 
@@ -156,7 +175,8 @@ def test_deployment_matches_the_image_and_the_app(overlay):
         assert image.startswith("eed-anytime-server:")
         assert "nvidia.com/gpu" not in str(container["resources"])
     assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and {"cpu", "memory"} <= set(
-        container["resources"]["limits"])
+        container["resources"]["limits"]
+    )
 
     # Env: real settings only; the port the server binds is the container port everything uses.
     settings = {f"EED_{n.upper()}" for n in server_setting_names()} | {"EED_MODEL_DIR", "EED_HOST", "EED_PORT"}
@@ -204,8 +224,11 @@ def test_deployment_matches_the_image_and_the_app(overlay):
 @needs_kubectl
 def test_hpa_pdb_and_servicemonitor_target_the_deployment():
     docs = rendered("base")
-    deployment, hpa, pdb = one(docs, "Deployment"), one(docs, "HorizontalPodAutoscaler"), one(
-        docs, "PodDisruptionBudget")
+    deployment, hpa, pdb = (
+        one(docs, "Deployment"),
+        one(docs, "HorizontalPodAutoscaler"),
+        one(docs, "PodDisruptionBudget"),
+    )
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
@@ -253,13 +276,19 @@ def test_kserve_overlay_serves_the_model_from_storage_uri(tmp_path):
         assert probe["path"] in routes and probe["port"] == port
     assert container["securityContext"]["runAsUser"] == dockerfile_uid("docker/Dockerfile")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > float(env["EED_DRAIN_SECONDS"]) + \
-        SHUTDOWN_TIMEOUT_S
+    assert (
+        isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
+        > float(env["EED_DRAIN_SECONDS"]) + SHUTDOWN_TIMEOUT_S
+    )
 
     # The container (a core Container inside the CRD) validates as one, with its volumes.
     if VALIDATE is not None:
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-container"},
-               "spec": {"containers": [container], "volumes": runtime["spec"]["volumes"]}}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "kserve-container"},
+            "spec": {"containers": [container], "volumes": runtime["spec"]["volumes"]},
+        }
         path = tmp_path / "pod.yaml"
         path.write_text(yaml.safe_dump(pod))
         r = validate(path)
@@ -279,8 +308,13 @@ def test_kserve_protocol_v2_routes_exist_when_declared():
 
 def test_readme_documents_the_kubernetes_deployment():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Kubernetes"):]
-    for phrase in ("kubectl apply -k k8s/base", "k8s/overlays/gpu", "k8s/overlays/kserve", "storageUri",
-                   "EED_DRAIN_SECONDS", "kustomize edit set image"):
+    section = readme[readme.index("### Kubernetes") :]
+    for phrase in (
+        "kubectl apply -k k8s/base",
+        "k8s/overlays/gpu",
+        "k8s/overlays/kserve",
+        "storageUri",
+        "EED_DRAIN_SECONDS",
+        "kustomize edit set image",
+    ):
         assert phrase in section, phrase
-

@@ -21,7 +21,6 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
 from test_deploy import ROOT, final_stage, instructions, parse_dockerfile
 
 tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
@@ -79,8 +78,15 @@ def test_every_entry_is_pinned_with_sha256_hashes(name):
 def test_the_lock_satisfies_pyproject(name):
     extra, python, _ = LOCKS[name]
     pins, _, _ = read_lock(name)
-    env = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0",
-           "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "extra": extra}
+    env = {
+        **default_environment(),
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "extra": extra,
+    }
     gpu = name == "serve-gpu.lock"
     problems = []
     for req in requirements_for(extra):
@@ -123,7 +129,7 @@ def test_the_lock_is_what_make_lock_writes(name):
         commands.append(shlex.split(line))
     (command,) = [c for c in commands if c[-1] == f"requirements/{name}"]
     # uv writes its command without the program path and the --quiet flag.
-    expected = [t for t in command[command.index("pip"):] if t != "--quiet"]
+    expected = [t for t in command[command.index("pip") :] if t != "--quiet"]
     assert shlex.split(header) == ["uv", *expected], f"{name} header {header!r} is not the Makefile's lock command"
 
 

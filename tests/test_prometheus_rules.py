@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_deploy import COMPOSE_FILE, PROMETHEUS_CONFIG, PROMTOOL, ROOT
 
 RULES_DIR = ROOT / "docker" / "prometheus" / "rules"
@@ -35,16 +34,18 @@ def rules_of(path: Path) -> list[dict]:
 @needs_promtool
 @pytest.mark.parametrize("rule_file", sorted(p.name for p in RULES_DIR.glob("*.yml")))
 def test_promtool_check_rules(rule_file):
-    r = subprocess.run([PROMTOOL, "check", "rules", str(RULES_DIR / rule_file)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [PROMTOOL, "check", "rules", str(RULES_DIR / rule_file)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @needs_promtool
 @pytest.mark.parametrize("unit_test", ["serving_test.yml", "alerts_test.yml"])
 def test_promtool_unit_tests(unit_test):
-    r = subprocess.run([PROMTOOL, "test", "rules", unit_test], cwd=UNIT_TESTS, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [PROMTOOL, "test", "rules", unit_test], cwd=UNIT_TESTS, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
 
@@ -59,16 +60,28 @@ def test_the_compose_prometheus_loads_every_rule_file():
         mounts[rest.split(":")[0]] = source
     assert mounts.get(directory) == "./docker/prometheus/rules", mounts
     assert set(RULES_DIR.glob(glob)) == set(RULES_DIR.glob("*.yml")) and set(RULES_DIR.glob("*.yml")) >= {
-        RULES_DIR / name for name in MINE}
+        RULES_DIR / name for name in MINE
+    }
 
 
 def test_every_alert_has_severity_summary_and_a_unit_test():
     alerts = [r for r in rules_of(RULES_DIR / "alerts.yml") if "alert" in r]
     names = {r["alert"] for r in alerts}
-    assert {"EEDServerDown", "EEDServerNotReady", "EEDServerErrors", "EEDOverloaded", "EEDHighLatencyP99",
-            "EEDDeadlineMisses", "EEDLiveAccuracyDrop"} <= names
-    tested = {t["alertname"] for case in yaml.safe_load((UNIT_TESTS / "alerts_test.yml").read_text())["tests"]
-              for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    assert {
+        "EEDServerDown",
+        "EEDServerNotReady",
+        "EEDServerErrors",
+        "EEDOverloaded",
+        "EEDHighLatencyP99",
+        "EEDDeadlineMisses",
+        "EEDLiveAccuracyDrop",
+    } <= names
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load((UNIT_TESTS / "alerts_test.yml").read_text())["tests"]
+        for t in case.get("alert_rule_test", [])
+        if t.get("exp_alerts")
+    }
     assert names <= tested, f"alerts never seen firing in a unit test: {sorted(names - tested)}"
     for r in alerts:
         assert r["labels"]["severity"] in ("critical", "warning"), r["alert"]

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import re
 import subprocess
 
 import httpx
 import pytest
+from serving_model import ROOT, ServerProcess, build_model_folder
 
 from serving.buildinfo import model_checksum
-from serving_model import ROOT, ServerProcess, build_model_folder
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -31,8 +31,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def metrics_text(model_dir, tmp_path_factory):
-    with ServerProcess(model_dir, "--queue-size", "7", tmp_dir=tmp_path_factory.mktemp("srv"),
-                       env={**os.environ, "GIT_REVISION": "0123abcd"}) as server:
+    with ServerProcess(
+        model_dir,
+        "--queue-size",
+        "7",
+        tmp_dir=tmp_path_factory.mktemp("srv"),
+        env={**os.environ, "GIT_REVISION": "0123abcd"},
+    ) as server:
         yield httpx.get(server.url + "/metrics", timeout=10).text
 
 
@@ -52,8 +57,12 @@ def test_build_info_names_version_revision_model_and_checksum(metrics_text, mode
     version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
     expected_checksum = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
     assert value == 1
-    assert labels == {"version": version, "revision": "0123abcd", "model": manifest["name"],
-                      "model_checksum": expected_checksum}
+    assert labels == {
+        "version": version,
+        "revision": "0123abcd",
+        "model": manifest["name"],
+        "model_checksum": expected_checksum,
+    }
 
 
 def test_model_checksum_changes_with_any_weight_file():

@@ -17,7 +17,6 @@ import time
 import httpx
 import pytest
 from PIL import Image
-
 from serving_model import ServerProcess, build_model_folder, gray_for_bin
 
 DRAIN_SECONDS = 6  # long enough for the load phase below even on a busy 2-core machine
@@ -59,8 +58,16 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
     stop_load = threading.Event()
 
     # The slow upload below spans the whole drain window: allow its body plenty of time.
-    with ServerProcess(model_dir, "--drain-seconds", str(DRAIN_SECONDS), "--body-timeout-s", "120",
-                       "--log-level", "info", tmp_dir=tmp_path) as server:
+    with ServerProcess(
+        model_dir,
+        "--drain-seconds",
+        str(DRAIN_SECONDS),
+        "--body-timeout-s",
+        "120",
+        "--log-level",
+        "info",
+        tmp_dir=tmp_path,
+    ) as server:
 
         def client_loop():
             with httpx.Client(base_url=server.url, timeout=30) as client:  # keep-alive, like a proxy
@@ -69,8 +76,9 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
                         return
                     started = time.monotonic()
                     try:
-                        outcome = client.post("/classify", content=body,
-                                              headers={"Content-Type": "image/png"}).status_code
+                        outcome = client.post(
+                            "/classify", content=body, headers={"Content-Type": "image/png"}
+                        ).status_code
                     except httpx.HTTPError as exc:
                         outcome = exc
                     with lock:
@@ -88,8 +96,10 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
 
             # A slow upload: headers and half the body now, the rest once the listener is closed.
             slow = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            head = (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            head = (
+                f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
             slow.sendall(head + body[: len(body) // 2])
 
             sigterm_at = time.monotonic()
@@ -123,7 +133,7 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
             assert server.proc.poll() is None, server.log()
             assert time.monotonic() < deadline, "the listener never closed"
             time.sleep(0.1)
-        slow.sendall(body[len(body) // 2:])
+        slow.sendall(body[len(body) // 2 :])
         answer = http_response(slow)
         slow.close()
 
@@ -142,8 +152,9 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
 
 def test_without_a_drain_window_sigterm_still_exits_cleanly(model_dir, tmp_path):
     with ServerProcess(model_dir, tmp_dir=tmp_path) as server:
-        r = httpx.post(server.url + "/classify", content=png(gray_for_bin(2)), headers={"Content-Type": "image/png"},
-                       timeout=30)
+        r = httpx.post(
+            server.url + "/classify", content=png(gray_for_bin(2)), headers={"Content-Type": "image/png"}, timeout=30
+        )
         assert r.status_code == 200
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=60) == 0, server.log()
