@@ -120,6 +120,18 @@ def _comparison(a: dict, b: dict) -> dict:
     return {**iv.to_dict(), "wins": wins, "ties": sum(a[s] == b[s] for s in a), "per_seed": {s: a[s] - b[s] for s in a}}
 
 
+def _seed_list(seeds: list[int]) -> str:
+    """1, 2, 3, 5 → "1-3, 5"."""
+    parts, start = [], None
+    for i, s in enumerate(seeds):
+        if start is None:
+            start = s
+        if i + 1 == len(seeds) or seeds[i + 1] != s + 1:
+            parts.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(parts)
+
+
 def _iv(d: dict) -> str:
     if d["n"] < 2:
         return f"{d['mean']:+.2f} (1 seed)"
@@ -132,6 +144,8 @@ def to_markdown(summary: dict, meta: dict) -> str:
     lines = [
         f"# Paper comparison on Fashion-MNIST, preset `{meta['preset']}`", "",
         meta["regime"], "",
+        "Finished runs: " + ", ".join(f"{name} {row['n']} (seeds {_seed_list(row['seeds'])})"
+                                      for name, row in methods.items()) + ".", "",
         "Test accuracy (%) after the final epoch (no epoch selection), mean ± std over seeds; the test "
         "split (10,000 images) is used once per run, at the end.", "",
         "| method | runs | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |",
@@ -151,7 +165,7 @@ def to_markdown(summary: dict, meta: dict) -> str:
               "Each seed gives both methods the same training subset, initial weights and batch order.", ""]  # fmt: skip
     for c in comps:
         labels = list(c["by_exit"])
-        lines += [f"**{c['a']} − {c['b']}** ({c['pairs']} pairs)", "",
+        lines += [f"**{c['a']} − {c['b']}** ({c['pairs']} pair{'s' if c['pairs'] > 1 else ''})", "",
                   "| | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1),
                   "| mean [95 % CI] | " + " | ".join(_iv(c["by_exit"][x]) for x in labels) + " |",
                   f"| {c['a']} ahead in | " + " | ".join(f"{c['by_exit'][x]['wins']}/{c['pairs']}" for x in labels)
