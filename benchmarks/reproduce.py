@@ -111,7 +111,8 @@ def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str],
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, env=env)
-    (runs_dir / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+    with open(runs_dir / f"{run_dir.name}.log", "a") as fh:  # appended: a resumed run keeps every attempt
+        fh.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     log(f"{name} seed {seed}: finished in {time.perf_counter() - start:.0f}s")
