@@ -226,6 +226,17 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"server {self.name} not ready after {timeout} s")
 
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """(event-loop thread, whole process) CPU seconds so far; None where /proc is missing."""
+        try:
+            ticks = os.sysconf("SC_CLK_TCK")
+            fields = lambda path: Path(path).read_text().rsplit(")", 1)[1].split()  # noqa: E731
+            main = fields(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")
+            whole = fields(f"/proc/{self.proc.pid}/stat")
+            return ((int(main[11]) + int(main[12])) / ticks, (int(whole[11]) + int(whole[12])) / ticks)
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -282,7 +293,14 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 for server in servers if r % 2 == 0 else servers[::-1]:
                     path = f"/classify?exit={exit_number}&top_k=1"
                     run_load(server.url, path, c, 1.0, workdir, body)  # settle after the raw run
-                    samples[case][server.name].append(run_load(server.url, path, c, args.seconds, workdir, body))
+                    before = server.cpu_seconds()
+                    served = run_load(server.url, path, c, args.seconds, workdir, body)
+                    after = server.cpu_seconds()
+                    if before and after and served["requests"]:
+                        # CPU per answer: the event loop (HTTP, decoding, JSON) and the process (plus ORT)
+                        served["loop_cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / served["requests"]
+                        served["process_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / served["requests"]
+                    samples[case][server.name].append(served)
                 samples[case]["raw_server_options"].append(raw.time("server", exit_number, batch,
                                                                     args.raw_seconds))
                 print(f"  round {r + 1} {case}: " + ", ".join(
@@ -306,6 +324,9 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         for name in variants:
             served = {"rps": med(s[name], "rps"), "p50_ms": med(s[name], "p50_ms"), "p99_ms": med(s[name], "p99_ms"),
                       "errors": int(sum(v["errors"] for v in s[name])), "runs": s[name]}
+            if all("loop_cpu_ms_per_request" in v for v in s[name]):
+                served["loop_cpu_ms_per_request"] = med(s[name], "loop_cpu_ms_per_request")
+                served["process_cpu_ms_per_request"] = med(s[name], "process_cpu_ms_per_request")
             if case.startswith("saturation"):
                 served["ratio_vs_raw_default"] = served["rps"] / entry["raw_default"]["sps"]
                 served["ratio_vs_raw_server_options"] = served["rps"] / entry["raw_server_options"]["sps"]
@@ -320,7 +341,8 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
 
 def _fmt(v: dict) -> str:
     if "rps" in v:
-        return f"{v['rps']:.1f} req/s p50 {v['p50_ms']:.2f} ms"
+        cpu = f" loop CPU {v['loop_cpu_ms_per_request']:.3f} ms/req" if "loop_cpu_ms_per_request" in v else ""
+        return f"{v['rps']:.1f} req/s p50 {v['p50_ms']:.2f} ms{cpu}"
     return f"{v['sps']:.1f} img/s p50 {v['p50_ms']:.2f} ms"
 
 
