@@ -85,16 +85,33 @@ end
 # Load: wrk, or a Python closed-loop generator in its own process when wrk is missing
 # ------------------------------------------------------------------------------------------
 
+
 def run_wrk(url: str, path: str, connections: int, seconds: float, script: Path, body: Path) -> dict:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url + path]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)},
-                         timeout=seconds + 60)
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url + path,
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)}, timeout=seconds + 60
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("EED_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    r = json.loads(line[len("EED_JSON "):])
-    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
-            "requests": r["requests"], "errors": r["non2xx"] + r["socket_errors"]}
+    r = json.loads(line[len("EED_JSON ") :])
+    return {
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_ms"],
+        "p99_ms": r["p99_ms"],
+        "requests": r["requests"],
+        "errors": r["non2xx"] + r["socket_errors"],
+    }
 
 
 async def _py_connection(host, port, request, stop_at, latencies, errors) -> None:
@@ -116,27 +133,46 @@ async def _py_connection(host, port, request, stop_at, latencies, errors) -> Non
 
 def loadgen_main(url: str, path: str, connections: int, seconds: float, body: bytes) -> None:
     host, port = url.removeprefix("http://").split(":")
-    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     latencies: list[float] = []
     errors: list[float] = []
     t0 = time.perf_counter()
 
     async def main():
-        await asyncio.gather(*(_py_connection(host, int(port), request, t0 + seconds, latencies, errors)
-                               for _ in range(connections)))
+        await asyncio.gather(
+            *(_py_connection(host, int(port), request, t0 + seconds, latencies, errors) for _ in range(connections))
+        )
 
     asyncio.run(main())
     ms = np.asarray(latencies) * 1e3
-    print(json.dumps({"rps": len(ms) / (time.perf_counter() - t0), "p50_ms": float(np.percentile(ms, 50)),
-                      "p99_ms": float(np.percentile(ms, 99)), "requests": len(ms), "errors": len(errors)}))
+    print(
+        json.dumps(
+            {
+                "rps": len(ms) / (time.perf_counter() - t0),
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "requests": len(ms),
+                "errors": len(errors),
+            }
+        )
+    )
 
 
 def run_load(url: str, path: str, connections: int, seconds: float, workdir: Path, body: Path) -> dict:
     if shutil.which("wrk"):
         return run_wrk(url, path, connections, seconds, workdir / "post.lua", body)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen", url, path, str(connections), str(seconds),
-           str(body)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--loadgen",
+        url,
+        path,
+        str(connections),
+        str(seconds),
+        str(body),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -144,6 +180,7 @@ def run_load(url: str, path: str, connections: int, seconds: float, workdir: Pat
 # ------------------------------------------------------------------------------------------
 # Raw ONNX Runtime
 # ------------------------------------------------------------------------------------------
+
 
 class RawORT:
     """One model's full-path sessions, with ORT's default options and with the server's."""
@@ -188,6 +225,7 @@ class RawORT:
 # Servers
 # ------------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -197,25 +235,38 @@ def free_port() -> int:
 class Server:
     """``python -m serving`` in a subprocess, from ``tree`` (default: this checkout)."""
 
-    def __init__(self, name: str, model_dir: Path, args: list[str], tree: Path, workdir: Path,
-                 providers: str) -> None:
+    def __init__(self, name: str, model_dir: Path, args: list[str], tree: Path, workdir: Path, providers: str) -> None:
         self.name, self.tree = name, tree
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "serving", "--model-dir", str(model_dir.resolve()), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--providers", providers, "--allow-provider-fallback",
-                    "--log-level", "warning", *args]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-dir",
+            str(model_dir.resolve()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--providers",
+            providers,
+            "--allow-provider-fallback",
+            "--log-level",
+            "warning",
+            *args,
+        ]
         self.log = workdir / f"server-{name}-{model_dir.name}.log"
         env = dict(os.environ, PYTHONPATH=str(tree))
-        self.proc = subprocess.Popen(self.cmd, cwd=tree, env=env, stdout=open(self.log, "wb"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, cwd=tree, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited with {self.proc.returncode}: "
-                                   f"{self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"server {self.name} exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
                 conn.request("GET", "/readyz")
@@ -245,8 +296,9 @@ class Server:
             self.proc.kill()
 
 
-def start_servers(model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path,
-                  providers: str) -> list[Server]:
+def start_servers(
+    model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path, providers: str
+) -> list[Server]:
     servers = [Server(name, model_dir, args, tree, workdir, providers) for name, (args, tree) in variants.items()]
     try:
         for server in servers:
@@ -261,6 +313,7 @@ def start_servers(model_dir: Path, variants: dict[str, tuple[list[str], Path]], 
 # ------------------------------------------------------------------------------------------
 # 1 + 2: saturation and single-request overhead
 # ------------------------------------------------------------------------------------------
+
 
 def png(array: np.ndarray) -> bytes:
     from PIL import Image
@@ -280,8 +333,9 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     body.write_bytes(png(rng.integers(0, 256, shape, dtype=np.uint8)))
     conns = args.connections
     cases = [("saturation_main", k, conns), ("saturation_exit1", 1, conns), ("overhead_main", k, 1)]
-    samples: dict = {case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in variants}}
-                     for case, _, _ in cases}
+    samples: dict = {
+        case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in variants}} for case, _, _ in cases
+    }
     servers = start_servers(model_dir, variants, workdir, args.providers)
     try:
         for server in servers:  # warm the HTTP path and the batch sizes once
@@ -301,10 +355,12 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                         served["loop_cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / served["requests"]
                         served["process_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / served["requests"]
                     samples[case][server.name].append(served)
-                samples[case]["raw_server_options"].append(raw.time("server", exit_number, batch,
-                                                                    args.raw_seconds))
-                print(f"  round {r + 1} {case}: " + ", ".join(
-                    f"{name} {_fmt(v[-1])}" for name, v in samples[case].items()), flush=True)
+                samples[case]["raw_server_options"].append(raw.time("server", exit_number, batch, args.raw_seconds))
+                print(
+                    f"  round {r + 1} {case}: "
+                    + ", ".join(f"{name} {_fmt(v[-1])}" for name, v in samples[case].items()),
+                    flush=True,
+                )
     finally:
         for server in servers:
             server.stop()
@@ -312,18 +368,35 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     def med(values, key):
         return float(np.median([v[key] for v in values]))
 
-    result = {"model_dir": _rel(model_dir), "model": raw.manifest.name, "provider": raw.provider,
-              "connections": conns, "rounds": args.rounds, "seconds": args.seconds, "cases": {}}
+    result = {
+        "model_dir": _rel(model_dir),
+        "model": raw.manifest.name,
+        "provider": raw.provider,
+        "connections": conns,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "cases": {},
+    }
     for case, exit_number, c in cases:
         s = samples[case]
-        entry = {"exit": exit_number, "connections": c,
-                 "raw_default": {"sps": med(s["raw_default"], "sps"), "p50_ms": med(s["raw_default"], "p50_ms")},
-                 "raw_server_options": {"sps": med(s["raw_server_options"], "sps"),
-                                        "p50_ms": med(s["raw_server_options"], "p50_ms")},
-                 "servers": {}}
+        entry = {
+            "exit": exit_number,
+            "connections": c,
+            "raw_default": {"sps": med(s["raw_default"], "sps"), "p50_ms": med(s["raw_default"], "p50_ms")},
+            "raw_server_options": {
+                "sps": med(s["raw_server_options"], "sps"),
+                "p50_ms": med(s["raw_server_options"], "p50_ms"),
+            },
+            "servers": {},
+        }
         for name in variants:
-            served = {"rps": med(s[name], "rps"), "p50_ms": med(s[name], "p50_ms"), "p99_ms": med(s[name], "p99_ms"),
-                      "errors": int(sum(v["errors"] for v in s[name])), "runs": s[name]}
+            served = {
+                "rps": med(s[name], "rps"),
+                "p50_ms": med(s[name], "p50_ms"),
+                "p99_ms": med(s[name], "p99_ms"),
+                "errors": int(sum(v["errors"] for v in s[name])),
+                "runs": s[name],
+            }
             if all("loop_cpu_ms_per_request" in v for v in s[name]):
                 served["loop_cpu_ms_per_request"] = med(s[name], "loop_cpu_ms_per_request")
                 served["process_cpu_ms_per_request"] = med(s[name], "process_cpu_ms_per_request")
@@ -332,8 +405,9 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 served["ratio_vs_raw_server_options"] = served["rps"] / entry["raw_server_options"]["sps"]
             else:
                 served["p50_overhead_ms_vs_raw_default"] = served["p50_ms"] - entry["raw_default"]["p50_ms"]
-                served["p50_overhead_ms_vs_raw_server_options"] = (served["p50_ms"]
-                                                                   - entry["raw_server_options"]["p50_ms"])
+                served["p50_overhead_ms_vs_raw_server_options"] = (
+                    served["p50_ms"] - entry["raw_server_options"]["p50_ms"]
+                )
             entry["servers"][name] = served
         result["cases"][case] = entry
     return result
@@ -350,9 +424,10 @@ def _fmt(v: dict) -> str:
 # 3: cascade efficiency on real images
 # ------------------------------------------------------------------------------------------
 
+
 def fashion_mnist_test(limit: int, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, Path]:
     """The first ``limit`` Fashion-MNIST test images (uint8 28×28) and labels, from the idx files."""
-    for folder in ([data_dir] if data_dir else list(FMNIST_DIRS)):
+    for folder in [data_dir] if data_dir else list(FMNIST_DIRS):
         images, labels = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
         if images.is_file() and labels.is_file():
             x = np.frombuffer(gzip.decompress(images.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
@@ -372,7 +447,7 @@ def offline_cascade(model_dir: Path, bodies: list[bytes], server_options) -> tup
     x = np.stack([pre(b, "image/png") for b in bodies])
     conf, pred = [], []
     for start in range(0, len(x), 64):
-        feats, c, p = x[start:start + 64], [], []
+        feats, c, p = x[start : start + 64], [], []
         for graph in runtime.stages:
             outputs = graph.run(feats)
             c.append(cascade.top_probability(outputs[0]))
@@ -389,8 +464,11 @@ def cascade_path(port: int) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
-    fused = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("eed_batch_size_count{") and 'graph="cascade"' in line)
+    fused = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("eed_batch_size_count{") and 'graph="cascade"' in line
+    )
     return "fused" if fused > 0 else "stages"
 
 
@@ -463,34 +541,49 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
         served_exit = np.asarray([a["exit"] for a in casc])
         served_label = np.asarray([a["label"] for a in casc])
         per_variant[name] = {
-            "main_inference_ms": t_main, "cascade_inference_ms": t_casc,
-            "main_latency_ms": l_main, "cascade_latency_ms": l_casc,
+            "main_inference_ms": t_main,
+            "cascade_inference_ms": t_casc,
+            "main_latency_ms": l_main,
+            "cascade_latency_ms": l_casc,
             "main_inference_ms_median": float(np.median([a["inference_ms"] for a in main])),
             "cascade_inference_ms_median": float(np.median([a["inference_ms"] for a in casc])),
-            "main_gflops": main_gflops, "cascade_gflops": g_casc,
-            "gflops_saved": gflops_saved, "inference_time_saved": time_saved,
+            "main_gflops": main_gflops,
+            "cascade_gflops": g_casc,
+            "gflops_saved": gflops_saved,
+            "inference_time_saved": time_saved,
             "latency_saved": 1 - l_casc / l_main,
             "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
             "cascade_ran": how[name],
             "exit_fractions": np.bincount(served_exit, minlength=k + 1)[1:].tolist(),
-            "agreement_with_offline_rule": float(np.mean((served_exit == simulated.exit)
-                                                         & (served_label == simulated.prediction))),
+            "agreement_with_offline_rule": float(
+                np.mean((served_exit == simulated.exit) & (served_label == simulated.prediction))
+            ),
             "accuracy_main": float(np.mean(np.asarray([a["label"] for a in main]) == labels)),
             "accuracy_cascade": float(np.mean(served_label == labels)),
         }
         v = per_variant[name]
-        print(f"  {manifest.name} [{name}, {how[name]}]: GFLOPs saved {100 * gflops_saved:.1f} %, inference time saved "
-              f"{100 * time_saved:.1f} % (efficiency {v['efficiency']:.2f}), latency saved "
-              f"{100 * v['latency_saved']:.1f} %, agreement {100 * v['agreement_with_offline_rule']:.2f} %, "
-              f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
-              flush=True)
-    return {"model_dir": _rel(model_dir), "model": manifest.name, "images": len(bodies), "source": str(source),
-            "query": query, "thresholds": how, "variants": per_variant}
+        print(
+            f"  {manifest.name} [{name}, {how[name]}]: GFLOPs saved {100 * gflops_saved:.1f} %, inference time saved "
+            f"{100 * time_saved:.1f} % (efficiency {v['efficiency']:.2f}), latency saved "
+            f"{100 * v['latency_saved']:.1f} %, agreement {100 * v['agreement_with_offline_rule']:.2f} %, "
+            f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
+            flush=True,
+        )
+    return {
+        "model_dir": _rel(model_dir),
+        "model": manifest.name,
+        "images": len(bodies),
+        "source": str(source),
+        "query": query,
+        "thresholds": how,
+        "variants": per_variant,
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
+
 
 def _rel(path: Path) -> str:
     try:
@@ -524,13 +617,17 @@ def summary(report: dict) -> list[str]:
             sat_main = t["cases"]["saturation_main"]["servers"][name]["ratio_vs_raw_default"]
             sat_one = t["cases"]["saturation_exit1"]["servers"][name]["ratio_vs_raw_default"]
             over = t["cases"]["overhead_main"]["servers"][name]["p50_overhead_ms_vs_raw_default"]
-            lines.append(f"[{name}] saturation main {sat_main:.2f}x (>= {TARGETS['saturation_main']}), exit 1 "
-                         f"{sat_one:.2f}x (>= {TARGETS['saturation_exit1']}), p50 overhead {over:+.2f} ms "
-                         f"(<= {TARGETS['overhead_p50_ms']})")
+            lines.append(
+                f"[{name}] saturation main {sat_main:.2f}x (>= {TARGETS['saturation_main']}), exit 1 "
+                f"{sat_one:.2f}x (>= {TARGETS['saturation_exit1']}), p50 overhead {over:+.2f} ms "
+                f"(<= {TARGETS['overhead_p50_ms']})"
+            )
     for c in report.get("cascade", []):
         for name, v in c["variants"].items():
-            lines.append(f"[{name}] {c['model']}: cascade efficiency {v['efficiency']:.2f} "
-                         f"(>= {TARGETS['cascade_efficiency']}), agreement {100 * v['agreement_with_offline_rule']:.1f} %")
+            lines.append(
+                f"[{name}] {c['model']}: cascade efficiency {v['efficiency']:.2f} "
+                f"(>= {TARGETS['cascade_efficiency']}), agreement {100 * v['agreement_with_offline_rule']:.1f} %"
+            )
     return lines
 
 
@@ -541,25 +638,44 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=FULL_WIDTH, help="model for saturation and overhead")
-    parser.add_argument("--cascade-model", type=Path, action="append",
-                        help="model(s) for cascade efficiency (default: the shipped model and the full-width export)")
+    parser.add_argument(
+        "--cascade-model",
+        type=Path,
+        action="append",
+        help="model(s) for cascade efficiency (default: the shipped model and the full-width export)",
+    )
     parser.add_argument("--only", choices=["throughput", "cascade"], help="run one part only")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="alternating server/raw rounds (medians reported)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw ORT timing")
     parser.add_argument("--images", type=int, default=2000, help="test images for cascade efficiency")
-    parser.add_argument("--full-width-images", type=int, default=600,
-                        help="of which the full-width export gets this many (it is ~20x slower per image)")
-    parser.add_argument("--policy", default="budget_0.75x_main",
-                        help="calibrated policy for the cascade where the manifest has it")
+    parser.add_argument(
+        "--full-width-images",
+        type=int,
+        default=600,
+        help="of which the full-width export gets this many (it is ~20x slower per image)",
+    )
+    parser.add_argument(
+        "--policy", default="budget_0.75x_main", help="calibrated policy for the cascade where the manifest has it"
+    )
     parser.add_argument("--fmnist-dir", type=Path, help="folder with the Fashion-MNIST t10k idx.gz files")
     parser.add_argument("--providers", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                        help="a server variant: extra flags for python -m serving (repeatable; default one plain "
-                             "server). Variants alternate within each round")
-    parser.add_argument("--variant-tree", action="append", default=[], metavar="NAME=PATH",
-                        help="run variant NAME from another source tree (e.g. a `git archive` of the old code)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="a server variant: extra flags for python -m serving (repeatable; default one plain "
+        "server). Variants alternate within each round",
+    )
+    parser.add_argument(
+        "--variant-tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="run variant NAME from another source tree (e.g. a `git archive` of the old code)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     variants = parse_variants(args.variant, args.variant_tree)
@@ -573,14 +689,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     report: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_start": os.getloadavg()},
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "command": " ".join(
+            shlex.quote(a) for a in [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
+        ),
         "load_generator": "wrk" if shutil.which("wrk") else "python (wrk not installed)",
         "method": "server and raw ONNX Runtime alternate in each round (medians over rounds); saturation = server "
-                  "req/s with N keep-alive connections / raw ORT samples/s at batch N (ORT default session options); "
-                  "overhead = server p50 with 1 connection - raw ORT p50 at batch 1; cascade efficiency = share of "
-                  "mean inference_ms saved / share of mean GFLOPs saved, sequential requests over real test images",
+        "req/s with N keep-alive connections / raw ORT samples/s at batch N (ORT default session options); "
+        "overhead = server p50 with 1 connection - raw ORT p50 at batch 1; cascade efficiency = share of "
+        "mean inference_ms saved / share of mean GFLOPs saved, sequential requests over real test images",
         "targets": TARGETS,
         "variants": {name: {"flags": flags, "tree": _rel(tree)} for name, (flags, tree) in variants.items()},
     }

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -138,7 +139,7 @@ class GraphWorker:
             if not item.future.done():
                 item.future.cancel()
 
-    async def submit(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+    async def submit(self, inputs: Any) -> tuple[np.ndarray, ...]:
         """Queue one sample and wait for its outputs (one array per graph output)."""
         if self._task is None or self._task.done():
             raise RuntimeError(f"batcher {self.name} is not running")

@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -47,8 +48,9 @@ log = logging.getLogger("serving.fused")
 IMAGE, THRESHOLDS, LOGITS, EXIT = "image", "thresholds", "logits", "exit"
 
 
-def build_fused_cascade(stage_paths: Sequence[Path], image_input: str, features_input: str,
-                        logits_output: str, features_output: str):
+def build_fused_cascade(
+    stage_paths: Sequence[Path], image_input: str, features_input: str, logits_output: str, features_output: str
+):
     """Return the fused cascade as an ``onnx.ModelProto`` (see the module docstring)."""
     import onnx
     from onnx import TensorProto, helper
@@ -107,8 +109,11 @@ def build_fused_cascade(stage_paths: Sequence[Path], image_input: str, features_
         """An int64 [n] tensor filled with ``i``, n = rows of ``like``."""
         shape, out = f"fc/l{i}/rows", f"fc/l{i}/exit_{len(nodes)}"
         nodes.append(helper.make_node("Shape", [like], [shape], end=1))
-        nodes.append(helper.make_node("ConstantOfShape", [shape], [out],
-                                      value=helper.make_tensor("v", TensorProto.INT64, [1], [i])))
+        nodes.append(
+            helper.make_node(
+                "ConstantOfShape", [shape], [out], value=helper.make_tensor("v", TensorProto.INT64, [1], [i])
+            )
+        )
         return out
 
     def level(i: int, feed: str, thresholds: str, weights: list) -> tuple[list, str, str]:
@@ -116,6 +121,7 @@ def build_fused_cascade(stage_paths: Sequence[Path], image_input: str, features_
         nodes, logits, features = stage_nodes(i, feed, weights)
         if i == k:
             return nodes, logits, exit_const(i, logits, nodes)
+        assert features is not None, f"stage {i} of {k} has no features output"
         p = f"fc/l{i}/"
         nodes += [
             helper.make_node("Cast", [logits], [p + "z"], to=TensorProto.DOUBLE),
@@ -152,11 +158,19 @@ def build_fused_cascade(stage_paths: Sequence[Path], image_input: str, features_
         ]
         then_graph = helper.make_graph(sub_nodes, p + "then", [], out_types("then"), initializer=sub_weights)
         else_graph = helper.make_graph(
-            [helper.make_node("Identity", [logits], [p + "else_logits"]),
-             helper.make_node("Identity", [here], [p + "else_exit"])],
-            p + "else", [], out_types("else"))
-        nodes.append(helper.make_node("If", [p + "any"], [p + "logits", p + "exit"],
-                                      then_branch=then_graph, else_branch=else_graph))
+            [
+                helper.make_node("Identity", [logits], [p + "else_logits"]),
+                helper.make_node("Identity", [here], [p + "else_exit"]),
+            ],
+            p + "else",
+            [],
+            out_types("else"),
+        )
+        nodes.append(
+            helper.make_node(
+                "If", [p + "any"], [p + "logits", p + "exit"], then_branch=then_graph, else_branch=else_graph
+            )
+        )
         return nodes, p + "logits", p + "exit"
 
     first = stages[0].graph.input[0]
@@ -166,14 +180,18 @@ def build_fused_cascade(stage_paths: Sequence[Path], image_input: str, features_
     nodes, logits, exit_ = level(1, IMAGE, THRESHOLDS, initializers)
     nodes += [helper.make_node("Identity", [logits], [LOGITS]), helper.make_node("Identity", [exit_], [EXIT])]
     graph = helper.make_graph(
-        nodes, "fused_cascade",
+        nodes,
+        "fused_cascade",
         [image_type, helper.make_tensor_value_info(THRESHOLDS, TensorProto.DOUBLE, ["batch", k - 1])],
-        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", None]),
-         helper.make_tensor_value_info(EXIT, TensorProto.INT64, ["batch"])],
+        [
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", None]),
+            helper.make_tensor_value_info(EXIT, TensorProto.INT64, ["batch"]),
+        ],
         initializer=initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="eed-serving-fused-cascade")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="eed-serving-fused-cascade"
+    )
     model.ir_version = max(m.ir_version for m in stages)
     return model
 
@@ -182,7 +200,7 @@ def cap_thresholds(thresholds: Sequence[float], deepest: int) -> np.ndarray:
     """One sample's threshold row for the fused graph: ``thresholds`` (one per early exit),
     with every exit from ``deepest`` on set to 0 so no sample goes past ``deepest``."""
     row = np.asarray(thresholds, dtype=np.float64).copy()
-    row[deepest - 1:] = 0.0
+    row[deepest - 1 :] = 0.0
     return row
 
 
@@ -190,9 +208,12 @@ def cap_thresholds(thresholds: Sequence[float], deepest: int) -> np.ndarray:
 class FusedCascadeGraph(Graph):
     """The fused cascade's session; ``run`` takes (images, threshold rows) and returns [logits, exit]."""
 
-    def run(self, batch) -> list[np.ndarray]:  # type: ignore[override]
+    def run(self, batch: Any) -> list[np.ndarray]:
         images, thresholds = batch
         return self.session.run(self.output_names, {IMAGE: images, THRESHOLDS: thresholds})
+
+    def feed(self, x: np.ndarray, stage_inputs: Sequence[np.ndarray]) -> Any:
+        return x, self.full_depth(len(x))
 
     def full_depth(self, batch: int) -> np.ndarray:
         """Threshold rows that never stop early (every stage runs): for warm-up and timing."""
@@ -215,12 +236,19 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         import onnx  # noqa: F401  (only to build the graph)
     except ImportError:
         if mode == "fused":
-            raise ModelLoadError("cascade_graph=fused needs the onnx package to build the graph: pip install onnx, "
-                                 "or use cascade_graph=auto/stages") from None
+            raise ModelLoadError(
+                "cascade_graph=fused needs the onnx package to build the graph: pip install onnx, "
+                "or use cascade_graph=auto/stages"
+            ) from None
         return _chosen(runtime, None, "stage by stage (the onnx package that builds the fused graph is not installed)")
     io = runtime.manifest.io
-    model = build_fused_cascade([runtime.model_dir / e.stage for e in runtime.manifest.exits], io.image_input,
-                                io.features_input, io.logits_output, io.features_output)
+    model = build_fused_cascade(
+        [runtime.model_dir / e.stage for e in runtime.manifest.exits],
+        io.image_input,
+        io.features_input,
+        io.logits_output,
+        io.features_output,
+    )
     chain = provider_chain(options.providers, ort.get_available_providers())
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -234,8 +262,15 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         if mode == "fused":
             raise ModelLoadError(f"ONNX Runtime cannot load the fused cascade: {exc}") from exc
         return _chosen(runtime, None, f"stage by stage (the fused cascade does not load: {str(exc)[:200]})")
-    graph = FusedCascadeGraph(name="cascade", kind="cascade", exit=k, session=session, input_name=IMAGE,
-                              output_names=[LOGITS, EXIT], provider=session.get_providers()[0])
+    graph = FusedCascadeGraph(
+        name="cascade",
+        kind="cascade",
+        exit=k,
+        session=session,
+        input_name=IMAGE,
+        output_names=[LOGITS, EXIT],
+        provider=session.get_providers()[0],
+    )
     problem = _check(runtime, graph)
     if problem:
         if mode == "fused":
@@ -245,14 +280,16 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         x = runtime.example_input(batch, seed=4)
         graph.run((x, graph.full_depth(batch)))
     fused_s, chain_s, hop_s = _timings(runtime, graph)
-    detail = (f"fused {fused_s * 1e3:.3f} ms vs stage chain {chain_s * 1e3:.3f} ms + {k - 1} hand-offs of "
-              f"{hop_s * 1e3:.3f} ms at batch 1")
+    detail = (
+        f"fused {fused_s * 1e3:.3f} ms vs stage chain {chain_s * 1e3:.3f} ms + {k - 1} hand-offs of "
+        f"{hop_s * 1e3:.3f} ms at batch 1"
+    )
     if mode == "fused" or fused_s <= chain_s + (k - 1) * hop_s:
         return _chosen(runtime, graph, f"one ONNX Runtime call per batch ({detail})")
     return _chosen(runtime, None, f"stage by stage ({detail})")
 
 
-def _chosen(runtime: ModelRuntime, graph: "FusedCascadeGraph | None", reason: str) -> str:
+def _chosen(runtime: ModelRuntime, graph: FusedCascadeGraph | None, reason: str) -> str:
     runtime.fused = graph
     log.info("confidence cascades of %s run %s", runtime.manifest.name, reason)
     return reason
@@ -272,7 +309,7 @@ def _check(runtime: ModelRuntime, graph: FusedCascadeGraph, batch: int = 16) -> 
     rows = np.tile([float(np.median(conf_arr[:, i])) for i in range(k - 1)], (batch, 1))
     rows[::3] = cap_thresholds(rows[0], max(1, k - 1))  # some rows capped below the main exit
     got_logits, got_exit = graph.run((x, rows))
-    want_exit = np.array([cascade.exits_taken(conf_arr[j:j + 1], rows[j])[0] for j in range(batch)])
+    want_exit = np.array([cascade.exits_taken(conf_arr[j : j + 1], rows[j])[0] for j in range(batch)])
     if not np.array_equal(got_exit, want_exit):
         return f"exits {got_exit.tolist()} vs {want_exit.tolist()}"
     want_logits = np.stack([logits[e - 1][j] for j, e in enumerate(want_exit)])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -39,7 +40,7 @@ class SessionOptions:
     allow_spinning: bool = False
 
     @classmethod
-    def from_settings(cls, settings) -> "SessionOptions":
+    def from_settings(cls, settings) -> SessionOptions:
         return cls(
             providers=settings.providers,
             allow_provider_fallback=settings.allow_provider_fallback,
@@ -99,9 +100,13 @@ class Graph:
     output_names: list[str]
     provider: str
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def run(self, batch: Any) -> list[np.ndarray]:
         """Run a batch; returns [logits] or [logits, features]."""
         return self.session.run(self.output_names, {self.input_name: batch})
+
+    def feed(self, x: np.ndarray, stage_inputs: Sequence[np.ndarray]) -> Any:
+        """This graph's input for image batch ``x`` (``stage_inputs``: every stage's input for it)."""
+        return x if self.kind == "exit" else stage_inputs[self.exit - 1]
 
 
 @dataclass
@@ -122,7 +127,7 @@ class ModelRuntime:
         return [*self.exits, *self.stages, *([self.fused] if self.fused is not None else [])]
 
     @classmethod
-    def load(cls, model_dir: str | Path, options: SessionOptions = SessionOptions()) -> "ModelRuntime":
+    def load(cls, model_dir: str | Path, options: SessionOptions = SessionOptions()) -> ModelRuntime:
         """Verify the folder's checksums and open a session for every graph.
 
         Raises :class:`ModelLoadError` (or ManifestError) with a message that names
@@ -136,14 +141,30 @@ class ModelRuntime:
         exits, stages = [], []
         for spec in manifest.exits:
             exits.append(
-                _open(model_dir / spec.path, f"exit{spec.exit}", "exit", spec.exit, io.image_input,
-                      [io.logits_output], chain, options)
+                _open(
+                    model_dir / spec.path,
+                    f"exit{spec.exit}",
+                    "exit",
+                    spec.exit,
+                    io.image_input,
+                    [io.logits_output],
+                    chain,
+                    options,
+                )
             )
             stage_input = io.image_input if spec.exit == 1 else io.features_input
             stage_outputs = [io.logits_output] + ([io.features_output] if spec.exit < k else [])
             stages.append(
-                _open(model_dir / spec.stage, f"stage{spec.exit}", "stage", spec.exit, stage_input,
-                      stage_outputs, chain, options)
+                _open(
+                    model_dir / spec.stage,
+                    f"stage{spec.exit}",
+                    "stage",
+                    spec.exit,
+                    stage_input,
+                    stage_outputs,
+                    chain,
+                    options,
+                )
             )
         actual = {g.provider for g in exits + stages}
         if len(actual) != 1:
@@ -194,8 +215,7 @@ class ModelRuntime:
             x = self.example_input(size, seed=1)
             inputs = self.stage_inputs(x)
             for graph in self.graphs:
-                feed = (x if graph.kind == "exit" else inputs[graph.exit - 1] if graph.kind == "stage"
-                        else (x, graph.full_depth(size)))
+                feed = graph.feed(x, inputs)
                 for _ in range(runs):
                     t0 = time.perf_counter()
                     graph.run(feed)
@@ -222,11 +242,24 @@ class ModelRuntime:
         return result
 
 
-def _open(path: Path, name: str, kind: str, exit_number: int, input_name: str, output_names: list[str],
-          chain: Sequence[str], options: SessionOptions) -> Graph:
+def _open(
+    path: Path,
+    name: str,
+    kind: Literal["exit", "stage"],
+    exit_number: int,
+    input_name: str,
+    output_names: list[str],
+    chain: Sequence[str],
+    options: SessionOptions,
+) -> Graph:
     try:
-        session = open_session(path, chain, intra_op_threads=options.intra_op_threads,
-                               inter_op_threads=options.inter_op_threads, allow_spinning=options.allow_spinning)
+        session = open_session(
+            path,
+            chain,
+            intra_op_threads=options.intra_op_threads,
+            inter_op_threads=options.inter_op_threads,
+            allow_spinning=options.allow_spinning,
+        )
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise ModelLoadError(f"ONNX Runtime cannot load {path}: {exc}") from exc
     inputs = [i.name for i in session.get_inputs()]
@@ -236,8 +269,15 @@ def _open(path: Path, name: str, kind: str, exit_number: int, input_name: str, o
     missing = [n for n in output_names if n not in outputs]
     if missing:
         raise ModelLoadError(f"{path.name} has outputs {outputs}; expected {output_names} (missing {missing})")
-    return Graph(name=name, kind=kind, exit=exit_number, session=session, input_name=input_name,
-                 output_names=output_names, provider=session.get_providers()[0])
+    return Graph(
+        name=name,
+        kind=kind,
+        exit=exit_number,
+        session=session,
+        input_name=input_name,
+        output_names=output_names,
+        provider=session.get_providers()[0],
+    )
 
 
 def _check_logits(graph: Graph, logits: np.ndarray, batch: int, num_classes: int) -> None:

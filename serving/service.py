@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class Ticket:
     """An admitted request. ``preparing`` until it submits its first graph input."""
 
     preparing: bool = True
-    _service: "InferenceService | None" = field(default=None, repr=False)
+    _service: InferenceService | None = field(default=None, repr=False)
 
     def started(self) -> None:
         if self.preparing and self._service is not None:
@@ -100,7 +101,7 @@ class InferenceService:
         self._probe_interval_s = probe_interval_s
         self._margin_s = deadline_margin_ms / 1000.0
         self._probe_task: asyncio.Task | None = None
-        self._probe_inputs: dict[str, np.ndarray] = {}
+        self._probe_inputs: dict[str, Any] = {}
         self._inflight = 0
         self._preparing = 0
         self.exit_workers = [self._worker(g) for g in runtime.exits]
@@ -110,7 +111,7 @@ class InferenceService:
         self.fused_worker = self._worker(runtime.fused) if runtime.fused is not None else None
 
     @classmethod
-    def from_settings(cls, runtime: ModelRuntime, metrics: ServingMetrics, settings) -> "InferenceService":
+    def from_settings(cls, runtime: ModelRuntime, metrics: ServingMetrics, settings) -> InferenceService:
         return cls(
             runtime,
             metrics,
@@ -172,8 +173,7 @@ class InferenceService:
         x = self.runtime.example_input(1, seed=3)
         stage_inputs = self.runtime.stage_inputs(x)
         for graph in self.runtime.graphs:
-            self._probe_inputs[graph.name] = (x if graph.kind == "exit" else stage_inputs[graph.exit - 1]
-                                              if graph.kind == "stage" else (x, graph.full_depth(1)))
+            self._probe_inputs[graph.name] = graph.feed(x, stage_inputs)
         if self._probe_interval_s > 0:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop(), name="latency-probes")
 
@@ -253,10 +253,14 @@ class InferenceService:
         """Per exit, for a request arriving now: (full path, cascade to this exit), in ms."""
         gap = max(0.0, self.prediction_gap.value())
         single = [self.predicted_finish_s(w) * 1e3 for w in self.exit_workers]
-        cascade_ms, total = [], 0.0
+        cascade_ms: list[float] = []
+        total = 0.0
         for worker in self.stage_workers:
-            total += self.predicted_finish_s(worker) if not cascade_ms else (
-                self.service_models[worker.name].estimate(1) + gap)
+            total += (
+                self.predicted_finish_s(worker)
+                if not cascade_ms
+                else (self.service_models[worker.name].estimate(1) + gap)
+            )
             cascade_ms.append(total * 1e3)
         return single, cascade_ms
 
@@ -281,8 +285,11 @@ class InferenceService:
             if self._inflight or any(w.running or w.queue.qsize() for w in self._all_workers):
                 continue
             now = time.monotonic()
-            stale = [(m.last_observed or 0.0, name) for name, m in self.service_models.items()
-                     if m.last_observed is None or now - m.last_observed >= self._probe_interval_s]
+            stale = [
+                (m.last_observed or 0.0, name)
+                for name, m in self.service_models.items()
+                if m.last_observed is None or now - m.last_observed >= self._probe_interval_s
+            ]
             if not stale:
                 continue
             _, name = min(stale)
@@ -325,6 +332,7 @@ class InferenceService:
             evaluated.append(plan.exit)
         elif deadline is None and self.fused_worker is not None:
             # The same rule inside the graph (float64 score, per-sample thresholds capped at plan.exit).
+            assert plan.thresholds is not None  # a cascade plan always has them
             logits, answered = await self.fused_worker.submit((x, cap_thresholds(plan.thresholds, plan.exit)))
             probs = softmax(logits)
             evaluated.extend(range(1, int(answered) + 1))

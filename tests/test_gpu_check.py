@@ -12,11 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
+
 @pytest.mark.slow  # about a minute: a tiny training benchmark and two short server runs
 def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     out = tmp_path / "gpu"
-    result = subprocess.run(["bash", str(SCRIPT), str(out), "--cpu-smoke"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert result.returncode == 0, (result.stdout[-3000:], summary)
     assert [s["step"] for s in summary["steps"]] == ["pytest_gpu", "train_speed", "serve_bench"]
@@ -37,8 +39,9 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
 def test_a_failing_step_is_reported_and_fails_the_run(tmp_path):
     out = tmp_path / "gpu"
     env = {"PATH": "/usr/bin:/bin", "PYTHON": "/bin/false"}  # every Python step fails at once
-    result = subprocess.run(["bash", str(SCRIPT), str(out), "--cpu-smoke"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env=env)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
     assert [s["passed"] for s in summary["steps"]] == [False, False, False]

@@ -9,13 +9,20 @@ import sys
 import httpx
 import numpy as np
 import pytest
+from serving_model import (
+    NUM_EXITS,
+    ServerProcess,
+    build_model_folder,
+    cascade_exit,
+    encode,
+    expected_label,
+    uniform_image,
+)
 
 from serving import cascade
 from serving.errors import ModelLoadError
 from serving.fused import attach_fused_cascade, cap_thresholds
 from serving.runtime import ModelRuntime, SessionOptions
-from serving_model import NUM_EXITS, ServerProcess, build_model_folder, cascade_exit, encode, expected_label, \
-    uniform_image
 
 OPTIONS = SessionOptions(providers="cpu", intra_op_threads=1)
 
@@ -47,12 +54,19 @@ def test_each_sample_stops_by_its_own_thresholds_in_one_batch(fused_runtime):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((24, 1, 28, 28)).astype(np.float32) * 2
     conf, logits = _stage_chain(fused_runtime, x)
-    rows = np.stack([
-        [0.0, 0.0], [cascade.NEVER] * 2, [0.5, 0.5], list(np.median(conf[:, :2], 0)),
-        cap_thresholds([cascade.NEVER] * 2, 2), cap_thresholds([cascade.NEVER] * 2, 1),
-    ] * 4)
+    rows = np.stack(
+        [
+            [0.0, 0.0],
+            [cascade.NEVER] * 2,
+            [0.5, 0.5],
+            list(np.median(conf[:, :2], 0)),
+            cap_thresholds([cascade.NEVER] * 2, 2),
+            cap_thresholds([cascade.NEVER] * 2, 1),
+        ]
+        * 4
+    )
     got_logits, got_exit = fused_runtime.fused.run((x, rows))
-    want_exit = np.array([cascade.exits_taken(conf[j:j + 1], rows[j])[0] for j in range(len(x))])
+    want_exit = np.array([cascade.exits_taken(conf[j : j + 1], rows[j])[0] for j in range(len(x))])
     assert np.array_equal(got_exit, want_exit)
     assert set(want_exit) == {1, 2, 3}  # the batch really mixes exits
     want_logits = np.stack([logits[e - 1][j] for j, e in enumerate(want_exit)])
@@ -94,45 +108,65 @@ def test_without_onnx_auto_falls_back_and_fused_is_an_error(model_dir, monkeypat
 
 # --- through the server: fused and stage-by-stage servers side by side ------------------------
 
+
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")
     common = ("--intra-op-threads", "1", "--max-wait-ms", "20", "--max-batch-size", "8")
     # onnx must be importable to build the fused graph, so these servers do not block it.
-    with ServerProcess(model_dir, "--cascade-graph", "fused", *common, tmp_dir=tmp, block_torch=False) as fused, \
-            ServerProcess(model_dir, "--cascade-graph", "stages", *common, tmp_dir=tmp, block_torch=False) as staged:
+    with (
+        ServerProcess(model_dir, "--cascade-graph", "fused", *common, tmp_dir=tmp, block_torch=False) as fused,
+        ServerProcess(model_dir, "--cascade-graph", "stages", *common, tmp_dir=tmp, block_torch=False) as staged,
+    ):
         yield fused, staged
 
 
 def _metric(url: str, name: str, graph: str) -> float:
     text = httpx.get(url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and f'graph="{graph}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and f'graph="{graph}"' in line
+    )
 
 
 def _comparable(answer: dict) -> tuple:
-    return (answer["exit"], answer["label"], round(answer["probability"], 6), answer["exits_evaluated"],
-            round(answer["gflops"], 12), answer["policy"])
+    return (
+        answer["exit"],
+        answer["label"],
+        round(answer["probability"], 6),
+        answer["exits_evaluated"],
+        round(answer["gflops"], 12),
+        answer["policy"],
+    )
 
 
 def test_fused_server_answers_as_the_stage_path(servers, model_dir):
     fused, staged = servers
     info = httpx.get(fused.url + "/v1/model").json()
     cascade2 = info["manifest"]["exits"][1]["cascade_gflops"]
-    queries = [{"confidence": "0.9"}, {"confidence": "1,0.9"}, {"confidence": "0.9", "budget_gflops": cascade2},
-               {"confidence": "0.3"}]
+    queries = [
+        {"confidence": "0.9"},
+        {"confidence": "1,0.9"},
+        {"confidence": "0.9", "budget_gflops": cascade2},
+        {"confidence": "0.3"},
+    ]
     before = _metric(fused.url, "eed_batch_size_count", "cascade")
     for c in range(10):
         body = encode(uniform_image(c), "PNG")
         for q in queries:
-            answers = [httpx.post(s.url + "/classify", content=body, params=q,
-                                  headers={"Content-Type": "image/png"}, timeout=30) for s in servers]
+            answers = [
+                httpx.post(
+                    s.url + "/classify", content=body, params=q, headers={"Content-Type": "image/png"}, timeout=30
+                )
+                for s in servers
+            ]
             assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
             got, want = (a.json() for a in answers)
             assert _comparable(got) == _comparable(want), (c, q)
-        assert httpx.post(fused.url + "/classify", content=body, params={"confidence": "0.9"},
-                          headers={"Content-Type": "image/png"}).json()["label"] == \
-            expected_label(c, cascade_exit(c, 0.9))
+        assert httpx.post(
+            fused.url + "/classify", content=body, params={"confidence": "0.9"}, headers={"Content-Type": "image/png"}
+        ).json()["label"] == expected_label(c, cascade_exit(c, 0.9))
     assert _metric(fused.url, "eed_batch_size_count", "cascade") - before == 10 * len(queries) + 10
     assert _metric(staged.url, "eed_batch_size_count", "cascade") == 0
 
@@ -143,8 +177,17 @@ def test_concurrent_mixed_policies_batch_together_and_stay_exact(servers):
 
     async def main():
         async with httpx.AsyncClient(base_url=fused.url, timeout=30) as client:
-            return await asyncio.gather(*(client.post("/classify", content=encode(uniform_image(c), "PNG"), params=q,
-                                                      headers={"Content-Type": "image/png"}) for c, q in jobs))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/classify",
+                        content=encode(uniform_image(c), "PNG"),
+                        params=q,
+                        headers={"Content-Type": "image/png"},
+                    )
+                    for c, q in jobs
+                )
+            )
 
     before_batches = _metric(fused.url, "eed_batch_size_count", "cascade")
     before_items = _metric(fused.url, "eed_batch_size_sum", "cascade")
@@ -163,7 +206,11 @@ def test_concurrent_mixed_policies_batch_together_and_stay_exact(servers):
 def test_deadlines_still_run_stage_by_stage(servers):
     fused, _ = servers
     before = _metric(fused.url, "eed_batch_size_count", "stage")
-    r = httpx.post(fused.url + "/classify", content=encode(uniform_image(2), "PNG"),
-                   params={"budget_ms": 10_000, "confidence": "0.9"}, headers={"Content-Type": "image/png"})
+    r = httpx.post(
+        fused.url + "/classify",
+        content=encode(uniform_image(2), "PNG"),
+        params={"budget_ms": 10_000, "confidence": "0.9"},
+        headers={"Content-Type": "image/png"},
+    )
     assert r.status_code == 200 and r.json()["deadline_met"] is True and r.json()["exit"] == cascade_exit(2, 0.9)
     assert _metric(fused.url, "eed_batch_size_count", "stage") - before == cascade_exit(2, 0.9)
