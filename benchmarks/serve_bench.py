@@ -498,10 +498,10 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
         images = np.repeat(images[..., None], 3, axis=-1)  # the server would do L → RGB itself anyway
     bodies = [png(im) for im in images]
     conf, pred = offline_cascade(model_dir, bodies, server_options)
-    policies = json.loads((model_dir / "manifest.json").read_text()).get("thresholds", {}).get("policies", {})
+    policies = manifest.thresholds.policies if manifest.thresholds is not None else {}
     if args.policy and args.policy in policies:
         query, how = f"policy={args.policy}", f"calibrated policy {args.policy}"
-        thresholds = cascade.as_thresholds(policies[args.policy]["thresholds"], k)
+        thresholds = cascade.as_thresholds(policies[args.policy].thresholds, k)
     else:  # an untrained or uncalibrated model: each early exit keeps the images above its median confidence
         thresholds = np.asarray([float(np.median(conf[:, i])) for i in range(k - 1)])
         query = "confidence=" + ",".join(f"{t:.9g}" for t in thresholds)

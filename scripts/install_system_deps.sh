@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests use: real Fashion-MNIST, Prometheus, docker-compose
-# (for `docker-compose config`). As root it installs what is missing; otherwise it says what
-# to install and carries on (the tests that need a missing package skip with a reason).
+# Installs the Debian packages the tests and benchmarks use: real Fashion-MNIST, Prometheus,
+# docker-compose (for `docker-compose config`), wrk (the benchmarks' load
+# generator). As root it installs what is missing; otherwise it says what to install and carries on
+# (the tests that need a missing package skip with a reason).
 set -euo pipefail
-packages=(dataset-fashion-mnist prometheus docker-compose)
+packages=(dataset-fashion-mnist prometheus docker-compose wrk)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
