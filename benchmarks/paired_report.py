@@ -63,19 +63,25 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
     for name, by_seed in loaded.items():
         rs = list(by_seed.values())
         k = rs[0]["exits"]
-        row = {"seeds": sorted(by_seed), "n": len(rs), "alpha": rs[0]["alpha"],
-               "exits": {e: _ms([r["test"][e] for r in rs]) for e in range(1, k + 1)},
-               "train_minus_test_main": mean_interval([r["train_main"] - r["test"][k] for r in rs]).to_dict(),
-               "train_main": _ms([r["train_main"] for r in rs]),
-               "main_per_seed": {s: r["test"][k] for s, r in by_seed.items()},
-               "train_hours": sum(r["train_seconds"] for r in rs) / 3600,
-               "gflops": [c["gflops"] for c in rs[0]["exit_costs"] or []]}  # fmt: skip
+        row = {
+            "seeds": sorted(by_seed),
+            "n": len(rs),
+            "alpha": rs[0]["alpha"],
+            "exits": {e: _ms([r["test"][e] for r in rs]) for e in range(1, k + 1)},
+            "train_minus_test_main": mean_interval([r["train_main"] - r["test"][k] for r in rs]).to_dict(),
+            "train_main": _ms([r["train_main"] for r in rs]),
+            "main_per_seed": {s: r["test"][k] for s, r in by_seed.items()},
+            "train_hours": sum(r["train_seconds"] for r in rs) / 3600,
+            "gflops": [c["gflops"] for c in rs[0]["exit_costs"] or []],
+        }
         if rs[0]["test_ensemble"] is not None:
             row["ensemble"] = _ms([r["test_ensemble"] for r in rs])
             row["ensemble_minus_main_test"] = mean_interval([r["test_ensemble"] - r["test"][k] for r in rs]).to_dict()
             vals = [r for r in rs if r["val_ensemble"] is not None]
             if vals:
-                row["ensemble_minus_main_val"] = mean_interval([r["val_ensemble"] - r["val_main"] for r in vals]).to_dict()
+                row["ensemble_minus_main_val"] = mean_interval(
+                    [r["val_ensemble"] - r["val_main"] for r in vals]
+                ).to_dict()
         curves: dict[int, list[float]] = {}
         for r in rs:
             for epoch, acc in r["val_curve"]:
@@ -95,11 +101,13 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
         for e in exits:
             label = "main" if e is None or e == ka else f"exit {e}"
             ea, eb = (ka, kb) if e is None else (e, e)
-            rows[label] = _comparison({s: loaded[a][s]["test"][ea] for s in shared},
-                                      {s: loaded[b][s]["test"][eb] for s in shared})  # fmt: skip
+            rows[label] = _comparison(
+                {s: loaded[a][s]["test"][ea] for s in shared}, {s: loaded[b][s]["test"][eb] for s in shared}
+            )
         if ka == kb and loaded[a][shared[0]]["test_ensemble"] is not None:
-            rows["ensemble"] = _comparison({s: loaded[a][s]["test_ensemble"] for s in shared},
-                                           {s: loaded[b][s]["test_ensemble"] for s in shared})  # fmt: skip
+            rows["ensemble"] = _comparison(
+                {s: loaded[a][s]["test_ensemble"] for s in shared}, {s: loaded[b][s]["test_ensemble"] for s in shared}
+            )
         comparisons.append({"a": a, "b": b, "pairs": len(shared), "seeds": shared, "by_exit": rows})
 
     pilot = []
@@ -107,10 +115,17 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
         for name in PILOT["methods"]:
             r = loaded.get(name, {}).get(seed)
             if r is not None and r["val_main"] is not None:
-                pilot.append({"method": name, "seed": seed, "train_main": r["train_main"], "val_main": r["val_main"],
-                              "val_ensemble": r["val_ensemble"],
-                              "overfits": r["train_main"] - r["val_main"],
-                              "ensemble_gain": (r["val_ensemble"] or float("nan")) - r["val_main"]})  # fmt: skip
+                pilot.append(
+                    {
+                        "method": name,
+                        "seed": seed,
+                        "train_main": r["train_main"],
+                        "val_main": r["val_main"],
+                        "val_ensemble": r["val_ensemble"],
+                        "overfits": r["train_main"] - r["val_main"],
+                        "ensemble_gain": (r["val_ensemble"] or float("nan")) - r["val_main"],
+                    }
+                )
     return {"methods": methods, "comparisons": comparisons, "pilot": pilot}
 
 
@@ -142,15 +157,20 @@ def to_markdown(summary: dict, meta: dict) -> str:
     methods, comps = summary["methods"], summary["comparisons"]
     k = max(len(r["exits"]) for r in methods.values())
     lines = [
-        f"# Paper comparison on Fashion-MNIST, preset `{meta['preset']}`", "",
-        meta["regime"], "",
-        "Finished runs: " + ", ".join(f"{name} {row['n']} (seeds {_seed_list(row['seeds'])})"
-                                      for name, row in methods.items()) + ".", "",
+        f"# Paper comparison on Fashion-MNIST, preset `{meta['preset']}`",
+        "",
+        meta["regime"],
+        "",
+        "Finished runs: "
+        + ", ".join(f"{name} {row['n']} (seeds {_seed_list(row['seeds'])})" for name, row in methods.items())
+        + ".",
+        "",
         "Test accuracy (%) after the final epoch (no epoch selection), mean ± std over seeds; the test "
-        "split (10,000 images) is used once per run, at the end.", "",
+        "split (10,000 images) is used once per run, at the end.",
+        "",
         "| method | runs | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |",
         "|" + "---|" * (k + 3),
-    ]  # fmt: skip
+    ]
     for name, row in methods.items():
         cells = []
         for e in range(1, k + 1):
@@ -161,41 +181,70 @@ def to_markdown(summary: dict, meta: dict) -> str:
         label = f"{name} (α = {row['alpha']:g})" if name.startswith(("eed", "kd", "byot")) else name
         lines.append(f"| {label} | {row['n']} | " + " | ".join(cells) + " |")
 
-    lines += ["", "## Paired differences (points), 95 % t-interval over seeds", "",
-              "Each seed gives both methods the same training subset, initial weights and batch order.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Paired differences (points), 95 % t-interval over seeds",
+        "",
+        "Each seed gives both methods the same training subset, initial weights and batch order.",
+        "",
+    ]
     for c in comps:
         labels = list(c["by_exit"])
-        lines += [f"**{c['a']} − {c['b']}** ({c['pairs']} pair{'s' if c['pairs'] > 1 else ''})", "",
-                  "| | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1),
-                  "| mean [95 % CI] | " + " | ".join(_iv(c["by_exit"][x]) for x in labels) + " |",
-                  f"| {c['a']} ahead in | " + " | ".join(f"{c['by_exit'][x]['wins']}/{c['pairs']}" for x in labels)
-                  + " |", ""]  # fmt: skip
+        lines += [
+            f"**{c['a']} − {c['b']}** ({c['pairs']} pair{'s' if c['pairs'] > 1 else ''})",
+            "",
+            "| | " + " | ".join(labels) + " |",
+            "|" + "---|" * (len(labels) + 1),
+            "| mean [95 % CI] | " + " | ".join(_iv(c["by_exit"][x]) for x in labels) + " |",
+            f"| {c['a']} ahead in | " + " | ".join(f"{c['by_exit'][x]['wins']}/{c['pairs']}" for x in labels) + " |",
+            "",
+        ]
 
-    lines += ["## The paper's premises, per method", "",
-              "The mechanism needs an ensemble teacher better than the main output, and a network that fits its "
-              "training set beyond held-out accuracy (something to regularise). Mean [95 % CI] over seeds, points; "
-              "train accuracy is the final epoch's running accuracy on the (augmented) training batches.", "",
-              "| method | ensemble − main (test) | ensemble − main (val) | train − test (main) |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## The paper's premises, per method",
+        "",
+        "The mechanism needs an ensemble teacher better than the main output, and a network that fits its "
+        "training set beyond held-out accuracy (something to regularise). Mean [95 % CI] over seeds, points; "
+        "train accuracy is the final epoch's running accuracy on the (augmented) training batches.",
+        "",
+        "| method | ensemble − main (test) | ensemble − main (val) | train − test (main) |",
+        "|---|---|---|---|",
+    ]
     for name, row in methods.items():
-        cells = [_iv(row[key]) if key in row else "—"
-                 for key in ("ensemble_minus_main_test", "ensemble_minus_main_val", "train_minus_test_main")]  # fmt: skip
+        cells = [
+            _iv(row[key]) if key in row else "—"
+            for key in ("ensemble_minus_main_test", "ensemble_minus_main_val", "train_minus_test_main")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     if summary["pilot"]:
-        lines += ["", "## Pilot (validation split only: 5,000 held-out training images, final epoch)", "",
-                  "| method | seed | train (main) | val main | val ensemble | train − val | ensemble − main |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Pilot (validation split only: 5,000 held-out training images, final epoch)",
+            "",
+            "| method | seed | train (main) | val main | val ensemble | train − val | ensemble − main |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for p in summary["pilot"]:
-            lines.append(f"| {p['method']} | {p['seed']} | {p['train_main']:.2f} | {p['val_main']:.2f} | "
-                         f"{p['val_ensemble']:.2f} | {p['overfits']:+.2f} | {p['ensemble_gain']:+.2f} |")  # fmt: skip
+            lines.append(
+                f"| {p['method']} | {p['seed']} | {p['train_main']:.2f} | {p['val_main']:.2f} | "
+                f"{p['val_ensemble']:.2f} | {p['overfits']:+.2f} | {p['ensemble_gain']:+.2f} |"
+            )
 
     gflops = next((r["gflops"] for r in methods.values() if len(r["gflops"]) == k), [])
     if gflops:
-        lines += ["", "GFLOPs per exit (full path): " + ", ".join(f"exit {i + 1}: {g:.4f}" for i, g in enumerate(gflops))]
+        lines += [
+            "",
+            "GFLOPs per exit (full path): " + ", ".join(f"exit {i + 1}: {g:.4f}" for i, g in enumerate(gflops)),
+        ]
     hours = sum(r["train_hours"] for r in methods.values())
-    lines += ["", f"Command: `{meta['command']}`  ", f"Git revision: `{meta['git_revision']}`  ",
-              f"Machine: {meta['machine']}  ", f"Training time summed over runs (train loop only): {hours:.2f} h"]  # fmt: skip
+    lines += [
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Git revision: `{meta['git_revision']}`  ",
+        f"Machine: {meta['machine']}  ",
+        f"Training time summed over runs (train loop only): {hours:.2f} h",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -216,8 +265,14 @@ def plot(summary: dict, out_dir: Path, preset: str) -> list[Path]:
         if "ensemble" in row:
             exits, vals = exits + [k + 1], vals + [row["ensemble"]]
         xs = [e + (j - len(methods) / 2 + 0.5) * width for e in exits]
-        ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] for v in vals], capsize=2,
-               label=f"{name} ({row['n']} seeds)")  # fmt: skip
+        ax.bar(
+            xs,
+            [v["mean"] for v in vals],
+            width,
+            yerr=[v["std"] for v in vals],
+            capsize=2,
+            label=f"{name} ({row['n']} seeds)",
+        )
     ax.set_xticks(range(1, k + 2), [f"exit {e}" for e in range(1, k)] + ["main", "ensemble"])
     lows = [v["mean"] for r in methods.values() for v in r["exits"].values()]
     ax.set_ylim(max(0, min(lows) - 3), min(100, max(lows) + 1.5))
@@ -236,9 +291,14 @@ def plot(summary: dict, out_dir: Path, preset: str) -> list[Path]:
             labels = list(c["by_exit"])
             xs = [i + (j - len(comps) / 2 + 0.5) * 0.25 for i in range(len(labels))]
             rows = [c["by_exit"][x] for x in labels]
-            ax.errorbar(xs, [r["mean"] for r in rows], fmt="o", capsize=4,
-                        yerr=[[r["mean"] - r["low"] for r in rows], [r["high"] - r["mean"] for r in rows]],
-                        label=f"{c['a']} − {c['b']} ({c['pairs']} pairs)")  # fmt: skip
+            ax.errorbar(
+                xs,
+                [r["mean"] for r in rows],
+                fmt="o",
+                capsize=4,
+                yerr=[[r["mean"] - r["low"] for r in rows], [r["high"] - r["mean"] for r in rows]],
+                label=f"{c['a']} − {c['b']} ({c['pairs']} pairs)",
+            )
             ax.set_xticks(range(len(labels)), labels)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylabel("difference in test accuracy (points)")

@@ -5,9 +5,9 @@ Trains every method with several seeds on Fashion-MNIST with a CIFAR-style ResNe
 validation split, evaluates that epoch once on the test split, and writes a Markdown and a
 JSON table (per-exit test accuracy mean ± std over seeds, ensemble accuracy, GFLOPs per
 exit) plus two plots under ``benchmarks/results/``. The small-data preset reports the final
-epoch instead, with paired-by-seed differences and 95 % t-intervals (``paired_report.py``). Every run is resumable: stop the
-benchmark at any time and start the same command again; finished runs are skipped and
-interrupted ones continue from their last epoch.
+epoch instead, with paired-by-seed differences and 95 % t-intervals (``paired_report.py``).
+Every run is resumable: stop the benchmark at any time and start the same command again;
+finished runs are skipped and interrupted ones continue from their last epoch.
 
     python benchmarks/reproduce.py --preset cpu        # sized for a 2-core CPU (about 2.5 hours)
     python benchmarks/reproduce.py --preset small-data # 2,500 images x 200 epochs, paired seeds, intervals
@@ -29,10 +29,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.paired_stats import mean_interval
 
-from benchmarks.paired_stats import mean_interval  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # name → train.py flags. KD distils logits only; BYOT adds the feature term (both from the
 # main output); EED distils from the ensemble of all outputs, with KL or with MSE.
@@ -51,9 +50,10 @@ COMMON = ["--arch", "resnet18", "--dataset", "fashion-mnist", "--temperature", "
 PRESETS: dict[str, dict] = {
     # Width 1/8 and 10 epochs with the paper's step schedule scaled to the run, fp32
     # (channels_last only changes the memory layout): 18 runs in about 2.5 hours on 2 cores.
-    "cpu": {"flags": ["--width-mult", "0.125", "--epochs", "10", "--val-split", "5000", "--channels-last",
-                      "--alpha", "1"],
-            "seeds": [0, 1, 2]},
+    "cpu": {
+        "flags": ["--width-mult", "0.125", "--epochs", "10", "--val-split", "5000", "--channels-last", "--alpha", "1"],
+        "seeds": [0, 1, 2],
+    },
     # A regime where the paper's premises hold (the network overfits its training set, and the
     # exit ensemble beats the main output): 2,500 seeded training images, the paper's full
     # 200-epoch schedule, the final epoch reported (no selection), the test split whole, a
@@ -62,20 +62,51 @@ PRESETS: dict[str, dict] = {
     # test figures were seen while choosing this regime. "phases" order the runs: 16 paired
     # seeds of BranchyNet vs EED-MSE (the comparison) first, then EED-KL and the baseline on
     # seeds 1-8, then more of each.
-    "small-data": {"flags": ["--width-mult", "0.125", "--epochs", "200", "--train-size", "2500", "--val-split",
-                             "5000", "--eval-every", "20", "--channels-last"],
-                   "seeds": list(range(1, 31)), "report": "final_epoch",
-                   "regime": "ResNet-18 (CIFAR-style) x0.125, fp32, trained on 2,500 Fashion-MNIST images (a seeded "
-                             "subset of the training split: same seed, same images, initial weights and batch order "
-                             "for every method) for 200 epochs with the paper's recipe (SGD 0.1, momentum 0.9, "
-                             "wd 5e-4, batch 128, lr x0.1 at epochs 75/130/180, crop + flip); validation: 5,000 other "
-                             "training images every 20 epochs; α = 0.1 with KL, 1 with MSE, β = 1, T = 3. Seed 0 "
-                             "is left out: its test figures were seen while this regime was chosen.",
-                   "phases": [(["branchynet", "eed-mse"], range(1, 17)), (["eed-kl", "baseline"], range(1, 9)),
-                              (["branchynet", "eed-mse"], range(17, 31)), (["eed-kl", "baseline"], range(9, 31))]},
+    "small-data": {
+        "flags": [
+            "--width-mult",
+            "0.125",
+            "--epochs",
+            "200",
+            "--train-size",
+            "2500",
+            "--val-split",
+            "5000",
+            "--eval-every",
+            "20",
+            "--channels-last",
+        ],
+        "seeds": list(range(1, 31)),
+        "report": "final_epoch",
+        "regime": "ResNet-18 (CIFAR-style) x0.125, fp32, trained on 2,500 Fashion-MNIST images (a seeded "
+        "subset of the training split: same seed, same images, initial weights and batch order "
+        "for every method) for 200 epochs with the paper's recipe (SGD 0.1, momentum 0.9, "
+        "wd 5e-4, batch 128, lr x0.1 at epochs 75/130/180, crop + flip); validation: 5,000 other "
+        "training images every 20 epochs; α = 0.1 with KL, 1 with MSE, β = 1, T = 3. Seed 0 "
+        "is left out: its test figures were seen while this regime was chosen.",
+        "phases": [
+            (["branchynet", "eed-mse"], range(1, 17)),
+            (["eed-kl", "baseline"], range(1, 9)),
+            (["branchynet", "eed-mse"], range(17, 31)),
+            (["eed-kl", "baseline"], range(9, 31)),
+        ],
+    },
     "paper": {"flags": ["--width-mult", "1.0", "--epochs", "200", "--val-split", "5000"], "seeds": [0, 1, 2]},
-    "smoke": {"flags": ["--width-mult", "0.125", "--epochs", "2", "--val-split", "64", "--subset", "320",
-                        "--batch-size", "32"], "seeds": [0, 1]},  # fmt: skip
+    "smoke": {
+        "flags": [
+            "--width-mult",
+            "0.125",
+            "--epochs",
+            "2",
+            "--val-split",
+            "64",
+            "--subset",
+            "320",
+            "--batch-size",
+            "32",
+        ],
+        "seeds": [0, 1],
+    },
 }
 
 
@@ -83,8 +114,9 @@ def needs_beta(method_flags: list[str]) -> bool:
     return any(m in method_flags for m in ("byot", "eed"))
 
 
-def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], log, threads: int,
-            stop_at: float | None = None) -> Path | None:
+def run_one(
+    name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], log, threads: int, stop_at: float | None = None
+) -> Path | None:
     """Train one (method, seed) run, resuming it if it was interrupted; returns its folder, or
     None when ``stop_at`` (a time.time()) has passed before the run could start."""
     run_dir = runs_dir / f"{name}-s{seed}"
@@ -96,13 +128,34 @@ def run_one(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str],
         return None
     method_flags = METHODS[name]
     if (run_dir / "checkpoint.pt").is_file():
-        cmd = [sys.executable, "training/train.py", "--resume", str(_relative(run_dir)), "--no-progress",
-               "--threads", str(threads)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "training/train.py",
+            "--resume",
+            str(_relative(run_dir)),
+            "--no-progress",
+            "--threads",
+            str(threads),
+        ]
         log(f"{name} seed {seed}: resuming")
     else:
-        cmd = [sys.executable, "training/train.py", *COMMON, *PRESETS[preset]["flags"],
-               *method_flags, "--seed", str(seed), "--output-dir", str(_relative(runs_dir)), "--run-name", run_dir.name,
-               "--no-progress", "--threads", str(threads), *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "training/train.py",
+            *COMMON,
+            *PRESETS[preset]["flags"],
+            *method_flags,
+            "--seed",
+            str(seed),
+            "--output-dir",
+            str(_relative(runs_dir)),
+            "--run-name",
+            run_dir.name,
+            "--no-progress",
+            "--threads",
+            str(threads),
+            *extra,
+        ]
         if method_flags[1] in ("baseline", "branchynet"):
             cmd = _drop(cmd)
         elif needs_beta(method_flags):
@@ -170,7 +223,9 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
             curves.append([100 * r.get(f"val_acc_exit{exits[-1]}", float("nan")) for r in log])
         row["main_val_curve_mean"] = [statistics.fmean(v) for v in zip(*curves)]
         row["train_seconds"] = sum(
-            json.loads(line).get("train_seconds", 0.0) for d in dirs for line in (d / "log.jsonl").read_text().splitlines()
+            json.loads(line).get("train_seconds", 0.0)
+            for d in dirs
+            for line in (d / "log.jsonl").read_text().splitlines()
         )
         table[name] = row
     return table
@@ -180,12 +235,15 @@ def to_markdown(table: dict, meta: dict) -> str:
     k = max(len(r["exits"]) for r in table.values())
     header = "| method | seeds | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |"
     lines = [
-        f"# Paper comparison on Fashion-MNIST (preset `{meta['preset']}`)", "",
+        f"# Paper comparison on Fashion-MNIST (preset `{meta['preset']}`)",
+        "",
         f"ResNet-18 (CIFAR-style) x{meta['width_mult']}, {meta['epochs']} epochs, seeds {meta['seeds']}. "
         "Test accuracy (%) of the epoch selected on the validation split, mean ± std over seeds; "
-        "the test split is used once per run.", "",
-        header, "|" + "---|" * (k + 3),
-    ]  # fmt: skip
+        "the test split is used once per run.",
+        "",
+        header,
+        "|" + "---|" * (k + 3),
+    ]
     for name, row in table.items():
         cells = []
         for e in range(1, k + 1):
@@ -201,12 +259,19 @@ def to_markdown(table: dict, meta: dict) -> str:
         if eed in table and other in table:
             pairs = list(zip(table[eed]["main_per_seed"], table[other]["main_per_seed"]))
             iv = mean_interval([a - b for a, b in pairs])
-            lines.append(f"{eed} − {other}, main output: {iv.mean:+.2f} points, std of the paired differences "
-                         f"{iv.std:.2f}, 95 % t-interval [{iv.low:+.2f}, {iv.high:+.2f}] ({len(pairs)} seeds).  ")  # fmt: skip
-    lines += ["", f"Command: `{meta['command']}`  ", f"Git revision: `{meta['git_revision']}`  ",
-              f"Machine: {meta['machine']}  ",
-              f"Training time, summed over runs (train loop only): {sum(r['train_seconds'] for r in table.values()) / 3600:.2f} h; "
-              f"this invocation's wall time: {meta['wall_seconds']:.0f} s"]  # fmt: skip
+            lines.append(
+                f"{eed} − {other}, main output: {iv.mean:+.2f} points, std of the paired differences "
+                f"{iv.std:.2f}, 95 % t-interval [{iv.low:+.2f}, {iv.high:+.2f}] ({len(pairs)} seeds).  "
+            )
+    lines += [
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Git revision: `{meta['git_revision']}`  ",
+        f"Machine: {meta['machine']}  ",
+        f"Training time, summed over runs (train loop only): "
+        f"{sum(r['train_seconds'] for r in table.values()) / 3600:.2f} h; "
+        f"this invocation's wall time: {meta['wall_seconds']:.0f} s",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -288,20 +353,39 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
-                   help="default: the preset's methods (all six, or small-data's four)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=None,
+        help="default: the preset's methods (all six, or small-data's four)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--runs-dir", default=None,
-                   help="where run folders go (default benchmarks/results/reproduce-PRESET; their logs and "
-                        "final.json are committed, checkpoints are not)")  # fmt: skip
-    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                   help="runs trained at once, each with cpu_count/jobs threads (default 2: this CPU preset's setup)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: tabulate the runs that have finished so far (an interim report)")
-    p.add_argument("--stop-launching-at", default=None, metavar="HH:MM",
-                   help="start no new run after this time of day (UTC), e.g. to end a session cleanly; "
-                        "running ones finish, and the same command later continues where it stopped")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="where run folders go (default benchmarks/results/reproduce-PRESET; their logs and "
+        "final.json are committed, checkpoints are not)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="runs trained at once, each with cpu_count/jobs threads (default 2: this CPU preset's setup)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the runs that have finished so far (an interim report)",
+    )
+    p.add_argument(
+        "--stop-launching-at",
+        default=None,
+        metavar="HH:MM",
+        help="start no new run after this time of day (UTC), e.g. to end a session cleanly; "
+        "running ones finish, and the same command later continues where it stopped",
+    )
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to train.py")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -325,8 +409,10 @@ def main(argv=None) -> int:
         # (per-op overhead dominates their thread-parallel speed-up).
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {key: pool.submit(run_one, *key, args.preset, runs_dir, args.extra, log, threads, stop_at)
-                       for key in order}  # fmt: skip
+            futures = {
+                key: pool.submit(run_one, *key, args.preset, runs_dir, args.extra, log, threads, stop_at)
+                for key in order
+            }
             finished = {key: f.result() for key, f in futures.items()}
         finished = {key: d for key, d in finished.items() if d is not None}
     runs: dict[str, list[Path]] = {name: [] for name in methods}
@@ -338,11 +424,16 @@ def main(argv=None) -> int:
         return 2
     flags = PRESETS[args.preset]["flags"]
     meta = {
-        "preset": args.preset, "seeds": sorted({seed for name, seed in finished}), "runs_per_method": {n: len(d) for n, d in runs.items()}, "command": " ".join(["python", *sys.argv]),
-        "width_mult": flags[flags.index("--width-mult") + 1], "epochs": flags[flags.index("--epochs") + 1],
-        "git_revision": git_revision(), "wall_seconds": time.perf_counter() - start,
+        "preset": args.preset,
+        "seeds": sorted({seed for name, seed in finished}),
+        "runs_per_method": {n: len(d) for n, d in runs.items()},
+        "command": " ".join(["python", *sys.argv]),
+        "width_mult": flags[flags.index("--width-mult") + 1],
+        "epochs": flags[flags.index("--epochs") + 1],
+        "git_revision": git_revision(),
+        "wall_seconds": time.perf_counter() - start,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-    }  # fmt: skip
+    }
     if preset.get("report") == "final_epoch":  # paired-seed report with intervals (small-data)
         from benchmarks.paired_report import write_report
 

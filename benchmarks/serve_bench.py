@@ -55,8 +55,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_bench.json"
 FULL_WIDTH = ROOT / "runs" / "bench" / "resnet18-cifar100"

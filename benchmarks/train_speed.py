@@ -25,20 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from training.checkpoint import git_revision  # noqa: E402
-from training.data import build_datasets, make_loader  # noqa: E402
-from training.engine import train_one_epoch  # noqa: E402
-from training.train import amp_setup  # noqa: E402
-from training.losses import MultiExitLoss  # noqa: E402
-from training.models import create_model  # noqa: E402
-from training.models.multi_exit import scaled  # noqa: E402
-
+from training.checkpoint import git_revision
+from training.data import build_datasets, make_loader
+from training.engine import train_one_epoch
+from training.losses import MultiExitLoss
+from training.models import create_model
+from training.models.multi_exit import scaled
+from training.train import amp_setup
 
 # --------------------------------------------------------------------- the reference shape
 
@@ -126,10 +123,14 @@ class _PilDataset(torch.utils.data.Dataset):
 
         self.images, self.labels = split.images, split.labels
         size = spec.image_size
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std),
-        ])  # fmt: skip
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(size, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(spec.mean, spec.std),
+            ]
+        )
 
     def __len__(self):
         return len(self.labels)
@@ -148,9 +149,12 @@ def reference_epoch(data, spec, args) -> float:
     net = RefResNet18(spec.num_classes, spec.channels, args.width_mult).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loader = torch.utils.data.DataLoader(
-        _PilDataset(data.train, spec), batch_size=args.batch_size, shuffle=True, num_workers=args.ref_workers,
+        _PilDataset(data.train, spec),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.ref_workers,
         drop_last=True,
-    )  # fmt: skip
+    )
     criterion, t = nn.CrossEntropyLoss(), 3.0
     net.train()
     seen, start = 0, None
@@ -163,7 +167,9 @@ def reference_epoch(data, spec, args) -> float:
         ensemble = ((o1 + o2 + o3 + o4) / 4).detach()
         feat = ((f1 + f2 + f3 + f4) / 4).detach()
         loss = criterion(o4, targets) + criterion(o1, targets) + criterion(o2, targets) + criterion(o3, targets)
-        loss += kd_loss(o1, ensemble, t) + kd_loss(o2, ensemble, t) + kd_loss(o3, ensemble, t) + kd_loss(o4, ensemble, t)
+        loss += (
+            kd_loss(o1, ensemble, t) + kd_loss(o2, ensemble, t) + kd_loss(o3, ensemble, t) + kd_loss(o4, ensemble, t)
+        )
         loss += F.mse_loss(f1, feat) + F.mse_loss(f2, feat) + F.mse_loss(f3, feat) + F.mse_loss(f4, feat)
         loss.backward()
         optimizer.step()
@@ -185,8 +191,9 @@ def ours_epoch(data, spec, args, channels_last: bool, amp: bool) -> float:
     n_warm = args.warmup * args.batch_size
     for epoch, split in enumerate((data.train.take(slice(0, n_warm)), data.train.take(slice(n_warm, None)))):
         loader = make_loader(split, spec, args.batch_size, True)
-        metrics = train_one_epoch(model, criterion, loader, optimizer, device, epoch, scaler, amp_dtype,
-                                  channels_last, progress=False)  # fmt: skip
+        metrics = train_one_epoch(
+            model, criterion, loader, optimizer, device, epoch, scaler, amp_dtype, channels_last, progress=False
+        )
     return metrics["train_images_per_s"]
 
 
@@ -213,8 +220,10 @@ def main(argv=None) -> int:
     n = (args.steps + args.warmup) * args.batch_size
     data = build_datasets(args.dataset, args.data_dir, subset=n)
     spec = data.spec
-    print(f"resnet18 x{args.width_mult} EED on {spec.name}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"resnet18 x{args.width_mult} EED on {spec.name}, batch {args.batch_size}, {args.steps} timed steps, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     ref = reference_epoch(data, spec, args)
     print(f"{'reference loop (fp32, NCHW, per-image transforms)':<52}: {ref:8.1f} images/s")
     ours = {}
@@ -227,14 +236,25 @@ def main(argv=None) -> int:
         print(f"{'this project, ' + label:<52}: {ours[label]:8.1f} images/s   {ours[label] / ref:5.2f}x")
     print("target: >= 1.3x on CPU" if args.device == "cpu" else f"on {args.device}")
     result = {
-        "arch": "resnet18", "width_mult": args.width_mult, "dataset": spec.name, "batch_size": args.batch_size,
-        "steps": args.steps, "reference_images_per_s": ref,
+        "arch": "resnet18",
+        "width_mult": args.width_mult,
+        "dataset": spec.name,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "reference_images_per_s": ref,
         "ours": {label: {"images_per_s": v, "ratio": v / ref} for label, v in ours.items()},
-        "threads": torch.get_num_threads(), "device": args.device,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                    "cuda": torch.cuda.is_available()},
-        "torch": torch.__version__, "git_revision": git_revision(), "command": " ".join(sys.argv),
-    }  # fmt: skip
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "torch": torch.__version__,
+        "git_revision": git_revision(),
+        "command": " ".join(sys.argv),
+    }
     out = Path(args.out or f"benchmarks/results/train_speed_w{args.width_mult:g}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -8,6 +8,8 @@ sits in memory whole.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -18,6 +20,7 @@ from .images import ACCEPTED_CONTENT_TYPES, ACCEPTED_DESCRIPTION
 
 MULTIPART = "multipart/form-data"
 RAW_TYPES = ("application/octet-stream",)
+T = TypeVar("T")
 
 
 def media_type(content_type: str | None) -> str:
@@ -25,10 +28,10 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-async def read_body_within(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, str | None]:
-    """:func:`read_image_body` under a read deadline: 408 when the body takes longer."""
+async def within(read: Awaitable[T], timeout_s: float) -> T:
+    """Await a body read under the read deadline: 408 (:class:`BodyTimeout`) when it takes longer."""
     try:
-        return await asyncio.wait_for(read_image_body(request, max_bytes), timeout_s)
+        return await asyncio.wait_for(read, timeout_s)
     except asyncio.TimeoutError:
         raise BodyTimeout(
             f"the request body did not arrive within {timeout_s:g} s; send it at once (the limit is "
@@ -36,6 +39,11 @@ async def read_body_within(request: Request, max_bytes: int, timeout_s: float) -
             timeout_s=timeout_s,
             headers={"Connection": "close"},  # the rest of the body may still be on its way
         ) from None
+
+
+async def read_body_within(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, str | None]:
+    """:func:`read_image_body` under a read deadline: 408 when the body takes longer."""
+    return await within(read_image_body(request, max_bytes), timeout_s)
 
 
 async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
@@ -51,13 +59,14 @@ async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str 
             f"type (e.g. -H 'Content-Type: image/png'), or multipart/form-data with the image in field 'file'",
             accepted=[*ACCEPTED_CONTENT_TYPES, *RAW_TYPES, MULTIPART],
         )
-    body = await _read_limited(request, max_bytes)
+    body = await read_limited(request, max_bytes)
     if declared != MULTIPART:
         return body, declared or None
     return await _multipart_file(request, body, max_bytes)
 
 
-async def _read_limited(request: Request, max_bytes: int) -> bytes:
+async def read_limited(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``max_bytes``."""
     too_large = PayloadTooLarge(
         f"request body is larger than the limit of {max_bytes} bytes; send a smaller image "
         "(the model resizes it anyway)",

@@ -26,8 +26,11 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import anyio
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -37,6 +40,10 @@ from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 # Restricting the set keeps plugins that shell out or parse risky containers
 # (EPS → Ghostscript, ...) out of reach of client bytes.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# Bodies above this are decoded in a worker thread: a camera-sized JPEG takes tens of ms to
+# decode, which would stall every other request on the event loop; tiny images decode faster
+# than a thread hop.
+INLINE_DECODE_BYTES = 64 * 1024
 ACCEPTED_CONTENT_TYPES = (
     "image/png",
     "image/jpeg",
@@ -281,3 +288,13 @@ def _unidentified(data: bytes, content_type: str | None) -> Exception:
 def _describe(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text[:200]
+
+
+T = TypeVar("T")
+
+
+async def decode_off_loop(nbytes: int, decode: Callable[[], T]) -> T:
+    """Run ``decode`` (of ``nbytes`` of image data) inline when small, in a worker thread when large."""
+    if nbytes > INLINE_DECODE_BYTES:
+        return await anyio.to_thread.run_sync(decode)
+    return decode()

@@ -39,11 +39,18 @@ the DESIGN's contract; the names say so.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import prometheus_client
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, generate_latest)
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from . import buildinfo
 
@@ -53,7 +60,22 @@ prometheus_client.disable_created_metrics()
 
 # Sub-millisecond to multi-second: tiny models answer in ~100 µs, big ones on CPU in 100s of ms.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GFLOPS_BUCKETS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
@@ -69,64 +91,108 @@ class ServingMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.build_info = Gauge(
-            "eed_build_info", "Code and model this replica serves (value is always 1); model_checksum is a "
-            "sha256 over the manifest's file checksums", ["version", "revision", "model", "model_checksum"],
-            registry=r)
+            "eed_build_info",
+            "Code and model this replica serves (value is always 1); model_checksum is a "
+            "sha256 over the manifest's file checksums",
+            ["version", "revision", "model", "model_checksum"],
+            registry=r,
+        )
         self.admitted = Gauge(
-            "eed_admitted_requests", "Requests holding an admission slot (read, queued or running)", registry=r)
+            "eed_admitted_requests", "Requests holding an admission slot (read, queued or running)", registry=r
+        )
         self.admission_limit = Gauge(
-            "eed_admission_limit", "Admission slots; requests beyond them get 503 (EED_QUEUE_SIZE)", registry=r)
+            "eed_admission_limit", "Admission slots; requests beyond them get 503 (EED_QUEUE_SIZE)", registry=r
+        )
         self.requests = Counter(
-            "eed_requests", "Classification requests by answering exit, policy and HTTP status",
-            ["exit", "policy", "status"], registry=r)
+            "eed_requests",
+            "Classification requests by answering exit, policy and HTTP status",
+            ["exit", "policy", "status"],
+            registry=r,
+        )
         self.request_latency = Histogram(
-            "eed_request_latency_seconds", "Time to handle POST /classify, by answering exit",
-            ["exit"], buckets=LATENCY_BUCKETS, registry=r)
+            "eed_request_latency_seconds",
+            "Time to handle POST /classify, by answering exit",
+            ["exit"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inference_latency = Histogram(
-            "eed_inference_latency_seconds", "ONNX Runtime time of one batch, by exit and graph kind",
-            ["exit", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+            "eed_inference_latency_seconds",
+            "ONNX Runtime time of one batch, by exit and graph kind",
+            ["exit", "graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "eed_queue_wait_seconds", "Wait of the oldest request in a batch before it ran",
-            ["exit", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+            "eed_queue_wait_seconds",
+            "Wait of the oldest request in a batch before it ran",
+            ["exit", "graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.gflops_spent = Counter(
-            "eed_gflops_spent", "GFLOPs computed for answered requests, by answering exit",
-            ["exit"], registry=r)
+            "eed_gflops_spent", "GFLOPs computed for answered requests, by answering exit", ["exit"], registry=r
+        )
         self.request_gflops = Histogram(
-            "eed_request_gflops", "GFLOPs spent per answered request",
-            ["exit", "policy"], buckets=GFLOPS_BUCKETS, registry=r)
+            "eed_request_gflops",
+            "GFLOPs spent per answered request",
+            ["exit", "policy"],
+            buckets=GFLOPS_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "eed_batch_size", "Requests per batch sent to ONNX Runtime",
-            ["exit", "graph"], buckets=BATCH_BUCKETS, registry=r)
+            "eed_batch_size",
+            "Requests per batch sent to ONNX Runtime",
+            ["exit", "graph"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
-            "eed_queue_depth", "Requests waiting in a graph's batching queue",
-            ["exit", "graph"], registry=r)
-        self.inflight = Gauge(
-            "eed_inflight_requests", "Requests admitted and not yet answered", registry=r)
+            "eed_queue_depth", "Requests waiting in a graph's batching queue", ["exit", "graph"], registry=r
+        )
+        self.inflight = Gauge("eed_inflight_requests", "Requests admitted and not yet answered", registry=r)
         self.deadlines = Counter(
-            "eed_deadline", "Answered requests with a deadline (budget_ms or the server default), by exit and "
-            "whether the answer was ready in time", ["exit", "outcome"], registry=r)
+            "eed_deadline",
+            "Answered requests with a deadline (budget_ms or the server default), by exit and "
+            "whether the answer was ready in time",
+            ["exit", "outcome"],
+            registry=r,
+        )
         self.degraded = Counter(
-            "eed_degraded", "Deadline answers from an earlier exit than an idle server would have used, "
-            "because the next stage could not finish in time", ["exit"], registry=r)
-        self.exit_gflops = Gauge(
-            "eed_exit_gflops", "Full-path cost of each exit (manifest)", ["exit"], registry=r)
+            "eed_degraded",
+            "Deadline answers from an earlier exit than an idle server would have used, "
+            "because the next stage could not finish in time",
+            ["exit"],
+            registry=r,
+        )
+        self.exit_gflops = Gauge("eed_exit_gflops", "Full-path cost of each exit (manifest)", ["exit"], registry=r)
         self.exit_stage_gflops = Gauge(
-            "eed_exit_stage_gflops", "Stage-graph cost of each exit (manifest)", ["exit"], registry=r)
+            "eed_exit_stage_gflops", "Stage-graph cost of each exit (manifest)", ["exit"], registry=r
+        )
         self.exit_params = Gauge(
-            "eed_exit_params", "Parameters on each exit's full path (manifest)", ["exit"], registry=r)
+            "eed_exit_params", "Parameters on each exit's full path (manifest)", ["exit"], registry=r
+        )
         self.exit_accuracy = Gauge(
-            "eed_exit_accuracy", "Top-1 accuracy of each exit on the evaluation split (manifest)",
-            ["exit"], registry=r)
+            "eed_exit_accuracy", "Top-1 accuracy of each exit on the evaluation split (manifest)", ["exit"], registry=r
+        )
         self.latency_estimate = Gauge(
-            "eed_exit_latency_estimate_seconds", "Predicted time to an answer from this exit for a request "
-            "arriving now (queueing + service)",
-            ["exit", "route"], registry=r)
+            "eed_exit_latency_estimate_seconds",
+            "Predicted time to an answer from this exit for a request arriving now (queueing + service)",
+            ["exit", "route"],
+            registry=r,
+        )
         self.feedback = Counter(
-            "eed_feedback", "Answers for which a client posted the true label, by answering exit and outcome",
-            ["exit", "correct"], registry=r)
+            "eed_feedback",
+            "Answers for which a client posted the true label, by answering exit and outcome",
+            ["exit", "correct"],
+            registry=r,
+        )
         self.model_info = Gauge(
-            "eed_model_info", "The model being served (value is always 1)",
-            ["name", "arch", "dataset", "provider"], registry=r)
+            "eed_model_info",
+            "The model being served (value is always 1)",
+            ["name", "arch", "dataset", "provider"],
+            registry=r,
+        )
         self.ready = Gauge("eed_model_ready", "1 once the model is loaded and warmed up", registry=r)
 
     def describe_model(self, manifest, provider: str) -> None:
@@ -171,8 +237,12 @@ class ServingMetrics:
 
     def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
         """Publish build/model identity, and admission (``admitted`` is read at every scrape)."""
-        self.build_info.labels(buildinfo.package_version(), buildinfo.git_revision(), manifest.name,
-                               buildinfo.model_checksum(manifest.files)).set(1)
+        self.build_info.labels(
+            buildinfo.package_version(),
+            buildinfo.git_revision(),
+            manifest.name,
+            buildinfo.model_checksum(manifest.files),
+        ).set(1)
         self.admitted.set_function(admitted)
         self.admission_limit.set(limit)
 

@@ -25,15 +25,17 @@ import contextlib
 import time
 from typing import Any
 
-import anyio
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import buildinfo
-from .body import _read_limited
-from .errors import BadRequest, BodyTimeout, InvalidParameters, NotReady, ServingError, UnknownModel
+from .body import read_limited, within
+from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel
+from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
+from .service import InferenceService
+from .state import AppState, State
 from .tensors import BYTES, HEADER_LENGTH, InferRequest, decode_request, encode_response
 
 SERVER_NAME = "eed-anytime"
@@ -47,9 +49,6 @@ OUTPUTS: dict[str, tuple[str, list[int | str]]] = {  # name → (datatype, shape
     "gflops": ("FP32", [-1]),
     "feedback_id": (BYTES, [-1]),
 }
-# Bodies above this are decoded in a worker thread (as /classify does).
-INLINE_DECODE_BYTES = 64 * 1024
-
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
 
@@ -60,13 +59,8 @@ def oip_error(exc: ServingError) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, status_code=status, headers=exc.headers)
 
 
-def _state(request: Request):
-    return request.app.state.eed
-
-
-def _served(request: Request, name: str):
+def _served(state: AppState, name: str) -> InferenceService:
     """The service, if ``name`` is the model served and it is ready."""
-    state = _state(request)
     service = state.require_service()
     served = service.runtime.manifest.name
     if name != served:
@@ -74,8 +68,8 @@ def _served(request: Request, name: str):
     return service
 
 
-def _ready_or_raise(request: Request) -> None:
-    if _state(request).draining:
+def _ready_or_raise(state: AppState) -> None:
+    if state.draining:
         raise NotReady("the server is draining before it shuts down")
 
 
@@ -90,19 +84,19 @@ async def server_live() -> dict[str, Any]:
 
 
 @router.get("/health/ready", summary="Server readiness: the model is loaded and warm, no drain under way")
-async def server_ready(request: Request) -> Response:
+async def server_ready(state: State) -> Response:
     try:
-        _ready_or_raise(request)
-        _state(request).require_service()
+        _ready_or_raise(state)
+        state.require_service()
     except ServingError as exc:
         return oip_error(exc)
     return JSONResponse({"ready": True})
 
 
 @router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, request: Request) -> Response:
+async def model_metadata(name: str, state: State) -> Response:
     try:
-        service = _served(request, name)
+        service = _served(state, name)
     except ServingError as exc:
         return oip_error(exc)
     manifest = service.runtime.manifest
@@ -127,23 +121,22 @@ async def model_metadata(name: str, request: Request) -> Response:
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
-async def model_ready(name: str, request: Request) -> Response:
+async def model_ready(name: str, state: State) -> Response:
     try:
-        _ready_or_raise(request)
-        _served(request, name)
+        _ready_or_raise(state)
+        _served(state, name)
     except ServingError as exc:
         return oip_error(exc)
     return JSONResponse({"name": name, "ready": True})
 
 
 @router.post("/models/{name}/infer", summary="Inference on a batch of N images or preprocessed inputs")
-async def infer(name: str, request: Request) -> Response:
+async def infer(name: str, request: Request, state: State) -> Response:
     arrived = time.perf_counter()
-    state = _state(request)
     metrics = state.metrics
     policy_label, status, exits = "none", 500, []
     try:
-        service = _served(request, name)
+        service = _served(state, name)
         settings = state.settings
         body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         req = decode_request(body, request.headers.get(HEADER_LENGTH))
@@ -151,7 +144,8 @@ async def infer(name: str, request: Request) -> Response:
         policy_label = params.name
         plan = service.plan(params)
         requested = _requested_outputs(req)
-        xs = await _samples(req, state.preprocess, service.runtime.manifest.input)
+        _, preprocess = state.require_model()
+        xs = await _samples(req, preprocess, service.runtime.manifest.input)
         if len(xs) > service.queue_size:
             raise BadRequest(
                 f"a batch of {len(xs)} is more than this server admits at once "
@@ -214,30 +208,30 @@ def _check_version(version: str) -> None:
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned path)")
-async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+async def model_version_metadata(name: str, version: str, state: State) -> Response:
     try:
         _check_version(version)
     except ServingError as exc:
         return oip_error(exc)
-    return await model_metadata(name, request)
+    return await model_metadata(name, state)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (versioned path)")
-async def model_version_ready(name: str, version: str, request: Request) -> Response:
+async def model_version_ready(name: str, version: str, state: State) -> Response:
     try:
         _check_version(version)
     except ServingError as exc:
         return oip_error(exc)
-    return await model_ready(name, request)
+    return await model_ready(name, state)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference (versioned path)")
-async def model_version_infer(name: str, version: str, request: Request) -> Response:
+async def model_version_infer(name: str, version: str, request: Request, state: State) -> Response:
     try:
         _check_version(version)
     except ServingError as exc:
         return oip_error(exc)
-    return await infer(name, request)
+    return await infer(name, request, state)
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
@@ -245,14 +239,7 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise BadRequest(f"Content-Encoding {encoding} is not supported; send the request uncompressed")
-    try:
-        return await asyncio.wait_for(_read_limited(request, max_bytes), timeout_s)
-    except asyncio.TimeoutError:
-        raise BodyTimeout(
-            f"the request body did not arrive within {timeout_s:g} s",
-            timeout_s=timeout_s,
-            headers={"Connection": "close"},
-        ) from None
+    return await within(read_limited(request, max_bytes), timeout_s)
 
 
 def _policy_params(parameters: dict[str, Any]):
@@ -309,9 +296,7 @@ async def _samples(req: InferRequest, preprocess, spec) -> list[np.ndarray]:
     def decode_all() -> list[np.ndarray]:
         return [_decode_one(preprocess, i, data) for i, data in enumerate(images)]
 
-    if sum(len(d) for d in images) > INLINE_DECODE_BYTES:
-        return await anyio.to_thread.run_sync(decode_all)
-    return decode_all()
+    return await decode_off_loop(sum(len(d) for d in images), decode_all)
 
 
 def _decode_one(preprocess, index: int, data: bytes) -> np.ndarray:

@@ -97,9 +97,7 @@ class ServerSettings(BaseSettings):
         description="while idle, re-time any graph not run for this long (batch 1), so estimates of exits "
         "that deadlines skipped stay current; 0 = never probe",
     )
-    deadline_margin_ms: float = Field(
-        0.5, ge=0, description="slack kept before a deadline for building the response"
-    )
+    deadline_margin_ms: float = Field(0.5, ge=0, description="slack kept before a deadline for building the response")
     default_budget_ms: float | None = Field(
         None,
         gt=0,
@@ -132,8 +130,9 @@ class ServerSettings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field(
-        "text", description="text: plain log lines; json: one JSON object per line, including one line per request "
-        "(id, route, policy, exit, status, latency)"
+        "text",
+        description="text: plain log lines; json: one JSON object per line, including one line per request "
+        "(id, route, policy, exit, status, latency)",
     )
 
     @field_validator("default_policy")
@@ -150,7 +149,7 @@ class ServerSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_default_deadline(self) -> "ServerSettings":
+    def _check_default_deadline(self) -> ServerSettings:
         if self.default_budget_ms is not None and isinstance(self.default_policy_params.exit, int):
             raise ValueError(
                 f"default_budget_ms cannot be combined with default_policy {self.default_policy!r}: a fixed exit "

@@ -37,11 +37,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so `python tests/serving_model.py` finds the serving package
-    sys.path.insert(0, str(ROOT))
+from serving.manifest import ExitSpec, InputSpec, Manifest, sha256_file, write_manifest
 
-from serving.manifest import ExitSpec, InputSpec, Manifest, sha256_file, write_manifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NUM_EXITS = 3
 NUM_CLASSES = 10
@@ -119,8 +117,14 @@ def _stage_nodes(stage: int, inp: str, out: str, inits: dict, channels: int) -> 
     w, b = _stage_conv(stage, channels)
     inits[f"s{stage}_w"], inits[f"s{stage}_b"] = w, b
     return [
-        helper.make_node("Conv", [inp, f"s{stage}_w", f"s{stage}_b"], [f"s{stage}_conv"],
-                         kernel_shape=[2, 2], strides=[2, 2], name=f"stage{stage}_conv"),
+        helper.make_node(
+            "Conv",
+            [inp, f"s{stage}_w", f"s{stage}_b"],
+            [f"s{stage}_conv"],
+            kernel_shape=[2, 2],
+            strides=[2, 2],
+            name=f"stage{stage}_conv",
+        ),
         helper.make_node("Relu", [f"s{stage}_conv"], [out], name=f"stage{stage}_relu"),
     ]
 
@@ -131,8 +135,13 @@ def _head_nodes(exit_number: int, inp: str, out: str, inits: dict) -> list:
     return [
         helper.make_node("GlobalAveragePool", [inp], [f"h{exit_number}_gap"], name=f"head{exit_number}_gap"),
         helper.make_node("Flatten", [f"h{exit_number}_gap"], [f"h{exit_number}_flat"], axis=1),
-        helper.make_node("Gemm", [f"h{exit_number}_flat", f"h{exit_number}_w", f"h{exit_number}_b"], [out],
-                         transB=1, name=f"head{exit_number}_fc"),
+        helper.make_node(
+            "Gemm",
+            [f"h{exit_number}_flat", f"h{exit_number}_w", f"h{exit_number}_b"],
+            [out],
+            transB=1,
+            name=f"head{exit_number}_fc",
+        ),
     ]
 
 
@@ -200,25 +209,31 @@ def build_model_folder(out: str | Path, channels: int = 1, name: str = "tiny-tes
     head_params = WIDTH * NUM_CLASSES + NUM_CLASSES
     exits = []
     for i in range(1, NUM_EXITS + 1):
-        exits.append(ExitSpec(
-            exit=i,
-            gflops=2 * (sum(stage_macs[:i]) + head_macs) / 1e9,
-            stage_gflops=2 * (stage_macs[i - 1] + head_macs) / 1e9,
-            head_gflops=2 * head_macs / 1e9,
-            params=sum(conv_params[:i]) + head_params,
-            accuracy=round(0.70 + 0.1 * i, 3),
-            path=f"exit{i}.onnx",
-            stage=f"stage{i}.onnx",
-        ))
-    files = {f"{kind}{i}.onnx": sha256_file(out / f"{kind}{i}.onnx")
-             for i in range(1, NUM_EXITS + 1) for kind in ("exit", "stage")}
+        exits.append(
+            ExitSpec(
+                exit=i,
+                gflops=2 * (sum(stage_macs[:i]) + head_macs) / 1e9,
+                stage_gflops=2 * (stage_macs[i - 1] + head_macs) / 1e9,
+                head_gflops=2 * head_macs / 1e9,
+                params=sum(conv_params[:i]) + head_params,
+                accuracy=round(0.70 + 0.1 * i, 3),
+                path=f"exit{i}.onnx",
+                stage=f"stage{i}.onnx",
+            )
+        )
+    files = {
+        f"{kind}{i}.onnx": sha256_file(out / f"{kind}{i}.onnx")
+        for i in range(1, NUM_EXITS + 1)
+        for kind in ("exit", "stage")
+    }
     manifest = Manifest(
         name=name,
         arch="tiny-relu-basis",
         dataset="synthetic-brightness",
         classes=CLASSES,
-        input=InputSpec(channels=channels, height=28, width=28, mean=[MEAN] * channels, std=[STD] * channels,
-                        **input_extra),
+        input=InputSpec(
+            channels=channels, height=28, width=28, mean=[MEAN] * channels, std=[STD] * channels, **input_extra
+        ),
         exits=exits,
         files=files,
         provenance={"command": "tests/serving_model.py", "note": "hand-set weights, not trained"},
@@ -236,9 +251,10 @@ def with_calibrated_policy(model_dir):
     score = {"accuracy": 0.9, "mean_gflops": 0.0005, "exit_fractions": [0.3, 0.3, 0.4]}
     manifest["thresholds"] = {
         "rule": "evaluate exits in order; stop at the first exit i < k whose top softmax probability >= "
-                "thresholds[i-1]; the last exit always answers",
-        "policies": {"half": {"target": {"mean_gflops": 0.0005}, "thresholds": [0.99, 0.5], "family": "geometric",
-                              "val": score}},
+        "thresholds[i-1]; the last exit always answers",
+        "policies": {
+            "half": {"target": {"mean_gflops": 0.0005}, "thresholds": [0.99, 0.5], "family": "geometric", "val": score}
+        },
     }
     path.write_text(json.dumps(manifest, indent=2))
     return model_dir
@@ -321,15 +337,32 @@ class ServerProcess:
     full pipe; it is included in the error if the server fails to become ready.
     """
 
-    def __init__(self, model_dir: str | Path, *args: str, tmp_dir: str | Path, block_torch: bool = True,
-                 env: dict | None = None, ready_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *args: str,
+        tmp_dir: str | Path,
+        block_torch: bool = True,
+        env: dict | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
         import os
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tmp_dir) / f"server-{self.port}.log"
-        self.cmd = [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-                    "--port", str(self.port), *args]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-dir",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         if block_torch:
             self.env = torch_blocking_env(tmp_dir, env)
         else:
@@ -338,7 +371,7 @@ class ServerProcess:
         self.ready_timeout = ready_timeout
         self.proc = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         try:

@@ -74,8 +74,10 @@ def test_report_pairs_seeds_per_exit_and_states_the_premises(tmp_path):
 
     runs = {
         "branchynet": [_fake_run(tmp_path, "branchynet", s, [80, 85 + s], 86, 99, 85, 86) for s in (1, 2, 3)],
-        "eed-mse": [_fake_run(tmp_path, "eed-mse", s, [81, 86 + s + d], 88, 98, 86, 87.5)
-                    for s, d in ((1, 0.0), (2, 1.0), (3, 2.0))],  # fmt: skip
+        "eed-mse": [
+            _fake_run(tmp_path, "eed-mse", s, [81, 86 + s + d], 88, 98, 86, 87.5)
+            for s, d in ((1, 0.0), (2, 1.0), (3, 2.0))
+        ],
         "baseline": [_fake_run(tmp_path, "baseline", s, [84 + s], None, 99.5, 84, None) for s in (1, 2)],
     }
     summary = summarize(runs)
@@ -86,11 +88,19 @@ def test_report_pairs_seeds_per_exit_and_states_the_premises(tmp_path):
     assert eed["by_exit"]["exit 1"]["mean"] == pytest.approx(1.0) and eed["by_exit"]["exit 1"]["std"] == 0
     # The baseline has one output: compared with BranchyNet's main output, on the 2 shared seeds.
     base = next(c for c in summary["comparisons"] if (c["a"], c["b"]) == ("branchynet", "baseline"))
-    assert base["pairs"] == 2 and list(base["by_exit"]) == ["main"] and base["by_exit"]["main"]["mean"] == pytest.approx(1.0)
+    assert (
+        base["pairs"] == 2
+        and list(base["by_exit"]) == ["main"]
+        and base["by_exit"]["main"]["mean"] == pytest.approx(1.0)
+    )
     bn = summary["methods"]["branchynet"]
     assert bn["ensemble_minus_main_val"]["mean"] == pytest.approx(1.0)
     assert bn["train_minus_test_main"]["mean"] == pytest.approx(99 - 87)
     assert [(p["method"], p["seed"]) for p in summary["pilot"]] == [
-        ("branchynet", 1), ("eed-mse", 1), ("branchynet", 2), ("eed-mse", 2)]
+        ("branchynet", 1),
+        ("eed-mse", 1),
+        ("branchynet", 2),
+        ("eed-mse", 2),
+    ]
     md = to_markdown(summary, {"preset": "t", "regime": "r", "command": "c", "git_revision": "g", "machine": "m"})
     assert "**eed-mse − branchynet** (3 pairs)" in md and "+2.00 [-0.48, +4.48]" in md

@@ -16,9 +16,19 @@ def test_small_data_runs_paired_seeds_first_and_skips_seed_0():
 
 def test_methods_and_seeds_narrow_the_order():
     assert run_order("small-data", ["eed-mse", "branchynet"], [5, 6]) == [
-        ("branchynet", 5), ("eed-mse", 5), ("branchynet", 6), ("eed-mse", 6)]
+        ("branchynet", 5),
+        ("eed-mse", 5),
+        ("branchynet", 6),
+        ("eed-mse", 6),
+    ]
     assert run_order("cpu", ["baseline", "eed-kl"]) == [
-        ("baseline", 0), ("eed-kl", 0), ("baseline", 1), ("eed-kl", 1), ("baseline", 2), ("eed-kl", 2)]
+        ("baseline", 0),
+        ("eed-kl", 0),
+        ("baseline", 1),
+        ("eed-kl", 1),
+        ("baseline", 2),
+        ("eed-kl", 2),
+    ]
     assert run_order("small-data", ["kd"], [3]) == [("kd", 3)]  # a method no phase names still runs
 
 

@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 from PIL import Image
-
 from serving_model import (
     NUM_EXITS,
     ServerProcess,
@@ -25,8 +24,18 @@ from serving_model import (
     uniform_image,
 )
 
-DESIGN_KEYS = {"id", "exit", "label", "class_name", "probability", "top_k", "gflops", "exits_evaluated", "policy",
-               "latency_ms"}
+DESIGN_KEYS = {
+    "id",
+    "exit",
+    "label",
+    "class_name",
+    "probability",
+    "top_k",
+    "gflops",
+    "exits_evaluated",
+    "policy",
+    "latency_ms",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +46,18 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     # A generous max wait so that concurrent test requests are visibly batched.
-    with ServerProcess(model_dir, "--max-wait-ms", "30", "--max-batch-size", "16", "--intra-op-threads", "1",
-                       "--feedback-capacity", "1000", tmp_dir=tmp_path_factory.mktemp("srv")) as srv:
+    with ServerProcess(
+        model_dir,
+        "--max-wait-ms",
+        "30",
+        "--max-batch-size",
+        "16",
+        "--intra-op-threads",
+        "1",
+        "--feedback-capacity",
+        "1000",
+        tmp_dir=tmp_path_factory.mktemp("srv"),
+    ) as srv:
         yield srv
 
 
@@ -74,6 +93,7 @@ def metric_values(client, name: str) -> dict[str, float]:
 
 # --- liveness, readiness, documents -----------------------------------------------------
 
+
 def test_health_ready_docs(client):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
@@ -81,7 +101,9 @@ def test_health_ready_docs(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/classify", "/feedback", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
-    assert "image/png" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]  # exactness: test_serving_openapi
+    assert (
+        "image/png" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    )  # exactness: test_serving_openapi
 
 
 def test_model_endpoint_has_manifest_provider_and_live_estimates(client):
@@ -99,6 +121,7 @@ def test_unknown_route_is_json_404(client):
 
 
 # --- policies -----------------------------------------------------------------------------
+
 
 def test_default_policy_answers_from_the_main_output_with_design_keys(client, manifest):
     r = classify(client, png(3))
@@ -206,6 +229,7 @@ def test_bad_parameters_are_422_with_a_clear_detail(client, params, fragment):
 
 # --- bodies --------------------------------------------------------------------------------
 
+
 def test_multipart_octet_stream_and_untyped_bodies(client):
     data = png(8)
     r = client.post("/classify", files={"file": ("x.png", data, "image/png")}, params={"exit": 1})
@@ -220,8 +244,9 @@ def test_any_size_and_mode(client):
     body = classify(client, encode(rgba, "PNG"), exit=1).json()
     assert body["label"] == expected_label(9, 1)
     big_rgb = uniform_image(6, size=(640, 480), mode="RGB")
-    assert classify(client, encode(big_rgb, "JPEG", quality=95), "image/jpeg", exit=2).json()["label"] == \
-        expected_label(6, 2)
+    assert classify(client, encode(big_rgb, "JPEG", quality=95), "image/jpeg", exit=2).json()[
+        "label"
+    ] == expected_label(6, 2)
 
 
 def _truncated_png():
@@ -252,8 +277,9 @@ def test_bad_bodies_are_4xx_json(client, name, data, content_type, status):
 def test_bad_multipart_bodies(client):
     r = client.post("/classify", files={"image": ("x.png", png(1), "image/png")})
     assert r.status_code == 400 and "'file'" in r.json()["detail"]
-    r = client.post("/classify", content=b"--xyz\r\ngarbage",
-                    headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    r = client.post(
+        "/classify", content=b"--xyz\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
     assert 400 <= r.status_code < 500
     r = client.post("/classify", data={"file": "not an image"})
     assert r.status_code in (400, 415)
@@ -269,6 +295,7 @@ def test_server_stays_healthy_after_bad_input(client):
 
 # --- batching -------------------------------------------------------------------------------
 
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, server):
     def batched_items():
         counts = metric_values(client, "eed_batch_size_count")
@@ -281,9 +308,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, se
         limits = httpx.Limits(max_connections=40)
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as ac:
             jobs = [(i % 10, 1 + i % NUM_EXITS) for i in range(40)]
-            responses = await asyncio.gather(*(
-                ac.post("/classify", content=png(c), headers={"Content-Type": "image/png"}, params={"exit": e})
-                for c, e in jobs))
+            responses = await asyncio.gather(
+                *(
+                    ac.post("/classify", content=png(c), headers={"Content-Type": "image/png"}, params={"exit": e})
+                    for c, e in jobs
+                )
+            )
             return jobs, responses
 
     jobs, responses = asyncio.run(burst())
@@ -304,9 +334,14 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, se
 def test_concurrent_cascades_are_rebatched_per_stage(client, server):
     async def burst():
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=30)) as ac:
-            return await asyncio.gather(*(
-                ac.post("/classify", content=png(c), headers={"Content-Type": "image/png"}, params={"confidence": 0.9})
-                for c in list(range(10)) * 3))
+            return await asyncio.gather(
+                *(
+                    ac.post(
+                        "/classify", content=png(c), headers={"Content-Type": "image/png"}, params={"confidence": 0.9}
+                    )
+                    for c in list(range(10)) * 3
+                )
+            )
 
     before = metric_values(client, "eed_batch_size_count").get('{exit="2",graph="stage"}', 0)
     responses = asyncio.run(burst())
@@ -318,6 +353,7 @@ def test_concurrent_cascades_are_rebatched_per_stage(client, server):
 
 
 # --- feedback and metrics ---------------------------------------------------------------------
+
 
 def test_feedback_updates_live_accuracy(client, manifest):
     right = classify(client, png(2), exit=1).json()
@@ -344,11 +380,25 @@ def test_feedback_updates_live_accuracy(client, manifest):
 def test_metrics_expose_every_documented_series(client, manifest):
     classify(client, png(5), confidence=0.9)
     text = client.get("/metrics").text
-    for name in ["eed_requests_total", "eed_request_latency_seconds_bucket", "eed_inference_latency_seconds_bucket",
-                 "eed_queue_wait_seconds_bucket", "eed_gflops_spent_total", "eed_request_gflops_bucket",
-                 "eed_batch_size_bucket", "eed_queue_depth", "eed_inflight_requests", "eed_exit_gflops",
-                 "eed_exit_stage_gflops", "eed_exit_params", "eed_exit_accuracy", "eed_exit_latency_estimate_seconds",
-                 "eed_feedback_total", "eed_model_info", "eed_model_ready"]:
+    for name in [
+        "eed_requests_total",
+        "eed_request_latency_seconds_bucket",
+        "eed_inference_latency_seconds_bucket",
+        "eed_queue_wait_seconds_bucket",
+        "eed_gflops_spent_total",
+        "eed_request_gflops_bucket",
+        "eed_batch_size_bucket",
+        "eed_queue_depth",
+        "eed_inflight_requests",
+        "eed_exit_gflops",
+        "eed_exit_stage_gflops",
+        "eed_exit_params",
+        "eed_exit_accuracy",
+        "eed_exit_latency_estimate_seconds",
+        "eed_feedback_total",
+        "eed_model_info",
+        "eed_model_ready",
+    ]:
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     gflops = metric_values(client, "eed_exit_gflops")
     accuracy = metric_values(client, "eed_exit_accuracy")
@@ -361,10 +411,21 @@ def test_metrics_expose_every_documented_series(client, manifest):
 
 # --- limits ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_server(model_dir, tmp_path_factory):
-    with ServerProcess(model_dir, "--queue-size", "1", "--max-body-bytes", "65536", "--max-pixels", "10000",
-                       "--intra-op-threads", "1", tmp_dir=tmp_path_factory.mktemp("small")) as srv:
+    with ServerProcess(
+        model_dir,
+        "--queue-size",
+        "1",
+        "--max-body-bytes",
+        "65536",
+        "--max-pixels",
+        "10000",
+        "--intra-op-threads",
+        "1",
+        tmp_dir=tmp_path_factory.mktemp("small"),
+    ) as srv:
         yield srv
 
 
@@ -395,8 +456,11 @@ def test_slow_upload_does_not_take_the_admission_slot(small_server):
     port = int(small_server.url.rsplit(":", 1)[1])
     slow = socket.create_connection(("127.0.0.1", port))
     try:  # a body still arriving waits outside admission: the only slot stays free for others
-        slow.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     + f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:10])
+        slow.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data[:10]
+        )
         with httpx.Client(base_url=small_server.url, timeout=30) as c:
             for _ in range(5):
                 assert classify(c, data).status_code == 200

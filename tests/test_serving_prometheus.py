@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from serving_model import (
     NUM_EXITS,
     ServerProcess,
@@ -20,8 +19,9 @@ from serving_model import (
     uniform_image,
 )
 
-PROMETHEUS = shutil.which("prometheus") or shutil.which("prometheus", path=os.pathsep.join(["/usr/bin",
-                                                                                           "/usr/local/bin"]))
+PROMETHEUS = shutil.which("prometheus") or shutil.which(
+    "prometheus", path=os.pathsep.join(["/usr/bin", "/usr/local/bin"])
+)
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus binary not installed (Debian: prometheus)")
 
@@ -60,29 +60,54 @@ def test_prometheus_scrapes_per_exit_series(tmp_path):
         log_path = tmp_path / "prometheus.log"
         with open(log_path, "wb") as log:
             prom = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    PROMETHEUS,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
             try:
                 show_log = log_path.read_text
-                wait_for(lambda: httpx.get(prom_url + "/-/ready", timeout=2).status_code == 200, 30,
-                         "prometheus to start", show_log)
+                wait_for(
+                    lambda: httpx.get(prom_url + "/-/ready", timeout=2).status_code == 200,
+                    30,
+                    "prometheus to start",
+                    show_log,
+                )
                 with httpx.Client(base_url=server.url, timeout=30) as client:
                     for c in range(10):
-                        r = client.post("/classify", content=encode(uniform_image(c), "PNG"),
-                                        headers={"Content-Type": "image/png"}, params={"confidence": 0.9})
+                        r = client.post(
+                            "/classify",
+                            content=encode(uniform_image(c), "PNG"),
+                            headers={"Content-Type": "image/png"},
+                            params={"confidence": 0.9},
+                        )
                         assert r.status_code == 200
 
-                costs = wait_for(lambda: len(query(prom_url, "eed_exit_gflops")) == NUM_EXITS
-                                 and query(prom_url, "eed_exit_gflops"), 30, "per-exit cost series", show_log)
+                costs = wait_for(
+                    lambda: len(query(prom_url, "eed_exit_gflops")) == NUM_EXITS and query(prom_url, "eed_exit_gflops"),
+                    30,
+                    "per-exit cost series",
+                    show_log,
+                )
                 assert sorted(s["metric"]["exit"] for s in costs) == [str(i) for i in range(1, NUM_EXITS + 1)]
                 assert all(s["metric"]["job"] == "eed" for s in costs)
 
                 # The cascade answered from every exit (bins 7-9 → 1, 4-6 → 2, 0-3 → 3).
                 answered = wait_for(
-                    lambda: (res := query(prom_url, 'sum by (exit) (eed_requests_total{status="200"})'))
-                    and len(res) == NUM_EXITS and res, 30, "per-exit request counts", show_log)
+                    lambda: (
+                        (res := query(prom_url, 'sum by (exit) (eed_requests_total{status="200"})'))
+                        and len(res) == NUM_EXITS
+                        and res
+                    ),
+                    30,
+                    "per-exit request counts",
+                    show_log,
+                )
                 counts = {s["metric"]["exit"]: float(s["value"][1]) for s in answered}
                 assert counts == {"1": 3.0, "2": 3.0, "3": 4.0}
 

@@ -21,19 +21,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/train.py` puts training/ on sys.path, not the repo
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint  # noqa: E402
-from training.data import DATASETS, DataBundle, DatasetNotFoundError, build_datasets, make_loader  # noqa: E402
-from training.engine import evaluate, train_one_epoch  # noqa: E402
-from training.flops import exit_costs  # noqa: E402
-from training.losses import DISTILL_KINDS, METHODS, MultiExitLoss  # noqa: E402
+from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint
+from training.data import DATASETS, DataBundle, DatasetNotFoundError, build_datasets, make_loader
+from training.engine import evaluate, train_one_epoch
+from training.flops import exit_costs
+from training.losses import DISTILL_KINDS, METHODS, MultiExitLoss
 from training.models import UnknownModelError, create_model, list_models
-from training.models.multi_exit import MultiExitNetwork  # noqa: E402
+from training.models.multi_exit import MultiExitNetwork
 
 PAPER_EPOCHS = 200
 # The CLI's α when --alpha is not given: the weights the paper's authors ran. Their code

@@ -1,0 +1,254 @@
+"""The HTTP routes of DESIGN §4: ``/classify``, ``/feedback``, ``/v1/model``, health and metrics.
+
+Module-level routes that receive the shared :class:`~serving.state.AppState` as a dependency
+(``state: State``); the Open Inference Protocol routes live in :mod:`serving.oip`. Client errors
+are :mod:`serving.errors` types, rendered as ``{"error", "detail"}`` by the app's handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+
+from .body import read_body_within
+from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId
+from .images import decode_off_loop
+from .policy import effective_params, params_from_request
+from .policy import top_k as top_k_classes
+from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
+from .service import Outcome
+from .state import State
+
+router = APIRouter()
+
+
+class TopKEntry(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    id: str = Field(description="request id; POST it to /feedback with the true label")
+    exit: int = Field(description="the exit that answered (1..k; k is the main output)")
+    label: int
+    class_name: str
+    probability: float
+    top_k: list[TopKEntry]
+    gflops: float = Field(description="GFLOPs actually spent (cascade: every stage run)")
+    exits_evaluated: list[int]
+    policy: str
+    latency_ms: float = Field(description="server-side time for the whole request")
+    inference_ms: float = Field(description="time in the model: queueing, batching and inference")
+    deadline_met: bool | None = Field(
+        None,
+        description="present whenever a deadline applied (budget_ms or the server's default_budget_ms): "
+        "whether the answer was ready in time",
+    )
+
+
+class FeedbackRequest(BaseModel):
+    id: str = Field(description="the id returned by POST /classify")
+    label: int | str = Field(description="true class, as index or class name")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+    },
+}
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=_errors(400, 408, 413, 415, 422, 503),
+    openapi_extra={"parameters": CLASSIFY_QUERY_OPENAPI, "requestBody": IMAGE_BODY},
+)
+async def classify(request: Request, state: State) -> Response:
+    """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
+    arrived = time.perf_counter()
+    query = classify_query(request.query_params)  # a 422 here is not counted, as FastAPI's own were not
+    settings, metrics = state.settings, state.metrics
+    exit_label, policy_label, status = "none", "none", 500
+    try:
+        refuse_unknown(request.query_params)
+        params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
+        policy_label = params.name
+        service, preprocess = state.require_model()
+        plan = service.plan(params)
+        k = settings.default_top_k if query["top_k"] is None else query["top_k"]
+        if k < 1:
+            raise InvalidParameters(f"top_k={k} must be at least 1")
+        # The whole body arrives before the request takes an admission slot, so slow
+        # uploads wait outside capacity; the read deadline bounds how long they may take.
+        data, content_type = await read_body_within(request, settings.max_body_bytes, settings.body_timeout_s)
+        with service.admit() as ticket:
+            x = await decode_off_loop(len(data), lambda: preprocess(data, content_type))
+            deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
+            outcome = await service.run(x, plan, ticket, deadline)
+        ranked = top_k_classes(outcome.probs, k)
+        manifest = service.runtime.manifest
+        request_id = state.signer.issue(manifest.name, outcome.exit, ranked[0][0])
+        exit_label, status = str(outcome.exit), 200
+        elapsed = time.perf_counter() - arrived
+        metrics.record_answer(outcome, policy_label, elapsed)
+        body = _answer(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
+        return JSONResponse(body)  # X-Request-ID: the correlation id (serving/requestlog.py)
+    except ServingError as exc:
+        status = exc.status_code
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's convention); not a server error
+        raise
+    finally:
+        metrics.requests.labels(exit_label, policy_label, str(status)).inc()
+        request.state.policy, request.state.exit = policy_label, exit_label  # for the request log
+
+
+@router.post("/feedback", responses=_errors(403, 404, 409, 410, 422, 503))
+async def feedback(item: FeedbackRequest, state: State) -> dict[str, Any]:
+    """Record the true label of an earlier answer (any replica sharing EED_FEEDBACK_SECRET accepts its id);
+    counts it in eed_feedback_total{exit, correct}."""
+    manifest = state.require_service().runtime.manifest
+    claim = state.signer.verify(item.id)
+    if claim.model != manifest.name:
+        raise UnknownRequestId(f"this id was issued for model {claim.model!r}; this server serves {manifest.name!r}")
+    true_label = class_index(item.label, manifest.classes)
+    correct, accuracy = state.feedback.record(claim, true_label)
+    state.metrics.record_feedback(claim.exit, correct)
+    return {
+        "id": item.id,
+        "exit": claim.exit,
+        "predicted": claim.label,
+        "label": true_label,
+        "correct": correct,
+        "live_accuracy": accuracy,
+    }
+
+
+@router.get("/v1/model")
+async def model_info(state: State) -> dict[str, Any]:
+    """The manifest as served, with the provider, the calibrated policies and live latency estimates."""
+    service = state.require_service()
+    runtime, settings = service.runtime, state.settings
+    single, cascade = service.latency_estimates_ms()
+    idle_single, idle_cascade = service.idle_service_ms()
+    live = state.feedback.live_accuracy()
+    manifest = runtime.manifest.model_dump(mode="json")
+    for entry, s, c, idle_s, idle_c in zip(manifest["exits"], single, cascade, idle_single, idle_cascade):
+        entry["latency_estimate_ms"] = round(s, 4)
+        entry["cascade_latency_estimate_ms"] = round(c, 4)
+        entry["idle_service_ms"] = round(idle_s, 4)
+        entry["idle_cascade_service_ms"] = round(idle_c, 4)
+        entry["live_accuracy"] = live.get(entry["exit"])
+    return {
+        "manifest": manifest,
+        "model_dir": str(runtime.model_dir),
+        "provider": runtime.provider,
+        "default_policy": settings.default_policy,
+        "default_budget_ms": settings.default_budget_ms,
+        # The manifest's calibrated policies, as dumped above; listed again by name for clients.
+        "policies": (manifest.get("thresholds") or {}).get("policies", {}),
+        "latency": {
+            "queue_delay_ms": round(service.queue_delay_s() * 1e3, 4),
+            "prediction_gap_ms": round(service.prediction_gap.value() * 1e3, 4),
+            "half_life_s": settings.estimate_half_life_s,
+            "probe_interval_s": settings.probe_interval_s,
+        },
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "queue_size": settings.queue_size,
+        },
+        "stage_chain_max_abs_diff": runtime.consistency,
+    }
+
+
+@router.get("/healthz")
+async def healthz(state: State) -> dict[str, Any]:
+    """The process is up (says nothing about the model)."""
+    return {"status": "ok", "phase": state.phase}
+
+
+@router.get("/readyz", responses=_errors(503))
+async def readyz(state: State) -> dict[str, Any]:
+    """200 once the model is loaded and every graph is warm; 503 before, if loading failed, and
+    from the moment a drain (SIGTERM) begins."""
+    if state.draining:
+        raise NotReady("the server is draining before it shuts down; send requests to another replica")
+    runtime = state.require_service().runtime
+    return {"status": "ready", "model": runtime.manifest.name, "provider": runtime.provider}
+
+
+@router.get("/metrics")
+async def metrics_endpoint(state: State) -> Response:
+    """Prometheus text exposition of the ``eed_`` metrics."""
+    if state.service is not None:
+        state.service.publish_estimates()
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _answer(
+    request_id: str,
+    outcome: Outcome,
+    ranked: list[tuple[int, float]],
+    classes: list[str],
+    policy: str,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """The /classify response body (DESIGN §4 keys, plus inference_ms)."""
+    label, probability = ranked[0]
+    return {
+        "id": request_id,
+        "exit": outcome.exit,
+        "label": label,
+        "class_name": classes[label],
+        "probability": probability,
+        "top_k": [{"label": i, "class_name": classes[i], "probability": p} for i, p in ranked],
+        "gflops": outcome.gflops,
+        "exits_evaluated": outcome.exits_evaluated,
+        "policy": policy,
+        "latency_ms": round(elapsed_s * 1e3, 3),
+        "inference_ms": round(outcome.seconds * 1e3, 3),
+        **({} if outcome.deadline_met is None else {"deadline_met": outcome.deadline_met}),
+    }
+
+
+def class_index(label: int | str, classes: list[str]) -> int:
+    """A feedback label (index, class name, or an index as text) as a class index; 422 otherwise."""
+    if isinstance(label, int):
+        if 0 <= label < len(classes):
+            return label
+        raise InvalidParameters(f"label={label} is out of range; accepted: 0..{len(classes) - 1} or a class name")
+    if label in classes:
+        return classes.index(label)
+    if label.strip().isdigit():
+        return class_index(int(label.strip()), classes)
+    raise InvalidParameters(
+        f"label {label!r} is not a class of this model; accepted: 0..{len(classes) - 1} or one of {classes}"
+    )

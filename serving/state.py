@@ -1,0 +1,127 @@
+"""What every route shares (:class:`AppState`), how the model gets into it (:func:`load_model`),
+and the dependency that hands it to a route (:data:`State`).
+
+The model loads in the background once the app starts, so ``/healthz`` answers at once and
+``/readyz`` turns 200 only when every graph is loaded, checked, warm and calibrated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .errors import NotReady, ServingError
+from .feedback import AnswerSigner, FeedbackStore
+from .fused import attach_fused_cascade
+from .images import Preprocessor
+from .metrics import ServingMetrics
+from .policy import PolicyParams
+from .runtime import ModelRuntime, SessionOptions
+from .service import InferenceService
+from .settings import ServerSettings
+
+log = logging.getLogger("serving")
+
+
+class AppState:
+    """Everything the routes share; ``service`` and ``preprocess`` are None until the model is ready."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        self.feedback = FeedbackStore(settings.feedback_capacity)
+        secret = settings.feedback_secret
+        self.signer = AnswerSigner(secret.get_secret_value().encode() if secret else None, settings.feedback_max_age_s)
+        self.default_params: PolicyParams = settings.default_policy_params
+        self.runtime: ModelRuntime | None = None
+        self.service: InferenceService | None = None
+        self.preprocess: Preprocessor | None = None
+        self.load_error: str | None = None
+        self.phase = "starting"
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        # Set on SIGTERM (serving/drain.py): /readyz answers 503 while requests are still served.
+        self.draining = False
+        # Called with the error message when loading fails; the CLI uses it to exit.
+        self.on_load_failure: Callable[[str], None] | None = None
+
+    def require_service(self) -> InferenceService:
+        """The inference service, or :class:`NotReady` (503) saying why there is none yet."""
+        if self.service is None:
+            if self.load_error:
+                raise NotReady(f"model failed to load: {self.load_error}")
+            raise NotReady(f"model is not ready yet ({self.phase}); poll GET /readyz")
+        return self.service
+
+    def require_model(self) -> tuple[InferenceService, Preprocessor]:
+        """The service and the image preprocessor, both set together once the model is ready."""
+        service = self.require_service()
+        assert self.preprocess is not None  # set before service in load_model
+        return service, self.preprocess
+
+
+def app_state(request: Request) -> AppState:
+    """FastAPI dependency: the application's :class:`AppState` (set by ``create_app``)."""
+    return request.app.state.eed
+
+
+State = Annotated[AppState, Depends(app_state)]
+
+
+async def load_model(state: AppState) -> None:
+    """Load, check, warm and calibrate the model, then start serving it."""
+    settings = state.settings
+    loop = asyncio.get_running_loop()
+    options = SessionOptions.from_settings(settings)
+    try:
+        state.phase = "loading graphs"
+        runtime = await loop.run_in_executor(None, ModelRuntime.load, settings.model_dir, options)
+        state.phase = "warming up"
+        await loop.run_in_executor(None, runtime.warm_up, settings.max_batch_size, settings.warmup_runs)
+        await loop.run_in_executor(None, runtime.check_consistency)
+        await loop.run_in_executor(
+            None, attach_fused_cascade, runtime, settings.cascade_graph, options, settings.max_batch_size
+        )
+        state.phase = "calibrating latency"
+        timings = await loop.run_in_executor(
+            None, runtime.calibrate, settings.calibration_runs, (1, settings.max_batch_size)
+        )
+        service = InferenceService.from_settings(runtime, state.metrics, settings)
+        service.seed_latency(timings)
+        # A default policy the model cannot satisfy (exit:7 on 3 exits, a budget below
+        # exit 1) is a configuration error: fail now, not on the first request.
+        try:
+            service.plan(state.default_params)
+        except ServingError as exc:
+            raise ValueError(
+                f"default_policy {settings.default_policy!r} does not fit this model: {exc.detail}"
+            ) from None
+        await service.start()
+        state.metrics.describe_model(runtime.manifest, runtime.provider)
+        state.metrics.describe_build(runtime.manifest, admitted=lambda: service.inflight, limit=settings.queue_size)
+        state.runtime = runtime
+        state.preprocess = Preprocessor.from_spec(runtime.manifest.input, settings.max_pixels)
+        state.service = service
+        state.phase = "ready"
+        state.ready_at = time.time()
+        state.metrics.ready.set(1)
+        log.info(
+            "model %s ready: %d exits on %s, %.1f s after start",
+            runtime.manifest.name,
+            runtime.manifest.num_exits,
+            runtime.provider,
+            state.ready_at - state.started_at,
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        state.phase = "failed"
+        log.error("cannot serve %s: %s", settings.model_dir, state.load_error)
+        if state.on_load_failure is not None:
+            state.on_load_failure(state.load_error)
