@@ -21,7 +21,8 @@
 # nofile/nproc ulimits within the host's hard limits (podman's defaults fail with setrlimit: EPERM).
 #
 # Needs root (rootful podman, debootstrap); installs podman, runc, debootstrap, netavark,
-# aardvark-dns and docker-compose from Debian when missing. KEEP=1 keeps $WORK (images included)
+# aardvark-dns, iptables (netavark's firewall driver calls it) and docker-compose from Debian
+# when missing. KEEP=1 keeps $WORK (images included)
 # for a faster second run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
 # --- packages -------------------------------------------------------------------------------
 need=()
-for p in podman runc debootstrap netavark aardvark-dns docker-compose; do
+for p in podman runc debootstrap netavark aardvark-dns iptables docker-compose; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -218,6 +219,9 @@ from PIL import Image
 url = sys.argv[1]
 info = json.load(urllib.request.urlopen(url + "/v1/model", timeout=30))
 classes = info["manifest"]["classes"]
+# The image's lock carries onnx, so `auto` could build and time the fused cascade graph.
+assert "not installed" not in info["cascade_graph"]["runs"], info["cascade_graph"]
+print("cascades run", info["cascade_graph"]["runs"])
 for fmt, ctype in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 90)).save(buf, format=fmt)

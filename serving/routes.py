@@ -186,6 +186,7 @@ async def model_info(state: State) -> dict[str, Any]:
             "queue_size": settings.queue_size,
         },
         "stage_chain_max_abs_diff": runtime.consistency,
+        "cascade_graph": {"setting": settings.cascade_graph, "runs": state.cascade_graph},
     }
 
 

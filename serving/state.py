@@ -42,6 +42,8 @@ class AppState:
         self.service: InferenceService | None = None
         self.preprocess: Preprocessor | None = None
         self.load_error: str | None = None
+        # How confidence cascades run, and why (serving/fused.py chooses at load).
+        self.cascade_graph: str | None = None
         self.phase = "starting"
         self.started_at = time.time()
         self.ready_at: float | None = None
@@ -84,7 +86,7 @@ async def load_model(state: AppState) -> None:
         state.phase = "warming up"
         await loop.run_in_executor(None, runtime.warm_up, settings.max_batch_size, settings.warmup_runs)
         await loop.run_in_executor(None, runtime.check_consistency)
-        await loop.run_in_executor(
+        state.cascade_graph = await loop.run_in_executor(
             None, attach_fused_cascade, runtime, settings.cascade_graph, options, settings.max_batch_size
         )
         state.phase = "calibrating latency"

@@ -281,17 +281,18 @@ def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
 # Running the real server in a subprocess
 # --------------------------------------------------------------------------------------
 
-# Packages the server must never import: torch (training only) and onnx (not in the
-# `serve` extra that `make serve` installs; the server needs onnxruntime alone).
-BLOCKED_PACKAGES = ("torch", "torchvision", "onnx")
+# Packages the server must never import: torch and torchvision (training only). onnx is in
+# the `serve` extra (it builds the fused cascade graph); tests/test_serving_torchless.py also
+# blocks it, to show the server still serves, stage by stage, without it.
+BLOCKED_PACKAGES = ("torch", "torchvision")
 
-TORCH_BLOCKER = f"""
+BLOCKER = """
 import sys
 
 class _Blocker:
-    # Makes `import torch` (and the other training-only packages) fail in this process.
+    # Makes `import torch` (and the other blocked packages) fail in this process.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED_PACKAGES!r}:
+        if name.split(".")[0] in {blocked!r}:
             raise ImportError(name + " is blocked here: the serving package must not import it")
         return None
 
@@ -299,13 +300,16 @@ sys.meta_path.insert(0, _Blocker())
 """
 
 
-def torch_blocking_env(tmp_dir: str | Path, base: dict | None = None) -> dict:
-    """An environment whose Python processes cannot import torch, torchvision or onnx (sitecustomize hook)."""
+def torch_blocking_env(
+    tmp_dir: str | Path, base: dict | None = None, blocked: tuple[str, ...] = BLOCKED_PACKAGES
+) -> dict:
+    """An environment whose Python processes cannot import ``blocked`` (default: torch and
+    torchvision), through a sitecustomize hook."""
     import os
 
-    block_dir = Path(tmp_dir) / "block_torch"
+    block_dir = Path(tmp_dir) / ("block_" + "_".join(blocked))
     block_dir.mkdir(parents=True, exist_ok=True)
-    (block_dir / "sitecustomize.py").write_text(TORCH_BLOCKER)
+    (block_dir / "sitecustomize.py").write_text(BLOCKER.format(blocked=blocked))
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join([str(block_dir), str(ROOT)])
     return env
@@ -365,9 +369,10 @@ class ServerProcess:
         ]
         if block_torch:
             self.env = torch_blocking_env(tmp_dir, env)
+        elif env is not None:  # the caller's environment as it is (e.g. its own blocker)
+            self.env = dict(env)
         else:
-            self.env = dict(os.environ if env is None else env)
-            self.env["PYTHONPATH"] = str(ROOT)
+            self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.ready_timeout = ready_timeout
         self.proc = None
 

@@ -8,7 +8,8 @@ import torch
 from datagen import make_fashion_mnist
 
 from training import cascade
-from training.evaluate import analyze, disagreement, main, topk_accuracy
+from training.accuracy import topk_accuracy
+from training.evaluate import analyze, disagreement, main
 from training.flops import exit_costs
 from training.models import create_model
 from training.train import cli as train_cli

@@ -45,9 +45,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    # A generous max wait so that concurrent test requests are visibly batched.
+    # A generous max wait so that concurrent test requests are visibly batched; cascades stage
+    # by stage (not left to `auto`'s timing), so per-stage batching is what these tests see
+    # (tests/test_serving_fused.py covers the fused graph).
     with ServerProcess(
         model_dir,
+        "--cascade-graph",
+        "stages",
         "--max-wait-ms",
         "30",
         "--max-batch-size",
@@ -113,6 +117,8 @@ def test_model_endpoint_has_manifest_provider_and_live_estimates(client):
     for entry in info["manifest"]["exits"]:
         assert entry["latency_estimate_ms"] > 0 and entry["cascade_latency_estimate_ms"] > 0
     assert max(info["stage_chain_max_abs_diff"].values()) < 1e-5
+    # How cascades run, and why (this server is configured for the stage path).
+    assert info["cascade_graph"] == {"setting": "stages", "runs": "stage by stage (configured)"}
 
 
 def test_unknown_route_is_json_404(client):

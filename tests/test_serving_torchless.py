@@ -1,4 +1,5 @@
-"""The serving package imports and serves with torch (and onnx, torchvision) impossible to import."""
+"""The serving package imports and serves with torch and torchvision impossible to import, and
+with onnx gone too (the server then runs cascades stage by stage)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from serving_model import (
     uniform_image,
 )
 
+WITHOUT_ONNX = ("torch", "torchvision", "onnx")
 CHECK = """
 import importlib, pkgutil, sys
 for name in ("torch", "onnx", "torchvision"):
@@ -39,7 +41,7 @@ def test_every_serving_module_imports_without_torch(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", CHECK],
         cwd=ROOT,
-        env=torch_blocking_env(tmp_path),
+        env=torch_blocking_env(tmp_path, blocked=WITHOUT_ONNX),
         capture_output=True,
         text=True,
         timeout=120,
@@ -48,9 +50,10 @@ def test_every_serving_module_imports_without_torch(tmp_path):
     assert result.stdout.startswith("ok")
 
 
-def test_server_serves_without_torch(tmp_path):
+def test_server_serves_without_torch_or_onnx(tmp_path):
     model = build_model_folder(tmp_path / "model")
-    with ServerProcess(model, "--intra-op-threads", "1", tmp_dir=tmp_path, block_torch=True) as server:
+    env = torch_blocking_env(tmp_path, blocked=WITHOUT_ONNX)
+    with ServerProcess(model, "--intra-op-threads", "1", tmp_dir=tmp_path, block_torch=False, env=env) as server:
         r = httpx.post(
             server.url + "/classify",
             content=encode(uniform_image(7), "PNG"),
@@ -59,4 +62,6 @@ def test_server_serves_without_torch(tmp_path):
             timeout=30,
         )
         assert r.status_code == 200 and r.json()["exit"] == 1 and r.json()["label"] == expected_label(7, 1)
+        cascade = httpx.get(server.url + "/v1/model", timeout=30).json()["cascade_graph"]
+        assert "not installed" in cascade["runs"]  # the fused graph needs onnx: stage by stage
     assert "blocked" not in server.log()

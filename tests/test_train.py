@@ -11,7 +11,8 @@ import torch
 from datagen import make_fashion_mnist, make_striped_fashion_mnist
 
 from training.checkpoint import load_model
-from training.train import cli, explicit_flags, get_args_parser, repo_relative, resolve_args
+from training.options import explicit_flags, get_args_parser, resolve_args
+from training.train import cli, repo_relative
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.evaluate import topk_correct
+from training.accuracy import topk_correct
 
 try:
     from tqdm import tqdm

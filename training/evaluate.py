@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from training import cascade
+from training.accuracy import topk_accuracy
 
 DEFAULT_BUDGET_FRACTIONS = (0.5, 0.75)  # of the main exit's GFLOPs
 DEFAULT_ACCURACY_DROPS = (0.5, 1.0)  # points below the main exit's validation accuracy
@@ -40,21 +41,6 @@ class EvaluationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- metrics (numpy)
-
-
-def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
-    """How many rows of (N, C) logits have their label among the k highest.
-
-    The one top-k of the project: training's per-epoch evaluation counts with it too.
-    """
-    k = min(k, logits.shape[-1])
-    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-    return int((top == labels[:, None]).any(-1).sum())
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows of (N, C) logits whose label is among the k highest."""
-    return topk_correct(logits, labels, k) / len(labels) if len(labels) else 0.0
 
 
 def disagreement(logits: np.ndarray, labels: np.ndarray) -> dict:

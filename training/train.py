@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,186 +24,20 @@ import torch
 import torch.distributed as dist
 
 from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint
-from training.data import DATASETS, DataBundle, DatasetNotFoundError, build_datasets, make_loader
+from training.data import DataBundle, DatasetNotFoundError, build_datasets, make_loader
 from training.engine import evaluate, train_one_epoch
 from training.flops import exit_costs
-from training.losses import DISTILL_KINDS, METHODS, MultiExitLoss
-from training.models import UnknownModelError, create_model, list_models
+from training.losses import MultiExitLoss
+from training.models import UnknownModelError, create_model
 from training.models.multi_exit import MultiExitNetwork
-
-PAPER_EPOCHS = 200
-# The CLI's α when --alpha is not given: the weights the paper's authors ran. Their code
-# multiplies the whole KL term by 0.1 (DESIGN §1), so the paper's "α = 1 (KL)" is 0.1 in L;
-# MSE has no such factor. multi_exit_loss itself takes α literally.
-DEFAULT_ALPHA = {"kl": 0.1, "mse": 1.0}
-PAPER_MILESTONES = (75, 130, 180)
-
-# Flags that may differ when resuming a run; everything else must match the checkpoint.
-RESUME_MUTABLE = {
-    "epochs",
-    "resume",
-    "device",
-    "workers",
-    "progress",
-    "threads",
-    "output_dir",
-    "run_name",
-    "data_dir",
-    "download",
-    "eval_every",
-}
-
-
-class UsageError(ValueError):
-    """Flags that contradict each other or the checkpoint being resumed."""
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train a multi-exit CNN (EED and the methods it is compared with).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", help=f"one of: {', '.join(list_models())}")
-    g.add_argument("--width-mult", type=float, default=1.0, help="scale every channel width (0.25 for a CPU)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS))
-    g.add_argument(
-        "--data-dir",
-        default=None,
-        help="where the data set lives / is downloaded (default ./data; "
-        "Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist)",
-    )
-    g.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
-    g.add_argument("--val-split", type=int, default=0, help="hold out N training images for model selection")
-    g.add_argument(
-        "--train-size",
-        type=int,
-        default=None,
-        help="train on a seeded random N images of the training split (same --seed, same images); "
-        "the test split stays whole, the rest of the training split feeds --val-split or is unused",
-    )
-    g.add_argument(
-        "--subset",
-        type=int,
-        default=None,
-        help="quick runs: only the first N images of every split, the test split included "
-        "(use --train-size to shrink only the training set)",
-    )
-    g.add_argument("--workers", type=int, default=None, help="data loader workers (ImageFolder only)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="eed", choices=METHODS)
-    g.add_argument("--distill", default="kl", choices=DISTILL_KINDS, help="l_z: KL (x T^2) or logit MSE")
-    g.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="weight of l_z (default 0.1 with --distill kl, 1.0 with mse: the weights the paper's "
-        "authors ran; their code scales the KL term by 0.1)",
-    )
-    g.add_argument("--beta", type=float, default=None, help="weight of l_f (default 1.0)")
-    g.add_argument("--temperature", type=float, default=3.0, help="T of the KL term")
-    g.add_argument(
-        "--teacher-exits",
-        type=int,
-        nargs="+",
-        default=None,
-        help="exits forming the EED ensemble teacher, e.g. 1 4 (default: all)",
-    )
-    g = p.add_argument_group("optimization (paper recipe by default)")
-    g.add_argument("--epochs", type=int, default=PAPER_EPOCHS)
-    g.add_argument("--batch-size", type=int, default=128, help="global batch size, split across DDP ranks")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--lr-schedule", default="multistep", choices=("multistep", "cosine"))
-    g.add_argument(
-        "--milestones",
-        type=int,
-        nargs="+",
-        default=None,
-        help="epochs where lr is multiplied by --lr-gamma (default 75 130 180, "
-        "scaled proportionally when --epochs is not 200)",
-    )
-    g.add_argument("--lr-gamma", type=float, default=0.1)
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed precision: fp16 with loss scaling on CUDA, bfloat16 autocast on the CPU "
-        "(fast where the CPU has AMX/AVX512-BF16)",
-    )
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    g.add_argument("--output-dir", default="runs")
-    g.add_argument("--run-name", default=None, help="default: ARCH-DATASET-METHOD-sSEED-TIMESTAMP")
-    g.add_argument("--resume", default=None, help="a run folder or checkpoint.pt to continue exactly")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always the last)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Names of the options the user actually typed (to tell them from defaults).
-
-    Parses ``argv`` again with every default replaced by a sentinel (public argparse API
-    only: ``set_defaults`` overrides argument defaults); what is not the sentinel was typed.
-    """
-    untyped = object()
-    probe = get_args_parser()
-    probe.set_defaults(**{dest: untyped for dest in vars(parser.parse_args([]))})
-    known, _ = probe.parse_known_args(argv)
-    return {dest for dest, value in vars(known).items() if value is not untyped}
-
-
-def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
-    """Fill derived defaults and reject contradictory flags with a message saying what to change."""
-    if args.arch not in list_models():
-        raise UsageError(f"unknown --arch {args.arch!r}; choose one of: {', '.join(list_models())}")
-    if args.method in ("baseline", "branchynet"):
-        for flag in ("alpha", "beta", "teacher_exits"):
-            if flag in explicit:
-                raise UsageError(
-                    f"--{flag.replace('_', '-')} has no effect with --method {args.method} "
-                    "(it only weights distillation terms); drop it or use --method kd/byot/eed"
-                )
-    if args.method == "kd" and "beta" in explicit:
-        raise UsageError("--beta weights the feature term, which --method kd does not have; use --method byot or eed")
-    if args.teacher_exits and args.method != "eed":
-        raise UsageError("--teacher-exits selects the EED ensemble teacher; it needs --method eed")
-    if "distill" in explicit and args.method in ("baseline", "branchynet"):
-        raise UsageError(f"--distill has no effect with --method {args.method}")
-    if args.alpha is None:
-        args.alpha = DEFAULT_ALPHA[args.distill]
-    args.beta = 1.0 if args.beta is None else args.beta
-    if args.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if args.val_split < 0:
-        raise UsageError("--val-split must be 0 (no validation split) or a positive number of images")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {args.temperature}")
-    if args.width_mult <= 0:
-        raise UsageError(f"--width-mult must be positive, got {args.width_mult}")
-    if args.eval_every < 1:
-        raise UsageError("--eval-every must be at least 1")
-    if args.train_size is not None and args.train_size < 2:
-        raise UsageError("--train-size must be at least 2 images")
-    if args.subset is not None and args.subset < 2:
-        raise UsageError("--subset must be at least 2 images")
-    if args.milestones is None:
-        scale = args.epochs / PAPER_EPOCHS
-        args.milestones = sorted({max(1, round(m * scale)) for m in PAPER_MILESTONES})
-    if "milestones" in explicit and args.lr_schedule == "cosine":
-        raise UsageError("--milestones belongs to --lr-schedule multistep, not cosine")
-    if args.run_name is None:
-        args.run_name = f"{args.arch}-{args.dataset}-{args.method}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return args
-
+from training.options import (
+    RESUME_MUTABLE,
+    UsageError,
+    check_resume_matches,
+    explicit_flags,
+    get_args_parser,
+    resolve_args,
+)
 
 # ----------------------------------------------------------------------------- setup
 
@@ -241,20 +74,6 @@ def build_scheduler(optimizer, args):
     if args.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_gamma)
-
-
-def _check_resume_matches(saved: dict, args: argparse.Namespace, explicit: set[str]) -> None:
-    mismatched = [
-        f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
-        for k in sorted(explicit - RESUME_MUTABLE)
-        if k in saved and saved[k] != getattr(args, k)
-    ]
-    if mismatched:
-        raise UsageError(
-            "cannot resume with settings that differ from the checkpoint's: "
-            + "; ".join(mismatched)
-            + ". Drop those flags to continue the run as it was, or start a new run without --resume."
-        )
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -336,7 +155,7 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     if args.resume:
         resume_payload = load_checkpoint(args.resume)
         saved = resume_payload["config"]
-        _check_resume_matches(saved, args, explicit)
+        check_resume_matches(saved, args, explicit)
         for key, value in saved.items():  # the run continues with its own settings
             if key != "resume" and (key not in RESUME_MUTABLE or key not in explicit):
                 setattr(args, key, value)
