@@ -43,29 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.wrk import run_wrk
 from serving.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "runs" / "bench" / "resnet18-cifar100"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "anytime_load.json"
-
-WRK_SCRIPT = """
-local f = assert(io.open(os.getenv("EED_BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "image/png"
-
-done = function(summary, latency, requests)
-  io.write(string.format(
-    "EED_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"non2xx\\": %d, \\"socket_errors\\": %d, "
-    .. "\\"p50_ms\\": %.4f, \\"p90_ms\\": %.4f, \\"p99_ms\\": %.4f, \\"max_ms\\": %.4f}\\n",
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
-    latency.max / 1000))
-end
-"""
 
 SERIES = re.compile(r"^(eed_requests_total|eed_deadline_total)\{([^}]*)\} (\S+)$")
 
@@ -144,31 +127,9 @@ class Scraper(threading.Thread):
         self.samples.append((time.monotonic() - self.t0, scrape(self.url)))
 
 
-def run_wrk(url: str, query: str, connections: int, seconds: float, script: Path, body: Path) -> dict:
-    threads = max(1, min(connections, 2))
-    cmd = [
-        "wrk",
-        "-t",
-        str(threads),
-        "-c",
-        str(connections),
-        "-d",
-        f"{seconds:g}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        f"{url}/classify?{query}",
-    ]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)}, timeout=seconds + 60
-    )
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("EED_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    result = json.loads(line[len("EED_JSON ") :])
-    result["requests_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
-    return result
+def load(url: str, query: str, connections: int, seconds: float, body: Path) -> dict:
+    """One wrk run on /classify?QUERY (up to two wrk threads)."""
+    return run_wrk(f"{url}/classify?{query}", connections, seconds, body, threads=max(1, min(connections, 2)))
 
 
 def start_server(model_dir: Path, port: int, log_path: Path, extra: list[str]) -> subprocess.Popen:
@@ -295,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     k = manifest.num_exits
     peak = max(c for c, _ in args.phases)
     workdir = Path(tempfile.mkdtemp(prefix="anytime-"))
-    script = workdir / "post.lua"
-    script.write_text(WRK_SCRIPT)
     body = test_image(manifest, workdir / "image.png")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -304,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         regime = {}
         for e in (k, 1):
-            r = run_wrk(url, f"exit={e}", peak, args.check_seconds, script, body)
+            r = load(url, f"exit={e}", peak, args.check_seconds, body)
             regime[f"exit{e}"] = r
             print(
                 f"regime check, {peak} connections, exit={e}: {r['requests_per_s']:.1f} req/s, "
@@ -321,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         for connections, seconds in args.phases:
             start_s = time.monotonic() - scraper.t0
             before = scrape(url)
-            w = run_wrk(url, f"budget_ms={deadline:g}", connections, seconds, script, body)
+            w = load(url, f"budget_ms={deadline:g}", connections, seconds, body)
             d = delta(scrape(url), before, k)
             phase = {
                 "connections": connections,

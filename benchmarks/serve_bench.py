@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.wrk import run_wrk
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_bench.json"
@@ -62,49 +64,15 @@ SHIPPED = ROOT / "exported" / "fmnist-resnet18-eed"
 FMNIST_DIRS = (ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
 TARGETS = {"saturation_main": 0.95, "saturation_exit1": 0.85, "overhead_p50_ms": 0.5, "cascade_efficiency": 0.8}
 
-WRK_SCRIPT = """
-local f = assert(io.open(os.getenv("EED_BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "image/png"
-done = function(summary, latency, requests)
-  io.write(string.format(
-    "EED_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"non2xx\\": %d, \\"socket_errors\\": %d, "
-    .. "\\"p50_ms\\": %.4f, \\"p99_ms\\": %.4f}\\n",
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
-end
-"""
-
-
 # ------------------------------------------------------------------------------------------
 # Load: wrk, or a Python closed-loop generator in its own process when wrk is missing
 # ------------------------------------------------------------------------------------------
 
 
-def run_wrk(url: str, path: str, connections: int, seconds: float, script: Path, body: Path) -> dict:
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        url + path,
-    ]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "EED_BENCH_BODY": str(body)}, timeout=seconds + 60
-    )
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("EED_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    r = json.loads(line[len("EED_JSON ") :])
+def wrk_load(url: str, path: str, connections: int, seconds: float, body: Path) -> dict:
+    r = run_wrk(url + path, connections, seconds, body)
     return {
-        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "rps": r["requests_per_s"],
         "p50_ms": r["p50_ms"],
         "p99_ms": r["p99_ms"],
         "requests": r["requests"],
@@ -158,9 +126,9 @@ def loadgen_main(url: str, path: str, connections: int, seconds: float, body: by
     )
 
 
-def run_load(url: str, path: str, connections: int, seconds: float, workdir: Path, body: Path) -> dict:
+def run_load(url: str, path: str, connections: int, seconds: float, body: Path) -> dict:
     if shutil.which("wrk"):
-        return run_wrk(url, path, connections, seconds, workdir / "post.lua", body)
+        return wrk_load(url, path, connections, seconds, body)
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -337,16 +305,16 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     servers = start_servers(model_dir, variants, workdir, args.providers)
     try:
         for server in servers:  # warm the HTTP path and the batch sizes once
-            run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, workdir, body)
+            run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
         for r in range(args.rounds):
             for case, exit_number, c in cases:
                 batch = c
                 samples[case]["raw_default"].append(raw.time("default", exit_number, batch, args.raw_seconds))
                 for server in servers if r % 2 == 0 else servers[::-1]:
                     path = f"/classify?exit={exit_number}&top_k=1"
-                    run_load(server.url, path, c, 1.0, workdir, body)  # settle after the raw run
+                    run_load(server.url, path, c, 1.0, body)  # settle after the raw run
                     before = server.cpu_seconds()
-                    served = run_load(server.url, path, c, args.seconds, workdir, body)
+                    served = run_load(server.url, path, c, args.seconds, body)
                     after = server.cpu_seconds()
                     if before and after and served["requests"]:
                         # CPU per answer: the event loop (HTTP, decoding, JSON) and the process (plus ORT)
@@ -709,7 +677,6 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["onnxruntime"] = onnxruntime.__version__
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         workdir = Path(tmp)
-        (workdir / "post.lua").write_text(WRK_SCRIPT)
         if args.only != "cascade":
             print(f"== saturation and overhead: {args.model} ==", flush=True)
             report["throughput"] = bench_throughput(args.model, args, variants, workdir, server_options)
