@@ -250,6 +250,18 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["m"]
 
 
+def test_cli_calibrates_the_policies_it_is_asked_for(tmp_path, fmnist):
+    # The export CLI takes the evaluation CLI's calibration flags: these targets and no others.
+    make_checkpoint(tmp_path / "ckpt.pt", data_dir=fmnist)
+    out = tmp_path / "m"
+    flags = ["--budget-fractions", "0.8", "--budget-gflops", "0.01", "--accuracy-drops", "--target-accuracy", "0.2"]
+    assert main([str(tmp_path / "ckpt.pt"), "--out", str(out), "--no-download", *flags]) == 0
+    thresholds = load_manifest(out).thresholds
+    assert thresholds is not None
+    named = set(thresholds.policies) | {t.name for t in thresholds.not_calibrated}
+    assert named == {"budget_0.8x_main", "budget_0.01_gflops", "accuracy_0.2"}
+
+
 def test_clear_errors(tmp_path, capsys):
     assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err

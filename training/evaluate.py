@@ -307,11 +307,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint.pt (or its run folder) written by training/train.py")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval-SPLIT)")
+    add_data_args(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    add_calibration_args(p)
+    return p
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Where a checkpoint's data set comes from (``python -m training.evaluate`` and ``training.export``)."""
     p.add_argument("--data-dir", default=None, help="where the data set lives (default: the run's)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
     p.add_argument("--subset", type=int, default=None, help="only the first N images of each split (quick look)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """The cascade policies to calibrate on validation (evaluation and export alike)."""
     p.add_argument(
         "--budget-fractions",
         type=float,
@@ -328,7 +339,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="accuracy targets, in points below the main exit's validation accuracy",
     )
     p.add_argument("--target-accuracy", type=float, nargs="*", default=[], help="absolute accuracy targets (0..1)")
-    return p
+
+
+def calibration_targets(args: argparse.Namespace) -> dict:
+    """:func:`analyze`'s calibration keywords from :func:`add_calibration_args`' flags."""
+    return {
+        "budget_fractions": args.budget_fractions,
+        "budgets_gflops": args.budget_gflops,
+        "accuracy_drops": args.accuracy_drops,
+        "target_accuracies": args.target_accuracy,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,10 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             args.download,
             args.batch_size,
             args.device,
-            budget_fractions=args.budget_fractions,
-            budgets_gflops=args.budget_gflops,
-            accuracy_drops=args.accuracy_drops,
-            target_accuracies=args.target_accuracy,
+            **calibration_targets(args),
         )
     except (CheckpointError, DatasetNotFoundError, EvaluationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from serving.manifest import GraphIO, Manifest, ManifestError, load_manifest, write_manifest
 from training.data import ArraySplit
-from training.evaluate import DEFAULT_ACCURACY_DROPS, DEFAULT_BUDGET_FRACTIONS, EvaluationError
+from training.evaluate import EvaluationError, add_calibration_args, add_data_args, calibration_targets
 from training.manifest_builder import build_manifest, provenance_entry
 from training.onnx_checks import DEFAULT_ATOL, check_parity, evaluate_onnx
 from training.onnx_graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportError, export_graphs
@@ -164,27 +164,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name in the manifest (default: the folder's name)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split whose accuracy goes in the manifest")
-    p.add_argument("--data-dir", default=None, help="where the data set lives (default: the run's)")
-    p.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
-    p.add_argument("--subset", type=int, default=None, help="evaluate on the first N images of each split only")
+    add_data_args(p)
     p.add_argument("--skip-eval", action="store_true", help="no data set: no accuracy, no calibrated thresholds")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |ORT - PyTorch| on logits")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--samples", type=int, default=0, help="also write the first N test images as PNG in samples/")
-    p.add_argument(
-        "--budget-fractions",
-        type=float,
-        nargs="*",
-        default=list(DEFAULT_BUDGET_FRACTIONS),
-        help="cascade budgets to calibrate, as fractions of the main exit's GFLOPs",
-    )
-    p.add_argument(
-        "--accuracy-drops",
-        type=float,
-        nargs="*",
-        default=list(DEFAULT_ACCURACY_DROPS),
-        help="accuracy targets, in points below the main exit's validation accuracy",
-    )
+    add_calibration_args(p)
     return p
 
 
@@ -216,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             args.force,
             argv,
             samples=args.samples,
-            budget_fractions=args.budget_fractions,
-            accuracy_drops=args.accuracy_drops,
+            **calibration_targets(args),
         )
     except (ExportError, CheckpointError, DatasetNotFoundError, EvaluationError, ManifestError) as exc:
         print(f"error: {exc}\n{args.out} was not written (or, with --force, left as it was)", file=sys.stderr)
