@@ -6,9 +6,8 @@
 """
 
 from . import plain, resnet  # noqa: F401  (importing registers the builders)
-from .multi_exit import ClassifierHead, MultiExitNetwork, MultiExitOutput, StageSpec, exit_conv_widths
+from .multi_exit import ClassifierHead, ModelConfig, MultiExitNetwork, MultiExitOutput, StageSpec, exit_conv_widths
 from .registry import (
-    ModelConfig,
     UnknownModelError,
     create_model,
     create_model_from_config,

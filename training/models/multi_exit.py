@@ -8,14 +8,26 @@ widths, and this module attaches the paper's exit heads after every stage but th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .registry import ModelConfig
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model without the CLI; saved in every checkpoint."""
+
+    arch: str
+    num_classes: int
+    in_channels: int = 3
+    width_mult: float = 1.0
+    with_exits: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class MultiExitOutput(NamedTuple):

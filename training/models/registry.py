@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
-from .multi_exit import MultiExitNetwork
+from .multi_exit import ModelConfig, MultiExitNetwork
 
 _REGISTRY: dict[str, Callable[..., MultiExitNetwork]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -35,21 +34,6 @@ def list_models() -> list[str]:
 
 def describe_models() -> dict[str, str]:
     return {name: _DESCRIPTIONS[name] for name in list_models()}
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a model without the CLI; saved in every checkpoint."""
-
-    arch: str
-    num_classes: int
-    in_channels: int = 3
-    width_mult: float = 1.0
-    with_exits: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def create_model(
