@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 (KServe / Triton REST) on the same app as ``/classify``.
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``; ``{name}`` is the
+``/v2/models/{name}/ready``, ``/v2/models/{name}/config`` (Triton's model configuration
+extension), ``POST /v2/models/{name}/infer``; ``{name}`` is the
 manifest's ``name``; the model routes also under ``/v2/models/{name}/versions/1/...``.
 An infer call carries a batch of N samples as one input:
 
@@ -39,7 +40,7 @@ from .state import AppState, State
 from .tensors import BYTES, HEADER_LENGTH, InferRequest, decode_request, encode_response
 
 SERVER_NAME = "eed-anytime"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration"]
 MODEL_VERSION = "1"
 FP32_INPUT, IMAGE_INPUT = "input", "image"
 OUTPUTS: dict[str, tuple[str, list[int | str]]] = {  # name → (datatype, shape: -1 the batch, "K" the classes)
@@ -116,6 +117,57 @@ async def model_metadata(name: str, state: State) -> Response:
                 {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
             ],
             "outputs": outputs,
+        }
+    )
+
+
+# Triton's data types for the protocol's (model configuration extension).
+TRITON_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", BYTES: "TYPE_STRING"}
+
+
+@router.get("/models/{name}/config", summary="Model configuration (Triton's model configuration extension)")
+async def model_config(name: str, state: State) -> Response:
+    """The model as a Triton model configuration: what ``tritonclient``'s ``get_model_config``
+    and tools built on it (perf_analyzer, model analyzer) read. Per-sample tensors: the batch
+    axis is implied by ``max_batch_size`` (the most samples one call may carry, EED_QUEUE_SIZE);
+    per-sample scalars have ``dims [1]`` reshaped to ``[]``, as Triton writes them."""
+    try:
+        service = _served(state, name)
+    except ServingError as exc:
+        return oip_error(exc)
+    manifest, settings = service.runtime.manifest, state.settings
+    spec = manifest.input
+    scalar = {"dims": [1], "reshape": {"shape": []}}
+    outputs = [
+        {"name": n, "data_type": TRITON_TYPES[dt], **({"dims": [len(manifest.classes)]} if "K" in shape else scalar)}
+        for n, (dt, shape) in OUTPUTS.items()
+    ]
+    return JSONResponse(
+        {
+            "name": manifest.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"specific": {"versions": [MODEL_VERSION]}},
+            "max_batch_size": settings.queue_size,
+            "input": [
+                {
+                    "name": FP32_INPUT,
+                    "data_type": "TYPE_FP32",
+                    "format": "FORMAT_NCHW",
+                    "dims": [spec.channels, spec.height, spec.width],
+                    "optional": True,
+                },
+                {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", **scalar, "optional": True},
+            ],
+            "output": outputs,
+            "dynamic_batching": {
+                "preferred_batch_size": [settings.max_batch_size],
+                "max_queue_delay_microseconds": round(settings.max_wait_ms * 1000),
+            },
+            "parameters": {
+                "exits": {"string_value": str(manifest.num_exits)},
+                "classes": {"string_value": ",".join(manifest.classes)},
+            },
         }
     )
 
@@ -214,6 +266,15 @@ async def model_version_metadata(name: str, version: str, state: State) -> Respo
     except ServingError as exc:
         return oip_error(exc)
     return await model_metadata(name, state)
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Model configuration (versioned path)")
+async def model_version_config(name: str, version: str, state: State) -> Response:
+    try:
+        _check_version(version)
+    except ServingError as exc:
+        return oip_error(exc)
+    return await model_config(name, state)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (versioned path)")

@@ -55,9 +55,11 @@ STATUSES = {
     ("get", "/v2/health/ready"): (503,),
     ("get", "/v2/models/{name}"): (404, 503),
     ("get", "/v2/models/{name}/ready"): (404, 503),
+    ("get", "/v2/models/{name}/config"): (404, 503),
     ("post", "/v2/models/{name}/infer"): (400, 404, 408, 413, 503),
     ("get", "/v2/models/{name}/versions/{version}"): (404, 503),
     ("get", "/v2/models/{name}/versions/{version}/ready"): (404, 503),
+    ("get", "/v2/models/{name}/versions/{version}/config"): (404, 503),
     ("post", "/v2/models/{name}/versions/{version}/infer"): (400, 404, 408, 413, 503),
 }
 RETRY_AFTER = {
@@ -364,6 +366,34 @@ def _oip(paths: dict, schemas: dict, service) -> None:
             "outputs": {"type": "array", "items": tensor_meta},
         },
     }
+    config_tensor = {
+        "type": "object",
+        "required": ["name", "data_type", "dims"],
+        "properties": {
+            "name": {"type": "string"},
+            "data_type": {"type": "string"},
+            "format": {"type": "string"},
+            "dims": {"type": "array", "items": {"type": "integer"}},
+            "reshape": {"type": "object", "properties": {"shape": {"type": "array", "items": {"type": "integer"}}}},
+            "optional": {"type": "boolean"},
+        },
+    }
+    schemas["OipModelConfig"] = {
+        "type": "object",
+        "description": "a Triton model configuration (JSON form of model_config.proto)",
+        "required": ["name", "platform", "max_batch_size", "input", "output"],
+        "properties": {
+            "name": {"type": "string"},
+            "platform": {"type": "string"},
+            "backend": {"type": "string"},
+            "version_policy": {"type": "object"},
+            "max_batch_size": {"type": "integer", "minimum": 1},
+            "input": {"type": "array", "items": config_tensor},
+            "output": {"type": "array", "items": config_tensor},
+            "dynamic_batching": {"type": "object"},
+            "parameters": {"type": "object"},
+        },
+    }
     datatypes = [*DTYPES, BYTES]
     schemas["OipRequestInput"] = {
         "type": "object",
@@ -434,6 +464,7 @@ def _oip(paths: dict, schemas: dict, service) -> None:
     json_200("/v2/health/ready", "get", "OipReady")
     json_200("/v2/models/{name}", "get", "OipModelMetadata")
     json_200("/v2/models/{name}/ready", "get", "OipReady")
+    json_200("/v2/models/{name}/config", "get", "OipModelConfig")
     infer = paths["/v2/models/{name}/infer"]["post"]
     json_200("/v2/models/{name}/infer", "post", "OipInferenceResponse")
     infer["responses"]["200"]["content"]["application/octet-stream"] = {
@@ -467,7 +498,7 @@ def _oip(paths: dict, schemas: dict, service) -> None:
         }
     )
     # The versioned paths answer as the plain ones.
-    for suffix, method in (("", "get"), ("/ready", "get"), ("/infer", "post")):
+    for suffix, method in (("", "get"), ("/ready", "get"), ("/config", "get"), ("/infer", "post")):
         plain = paths["/v2/models/{name}" + suffix][method]
         versioned = paths["/v2/models/{name}/versions/{version}" + suffix][method]
         versioned["responses"]["200"] = copy.deepcopy(plain["responses"]["200"])

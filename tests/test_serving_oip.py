@@ -135,6 +135,24 @@ def test_health_and_metadata(client):
     assert err.value.status() == "404" and MODEL in err.value.message()
 
 
+def test_model_configuration_as_triton_writes_it(client):
+    config = client.get_model_config(MODEL)
+    assert config["name"] == MODEL and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] >= 1  # the most samples one call may carry
+    inputs = {i["name"]: i for i in config["input"]}
+    assert inputs["input"]["data_type"] == "TYPE_FP32" and inputs["input"]["dims"] == [1, 28, 28]
+    assert inputs["image"]["data_type"] == "TYPE_STRING" and inputs["image"]["reshape"] == {"shape": []}
+    outputs = {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]}
+    assert outputs["probabilities"] == ("TYPE_FP32", [NUM_CLASSES])
+    assert outputs["label"] == ("TYPE_INT64", [1]) and outputs["feedback_id"] == ("TYPE_STRING", [1])
+    assert client.get_model_config(MODEL, "1") == config
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    for name, version in (("another-model", ""), (MODEL, "2")):
+        with pytest.raises(InferenceServerException) as err:
+            client.get_model_config(name, version)
+        assert err.value.status() == "404"
+
+
 # --- answers equal /classify's -----------------------------------------------------------
 
 POLICIES = [
