@@ -233,3 +233,44 @@ def test_load_failure_is_reported_by_readyz(model_dir):
         assert failures and "default_policy" in failures[0]
 
     asyncio.run(main())
+
+
+def test_a_small_image_is_answered_without_a_worker_thread(model_dir, monkeypatch):
+    # Every step of a /classify request for a small image runs on the event loop, except the
+    # model itself (the inference executor): no route dependency or handler is sent to
+    # Starlette's worker threads (a plain `def` dependency would be, on every request).
+    import asyncio
+
+    import anyio.to_thread
+    from serving_model import encode, uniform_image
+
+    from serving.app import create_app, load_model
+
+    hops = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(*args, **kwargs):
+        hops.append(getattr(args[0], "__qualname__", repr(args[0])))
+        return await real(*args, **kwargs)
+
+    async def main():
+        app = create_app(ServerSettings(model_dir=model_dir, intra_op_threads=1))
+        state = app.state.eed
+        await load_model(state)
+        try:
+            async with _asgi_client(app) as client:
+                monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+                for params in ({"exit": 1}, {"confidence": 0.9}, {"budget_ms": 60_000}):
+                    r = await client.post(
+                        "/classify",
+                        content=encode(uniform_image(3), "PNG"),
+                        headers={"Content-Type": "image/png"},
+                        params=params,
+                    )
+                    assert r.status_code == 200, r.text
+                assert (await client.get("/v1/model")).status_code == 200
+        finally:
+            await state.service.stop()
+
+    asyncio.run(main())
+    assert hops == []
