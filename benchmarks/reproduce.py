@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--report-only",
         action="store_true",
-        help="train nothing: tabulate the runs that have finished so far (an interim report)",
+        help="train nothing: tabulate every run of the preset that has finished so far (an interim report)",
     )
     p.add_argument(
         "--stop-launching-at",
@@ -390,7 +390,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     order = run_order(args.preset, args.methods, args.seeds)
-    methods = list(dict.fromkeys(name for name, _ in order))
+    # The report covers every finished run of the preset, not only this invocation's (a run
+    # narrowed with --methods/--seeds must not replace the full report with a partial one).
+    report_order = list(dict.fromkeys([*run_order(args.preset), *order]))
+    methods = list(dict.fromkeys(name for name, _ in report_order))
     stop_at = _parse_stop_time(args.stop_launching_at) if args.stop_launching_at else None
     out_dir = Path(args.out_dir)
     runs_dir = Path(args.runs_dir or out_dir / f"reproduce-{args.preset}")
@@ -401,10 +404,7 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     start = time.perf_counter()
-    if args.report_only:
-        finished = {key: runs_dir / f"{key[0]}-s{key[1]}" for key in order}
-        finished = {key: d for key, d in finished.items() if (d / "final.json").is_file()}
-    else:
+    if not args.report_only:
         # Small models use 2 cores better as 2 one-thread runs than as one 2-thread run
         # (per-op overhead dominates their thread-parallel speed-up).
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -413,10 +413,12 @@ def main(argv=None) -> int:
                 key: pool.submit(run_one, *key, args.preset, runs_dir, args.extra, log, threads, stop_at)
                 for key in order
             }
-            finished = {key: f.result() for key, f in futures.items()}
-        finished = {key: d for key, d in finished.items() if d is not None}
+            for future in futures.values():
+                future.result()  # a failed run raises here
+    finished = {key: runs_dir / f"{key[0]}-s{key[1]}" for key in report_order}
+    finished = {key: d for key, d in finished.items() if (d / "final.json").is_file()}
     runs: dict[str, list[Path]] = {name: [] for name in methods}
-    for (name, _), run_dir in sorted(finished.items(), key=lambda kv: order.index(kv[0])):
+    for (name, _), run_dir in sorted(finished.items(), key=lambda kv: report_order.index(kv[0])):
         runs[name].append(run_dir)
     runs = {name: dirs for name, dirs in runs.items() if dirs}
     if not runs:

@@ -36,7 +36,7 @@ from .errors import BadRequest, InvalidParameters, NotReady, ServingError, Unkno
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
 from .service import InferenceService
-from .state import AppState, State
+from .state import AppState, State, state_of
 from .tensors import BYTES, HEADER_LENGTH, InferRequest, decode_request, encode_response
 
 SERVER_NAME = "eed-anytime"
@@ -183,8 +183,9 @@ async def model_ready(name: str, state: State) -> Response:
 
 
 @router.post("/models/{name}/infer", summary="Inference on a batch of N images or preprocessed inputs")
-async def infer(name: str, request: Request, state: State) -> Response:
+async def infer(name: str, request: Request) -> Response:
     arrived = time.perf_counter()
+    state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     metrics = state.metrics
     policy_label, status, exits = "none", 500, []
     try:
@@ -287,12 +288,12 @@ async def model_version_ready(name: str, version: str, state: State) -> Response
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference (versioned path)")
-async def model_version_infer(name: str, version: str, request: Request, state: State) -> Response:
+async def model_version_infer(name: str, version: str, request: Request) -> Response:
     try:
         _check_version(version)
     except ServingError as exc:
         return oip_error(exc)
-    return await infer(name, request, state)
+    return await infer(name, request)
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

@@ -23,7 +23,7 @@ from .policy import effective_params, params_from_request
 from .policy import top_k as top_k_classes
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
 from .service import Outcome
-from .state import State
+from .state import State, state_of
 
 router = APIRouter()
 
@@ -89,9 +89,10 @@ IMAGE_BODY = {
     responses=_errors(400, 408, 413, 415, 422, 503),
     openapi_extra={"parameters": CLASSIFY_QUERY_OPENAPI, "requestBody": IMAGE_BODY},
 )
-async def classify(request: Request, state: State) -> Response:
+async def classify(request: Request) -> Response:
     """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
     arrived = time.perf_counter()
+    state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     query = classify_query(request.query_params)  # a 422 here is not counted, as FastAPI's own were not
     settings, metrics = state.settings, state.metrics
     exit_label, policy_label, status = "none", "none", 500

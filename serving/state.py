@@ -67,12 +67,19 @@ class AppState:
         return service, self.preprocess
 
 
+def state_of(request: Request) -> AppState:
+    """The application's :class:`AppState` (set by ``create_app``)."""
+    return request.app.state.eed
+
+
 async def app_state(request: Request) -> AppState:
-    """FastAPI dependency: the application's :class:`AppState` (set by ``create_app``).
+    """FastAPI dependency: the application's :class:`AppState`.
 
     ``async`` on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread
-    hop on every request (py-spy put it at a tenth of the event loop's samples)."""
-    return request.app.state.eed
+    hop on every request (py-spy put it at a tenth of the event loop's samples). The two
+    inference routes (``/classify``, OIP ``infer``) call :func:`state_of` instead: they skip
+    FastAPI's per-request dependency solving, as they skip it for their parameters."""
+    return state_of(request)
 
 
 State = Annotated[AppState, Depends(app_state)]

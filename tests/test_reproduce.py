@@ -38,3 +38,23 @@ def test_stop_time_is_today_unless_long_past():
     assert 0 < _parse_stop_time(in_a_minute) - now <= 180
     a_minute_ago = time.strftime("%H:%M", time.gmtime(now - 120))
     assert _parse_stop_time(a_minute_ago) <= now  # just past: stop now, not tomorrow
+
+
+def test_report_covers_every_finished_run_not_just_the_narrowed_ones(tmp_path, capsys):
+    # A run narrowed to some methods (here --methods eed-kl) must not replace the full report.
+    import json
+
+    from test_paired_stats import _fake_run
+
+    from benchmarks.reproduce import main
+
+    runs_dir, out_dir = tmp_path / "runs", tmp_path / "out"
+    for seed in (1, 2):
+        _fake_run(runs_dir, "branchynet", seed, [80, 85], 86, 99, 85, 86)
+        _fake_run(runs_dir, "eed-mse", seed, [81, 86 + seed], 88, 98, 86, 87.5)
+        _fake_run(runs_dir, "eed-kl", seed, [81, 85 + seed], 87, 98, 86, 87.0)
+    argv = ["--preset", "small-data", "--report-only", "--methods", "eed-kl", "--seeds", "1", "2"]
+    assert main([*argv, "--runs-dir", str(runs_dir), "--out-dir", str(out_dir)]) == 0
+    report = json.loads((out_dir / "reproduce_small-data.json").read_text())
+    assert report["meta"]["runs_per_method"] == {"branchynet": 2, "eed-mse": 2, "eed-kl": 2}
+    assert "**eed-kl − branchynet** (2 pairs)" in (out_dir / "reproduce_small-data.md").read_text()
