@@ -255,45 +255,31 @@ async def infer(name: str, request: Request) -> Response:
 # server has one version of its one model, MODEL_VERSION.
 
 
-def _check_version(version: str) -> None:
-    if version != MODEL_VERSION:
-        raise UnknownModel(f"no version {version!r} of this model; the one served is {MODEL_VERSION!r}")
+def _wrong_version(version: str) -> Response | None:
+    """The protocol's 404 for a version other than MODEL_VERSION; None for the served one."""
+    if version == MODEL_VERSION:
+        return None
+    return oip_error(UnknownModel(f"no version {version!r} of this model; the one served is {MODEL_VERSION!r}"))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned path)")
 async def model_version_metadata(name: str, version: str, state: State) -> Response:
-    try:
-        _check_version(version)
-    except ServingError as exc:
-        return oip_error(exc)
-    return await model_metadata(name, state)
+    return _wrong_version(version) or await model_metadata(name, state)
 
 
 @router.get("/models/{name}/versions/{version}/config", summary="Model configuration (versioned path)")
 async def model_version_config(name: str, version: str, state: State) -> Response:
-    try:
-        _check_version(version)
-    except ServingError as exc:
-        return oip_error(exc)
-    return await model_config(name, state)
+    return _wrong_version(version) or await model_config(name, state)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (versioned path)")
 async def model_version_ready(name: str, version: str, state: State) -> Response:
-    try:
-        _check_version(version)
-    except ServingError as exc:
-        return oip_error(exc)
-    return await model_ready(name, state)
+    return _wrong_version(version) or await model_ready(name, state)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference (versioned path)")
 async def model_version_infer(name: str, version: str, request: Request) -> Response:
-    try:
-        _check_version(version)
-    except ServingError as exc:
-        return oip_error(exc)
-    return await infer(name, request)
+    return _wrong_version(version) or await infer(name, request)
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
