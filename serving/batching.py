@@ -12,6 +12,12 @@ passed since the first item was taken, or — when ``more_coming`` is given — 
 as nothing else is on its way. The last rule keeps a lone request from paying the
 wait for nothing; under load the queue fills while the previous batch runs, so
 batches grow without any waiting at all.
+
+A request that finds the server otherwise idle (``LoneRun.alone()``)
+skips the queue: it runs on the lone-request session, and for short graphs on the
+event loop itself — two thread wake-ups (to the inference thread and back) cost as
+much as a small graph's whole run on a small machine, and with nothing else to do
+the loop has nothing better to run meanwhile.
 """
 
 from __future__ import annotations
@@ -86,11 +92,21 @@ def _stack(inputs: list) -> Any:
     return np.stack(inputs)
 
 
+@dataclass
+class LoneRun:
+    """How a request that finds the server otherwise idle runs: past the queue, on its own."""
+
+    run: RunFn  # the lone-request session (all cores)
+    alone: Callable[[], bool]  # nothing else admitted, queued or running
+    inline: bool = False  # on the event loop itself: for graphs that take a few ms at most
+
+
 class GraphWorker:
     """The queue and batching loop of one graph.
 
     ``run`` is called in ``executor`` with a stacked batch and returns the graph's
-    outputs (each with the batch on axis 0). ``on_batch(size, queue_wait_s, run_s)``
+    outputs (each with the batch on axis 0). ``lone``: how a request that finds the
+    server idle runs (see :class:`LoneRun`). ``on_batch(size, queue_wait_s, run_s)``
     and ``on_item(latency_s)`` are metric hooks called from the event loop.
     """
 
@@ -105,6 +121,8 @@ class GraphWorker:
         on_batch: Callable[[int, float, float], None] | None = None,
         on_item: Callable[[float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        *,
+        lone: LoneRun | None = None,
     ) -> None:
         self.name = name
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
@@ -116,10 +134,11 @@ class GraphWorker:
         self._on_batch = on_batch
         self._on_item = on_item
         self._on_queue_depth = on_queue_depth
+        self.lone = lone
         self._task: asyncio.Task | None = None
-        # (batch size, perf_counter at hand-off to the executor) of the batch in ORT,
-        # read by the service to estimate how long a new item would queue.
-        self.running: tuple[int, float] | None = None
+        # (batch size, perf_counter at hand-off to ORT) of every batch in ORT now (a lone
+        # request's run may overlap the loop's), read by the service to estimate queueing.
+        self.running: list[tuple[int, float]] = []
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -140,14 +159,39 @@ class GraphWorker:
                 item.future.cancel()
 
     async def submit(self, inputs: Any) -> tuple[np.ndarray, ...]:
-        """Queue one sample and wait for its outputs (one array per graph output)."""
+        """Run one sample and return its outputs (one array per graph output)."""
         if self._task is None or self._task.done():
             raise RuntimeError(f"batcher {self.name} is not running")
+        if self.lone is not None:
+            # Requests read in the same loop turn as this one are admitted before it resumes,
+            # so "alone" is not decided before they are counted (else under load every
+            # request would find the server idle after the previous one and none would batch).
+            await asyncio.sleep(0)
+            if self.lone.alone():
+                return await self._run_alone(self.lone, inputs)
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(WorkItem(inputs, future))
         if self._on_queue_depth:
             self._on_queue_depth(self.queue.qsize())
         return await future
+
+    async def _run_alone(self, lone: LoneRun, inputs: Any) -> tuple[np.ndarray, ...]:
+        batch = _stack([inputs])
+        entry = (1, time.perf_counter())
+        self.running.append(entry)
+        try:
+            if lone.inline:
+                outputs = lone.run(batch)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, lone.run, batch)
+        finally:
+            self.running.remove(entry)
+        run_s = time.perf_counter() - entry[1]
+        if self._on_batch:
+            self._on_batch(1, 0.0, run_s)
+        if self._on_item:
+            self._on_item(run_s)
+        return tuple(output[0] for output in outputs)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,7 +204,8 @@ class GraphWorker:
             if not batch:
                 continue
             started = time.perf_counter()
-            self.running = (len(batch), started)
+            entry = (len(batch), started)
+            self.running.append(entry)
             try:
                 stacked = _stack([item.inputs for item in batch])
                 outputs = await loop.run_in_executor(self._executor, self._run, stacked)
@@ -176,7 +221,7 @@ class GraphWorker:
                         item.future.set_exception(exc)
                 continue
             finally:
-                self.running = None
+                self.running.remove(entry)
             finished = time.perf_counter()
             for j, item in enumerate(batch):
                 if not item.future.done():

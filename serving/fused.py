@@ -41,6 +41,7 @@ from .batching import GraphWorker
 from .errors import ModelLoadError
 from .policy import softmax
 from .runtime import Graph, ModelRuntime, SessionOptions, provider_chain
+from .sessions import open_session
 
 log = logging.getLogger("serving.fused")
 
@@ -208,9 +209,9 @@ def cap_thresholds(thresholds: Sequence[float], deepest: int) -> np.ndarray:
 class FusedCascadeGraph(Graph):
     """The fused cascade's session; ``run`` takes (images, threshold rows) and returns [logits, exit]."""
 
-    def run(self, batch: Any) -> list[np.ndarray]:
+    def feeds(self, batch: Any) -> dict[str, Any]:
         images, thresholds = batch
-        return self.session.run(self.output_names, {IMAGE: images, THRESHOLDS: thresholds})
+        return {IMAGE: images, THRESHOLDS: thresholds}
 
     def feed(self, x: np.ndarray, stage_inputs: Sequence[np.ndarray]) -> Any:
         return x, self.full_depth(len(x))
@@ -250,14 +251,8 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         io.features_output,
     )
     chain = provider_chain(options.providers, ort.get_available_providers())
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = options.intra_op_threads
-    so.inter_op_num_threads = options.inter_op_threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
-    so.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=list(chain))
+        session = open_session(model.SerializeToString(), chain, **options.session_keywords())
     except Exception as exc:
         if mode == "fused":
             raise ModelLoadError(f"ONNX Runtime cannot load the fused cascade: {exc}") from exc

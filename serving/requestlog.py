@@ -98,16 +98,18 @@ class RequestIdMiddleware:
             current_request_id.reset(token)
 
 
-def install(app, log_format: str = "text") -> None:
+def install(app, log_format: str = "text", inner=None) -> None:
     """Put :class:`RequestIdMiddleware` outside every other layer of a Starlette/FastAPI app.
 
     ``app.add_middleware`` would place it inside Starlette's ServerErrorMiddleware, which
     sends the 500 of an unhandled exception itself: that response would lack the id.
+    ``inner(stack)``, if given, wraps the app's own stack inside the id layer.
     """
     build = app.build_middleware_stack
 
     def build_with_ids():
-        return RequestIdMiddleware(build(), log_format=log_format)
+        stack = build()
+        return RequestIdMiddleware(stack if inner is None else inner(stack), log_format=log_format)
 
     app.build_middleware_stack = build_with_ids
 

@@ -49,6 +49,14 @@ class SessionOptions:
             allow_spinning=settings.ort_allow_spinning,
         )
 
+    def session_keywords(self) -> dict[str, Any]:
+        """The keywords of :func:`serving.sessions.open_session` these options stand for."""
+        return {
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "allow_spinning": self.allow_spinning,
+        }
+
 
 def provider_chain(requested: str, available: Sequence[str]) -> list[str]:
     """The ORT provider list for a requested provider name.
@@ -100,9 +108,13 @@ class Graph:
     output_names: list[str]
     provider: str
 
+    def feeds(self, batch: Any) -> dict[str, Any]:
+        """The session's input dict for ``batch``."""
+        return {self.input_name: batch}
+
     def run(self, batch: Any) -> list[np.ndarray]:
         """Run a batch; returns [logits] or [logits, features]."""
-        return self.session.run(self.output_names, {self.input_name: batch})
+        return self.session.run(self.output_names, self.feeds(batch))
 
     def feed(self, x: np.ndarray, stage_inputs: Sequence[np.ndarray]) -> Any:
         """This graph's input for image batch ``x`` (``stage_inputs``: every stage's input for it)."""
@@ -253,13 +265,7 @@ def _open(
     options: SessionOptions,
 ) -> Graph:
     try:
-        session = open_session(
-            path,
-            chain,
-            intra_op_threads=options.intra_op_threads,
-            inter_op_threads=options.inter_op_threads,
-            allow_spinning=options.allow_spinning,
-        )
+        session = open_session(path, chain, **options.session_keywords())
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise ModelLoadError(f"ONNX Runtime cannot load {path}: {exc}") from exc
     inputs = [i.name for i in session.get_inputs()]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import cascade
-from .batching import GraphWorker
+from .batching import GraphWorker, LoneRun
 from .errors import Overloaded
 from .fused import cap_thresholds
 from .latency import DecayingMean, ServiceTimeModel
@@ -84,6 +84,7 @@ class InferenceService:
         estimate_half_life_s: float = 0.5,
         probe_interval_s: float = 1.0,
         deadline_margin_ms: float = 0.5,
+        inline_max_ms: float = 5.0,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
@@ -102,6 +103,8 @@ class InferenceService:
         self._margin_s = deadline_margin_ms / 1000.0
         self._probe_task: asyncio.Task | None = None
         self._probe_inputs: dict[str, Any] = {}
+        self._probing = False
+        self._inline_max_ms = inline_max_ms
         self._inflight = 0
         self._preparing = 0
         self.exit_workers = [self._worker(g) for g in runtime.exits]
@@ -122,6 +125,7 @@ class InferenceService:
             estimate_half_life_s=settings.estimate_half_life_s,
             probe_interval_s=settings.probe_interval_s,
             deadline_margin_ms=settings.deadline_margin_ms,
+            inline_max_ms=settings.inline_max_ms,
         )
 
     def _worker(self, graph: Graph) -> GraphWorker:
@@ -147,6 +151,15 @@ class InferenceService:
             more_coming=lambda: self._preparing > 0,
             on_batch=on_batch,
             on_queue_depth=depth.set,
+            lone=LoneRun(graph.run, self._alone),  # inline or not: decided in seed_latency
+        )
+
+    def _alone(self) -> bool:
+        """Whether the one admitted request is all there is: nothing else queued, running or probing."""
+        return (
+            self._inflight <= 1
+            and not self._probing
+            and not any(w.running or w.queue.qsize() for w in self._all_workers)
         )
 
     @property
@@ -164,6 +177,12 @@ class InferenceService:
         # the OpenAPI schema can state it). Longer deadlines that the live estimate says exit 1
         # cannot meet still get exit 1's answer, with deadline_met false.
         self.deadline_floor_ms = self.idle_service_ms()[1][0]
+        # A lone request runs its graph on the event loop when that blocks the loop for a few
+        # ms at most: the thread hand-off it saves is worth little beside longer runs, and
+        # other requests arriving meanwhile are not read until it ends.
+        for worker in self._all_workers:
+            assert worker.lone is not None
+            worker.lone.inline = self.service_models[worker.name].estimate(1) * 1e3 <= self._inline_max_ms
         self.publish_estimates()
 
     async def start(self) -> None:
@@ -227,8 +246,7 @@ class InferenceService:
         backlog = 0.0
         for worker in self._all_workers:
             model = self.service_models[worker.name]
-            if worker.running is not None:
-                size, since = worker.running
+            for size, since in worker.running:
                 backlog += max(0.0, model.estimate(size) - (now - since))
             queued = worker.queue.qsize()
             if worker is target:
@@ -295,11 +313,14 @@ class InferenceService:
             _, name = min(stale)
             graph = self._graphs[name]
             started = time.perf_counter()
+            self._probing = True
             try:
                 await loop.run_in_executor(self._executor, graph.run, self._probe_inputs[name])
             except Exception:  # a probe must never take the server down
                 log.exception("latency probe of %s failed", name)
                 continue
+            finally:
+                self._probing = False
             self.service_models[name].observe(1, time.perf_counter() - started)
 
     # -- execution -------------------------------------------------------------------

@@ -21,14 +21,15 @@ StageFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
 def open_session(
-    path,
+    path_or_bytes,
     providers: Sequence[str] = (CPU,),
     *,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     allow_spinning: bool = False,
 ) -> ort.InferenceSession:
-    """A session with full graph optimisation and quiet logs; raises what ONNX Runtime raises."""
+    """A session on a model file (or serialized model) with full graph optimisation and quiet
+    logs; raises what ONNX Runtime raises."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = intra_op_threads
@@ -36,7 +37,8 @@ def open_session(
     # Spinning threads take the CPU the event loop needs on machines with few cores.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+    source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    return ort.InferenceSession(source, sess_options=so, providers=list(providers))
 
 
 def run_chain(stages: Sequence[StageFn], x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -44,6 +44,12 @@ class ServerSettings(BaseSettings):
         description="batches that may run at once across all graphs; ORT already uses every core "
         "per batch, so more than 1 mostly adds contention on CPU",
     )
+    inline_max_ms: float = Field(
+        5.0,
+        ge=0,
+        description="a request that finds the server idle runs on the event loop itself (no thread hand-off) "
+        "when its graph takes at most this long at batch 1; 0 = never",
+    )
 
     cascade_graph: Literal["auto", "fused", "stages"] = Field(
         "auto",
@@ -57,6 +63,11 @@ class ServerSettings(BaseSettings):
         False,
         description="let ORT worker threads busy-wait for work; off by default because spinning threads "
         "take the CPU the event loop needs for HTTP on machines with few cores",
+    )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry spans and metrics (with providers configured the "
+        "usual OTel way); off: its per-request check costs event-loop CPU and Prometheus has the metrics",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto",

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.batching import GraphWorker, collect_batch
+from serving.batching import GraphWorker, LoneRun, collect_batch
 
 
 def run(coro):
@@ -195,3 +195,80 @@ def test_cancelled_request_is_skipped_and_others_still_answered():
 
     assert np.array_equal(run(main()), np.ones(1))
     assert seen == [1]  # the cancelled one never reached the model
+
+
+# --- a request alone on the server runs past the queue -------------------------------------
+
+
+def test_a_lone_request_runs_inline_and_requests_arriving_together_are_batched():
+    import threading
+
+    threads, batch_sizes, lone_sizes = [], [], []
+    admitted = {"n": 0}
+
+    def queued(batch):  # the batching loop's run, in the executor
+        threads.append(threading.get_ident())
+        return [batch * 2]
+
+    def alone_run(batch):  # the lone run
+        threads.append(threading.get_ident())
+        lone_sizes.append(len(batch))
+        return [batch * 2]
+
+    async def request(worker, value):
+        # What the service does: admit (count), then submit; none of these awaits before submit.
+        admitted["n"] += 1
+        try:
+            (out,) = await worker.submit(np.full(3, value, dtype=np.float32))
+            return out
+        finally:
+            admitted["n"] -= 1
+
+    async def main():
+        loop_thread = threading.get_ident()
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(queued, pool, batch_sizes, max_wait_s=0.0)
+            worker.lone = LoneRun(alone_run, alone=lambda: admitted["n"] <= 1 and not worker.running, inline=True)
+            worker.start()
+            first = await request(worker, 1)
+            inline = threads == [loop_thread] and lone_sizes == [1] and batch_sizes == [1]
+            threads.clear()
+            # Ten requests admitted in one loop turn: none may decide it is alone.
+            together = await asyncio.gather(*(request(worker, v) for v in range(10)))
+            await worker.stop()
+        return first, inline, together, loop_thread
+
+    first, inline, together, loop_thread = run(main())
+    assert np.array_equal(first, np.full(3, 2.0)) and inline
+    assert [float(out[0]) for out in together] == [2.0 * v for v in range(10)]
+    assert lone_sizes == [1]  # only the first request ran alone
+    assert sum(batch_sizes[1:]) == 10 and max(batch_sizes[1:]) > 1
+    assert loop_thread not in threads  # the batches ran in the executor
+
+
+def test_a_lone_request_on_a_long_graph_runs_in_the_executor_and_its_errors_reach_the_caller():
+    import threading
+
+    threads = []
+
+    def alone_run(batch):
+        threads.append(threading.get_ident())
+        if batch[0, 0] < 0:
+            raise ValueError("bad input")
+        return [batch + 1]
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(lambda b: [b], pool, [], max_wait_s=0.0)
+            worker.lone = LoneRun(alone_run, alone=lambda: True, inline=False)
+            worker.start()
+            (out,) = await worker.submit(np.zeros(2, dtype=np.float32))
+            with pytest.raises(ValueError, match="bad input"):
+                await worker.submit(np.full(2, -1, dtype=np.float32))
+            running_after = list(worker.running)
+            await worker.stop()
+        return out, threading.get_ident(), running_after
+
+    out, loop_thread, running_after = run(main())
+    assert np.array_equal(out, np.ones(2)) and running_after == []
+    assert len(threads) == 2 and loop_thread not in threads

@@ -274,3 +274,68 @@ def test_a_small_image_is_answered_without_a_worker_thread(model_dir, monkeypatc
 
     asyncio.run(main())
     assert hops == []
+
+
+def test_a_lone_request_runs_its_short_graph_on_the_event_loop_unless_inline_is_off(model_dir):
+    # Alone on the server, a request skips the queue; a graph that takes at most inline_max_ms runs
+    # on the event loop itself (no hand-off to the inference thread and back), a longer one in it.
+    import asyncio
+    import threading
+
+    from serving.metrics import ServingMetrics
+    from serving.policy import PolicyParams
+    from serving.service import InferenceService
+
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+
+    async def main(inline_max_ms):
+        service = InferenceService(runtime, ServingMetrics(), probe_interval_s=0, inline_max_ms=inline_max_ms)
+        service.seed_latency(runtime.calibrate(runs=2))
+        await service.start()
+        lone, threads = service.exit_workers[0].lone, []
+        real = lone.run
+        lone.run = lambda batch: (threads.append(threading.get_ident()), real(batch))[1]
+        try:
+            x = runtime.example_input(1)[0]
+            with service.admit() as ticket:
+                outcome = await service.run(x, service.plan(PolicyParams(exit=1)), ticket)
+        finally:
+            await service.stop()
+        np.testing.assert_allclose(outcome.probs.sum(), 1.0, rtol=1e-6)
+        return threads, threading.get_ident(), [w.lone.inline for w in service.exit_workers]
+
+    threads, loop_thread, inline = asyncio.run(main(inline_max_ms=1000.0))
+    assert inline == [True] * 3 and threads == [loop_thread]
+    threads, loop_thread, inline = asyncio.run(main(inline_max_ms=0.0))
+    assert inline == [False] * 3 and len(threads) == 1 and threads != [loop_thread]
+
+
+def test_an_unexpected_error_in_classify_is_a_json_500_with_the_request_id(model_dir, caplog):
+    # /classify runs past Starlette's error middleware (serving.app.DirectRoutes): a bug there must
+    # still answer like every other route — the app's JSON 500, the request id, the traceback logged.
+    import asyncio
+
+    from serving.app import create_app, load_model
+
+    async def main():
+        app = create_app(ServerSettings(model_dir=model_dir, intra_op_threads=1))
+        state = app.state.eed
+        await load_model(state)
+
+        def broken(data, content_type):
+            raise RuntimeError("a bug in preprocessing")
+
+        state.preprocess = broken
+        try:
+            async with _asgi_client(app) as client:
+                return await client.post(
+                    "/classify", content=b"\x89PNG", headers={"Content-Type": "image/png", "X-Request-ID": "bug-2"}
+                )
+        finally:
+            await state.service.stop()
+
+    with caplog.at_level(logging.ERROR, logger="serving"):
+        r = asyncio.run(main())
+    assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-2"
+    assert r.json() == {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
+    assert any("a bug in preprocessing" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records)
