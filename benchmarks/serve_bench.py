@@ -317,7 +317,9 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                     served = run_load(server.url, path, c, args.seconds, body)
                     after = server.cpu_seconds()
                     if before and after and served["requests"]:
-                        # CPU per answer: the event loop (HTTP, decoding, JSON) and the process (plus ORT)
+                        # CPU per answer: the event loop (HTTP, decoding, JSON) and the process (plus ORT).
+                        # A lone request's short graph runs on the event loop (EED_INLINE_MAX_MS), so with
+                        # one connection the loop's figure includes ORT's calling thread.
                         served["loop_cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / served["requests"]
                         served["process_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / served["requests"]
                     samples[case][server.name].append(served)
