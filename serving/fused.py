@@ -251,8 +251,9 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         io.features_output,
     )
     chain = provider_chain(options.providers, ort.get_available_providers())
+    serialized = model.SerializeToString()
     try:
-        session = open_session(model.SerializeToString(), chain, **options.session_keywords())
+        session = open_session(serialized, chain, **options.session_keywords())
     except Exception as exc:
         if mode == "fused":
             raise ModelLoadError(f"ONNX Runtime cannot load the fused cascade: {exc}") from exc
@@ -265,6 +266,7 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         input_name=IMAGE,
         output_names=[LOGITS, EXIT],
         provider=session.get_providers()[0],
+        source=serialized,
     )
     problem = _check(runtime, graph)
     if problem:

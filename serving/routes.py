@@ -188,6 +188,7 @@ async def model_info(state: State) -> dict[str, Any]:
         },
         "stage_chain_max_abs_diff": runtime.consistency,
         "cascade_graph": {"setting": settings.cascade_graph, "runs": state.cascade_graph},
+        "lone_requests": runtime.lone_sessions,  # what a request alone on the server runs on
     }
 
 

@@ -107,6 +107,9 @@ class Graph:
     input_name: str
     output_names: list[str]
     provider: str
+    source: Path | bytes | None = None  # the model file (or serialized model) the session was opened on
+    # A one-thread session for lone requests, when that measured faster (ModelRuntime.choose_lone_sessions).
+    lone_session: ort.InferenceSession | None = None
 
     def feeds(self, batch: Any) -> dict[str, Any]:
         """The session's input dict for ``batch``."""
@@ -115,6 +118,10 @@ class Graph:
     def run(self, batch: Any) -> list[np.ndarray]:
         """Run a batch; returns [logits] or [logits, features]."""
         return self.session.run(self.output_names, self.feeds(batch))
+
+    def run_alone(self, batch: Any) -> list[np.ndarray]:
+        """Run a lone request's batch of 1 (nothing else running): the same outputs as ``run``."""
+        return (self.lone_session or self.session).run(self.output_names, self.feeds(batch))
 
     def feed(self, x: np.ndarray, stage_inputs: Sequence[np.ndarray]) -> Any:
         """This graph's input for image batch ``x`` (``stage_inputs``: every stage's input for it)."""
@@ -131,6 +138,7 @@ class ModelRuntime:
     stages: list[Graph]  # stage graphs, index 0 = stage 1
     provider: str
     consistency: dict[str, float] = field(default_factory=dict)
+    lone_sessions: str = "the same sessions as batches (not measured)"  # set by choose_lone_sessions
     # The confidence cascade fused into one graph (serving/fused.py), when chosen.
     fused: Graph | None = None
 
@@ -217,7 +225,7 @@ class ModelRuntime:
         return [inp for inp, _ in run_chain([g.run for g in self.stages], x)]
 
     def calibrate(self, runs: int = 10, batch_sizes: Sequence[int] = (1,)) -> dict[str, list[tuple[int, float]]]:
-        """Time every graph ``runs`` times at each batch size.
+        """Time every graph ``runs`` times at each batch size (batch 1 as a lone request runs).
 
         Returns graph name → (batch size, seconds) per run: the prior of the service
         time models behind deadlines (two sizes give them a slope per item).
@@ -228,11 +236,53 @@ class ModelRuntime:
             inputs = self.stage_inputs(x)
             for graph in self.graphs:
                 feed = graph.feed(x, inputs)
+                run = graph.run_alone if size == 1 else graph.run
                 for _ in range(runs):
                     t0 = time.perf_counter()
-                    graph.run(feed)
+                    run(feed)
                     timings[graph.name].append((size, time.perf_counter() - t0))
         return timings
+
+    def choose_lone_sessions(self, options: SessionOptions, min_gain: float = 0.1, rounds: int = 6) -> str:
+        """Give lone requests one-thread sessions when that measures faster at batch 1.
+
+        A small model's operators at batch 1 are too small to split between threads: waking the
+        sleeping pool thread for each costs more than it saves (shipped model, main exit with
+        idle gaps between runs as a server has them: 0.32 ms on one thread, 0.38 ms on two).
+        Only when ORT picks the thread count (``intra_op_threads`` 0) on the CPU: times the main
+        exit both ways in alternating blocks, runs 0.5 ms apart, and opens a one-thread session
+        for every graph when it is at least ``min_gain`` faster. Batches keep the all-core
+        sessions. Returns a one-line reason, also logged and shown by ``GET /v1/model``.
+        """
+        main = self.exits[-1]
+        if options.intra_op_threads != 0 or self.provider != CPU or main.source is None:
+            self.lone_sessions = "the same sessions as batches (thread count configured, or not on the CPU)"
+            return self.lone_sessions
+        keywords = {**options.session_keywords(), "intra_op_threads": 1}
+        candidate = open_session(main.source, [CPU], **keywords)
+        x = self.example_input(1, seed=7)
+        feeds = main.feeds(x)
+        timings: dict[str, list[float]] = {"all cores": [], "one thread": []}
+        for _ in range(rounds):
+            for label, session in (("all cores", main.session), ("one thread", candidate)):
+                block = []
+                for _ in range(12):
+                    time.sleep(0.0005)
+                    t0 = time.perf_counter()
+                    session.run(main.output_names, feeds)
+                    block.append(time.perf_counter() - t0)
+                timings[label].append(float(np.median(block[2:])))
+        all_cores, one_thread = (float(np.median(timings[k])) * 1e3 for k in ("all cores", "one thread"))
+        detail = f"main exit at batch 1: {one_thread:.3f} ms on one thread vs {all_cores:.3f} ms on all cores"
+        if one_thread > (1 - min_gain) * all_cores:
+            self.lone_sessions = f"the same sessions as batches ({detail})"
+        else:
+            for graph in self.graphs:
+                assert graph.source is not None
+                graph.lone_session = candidate if graph is main else open_session(graph.source, [CPU], **keywords)
+            self.lone_sessions = f"one-thread sessions ({detail})"
+        log.info("lone requests of %s run on %s", self.manifest.name, self.lone_sessions)
+        return self.lone_sessions
 
     def check_consistency(self, batch: int = 2) -> dict[str, float]:
         """Max |logits(stage chain) − logits(full path)| per exit on a random batch.
@@ -283,6 +333,7 @@ def _open(
         input_name=input_name,
         output_names=output_names,
         provider=session.get_providers()[0],
+        source=path,
     )
 
 

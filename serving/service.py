@@ -151,7 +151,7 @@ class InferenceService:
             more_coming=lambda: self._preparing > 0,
             on_batch=on_batch,
             on_queue_depth=depth.set,
-            lone=LoneRun(graph.run, self._alone),  # inline or not: decided in seed_latency
+            lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
         )
 
     def _alone(self) -> bool:
@@ -315,7 +315,7 @@ class InferenceService:
             started = time.perf_counter()
             self._probing = True
             try:
-                await loop.run_in_executor(self._executor, graph.run, self._probe_inputs[name])
+                await loop.run_in_executor(self._executor, graph.run_alone, self._probe_inputs[name])
             except Exception:  # a probe must never take the server down
                 log.exception("latency probe of %s failed", name)
                 continue

@@ -95,8 +95,9 @@ def _slowed(run):
 @pytest.fixture()
 def service(model_dir):
     runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
-    for graph in runtime.graphs:
+    for graph in runtime.graphs:  # batches and lone requests alike
         graph.run = _slowed(graph.run)
+        graph.run_alone = _slowed(graph.run_alone)
     svc = InferenceService(
         runtime, ServingMetrics(), max_batch_size=4, max_wait_ms=0, estimate_half_life_s=0.5, probe_interval_s=0.2
     )

@@ -119,6 +119,8 @@ def test_model_endpoint_has_manifest_provider_and_live_estimates(client):
     assert max(info["stage_chain_max_abs_diff"].values()) < 1e-5
     # How cascades run, and why (this server is configured for the stage path).
     assert info["cascade_graph"] == {"setting": "stages", "runs": "stage by stage (configured)"}
+    # What a request alone on the server runs on (this server sets its thread count).
+    assert info["lone_requests"].startswith("the same sessions as batches (thread count configured")
 
 
 def test_unknown_route_is_json_404(client):

@@ -339,3 +339,24 @@ def test_an_unexpected_error_in_classify_is_a_json_500_with_the_request_id(model
     assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-2"
     assert r.json() == {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
     assert any("a bug in preprocessing" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records)
+
+
+def test_lone_requests_get_one_thread_sessions_only_when_they_measure_faster(model_dir):
+    # The choice is by timing; min_gain pins it either way so that both outcomes are checked.
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu"))
+    assert runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=1.0, rounds=1).startswith(
+        "the same sessions as batches (main exit at batch 1:"
+    )
+    assert all(g.lone_session is None for g in runtime.graphs)
+    reason = runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1.0, rounds=1)
+    assert reason.startswith("one-thread sessions (main exit at batch 1:") and "ms on one thread" in reason
+    assert all(g.lone_session is not None for g in runtime.graphs)
+    x = runtime.example_input(1, seed=4)
+    inputs = runtime.stage_inputs(x)
+    for graph in runtime.graphs:  # the same answers either way
+        feed = graph.feed(x, inputs)
+        for alone, batched in zip(graph.run_alone(feed), graph.run(feed)):
+            np.testing.assert_allclose(alone, batched, rtol=1e-5, atol=1e-5)
+    configured = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=2))
+    assert "configured" in configured.choose_lone_sessions(SessionOptions(providers="cpu", intra_op_threads=2))
+    assert all(g.lone_session is None for g in configured.graphs)
