@@ -14,7 +14,7 @@ wait for nothing; under load the queue fills while the previous batch runs, so
 batches grow without any waiting at all.
 
 A request that finds the server otherwise idle (``LoneRun.alone()``)
-skips the queue: it runs on the lone-request session, and for short graphs on the
+skips the queue: it runs at once (``Graph.run_alone``), and for short graphs on the
 event loop itself — two thread wake-ups (to the inference thread and back) cost as
 much as a small graph's whole run on a small machine, and with nothing else to do
 the loop has nothing better to run meanwhile.
@@ -96,7 +96,7 @@ def _stack(inputs: list) -> Any:
 class LoneRun:
     """How a request that finds the server otherwise idle runs: past the queue, on its own."""
 
-    run: RunFn  # the lone-request session (all cores)
+    run: RunFn  # the graph's lone-request run (Graph.run_alone: one thread for small models)
     alone: Callable[[], bool]  # nothing else admitted, queued or running
     inline: bool = False  # on the event loop itself: for graphs that take a few ms at most
 
