@@ -162,10 +162,11 @@ class GraphWorker:
         """Run one sample and return its outputs (one array per graph output)."""
         if self._task is None or self._task.done():
             raise RuntimeError(f"batcher {self.name} is not running")
-        if self.lone is not None:
+        if self.lone is not None and self.lone.alone():
             # Requests read in the same loop turn as this one are admitted before it resumes,
             # so "alone" is not decided before they are counted (else under load every
             # request would find the server idle after the previous one and none would batch).
+            # Not alone before the yield: under load, the common case, no yield at all.
             await asyncio.sleep(0)
             if self.lone.alone():
                 return await self._run_alone(self.lone, inputs)

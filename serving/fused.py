@@ -266,8 +266,9 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         input_name=IMAGE,
         output_names=[LOGITS, EXIT],
         provider=session.get_providers()[0],
-        source=serialized,
     )
+    if runtime.lone_keywords is not None:  # lone requests on their own sessions (ModelRuntime.choose_lone_sessions)
+        graph.lone_session = open_session(serialized, chain, **runtime.lone_keywords)
     problem = _check(runtime, graph)
     if problem:
         if mode == "fused":

@@ -107,7 +107,7 @@ class Graph:
     input_name: str
     output_names: list[str]
     provider: str
-    source: Path | bytes | None = None  # the model file (or serialized model) the session was opened on
+    source: Path | None = None  # the model file the session was opened on (None: built in memory)
     # A one-thread session for lone requests, when that measured faster (ModelRuntime.choose_lone_sessions).
     lone_session: ort.InferenceSession | None = None
 
@@ -139,6 +139,8 @@ class ModelRuntime:
     provider: str
     consistency: dict[str, float] = field(default_factory=dict)
     lone_sessions: str = "the same sessions as batches (not measured)"  # set by choose_lone_sessions
+    # open_session keywords of the lone-request sessions, when choose_lone_sessions chose them.
+    lone_keywords: dict[str, Any] | None = None
     # The confidence cascade fused into one graph (serving/fused.py), when chosen.
     fused: Graph | None = None
 
@@ -252,7 +254,9 @@ class ModelRuntime:
         Only when ORT picks the thread count (``intra_op_threads`` 0) on the CPU: times the main
         exit both ways in alternating blocks, runs 0.5 ms apart, and opens a one-thread session
         for every graph when it is at least ``min_gain`` faster. Batches keep the all-core
-        sessions. Returns a one-line reason, also logged and shown by ``GET /v1/model``.
+        sessions. Call it before :func:`serving.fused.attach_fused_cascade`, which opens the fused
+        graph's lone session with ``lone_keywords``. Returns a one-line reason, also logged and
+        shown by ``GET /v1/model``.
         """
         main = self.exits[-1]
         if options.intra_op_threads != 0 or self.provider != CPU or main.source is None:
@@ -281,9 +285,10 @@ class ModelRuntime:
         if one_thread > (1 - min_gain) * all_cores:
             self.lone_sessions = f"the same sessions as batches ({detail})"
         else:
-            for graph in self.graphs:
-                assert graph.source is not None
-                graph.lone_session = candidate if graph is main else open_session(graph.source, [CPU], **keywords)
+            self.lone_keywords = keywords
+            for graph in self.graphs:  # a graph built in memory (the fused cascade) opens its own
+                if graph.source is not None:
+                    graph.lone_session = candidate if graph is main else open_session(graph.source, [CPU], **keywords)
             self.lone_sessions = f"one-thread sessions ({detail})"
         log.info("lone requests of %s run on %s", self.manifest.name, self.lone_sessions)
         return self.lone_sessions

@@ -96,10 +96,10 @@ async def load_model(state: AppState) -> None:
         state.phase = "warming up"
         await loop.run_in_executor(None, runtime.warm_up, settings.max_batch_size, settings.warmup_runs)
         await loop.run_in_executor(None, runtime.check_consistency)
+        await loop.run_in_executor(None, runtime.choose_lone_sessions, options)
         state.cascade_graph = await loop.run_in_executor(
             None, attach_fused_cascade, runtime, settings.cascade_graph, options, settings.max_batch_size
         )
-        await loop.run_in_executor(None, runtime.choose_lone_sessions, options)
         state.phase = "calibrating latency"
         timings = await loop.run_in_executor(
             None, runtime.calibrate, settings.calibration_runs, (1, settings.max_batch_size)

@@ -351,9 +351,13 @@ def test_lone_requests_get_one_thread_sessions_only_when_they_measure_faster(mod
     reason = runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1.0, rounds=1)
     assert reason.startswith("one-thread sessions (main exit at batch 1:") and "ms on one thread" in reason
     assert all(g.lone_session is not None for g in runtime.graphs)
+    from serving.fused import attach_fused_cascade
+
+    attach_fused_cascade(runtime, "fused", SessionOptions(providers="cpu"), max_batch_size=4)
+    assert runtime.fused is not None and runtime.fused.lone_session is not None  # built after the choice
     x = runtime.example_input(1, seed=4)
     inputs = runtime.stage_inputs(x)
-    for graph in runtime.graphs:  # the same answers either way
+    for graph in runtime.graphs:  # the same answers either way (the fused cascade included)
         feed = graph.feed(x, inputs)
         for alone, batched in zip(graph.run_alone(feed), graph.run(feed)):
             np.testing.assert_allclose(alone, batched, rtol=1e-5, atol=1e-5)
