@@ -33,6 +33,13 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     (casc,) = serve["cascade"]
     assert casc["variants"]["server"]["agreement_with_offline_rule"] == 1.0  # the served rule is the offline one
     assert casc["variants"]["server"]["cascade_ran"] in ("fused", "stages")
+    # Beside the server's figure, its ORT runs alone and the same graphs without HTTP: ceilings
+    # that show how much of the gap the request path makes.
+    assert casc["variants"]["server"]["cascade_ort_ms"] > 0 and casc["variants"]["server"]["main_ort_ms"] > 0
+    assert casc["in_process"]["cascade_ran"] in ("fused", "stages")  # chosen by timing, like the server's
+    assert 0 < casc["in_process"]["main_ms"] and 0 < casc["in_process"]["cascade_ms"]
+    for case in cases.values():
+        assert 0 <= case["servers"]["server"]["machine_idle_share"] <= 1
     assert len(serve["summary"]) == 2
 
 
