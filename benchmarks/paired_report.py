@@ -22,6 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks import plots
 from benchmarks.paired_stats import mean_interval, paired_interval
 
 # (treatment, control) pairs reported when both methods have runs; the first is the claim.
@@ -249,78 +250,26 @@ def to_markdown(summary: dict, meta: dict) -> str:
 
 
 def plot(summary: dict, out_dir: Path, preset: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods, paths = summary["methods"], []
-    k = max(len(r["exits"]) for r in methods.values())
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(methods)
-    for j, (name, row) in enumerate(methods.items()):
-        exits = list(range(1, k + 1)) if len(row["exits"]) == k else [k]
-        vals = list(row["exits"].values())
-        if "ensemble" in row:
-            exits, vals = exits + [k + 1], vals + [row["ensemble"]]
-        xs = [e + (j - len(methods) / 2 + 0.5) * width for e in exits]
-        ax.bar(
-            xs,
-            [v["mean"] for v in vals],
-            width,
-            yerr=[v["std"] for v in vals],
-            capsize=2,
-            label=f"{name} ({row['n']} seeds)",
+    methods = summary["methods"]
+    paths = [
+        plots.exit_bars(
+            methods,
+            out_dir / f"reproduce_{preset}_exits.png",
+            f"Per-exit test accuracy, final epoch (preset {preset})",
+            "test accuracy (%), mean ± std",
+            labels={name: f"{name} ({row['n']} seeds)" for name, row in methods.items()},
         )
-    ax.set_xticks(range(1, k + 2), [f"exit {e}" for e in range(1, k)] + ["main", "ensemble"])
-    lows = [v["mean"] for r in methods.values() for v in r["exits"].values()]
-    ax.set_ylim(max(0, min(lows) - 3), min(100, max(lows) + 1.5))
-    ax.set_ylabel("test accuracy (%), mean ± std")
-    ax.set_title(f"Per-exit test accuracy, final epoch (preset {preset})")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    paths.append(out_dir / f"reproduce_{preset}_exits.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
+    ]
     comps = [c for c in summary["comparisons"] if c["b"] == "branchynet"]
     if comps:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for j, c in enumerate(comps):
-            labels = list(c["by_exit"])
-            xs = [i + (j - len(comps) / 2 + 0.5) * 0.25 for i in range(len(labels))]
-            rows = [c["by_exit"][x] for x in labels]
-            ax.errorbar(
-                xs,
-                [r["mean"] for r in rows],
-                fmt="o",
-                capsize=4,
-                yerr=[[r["mean"] - r["low"] for r in rows], [r["high"] - r["mean"] for r in rows]],
-                label=f"{c['a']} − {c['b']} ({c['pairs']} pairs)",
-            )
-            ax.set_xticks(range(len(labels)), labels)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_ylabel("difference in test accuracy (points)")
-        ax.set_title("Paired by seed, mean and 95 % t-interval")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out_dir / f"reproduce_{preset}_differences.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, row in methods.items():
-        curve = row["val_main_curve"]
-        ax.plot(list(curve), list(curve.values()), marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("main-output validation accuracy (%)")
-    ax.set_title("Validation accuracy of the main output (mean over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / f"reproduce_{preset}_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+        paths.append(plots.paired_differences(comps, out_dir / f"reproduce_{preset}_differences.png"))
+    paths.append(
+        plots.validation_curves(
+            {name: row["val_main_curve"] for name, row in methods.items()},
+            out_dir / f"reproduce_{preset}_curves.png",
+            "Validation accuracy of the main output (mean over seeds)",
+        )
+    )
     return paths
 
 

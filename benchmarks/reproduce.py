@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks import plots
 from benchmarks.paired_stats import mean_interval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,44 +277,19 @@ def to_markdown(table: dict, meta: dict) -> str:
 
 
 def plot(table: dict, out_dir: Path, preset: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    k = max(len(r["exits"]) for r in table.values())
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(table)
-    for j, (name, row) in enumerate(table.items()):
-        exits = list(range(1, k + 1)) if len(row["exits"]) == k else [k]
-        vals = list(row["exits"].values())
-        xs = [e + (j - len(table) / 2 + 0.5) * width for e in exits]
-        ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] for v in vals], label=name, capsize=2)
-    ax.set_xticks(range(1, k + 1), [f"exit {e}" if e < k else "main" for e in range(1, k + 1)])
-    lows = [v["mean"] for r in table.values() for v in r["exits"].values()]
-    ax.set_ylim(max(0, min(lows) - 3), min(100, max(lows) + 1.5))
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Per-exit test accuracy by method (Fashion-MNIST, preset {preset})")
-    ax.legend(ncol=3, fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / f"reproduce_{preset}_exits.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, row in table.items():
-        curve = row["main_val_curve_mean"]
-        ax.plot(range(1, len(curve) + 1), curve, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("main-output validation accuracy (%)")
-    ax.set_title("Main-output accuracy per epoch (mean over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / f"reproduce_{preset}_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return [
+        plots.exit_bars(
+            table,
+            out_dir / f"reproduce_{preset}_exits.png",
+            f"Per-exit test accuracy by method (Fashion-MNIST, preset {preset})",
+            "test accuracy (%)",
+        ),
+        plots.validation_curves(
+            {name: dict(enumerate(row["main_val_curve_mean"], 1)) for name, row in table.items()},
+            out_dir / f"reproduce_{preset}_curves.png",
+            "Main-output accuracy per epoch (mean over seeds)",
+        ),
+    ]
 
 
 def run_order(preset: str, methods: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[str, int]]:
