@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.server import Server
 from benchmarks.wrk import run_wrk
 from serving.manifest import load_manifest
 
@@ -130,38 +130,6 @@ class Scraper(threading.Thread):
 def load(url: str, query: str, connections: int, seconds: float, body: Path) -> dict:
     """One wrk run on /classify?QUERY (up to two wrk threads)."""
     return run_wrk(f"{url}/classify?{query}", connections, seconds, body, threads=max(1, min(connections, 2)))
-
-
-def start_server(model_dir: Path, port: int, log_path: Path, extra: list[str]) -> subprocess.Popen:
-    import httpx
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "serving",
-        "--model-dir",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-    give_up = time.monotonic() + 300
-    while time.monotonic() < give_up:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; log: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 300 s")
 
 
 def test_image(manifest, path: Path) -> Path:
@@ -257,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(c for c, _ in args.phases)
     workdir = Path(tempfile.mkdtemp(prefix="anytime-"))
     body = test_image(manifest, workdir / "image.png")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model_dir, port, workdir / "server.log", args.server_arg)
+    server = Server(args.model_dir, args.server_arg, workdir, name="anytime")
+    server.wait_ready()
+    url = server.url
     try:
         regime = {}
         for e in (k, 1):
@@ -304,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         scraper.stop()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
 
     over_time = []
     for (t0, c0), (t1, c1) in zip(scraper.samples, scraper.samples[1:]):
@@ -359,14 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, png)
     print(f"wrote {args.out} and {png}")
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

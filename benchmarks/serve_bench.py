@@ -48,7 +48,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.server import Server
 from benchmarks.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,12 +195,6 @@ class RawORT:
 # ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def machine_jiffies() -> tuple[int, int] | None:
     """(idle, total) CPU time of the whole machine so far, from /proc/stat; None without it."""
     try:
@@ -210,74 +204,13 @@ def machine_jiffies() -> tuple[int, int] | None:
     return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal
 
 
-class Server:
-    """``python -m serving`` in a subprocess, from ``tree`` (default: this checkout)."""
-
-    def __init__(self, name: str, model_dir: Path, args: list[str], tree: Path, workdir: Path, providers: str) -> None:
-        self.name, self.tree = name, tree
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "serving",
-            "--model-dir",
-            str(model_dir.resolve()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--providers",
-            providers,
-            "--allow-provider-fallback",
-            "--log-level",
-            "warning",
-            *args,
-        ]
-        self.log = workdir / f"server-{name}-{model_dir.name}.log"
-        env = dict(os.environ, PYTHONPATH=str(tree))
-        self.proc = subprocess.Popen(self.cmd, cwd=tree, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        give_up = time.monotonic() + timeout
-        while time.monotonic() < give_up:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server {self.name} exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
-                )
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                conn.request("GET", "/readyz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server {self.name} not ready after {timeout} s")
-
-    def cpu_seconds(self) -> tuple[float, float] | None:
-        """(event-loop thread, whole process) CPU seconds so far; None where /proc is missing."""
-        try:
-            ticks = os.sysconf("SC_CLK_TCK")
-            fields = lambda path: Path(path).read_text().rsplit(")", 1)[1].split()  # noqa: E731
-            main = fields(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")
-            whole = fields(f"/proc/{self.proc.pid}/stat")
-            return ((int(main[11]) + int(main[12])) / ticks, (int(whole[11]) + int(whole[12])) / ticks)
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def start_servers(
     model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path, providers: str
 ) -> list[Server]:
-    servers = [Server(name, model_dir, args, tree, workdir, providers) for name, (args, tree) in variants.items()]
+    servers = [
+        Server(model_dir, args, workdir, name=name, tree=tree, providers=providers)
+        for name, (args, tree) in variants.items()
+    ]
     try:
         for server in servers:
             server.wait_ready()

@@ -1,0 +1,98 @@
+"""The real server for benchmarks: ``python -m serving`` in a subprocess on a free local port.
+
+Shared by ``serve_bench.py`` (several at once, optionally each from another source tree, for
+an A/B in one run) and ``anytime_load.py``, so both start, wait for and stop it the same way.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m serving --model-dir MODEL ARGS`` from ``tree`` (default: this checkout), its
+    output in ``workdir/server-NAME-MODEL.log``; ``providers`` adds ``--providers`` with fallback."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        args: list[str],
+        workdir: Path,
+        *,
+        name: str = "server",
+        tree: Path = ROOT,
+        providers: str | None = None,
+    ) -> None:
+        self.name, self.tree = name, tree
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        provider_args = ["--providers", providers, "--allow-provider-fallback"] if providers else []
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-dir",
+            str(model_dir.resolve()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *provider_args,
+            "--log-level",
+            "warning",
+            *args,
+        ]
+        self.log = workdir / f"server-{name}-{model_dir.name}.log"
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        self.proc = subprocess.Popen(self.cmd, cwd=tree, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Return once ``/readyz`` answers 200; raise with the log's tail if the server exits first."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server {self.name} exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/readyz")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server {self.name} not ready after {timeout} s; log: {self.log}")
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """(event-loop thread, whole process) CPU seconds so far; None where /proc is missing."""
+        try:
+            ticks = os.sysconf("SC_CLK_TCK")
+            fields = lambda path: Path(path).read_text().rsplit(")", 1)[1].split()  # noqa: E731
+            main = fields(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")
+            whole = fields(f"/proc/{self.proc.pid}/stat")
+            return ((int(main[11]) + int(main[12])) / ticks, (int(whole[11]) + int(whole[12])) / ticks)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
