@@ -248,9 +248,18 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in variants}} for case, _, _ in cases
     }
     servers = start_servers(model_dir, variants, workdir, args.providers)
+    how_lone = {}
     try:
         for server in servers:  # warm the HTTP path and the batch sizes once
             run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
+            # How a request alone on that server runs (its load-time choices, from its own
+            # timings): the one-connection figure depends on them.
+            info = server.get_json("/v1/model")
+            how_lone[server.name] = {
+                "sessions": info.get("lone_requests"),
+                "on_event_loop": info.get("batching", {}).get("lone_on_event_loop"),
+            }
+            print(f"  {server.name}: lone requests on {how_lone[server.name]}", flush=True)
         for r in range(args.rounds):
             for case, exit_number, c in cases:
                 batch = c
@@ -295,6 +304,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         "connections": conns,
         "rounds": args.rounds,
         "seconds": args.seconds,
+        "lone_requests": how_lone,
         "cases": {},
     }
     for case, exit_number, c in cases:

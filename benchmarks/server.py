@@ -7,12 +7,14 @@ an A/B in one run) and ``anytime_load.py``, so both start, wait for and stop it 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +80,11 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server {self.name} not ready after {timeout} s; log: {self.log}")
+
+    def get_json(self, path: str) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
 
     def cpu_seconds(self) -> tuple[float, float] | None:
         """(event-loop thread, whole process) CPU seconds so far; None where /proc is missing."""

@@ -185,6 +185,8 @@ async def model_info(state: State) -> dict[str, Any]:
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size,
+            "inline_max_ms": settings.inline_max_ms,
+            "lone_on_event_loop": service.lone_on_event_loop(),
         },
         "stage_chain_max_abs_diff": runtime.consistency,
         "cascade_graph": {"setting": settings.cascade_graph, "runs": state.cascade_graph},

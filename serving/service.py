@@ -185,6 +185,11 @@ class InferenceService:
             worker.lone.inline = self.service_models[worker.name].estimate(1) * 1e3 <= self._inline_max_ms
         self.publish_estimates()
 
+    def lone_on_event_loop(self) -> list[str]:
+        """The graphs whose lone requests run on the event loop itself (calibrated batch-1 time
+        at most ``inline_max_ms``); the others' run in the inference thread."""
+        return [w.name for w in self._all_workers if w.lone is not None and w.lone.inline]
+
     async def start(self) -> None:
         """Start every graph's batching loop and the idle prober (call from the event loop)."""
         for worker in self._all_workers:

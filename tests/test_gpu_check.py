@@ -38,6 +38,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     assert casc["variants"]["server"]["cascade_ort_ms"] > 0 and casc["variants"]["server"]["main_ort_ms"] > 0
     assert casc["in_process"]["cascade_ran"] in ("fused", "stages")  # chosen by timing, like the server's
     assert 0 < casc["in_process"]["main_ms"] and 0 < casc["in_process"]["cascade_ms"]
+    assert isinstance(serve["throughput"]["lone_requests"]["server"]["on_event_loop"], list)
     for case in cases.values():
         assert 0 <= case["servers"]["server"]["machine_idle_share"] <= 1
     assert len(serve["summary"]) == 2

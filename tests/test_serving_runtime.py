@@ -324,12 +324,14 @@ def test_a_lone_request_runs_its_short_graph_on_the_event_loop_unless_inline_is_
         finally:
             await service.stop()
         np.testing.assert_allclose(outcome.probs.sum(), 1.0, rtol=1e-6)
-        return threads, threading.get_ident(), [w.lone.inline for w in service.exit_workers]
+        return threads, threading.get_ident(), [w.lone.inline for w in service.exit_workers], service
 
-    threads, loop_thread, inline = asyncio.run(main(inline_max_ms=1000.0))
+    threads, loop_thread, inline, service = asyncio.run(main(inline_max_ms=1000.0))
     assert inline == [True] * 3 and threads == [loop_thread]
-    threads, loop_thread, inline = asyncio.run(main(inline_max_ms=0.0))
+    assert service.lone_on_event_loop() == [g.name for g in runtime.exits + runtime.stages]  # what /v1/model says
+    threads, loop_thread, inline, service = asyncio.run(main(inline_max_ms=0.0))
     assert inline == [False] * 3 and len(threads) == 1 and threads != [loop_thread]
+    assert service.lone_on_event_loop() == []
 
 
 def test_an_unexpected_error_in_classify_is_a_json_500_with_the_request_id(model_dir, caplog):
