@@ -14,7 +14,8 @@ One command measures the three request-path targets (issue 13):
    same rule simulated offline on raw ORT outputs (``agreement``), so "accuracy
    unchanged" is verified, not assumed. Beside it, two ceilings from the same run: the
    efficiency of the server's ORT runs alone (its ``eed_inference_latency_seconds``
-   sums: what the answers' ``inference_ms`` would show with no cost around ORT), and of
+   sums: what the answers' ``inference_ms`` would show with no cost around ORT but the
+   hand-off to the inference thread, for graphs not run on the event loop), and of
    the same graphs, loaded as the server loads them, timed in this process without HTTP.
 
 Raw ORT runs twice: with ONNX Runtime's default session options (the baseline of the
