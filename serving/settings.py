@@ -48,7 +48,7 @@ class ServerSettings(BaseSettings):
         5.0,
         ge=0,
         description="a request that finds the server idle runs on the event loop itself (no thread hand-off) "
-        "when its graph takes at most this long at batch 1; 0 = never",
+        "when its graph takes at most this long at batch 1 and runs on one thread; 0 = never",
     )
 
     cascade_graph: Literal["auto", "fused", "stages"] = Field(

@@ -308,9 +308,9 @@ def test_a_lone_request_runs_its_short_graph_on_the_event_loop_unless_inline_is_
     from serving.policy import PolicyParams
     from serving.service import InferenceService
 
-    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+    one_thread = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
 
-    async def main(inline_max_ms):
+    async def main(inline_max_ms, runtime=one_thread):
         service = InferenceService(runtime, ServingMetrics(), probe_interval_s=0, inline_max_ms=inline_max_ms)
         service.seed_latency(runtime.calibrate(runs=2))
         await service.start()
@@ -328,8 +328,13 @@ def test_a_lone_request_runs_its_short_graph_on_the_event_loop_unless_inline_is_
 
     threads, loop_thread, inline, service = asyncio.run(main(inline_max_ms=1000.0))
     assert inline == [True] * 3 and threads == [loop_thread]
-    assert service.lone_on_event_loop() == [g.name for g in runtime.exits + runtime.stages]  # what /v1/model says
+    assert service.lone_on_event_loop() == [g.name for g in one_thread.exits + one_thread.stages]  # /v1/model
     threads, loop_thread, inline, service = asyncio.run(main(inline_max_ms=0.0))
+    assert inline == [False] * 3 and len(threads) == 1 and threads != [loop_thread]
+    assert service.lone_on_event_loop() == []
+    # A session that splits a run across threads runs in the inference thread, however short.
+    two_threads = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=2))
+    threads, loop_thread, inline, service = asyncio.run(main(inline_max_ms=1000.0, runtime=two_threads))
     assert inline == [False] * 3 and len(threads) == 1 and threads != [loop_thread]
     assert service.lone_on_event_loop() == []
 
