@@ -371,14 +371,12 @@ def fashion_mnist_test(limit: int, data_dir: Path | None) -> tuple[np.ndarray, n
     raise SystemExit("Fashion-MNIST test files not found (apt-get install dataset-fashion-mnist, or --fmnist-dir)")
 
 
-def offline_cascade(model_dir: Path, bodies: list[bytes], server_options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image and exit: top probability and prediction, from the stage chain in this process;
-    and the preprocessed images."""
+def offline_cascade(runtime, bodies: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image and exit: top probability and prediction, from the stage chain of ``runtime``
+    (a ``ModelRuntime``) in this process; and the preprocessed images."""
     from serving import cascade
     from serving.images import Preprocessor
-    from serving.runtime import ModelRuntime
 
-    runtime = ModelRuntime.load(model_dir, server_options)
     pre = Preprocessor.from_spec(runtime.manifest.input, 4096 * 4096)
     x = np.stack([pre(b, "image/png") for b in bodies])
     conf, pred = [], []
@@ -395,18 +393,17 @@ def offline_cascade(model_dir: Path, bodies: list[bytes], server_options) -> tup
     return np.concatenate(conf), np.concatenate(pred), x
 
 
-def in_process_cascade(model_dir: Path, x: np.ndarray, thresholds: np.ndarray, server_options) -> dict:
+def in_process_cascade(runtime, x: np.ndarray, thresholds: np.ndarray, server_options) -> dict:
     """The graphs the server runs for a lone request, timed in this process without HTTP.
 
-    Loaded as the server loads them (lone-request sessions chosen, cascade fused or not by
-    the same rule); image by image, main exit and cascade in turn as the benchmark sends
-    them; batch 1. What the server's cascade could save if answering cost nothing but ORT.
+    ``runtime`` (a ``ModelRuntime`` opened with the server's options) gets what the server adds
+    at load (lone-request sessions chosen, cascade fused or not by the same rule); image by
+    image, main exit and cascade in turn as the benchmark sends them; batch 1. What the
+    server's cascade could save if answering cost nothing but ORT.
     """
     from serving import cascade
     from serving.fused import attach_fused_cascade, cap_thresholds
-    from serving.runtime import ModelRuntime
 
-    runtime = ModelRuntime.load(model_dir, server_options)
     runtime.choose_lone_sessions(server_options)
     how = attach_fused_cascade(runtime, "auto", server_options)
     k = runtime.manifest.num_exits
@@ -502,6 +499,7 @@ class Client:
 def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
     from serving import cascade
     from serving.manifest import load_manifest
+    from serving.runtime import ModelRuntime
 
     manifest = load_manifest(model_dir)
     k = manifest.num_exits
@@ -509,7 +507,8 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
     if manifest.input.channels == 3:
         images = np.repeat(images[..., None], 3, axis=-1)  # the server would do L → RGB itself anyway
     bodies = [png(im) for im in images]
-    conf, pred, x = offline_cascade(model_dir, bodies, server_options)
+    runtime = ModelRuntime.load(model_dir, server_options)  # one load for both in-process parts
+    conf, pred, x = offline_cascade(runtime, bodies)
     policies = manifest.thresholds.policies if manifest.thresholds is not None else {}
     if args.policy and args.policy in policies:
         query, how = f"policy={args.policy}", f"calibrated policy {args.policy}"
@@ -591,7 +590,7 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
             flush=True,
         )
-    bare = in_process_cascade(model_dir, x, thresholds, server_options)
+    bare = in_process_cascade(runtime, x, thresholds, server_options)
     print(
         f"  {manifest.name} [the same graphs in this process, no HTTP; {bare['cascade_ran']}]: main "
         f"{bare['main_ms']:.3f} ms, cascade {bare['cascade_ms']:.3f} ms, efficiency {_ratio(bare['efficiency'])}",
