@@ -717,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.runtime import SessionOptions
 
-    server_options = SessionOptions(providers=args.providers, allow_provider_fallback=True)
+    # CPU fallback for `auto` only: `--providers cuda` that silently measured the CPU would be a lie.
+    server_options = SessionOptions(providers=args.providers, allow_provider_fallback=args.providers == "auto")
     if args.only != "cascade" and not (args.model / "manifest.json").is_file():
         parser.error(f"no model in {args.model}: `python benchmarks/untrained_export.py --out {args.model}`")
     cascade_models = args.cascade_model or [SHIPPED, FULL_WIDTH]

@@ -27,7 +27,8 @@ def free_port() -> int:
 
 class Server:
     """``python -m serving --model-dir MODEL ARGS`` from ``tree`` (default: this checkout), its
-    output in ``workdir/server-NAME-MODEL.log``; ``providers`` adds ``--providers`` with fallback."""
+    output in ``workdir/server-NAME-MODEL.log``; ``providers`` adds ``--providers`` (with the CPU
+    fallback only for ``auto``: a benchmark that asked for CUDA must not quietly measure the CPU)."""
 
     def __init__(
         self,
@@ -42,7 +43,9 @@ class Server:
         self.name, self.tree = name, tree
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        provider_args = ["--providers", providers, "--allow-provider-fallback"] if providers else []
+        provider_args = ["--providers", providers] if providers else []
+        if providers == "auto":
+            provider_args.append("--allow-provider-fallback")
         self.cmd = [
             sys.executable,
             "-m",
@@ -59,7 +62,9 @@ class Server:
             *args,
         ]
         self.log = workdir / f"server-{name}-{model_dir.name}.log"
-        env = dict(os.environ, PYTHONPATH=str(tree))
+        # The tree first, then whatever the caller's PYTHONPATH already holds (packages installed
+        # with --target beside the interpreter's own, as on a machine that is not ours to set up).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(self.cmd, cwd=tree, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:

@@ -84,12 +84,18 @@ async def collect_batch(
 RunFn = Callable[[Any], Sequence[np.ndarray]]
 
 
-def _stack(inputs: list) -> Any:
+def _stack(inputs: list, pad_to: int | None = None) -> Any:
     """Stack samples into a batch: arrays along a new axis 0; tuples of arrays (a graph
-    with several inputs, e.g. the fused cascade's image and thresholds) element-wise."""
+    with several inputs, e.g. the fused cascade's image and thresholds) element-wise.
+    ``pad_to``: zero rows after the samples up to that many (the outputs' first
+    ``len(inputs)`` rows are the samples')."""
     if isinstance(inputs[0], tuple):
-        return tuple(np.stack(parts) for parts in zip(*inputs))
-    return np.stack(inputs)
+        return tuple(_stack(list(parts), pad_to) for parts in zip(*inputs))
+    if pad_to is None or pad_to <= len(inputs):
+        return np.stack(inputs)
+    batch = np.zeros((pad_to, *np.shape(inputs[0])), dtype=np.asarray(inputs[0]).dtype)
+    batch[: len(inputs)] = inputs
+    return batch
 
 
 @dataclass
@@ -106,8 +112,10 @@ class GraphWorker:
 
     ``run`` is called in ``executor`` with a stacked batch and returns the graph's
     outputs (each with the batch on axis 0). ``lone``: how a request that finds the
-    server idle runs (see :class:`LoneRun`). ``on_batch(size, queue_wait_s, run_s)``
-    and ``on_item(latency_s)`` are metric hooks called from the event loop.
+    server idle runs (see :class:`LoneRun`). ``pad_to``: every batch padded to that size,
+    one input shape for the graph's session (GPU providers: ``Graph.pads_batches``); a lone
+    request's batch of 1 is not. ``on_batch(size, queue_wait_s, run_s)`` and
+    ``on_item(latency_s)`` are metric hooks called from the event loop (``size``: requests).
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class GraphWorker:
         on_queue_depth: Callable[[int], None] | None = None,
         *,
         lone: LoneRun | None = None,
+        pad_to: int | None = None,
     ) -> None:
         self.name = name
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
@@ -135,6 +144,7 @@ class GraphWorker:
         self._on_item = on_item
         self._on_queue_depth = on_queue_depth
         self.lone = lone
+        self.pad_to = pad_to
         self._task: asyncio.Task | None = None
         # (batch size, perf_counter at hand-off to ORT) of every batch in ORT now (a lone
         # request's run may overlap the loop's), read by the service to estimate queueing.
@@ -208,7 +218,7 @@ class GraphWorker:
             entry = (len(batch), started)
             self.running.append(entry)
             try:
-                stacked = _stack([item.inputs for item in batch])
+                stacked = _stack([item.inputs for item in batch], self.pad_to)
                 outputs = await loop.run_in_executor(self._executor, self._run, stacked)
             except asyncio.CancelledError:
                 for item in batch:

@@ -233,6 +233,11 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
     k = runtime.manifest.num_exits
     if mode == "stages" or k < 2:
         return _chosen(runtime, None, "stage by stage (configured)" if k > 1 else "one exit: nothing to fuse")
+    if mode == "auto" and runtime.exits[0].pads_batches():
+        # Inside the fused graph each stage sees as many rows as samples survive, a new shape
+        # from call to call: on the GPU each costs cuDNN a new plan per convolution, which
+        # padded stage graphs never pay (Graph.pads_batches).
+        return _chosen(runtime, None, f"stage by stage (on {runtime.provider} the fused graph's shapes vary)")
     try:
         import onnx  # noqa: F401  (only to build the graph)
     except ImportError:

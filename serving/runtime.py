@@ -38,6 +38,7 @@ class SessionOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     allow_spinning: bool = False
+    cuda_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = "exhaustive"
 
     @classmethod
     def from_settings(cls, settings) -> SessionOptions:
@@ -47,6 +48,7 @@ class SessionOptions:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             allow_spinning=settings.ort_allow_spinning,
+            cuda_conv_algo_search=settings.cuda_conv_algo_search,
         )
 
     def session_keywords(self) -> dict[str, Any]:
@@ -55,6 +57,7 @@ class SessionOptions:
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
             "allow_spinning": self.allow_spinning,
+            "cuda_conv_algo_search": self.cuda_conv_algo_search,
         }
 
 
@@ -108,7 +111,8 @@ class Graph:
     output_names: list[str]
     provider: str
     source: Path | None = None  # the model file the session was opened on (None: built in memory)
-    # A one-thread session for lone requests, when that measured faster (ModelRuntime.choose_lone_sessions).
+    # A session for lone requests: one-thread when that measured faster on the CPU, or
+    # any session on the GPU, where each session keeps one input shape (ModelRuntime.choose_lone_sessions).
     lone_session: ort.InferenceSession | None = None
 
     def feeds(self, batch: Any) -> dict[str, Any]:
@@ -122,6 +126,19 @@ class Graph:
     def run_alone(self, batch: Any) -> list[np.ndarray]:
         """Run a lone request's batch of 1 (nothing else running): the same outputs as ``run``."""
         return (self.lone_session or self.session).run(self.output_names, self.feeds(batch))
+
+    def pads_batches(self) -> bool:
+        """Whether batches are padded to max_batch_size, one input shape per session.
+
+        On the GPU a batch of 32 small images costs little more than one (full-width
+        CIFAR ResNet-18 on an H200: 0.77 vs 0.51 ms), but a session whose input shape
+        changes rebuilds its cuDNN convolution plans: with batches of every size the
+        server's runs took 2.8–3.2 ms at 1.1–1.3 images each, the CPU time in cuDNN's
+        heuristics and graph building (py-spy). On the CPU a batch costs what its
+        images cost, so nothing is padded there. Lone requests keep batch 1 on sessions
+        of their own (:meth:`ModelRuntime.choose_lone_sessions`).
+        """
+        return self.provider != CPU
 
     def lone_run_on_one_thread(self) -> bool:
         """Whether a lone request's run keeps to its calling thread: a one-thread session on the
@@ -262,13 +279,28 @@ class ModelRuntime:
         Only when ORT picks the thread count (``intra_op_threads`` 0) on the CPU: times the main
         exit both ways in alternating blocks, runs 0.5 ms apart, and opens a one-thread session
         for every graph when it is at least ``min_gain`` faster. Batches keep the all-core
-        sessions. Call it before :func:`serving.fused.attach_fused_cascade`, which opens the fused
-        graph's lone session with ``lone_keywords``. Returns a one-line reason, also logged and
-        shown by ``GET /v1/model``.
+        sessions. On other providers every graph gets a lone-request session unmeasured: each
+        session keeps one input shape there (:meth:`Graph.pads_batches`). Call it before
+        :func:`serving.fused.attach_fused_cascade`, which opens the fused graph's lone session
+        with ``lone_keywords``. Returns a one-line reason, also logged and shown by ``GET /v1/model``.
         """
         main = self.exits[-1]
-        if options.intra_op_threads != 0 or self.provider != CPU or main.source is None:
-            self.lone_sessions = "the same sessions as batches (thread count configured, or not on the CPU)"
+        if self.provider != CPU:
+            # One input shape per session (Graph.pads_batches): batches padded to the largest
+            # size in the batch sessions, lone requests at batch 1 in sessions of their own.
+            chain = provider_chain(options.providers, ort.get_available_providers())
+            self.lone_keywords = options.session_keywords()
+            x = self.example_input(1, seed=7)
+            inputs = self.stage_inputs(x)
+            for graph in self.graphs:
+                if graph.source is not None:  # the fused cascade opens its own (attach_fused_cascade)
+                    graph.lone_session = open_session(graph.source, chain, **self.lone_keywords)
+                    graph.run_alone(graph.feed(x, inputs))  # its one shape, planned now
+            self.lone_sessions = f"sessions of their own at batch 1 ({self.provider}: one input shape per session)"
+            log.info("lone requests of %s run on %s", self.manifest.name, self.lone_sessions)
+            return self.lone_sessions
+        if options.intra_op_threads != 0 or main.source is None:
+            self.lone_sessions = "the same sessions as batches (thread count configured, or no model file)"
             return self.lone_sessions
         keywords = {**options.session_keywords(), "intra_op_threads": 1}
         candidate = open_session(main.source, [CPU], **keywords)

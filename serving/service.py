@@ -152,6 +152,7 @@ class InferenceService:
             on_batch=on_batch,
             on_queue_depth=depth.set,
             lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
+            pad_to=self.max_batch_size if graph.pads_batches() else None,
         )
 
     def _alone(self) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 StageFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
@@ -27,9 +28,11 @@ def open_session(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     allow_spinning: bool = False,
+    cuda_conv_algo_search: str = "exhaustive",
 ) -> ort.InferenceSession:
     """A session on a model file (or serialized model) with full graph optimisation and quiet
-    logs; raises what ONNX Runtime raises."""
+    logs; raises what ONNX Runtime raises. ``cuda_conv_algo_search`` applies where the CUDA
+    provider is in ``providers`` (see :func:`provider_entries`)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = intra_op_threads
@@ -38,7 +41,21 @@ def open_session(
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise here
     source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    return ort.InferenceSession(source, sess_options=so, providers=list(providers))
+    return ort.InferenceSession(source, sess_options=so, providers=provider_entries(providers, cuda_conv_algo_search))
+
+
+def provider_entries(providers: Sequence[str], cuda_conv_algo_search: str) -> list:
+    """ORT's providers argument: the names, the CUDA provider with its options.
+
+    ``cuda_conv_algo_search``: EXHAUSTIVE (ORT's own default) benchmarks every cuDNN algorithm
+    the first time a convolution sees an input shape; the server pads batches so that each
+    session sees one shape (``Graph.pads_batches``) and the search runs once, at warm-up.
+    HEURISTIC asks cuDNN's heuristics instead (no benchmarking: for shapes that vary).
+    """
+    search = cuda_conv_algo_search.upper()
+    if search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
+        raise ValueError(f"cuda_conv_algo_search={cuda_conv_algo_search!r}; accepted: heuristic, exhaustive, default")
+    return [(p, {"cudnn_conv_algo_search": search}) if p == CUDA else p for p in providers]
 
 
 def run_chain(stages: Sequence[StageFn], x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

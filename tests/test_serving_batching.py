@@ -272,3 +272,44 @@ def test_a_lone_request_on_a_long_graph_runs_in_the_executor_and_its_errors_reac
     out, loop_thread, running_after = run(main())
     assert np.array_equal(out, np.ones(2)) and running_after == []
     assert len(threads) == 2 and loop_thread not in threads
+
+
+def test_a_padded_worker_runs_one_shape_and_answers_each_request_with_its_own_row():
+    # GPU providers (Graph.pads_batches): every batch padded to max_batch_size, so the session
+    # never sees a new input shape; the lone request keeps its batch of 1 (its own session).
+    shapes, lone_shapes, batch_sizes = [], [], []
+    admitted = {"n": 0}
+
+    def queued(batch):
+        images, thresholds = batch  # a graph with two inputs (the fused cascade's) pads both
+        shapes.append((images.shape, thresholds.shape))
+        return [images.sum(axis=1) + thresholds]
+
+    def alone_run(batch):
+        lone_shapes.append(batch[0].shape)
+        return queued(batch)
+
+    async def request(worker, value):
+        admitted["n"] += 1
+        try:
+            (out,) = await worker.submit((np.full(3, value, dtype=np.float32), np.float32(value)))
+            return float(out)
+        finally:
+            admitted["n"] -= 1
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(queued, pool, batch_sizes, max_batch_size=8, max_wait_s=0.0, pad_to=8)
+            worker.lone = LoneRun(alone_run, alone=lambda: admitted["n"] <= 1 and not worker.running, inline=True)
+            worker.start()
+            first = await request(worker, 1)
+            shapes.clear()
+            together = await asyncio.gather(*(request(worker, v) for v in range(11)))
+            await worker.stop()
+        return first, together
+
+    first, together = run(main())
+    assert first == 4.0 and lone_shapes == [(1, 3)]
+    assert together == [4.0 * v for v in range(11)]  # padding rows never leak into answers
+    assert shapes and set(shapes) == {((8, 3), (8,))}  # one shape, whatever the batch size
+    assert sum(batch_sizes[1:]) == 11  # metrics count requests, not padding

@@ -16,6 +16,7 @@ from serving.__main__ import parse_settings
 from serving.errors import ModelLoadError
 from serving.manifest import ManifestError
 from serving.runtime import CPU, CUDA, ModelRuntime, SessionOptions, check_provider, provider_chain
+from serving.sessions import provider_entries
 from serving.settings import ServerSettings
 
 
@@ -90,6 +91,22 @@ def test_provider_chain():
     assert provider_chain("cuda", [CUDA, CPU]) == [CUDA, CPU]
     with pytest.raises(ModelLoadError, match="onnxruntime-gpu"):
         provider_chain("cuda", ["AzureExecutionProvider", CPU])
+
+
+def test_cuda_sessions_take_the_convolution_search_setting(tmp_path):
+    # ORT's own default (EXHAUSTIVE) benchmarks cuDNN's algorithms once per input shape: once per
+    # session, since the server pads GPU batches to one shape; heuristic is there for other cases.
+    assert provider_entries([CUDA, CPU], SessionOptions().cuda_conv_algo_search) == [
+        (CUDA, {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
+        CPU,
+    ]
+    assert provider_entries([CPU], "heuristic") == [CPU]
+    with pytest.raises(ValueError, match="accepted: heuristic, exhaustive, default"):
+        provider_entries([CUDA, CPU], "fastest")
+    s = parse_settings(["--model-dir", str(tmp_path), "--cuda-conv-algo-search", "heuristic"])
+    assert SessionOptions.from_settings(s).session_keywords()["cuda_conv_algo_search"] == "heuristic"
+    with pytest.raises(ValidationError, match="cuda_conv_algo_search"):
+        ServerSettings(model_dir=tmp_path, cuda_conv_algo_search="fastest")
 
 
 def test_silent_cuda_fallback_is_an_error_unless_allowed(caplog):
