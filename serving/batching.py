@@ -114,8 +114,9 @@ class GraphWorker:
     outputs (each with the batch on axis 0). ``lone``: how a request that finds the
     server idle runs (see :class:`LoneRun`). ``pad_to``: every batch padded to that size,
     one input shape for the graph's session (GPU providers: ``Graph.pads_batches``); a lone
-    request's batch of 1 is not. ``on_batch(size, queue_wait_s, run_s)`` and
-    ``on_item(latency_s)`` are metric hooks called from the event loop (``size``: requests).
+    request's batch of 1 is not. ``on_batch(size, queue_wait_s, run_s, rows)`` and
+    ``on_item(latency_s)`` are metric hooks called from the event loop (``size``: requests;
+    ``rows``: what ORT ran, padding included, which is what the run's time depends on).
     """
 
     def __init__(
@@ -126,7 +127,7 @@ class GraphWorker:
         max_batch_size: int,
         max_wait_s: float,
         more_coming: Callable[[], bool] | None = None,
-        on_batch: Callable[[int, float, float], None] | None = None,
+        on_batch: Callable[[int, float, float, int], None] | None = None,
         on_item: Callable[[float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         *,
@@ -146,9 +147,13 @@ class GraphWorker:
         self.lone = lone
         self.pad_to = pad_to
         self._task: asyncio.Task | None = None
-        # (batch size, perf_counter at hand-off to ORT) of every batch in ORT now (a lone
+        # (rows, perf_counter at hand-off to ORT) of every batch in ORT now (a lone
         # request's run may overlap the loop's), read by the service to estimate queueing.
         self.running: list[tuple[int, float]] = []
+
+    def rows(self, requests: int) -> int:
+        """The rows ORT runs for a queued batch of ``requests`` (padding included)."""
+        return max(requests, self.pad_to or 0)
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -199,7 +204,7 @@ class GraphWorker:
             self.running.remove(entry)
         run_s = time.perf_counter() - entry[1]
         if self._on_batch:
-            self._on_batch(1, 0.0, run_s)
+            self._on_batch(1, 0.0, run_s, 1)
         if self._on_item:
             self._on_item(run_s)
         return tuple(output[0] for output in outputs)
@@ -215,7 +220,7 @@ class GraphWorker:
             if not batch:
                 continue
             started = time.perf_counter()
-            entry = (len(batch), started)
+            entry = (self.rows(len(batch)), started)
             self.running.append(entry)
             try:
                 stacked = _stack([item.inputs for item in batch], self.pad_to)
@@ -241,4 +246,4 @@ class GraphWorker:
                     self._on_item(finished - item.enqueued)
             if self._on_batch:
                 oldest_wait = started - min(item.enqueued for item in batch)
-                self._on_batch(len(batch), oldest_wait, finished - started)
+                self._on_batch(len(batch), oldest_wait, finished - started, entry[0])

@@ -136,11 +136,11 @@ class InferenceService:
         depth = self.metrics.queue_depth.labels(exit_label, kind)
         model = self.service_models[graph.name]
 
-        def on_batch(size: int, wait_s: float, run_s: float) -> None:
+        def on_batch(size: int, wait_s: float, run_s: float, rows: int) -> None:
             batch_size.observe(size)
             queue_wait.observe(wait_s)
             inference.observe(run_s)
-            model.observe(size, run_s)
+            model.observe(rows, run_s)  # the time follows the rows ORT ran, padding included
 
         return GraphWorker(
             graph.name,
@@ -264,13 +264,13 @@ class InferenceService:
             if worker is target:
                 backlog += (queued // self.max_batch_size) * model.estimate(self.max_batch_size)
             elif queued:
-                backlog += model.estimate(min(queued, self.max_batch_size))
+                backlog += model.estimate(worker.rows(min(queued, self.max_batch_size)))
         return backlog / self._workers_count
 
     def predicted_finish_s(self, worker: GraphWorker) -> float:
         """Seconds from now until an item submitted to ``worker`` now would have its result."""
         own_batch = worker.queue.qsize() % self.max_batch_size + 1
-        service = self.service_models[worker.name].estimate(own_batch)
+        service = self.service_models[worker.name].estimate(worker.rows(own_batch))
         return self.queue_delay_s(worker) + service + max(0.0, self.prediction_gap.value())
 
     def idle_service_ms(self) -> tuple[list[float], list[float]]:

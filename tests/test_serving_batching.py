@@ -127,7 +127,7 @@ def _worker(run_fn, executor, batches, **kw):
         executor,
         max_batch_size=kw.pop("max_batch_size", 8),
         max_wait_s=kw.pop("max_wait_s", 0.05),
-        on_batch=lambda size, wait, t: batches.append(size),
+        on_batch=lambda size, wait, t, rows: batches.append(size),
         **kw,
     )
 
@@ -277,7 +277,7 @@ def test_a_lone_request_on_a_long_graph_runs_in_the_executor_and_its_errors_reac
 def test_a_padded_worker_runs_one_shape_and_answers_each_request_with_its_own_row():
     # GPU providers (Graph.pads_batches): every batch padded to max_batch_size, so the session
     # never sees a new input shape; the lone request keeps its batch of 1 (its own session).
-    shapes, lone_shapes, batch_sizes = [], [], []
+    shapes, lone_shapes, batch_sizes, rows_ran = [], [], [], []
     admitted = {"n": 0}
 
     def queued(batch):
@@ -299,7 +299,12 @@ def test_a_padded_worker_runs_one_shape_and_answers_each_request_with_its_own_ro
 
     async def main():
         with ThreadPoolExecutor(1) as pool:
-            worker = _worker(queued, pool, batch_sizes, max_batch_size=8, max_wait_s=0.0, pad_to=8)
+
+            def on_batch(size, wait, t, rows):
+                batch_sizes.append(size)
+                rows_ran.append(rows)
+
+            worker = GraphWorker("pad", queued, pool, 8, 0.0, on_batch=on_batch, pad_to=8)
             worker.lone = LoneRun(alone_run, alone=lambda: admitted["n"] <= 1 and not worker.running, inline=True)
             worker.start()
             first = await request(worker, 1)
@@ -310,6 +315,7 @@ def test_a_padded_worker_runs_one_shape_and_answers_each_request_with_its_own_ro
 
     first, together = run(main())
     assert first == 4.0 and lone_shapes == [(1, 3)]
+    assert rows_ran[0] == 1 and set(rows_ran[1:]) == {8}  # what the service's time model is fed
     assert together == [4.0 * v for v in range(11)]  # padding rows never leak into answers
     assert shapes and set(shapes) == {((8, 3), (8,))}  # one shape, whatever the batch size
     assert sum(batch_sizes[1:]) == 11  # metrics count requests, not padding
