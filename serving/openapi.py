@@ -14,7 +14,8 @@ schema and states, once the model is loaded:
   ``policy`` among the manifest's calibrated names; image bodies by media type.
 * ``/feedback``: the label domain (0..classes-1 or a class name), every status.
 * ``/metrics`` as ``text/plain``; error bodies as ``{"error", "detail"}``.
-* ``/v2/...``: the protocol's requests, responses and ``{"error": "..."}`` bodies.
+* ``/v2/...``: the protocol's requests, responses and ``{"error": "..."}`` bodies
+  (:mod:`serving.openapi_oip`).
 * ``X-Request-ID`` on every operation and response.
 
 Until the model is ready the model-dependent parts are left generic and nothing is
@@ -31,9 +32,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from . import policy as policy_module
-from .oip import FP32_INPUT, IMAGE_INPUT, MODEL_VERSION, OUTPUTS
+from .openapi_oip import describe_oip
 from .requestlog import MAX_ID_CHARS
-from .tensors import BYTES, DTYPES, HEADER_LENGTH
 
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
 OIP_ERROR = {"$ref": "#/components/schemas/OipError"}
@@ -115,7 +115,7 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
     paths["/metrics"]["get"]["responses"]["200"]["content"] = {
         "text/plain": {"schema": {"type": "string", "description": "Prometheus text exposition format"}}
     }
-    _oip(paths, schemas, service)
+    describe_oip(paths, schemas, service)
 
     for (method, path), codes in STATUSES.items():
         operation = paths[path][method]
@@ -303,205 +303,3 @@ def _feedback(operation: dict, schemas: dict, service) -> None:
     operation["responses"]["200"]["content"] = {
         "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackAnswer"}}
     }
-
-
-# -- Open Inference Protocol v2 ------------------------------------------------------------------
-
-
-def _oip(paths: dict, schemas: dict, service) -> None:
-    name_schema: dict[str, Any] = {"type": "string"}
-    if service is not None:
-        name_schema = {"type": "string", "enum": [service.runtime.manifest.name]}
-    for path, item in paths.items():
-        if not path.startswith("/v2/models/"):
-            continue
-        for operation in item.values():
-            for parameter in operation.get("parameters", []):
-                if parameter["name"] == "name":
-                    parameter["schema"] = {**name_schema, "description": "the manifest's model name"}
-                elif parameter["name"] == "version":
-                    parameter["schema"] = {
-                        "type": "string",
-                        "enum": [MODEL_VERSION],
-                        "description": "the one version served",
-                    }
-
-    def json_200(path: str, method: str, ref: str) -> None:
-        paths[path][method]["responses"]["200"]["content"] = {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
-        }
-
-    schemas["OipServerMetadata"] = {
-        "type": "object",
-        "required": ["name", "version", "extensions"],
-        "properties": {
-            "name": {"type": "string"},
-            "version": {"type": "string"},
-            "extensions": {"type": "array", "items": {"type": "string"}},
-        },
-    }
-    schemas["OipLive"] = {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}
-    schemas["OipReady"] = {
-        "type": "object",
-        "required": ["ready"],
-        "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}},
-    }
-    tensor_meta = {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-        },
-    }
-    schemas["OipModelMetadata"] = {
-        "type": "object",
-        "required": ["name", "versions", "platform", "inputs", "outputs"],
-        "properties": {
-            "name": {"type": "string"},
-            "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string"},
-            "inputs": {"type": "array", "items": tensor_meta},
-            "outputs": {"type": "array", "items": tensor_meta},
-        },
-    }
-    config_tensor = {
-        "type": "object",
-        "required": ["name", "data_type", "dims"],
-        "properties": {
-            "name": {"type": "string"},
-            "data_type": {"type": "string"},
-            "format": {"type": "string"},
-            "dims": {"type": "array", "items": {"type": "integer"}},
-            "reshape": {"type": "object", "properties": {"shape": {"type": "array", "items": {"type": "integer"}}}},
-            "optional": {"type": "boolean"},
-        },
-    }
-    schemas["OipModelConfig"] = {
-        "type": "object",
-        "description": "a Triton model configuration (JSON form of model_config.proto)",
-        "required": ["name", "platform", "max_batch_size", "input", "output"],
-        "properties": {
-            "name": {"type": "string"},
-            "platform": {"type": "string"},
-            "backend": {"type": "string"},
-            "version_policy": {"type": "object"},
-            "max_batch_size": {"type": "integer", "minimum": 1},
-            "input": {"type": "array", "items": config_tensor},
-            "output": {"type": "array", "items": config_tensor},
-            "dynamic_batching": {"type": "object"},
-            "parameters": {"type": "object"},
-        },
-    }
-    datatypes = [*DTYPES, BYTES]
-    schemas["OipRequestInput"] = {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string", "enum": [FP32_INPUT, IMAGE_INPUT]},
-            "datatype": {"type": "string", "enum": datatypes},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
-            "data": {"type": "array", "description": "row-major, flat or nested; BYTES as base64 strings"},
-        },
-        "description": f"'{FP32_INPUT}': FP32 [N, C, H, W] preprocessed as the manifest says; '{IMAGE_INPUT}': "
-        "BYTES [N] encoded image files. Data as JSON 'data' or binary (binary_data_size).",
-    }
-    schemas["OipRequestOutput"] = {
-        "type": "object",
-        "required": ["name"],
-        "properties": {
-            "name": {"type": "string", "enum": list(OUTPUTS)},
-            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
-        },
-    }
-    schemas["OipInferenceRequest"] = {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string"},
-            "parameters": {
-                "type": "object",
-                "description": "budget_gflops, budget_ms, confidence, exit, policy "
-                "(as the /classify query parameters) and binary_data_output",
-                "properties": {"binary_data_output": {"type": "boolean"}},
-            },
-            "inputs": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 1,
-                "items": {"$ref": "#/components/schemas/OipRequestInput"},
-            },
-            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/OipRequestOutput"}},
-        },
-    }
-    output_tensor = {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string", "enum": list(OUTPUTS)},
-            "datatype": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-            "data": {"type": "array"},
-            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}},
-        },
-    }
-    schemas["OipInferenceResponse"] = {
-        "type": "object",
-        "required": ["model_name", "outputs"],
-        "properties": {
-            "model_name": {"type": "string"},
-            "model_version": {"type": "string"},
-            "id": {"type": "string"},
-            "parameters": {"type": "object"},
-            "outputs": {"type": "array", "items": output_tensor},
-        },
-    }
-
-    json_200("/v2", "get", "OipServerMetadata")
-    json_200("/v2/health/live", "get", "OipLive")
-    json_200("/v2/health/ready", "get", "OipReady")
-    json_200("/v2/models/{name}", "get", "OipModelMetadata")
-    json_200("/v2/models/{name}/ready", "get", "OipReady")
-    json_200("/v2/models/{name}/config", "get", "OipModelConfig")
-    infer = paths["/v2/models/{name}/infer"]["post"]
-    json_200("/v2/models/{name}/infer", "post", "OipInferenceResponse")
-    infer["responses"]["200"]["content"]["application/octet-stream"] = {
-        "schema": {
-            "type": "string",
-            "format": "binary",
-            "description": f"binary tensor extension: JSON header ({HEADER_LENGTH} bytes) + output data",
-        }
-    }
-    infer["requestBody"] = {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/OipInferenceRequest"}},
-            "application/octet-stream": {
-                "schema": {
-                    "type": "string",
-                    "format": "binary",
-                    "description": f"binary tensor extension: the JSON request "
-                    f"({HEADER_LENGTH} header) followed by the tensors' bytes",
-                }
-            },
-        },
-    }
-    infer.setdefault("parameters", []).append(
-        {
-            "name": HEADER_LENGTH,
-            "in": "header",
-            "required": False,
-            "description": "length of the JSON part of a binary-extension body",
-            "schema": {"type": "string", "pattern": "^[0-9]+$"},
-        }
-    )
-    # The versioned paths answer as the plain ones.
-    for suffix, method in (("", "get"), ("/ready", "get"), ("/config", "get"), ("/infer", "post")):
-        plain = paths["/v2/models/{name}" + suffix][method]
-        versioned = paths["/v2/models/{name}/versions/{version}" + suffix][method]
-        versioned["responses"]["200"] = copy.deepcopy(plain["responses"]["200"])
-        if "requestBody" in plain:
-            versioned["requestBody"] = copy.deepcopy(plain["requestBody"])
-            versioned["parameters"].extend(p for p in plain["parameters"] if p["in"] == "header")
