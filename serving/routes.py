@@ -188,7 +188,7 @@ async def model_info(state: State) -> dict[str, Any]:
             "inline_max_ms": settings.inline_max_ms,
             "lone_on_event_loop": service.lone_on_event_loop(),
             # GPU providers: every batch padded to max_batch_size (one input shape per session).
-            "padded_to": settings.max_batch_size if runtime.exits[0].pads_batches() else None,
+            "padded_to": service.exit_workers[0].pad_to,
         },
         "stage_chain_max_abs_diff": runtime.consistency,
         "cascade_graph": {"setting": settings.cascade_graph, "runs": state.cascade_graph},

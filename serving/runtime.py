@@ -21,12 +21,9 @@ import onnxruntime as ort
 
 from .errors import ModelLoadError
 from .manifest import Manifest, ManifestError, load_manifest
-from .sessions import open_session, run_chain
+from .sessions import CPU, CUDA, open_session, run_chain
 
 log = logging.getLogger("serving.runtime")
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -397,6 +394,8 @@ def _check_logits(graph: Graph, logits: np.ndarray, batch: int, num_classes: int
 
 
 __all__ = [
+    "CPU",
+    "CUDA",
     "Graph",
     "ManifestError",
     "ModelLoadError",
