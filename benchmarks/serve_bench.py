@@ -208,13 +208,14 @@ def machine_jiffies() -> tuple[int, int] | None:
 def start_servers(
     model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path, providers: str
 ) -> list[Server]:
-    servers = [
-        Server(model_dir, args, workdir, name=name, tree=tree, providers=providers)
-        for name, (args, tree) in variants.items()
-    ]
+    """One server per variant, each started once the one before is ready: a server times its
+    graphs while it loads (lone-request sessions, calibration), and servers loading side by
+    side on a small machine would each measure the other's load."""
+    servers: list[Server] = []
     try:
-        for server in servers:
-            server.wait_ready()
+        for name, (args, tree) in variants.items():
+            servers.append(Server(model_dir, args, workdir, name=name, tree=tree, providers=providers))
+            servers[-1].wait_ready()
     except Exception:
         for server in servers:
             server.stop()

@@ -35,6 +35,7 @@ class SessionOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     allow_spinning: bool = False
+    spin_us: int = 0
     cuda_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = "exhaustive"
 
     @classmethod
@@ -45,6 +46,7 @@ class SessionOptions:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             allow_spinning=settings.ort_allow_spinning,
+            spin_us=settings.ort_spin_us,
             cuda_conv_algo_search=settings.cuda_conv_algo_search,
         )
 
@@ -54,6 +56,7 @@ class SessionOptions:
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
             "allow_spinning": self.allow_spinning,
+            "spin_us": self.spin_us,
             "cuda_conv_algo_search": self.cuda_conv_algo_search,
         }
 
@@ -317,7 +320,10 @@ class ModelRuntime:
                     session.run(main.output_names, feeds)
                     block.append(time.perf_counter() - t0)
                 timings[label].append(float(np.median(block[2:])))
-        all_cores, one_thread = (float(np.median(timings[k])) * 1e3 for k in ("all cores", "one thread"))
+        # The best block of each: a block that another process's work (replicas starting side by
+        # side) slowed down says nothing about the server's cores once they are its own, and such
+        # contention slows an all-core run far more than a one-thread run.
+        all_cores, one_thread = (min(timings[k]) * 1e3 for k in ("all cores", "one thread"))
         detail = f"main exit at batch 1: {one_thread:.3f} ms on one thread vs {all_cores:.3f} ms on all cores"
         if one_thread > (1 - min_gain) * all_cores:
             self.lone_sessions = f"the same sessions as batches ({detail})"

@@ -109,6 +109,40 @@ def test_cuda_sessions_take_the_convolution_search_setting(tmp_path):
         ServerSettings(model_dir=tmp_path, cuda_conv_algo_search="fastest")
 
 
+def _spinning(session) -> tuple[str, str | None]:
+    options = session.get_session_options()
+    try:
+        duration = options.get_session_config_entry("session.intra_op.spin_duration_us")
+    except RuntimeError:  # not set: ORT's own duration
+        duration = None
+    return options.get_session_config_entry("session.intra_op.allow_spinning"), duration
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], ("1", str(ServerSettings.model_fields["ort_spin_us"].default))),  # bounded by default
+        (["--ort-spin-us", "0"], ("0", None)),  # never: every operator wakes a sleeping thread
+        (["--ort-spin-us", "250"], ("1", "250")),
+        (["--ort-allow-spinning", "--ort-spin-us", "250"], ("1", None)),  # ORT's own, unbounded
+    ],
+)
+def test_spinning_settings_reach_every_session(model_dir, flags, expected):
+    # What a user sets with EED_ORT_SPIN_US / EED_ORT_ALLOW_SPINNING is what every session runs
+    # with, lone-request sessions included (they are what a single request's latency comes from).
+    settings = parse_settings(["--model-dir", str(model_dir), *flags])
+    runtime = ModelRuntime.load(model_dir, SessionOptions.from_settings(settings))
+    runtime.choose_lone_sessions(SessionOptions.from_settings(settings), rounds=1)
+    sessions = [g.session for g in runtime.graphs] + [g.lone_session for g in runtime.graphs if g.lone_session]
+    assert len(sessions) >= len(runtime.graphs) > 0
+    assert {_spinning(s) for s in sessions} == {expected}
+
+
+def test_negative_spin_duration_is_refused(tmp_path):
+    with pytest.raises(ValidationError, match="ort_spin_us"):
+        ServerSettings(model_dir=tmp_path, ort_spin_us=-1)
+
+
 def test_silent_cuda_fallback_is_an_error_unless_allowed(caplog):
     with pytest.raises(ModelLoadError, match="EED_ALLOW_PROVIDER_FALLBACK"):
         check_provider("cuda", [CUDA, CPU], CPU, allow_fallback=False)
