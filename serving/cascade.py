@@ -47,7 +47,7 @@ def top_probability(logits: np.ndarray) -> np.ndarray:
     """Top softmax probability over the last axis: 1 / sum(exp(z - max z)), in float64.
 
     Written this way (not ``softmax(z).max()``) so it is never above 1 and costs one
-    exp per class; ``serving.policy.softmax(z).max()`` gives the same number.
+    exp per class; ``serving.outputs.softmax(z).max()`` gives the same number.
     """
     z = np.asarray(logits, dtype=np.float64)
     return 1.0 / np.exp(z - z.max(-1, keepdims=True)).sum(-1)

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from . import cascade
 from .batching import GraphWorker
 from .errors import ModelLoadError
-from .policy import softmax
+from .outputs import softmax
 from .runtime import Graph, ModelRuntime, SessionOptions, provider_chain
 from .sessions import open_session
 

@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 from .body import read_body_within
 from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId
 from .images import decode_off_loop
+from .outputs import top_k as top_k_classes
 from .policy import effective_params, params_from_request
-from .policy import top_k as top_k_classes
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
 from .service import Outcome
 from .state import State, state_of

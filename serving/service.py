@@ -34,7 +34,8 @@ from .errors import Overloaded
 from .fused import cap_thresholds
 from .latency import DecayingMean, ServiceTimeModel
 from .metrics import ServingMetrics
-from .policy import CostTable, Plan, PolicyParams, plan_request, softmax
+from .outputs import softmax
+from .policy import CostTable, Plan, PolicyParams, plan_request
 from .runtime import Graph, ModelRuntime
 
 log = logging.getLogger("serving.service")

@@ -18,8 +18,6 @@ from serving.policy import (
     params_from_request,
     parse_policy_spec,
     plan_request,
-    softmax,
-    top_k,
 )
 
 POLICIES = {"cheap": (0.5, 0.6), "careful": (0.95, 0.9)}
@@ -247,17 +245,6 @@ def test_server_deadline_applies_to_requests_that_name_no_deadline_and_no_exit()
     assert effective_params(PolicyParams(exit=2), default, 50.0) == PolicyParams(exit=2)  # exactly that exit
     conf = PolicyParams(confidence=(0.9,))
     assert effective_params(PolicyParams(), conf, 50.0) == PolicyParams(confidence=(0.9,), budget_ms=50.0)
-
-
-def test_softmax_is_stable_and_normalised():
-    p = softmax(np.array([1000.0, 1000.0, -1000.0], dtype=np.float32))
-    assert np.allclose(p, [0.5, 0.5, 0.0]) and math.isclose(p.sum(), 1.0)
-
-
-def test_top_k_orders_by_probability_with_deterministic_ties():
-    probs = np.array([0.1, 0.4, 0.1, 0.4])
-    assert top_k(probs, 3) == [(1, 0.4), (3, 0.4), (0, 0.1)]
-    assert len(top_k(probs, 99)) == 4  # capped at the number of classes
 
 
 def test_stopping_rule_uses_top_probability_and_the_last_exit_always_stops():

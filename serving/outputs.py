@@ -1,0 +1,28 @@
+"""From a graph's logits to an answer's numbers: class probabilities and the ranked classes.
+
+Shared by the stage-by-stage path (``serving.service``), the fused cascade (``serving.fused``)
+and the HTTP answer (``serving.routes``). The cascade's stopping score is
+``serving.cascade.top_probability``, which equals ``softmax(z).max()`` without forming it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most probable classes as (index, probability), most probable first.
+
+    Ties keep the lower class index first, so answers are deterministic.
+    """
+    k = max(1, min(int(k), probs.shape[-1]))
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(int(i), float(probs[i])) for i in order]
