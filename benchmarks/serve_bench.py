@@ -455,33 +455,37 @@ def in_process_cascade(runtime, x: np.ndarray, thresholds: np.ndarray, server_op
     }
 
 
+def scrape(port: int, sample_name: str) -> list[tuple[dict[str, str], float]]:
+    """The server's /metrics samples called ``sample_name`` (e.g. a histogram's ``_sum``), as
+    (labels, value), read with Prometheus's own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == sample_name
+    ]
+
+
 def ort_seconds(port: int, k: int) -> tuple[float, float]:
     """Seconds the server has spent in ORT so far (its eed_inference_latency_seconds sums):
     (main-exit graph, cascade graphs: the fused graph and the stage graphs)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
     main = cascades = 0.0
-    for line in conn.getresponse().read().decode().splitlines():
-        if not line.startswith("eed_inference_latency_seconds_sum{"):
-            continue
-        labels, value = line.rsplit(" ", 1)
-        if 'graph="exit"' in labels and f'exit="{k}"' in labels:
-            main += float(value)
-        elif 'graph="cascade"' in labels or 'graph="stage"' in labels:
-            cascades += float(value)
+    for labels, value in scrape(port, "eed_inference_latency_seconds_sum"):
+        if labels.get("graph") == "exit" and labels.get("exit") == str(k):
+            main += value
+        elif labels.get("graph") in ("cascade", "stage"):
+            cascades += value
     return main, cascades
 
 
 def cascade_path(port: int) -> str:
     """How the server ran the cascades: "fused" (one ORT call) or "stages", from its batch metrics."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    fused = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("eed_batch_size_count{") and 'graph="cascade"' in line
-    )
+    fused = sum(value for labels, value in scrape(port, "eed_batch_size_count") if labels.get("graph") == "cascade")
     return "fused" if fused > 0 else "stages"
 
 
