@@ -265,8 +265,8 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         for r in range(args.rounds):
             for case, exit_number, c in cases:
                 batch = c
-                # Both raw timings back to back, their order alternating by round: timed on either
-                # side of the server runs, the one after them measured 0.4-0.5 ms slower at batch 1.
+                # Both raw timings back to back, their order alternating by round, so that neither
+                # is always the one timed next to the servers' runs.
                 for options in ("default", "server") if r % 2 == 0 else ("server", "default"):
                     key = "raw_default" if options == "default" else "raw_server_options"
                     samples[case][key].append(raw.time(options, exit_number, batch, args.raw_seconds))

@@ -444,3 +444,20 @@ def test_lone_requests_get_one_thread_sessions_only_when_they_measure_faster(mod
     configured = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=2))
     assert "configured" in configured.choose_lone_sessions(SessionOptions(providers="cpu", intra_op_threads=2))
     assert all(g.lone_session is None for g in configured.graphs)
+
+
+def test_spinning_benchmark_compares_the_servers_option_sets(model_dir, tmp_path, capsys):
+    # benchmarks/ort_spinning.py is what the README's spinning figures come from: it must run on
+    # any model folder and report every option set the server offers, against "off".
+    from benchmarks import ort_spinning
+
+    out = tmp_path / "spin.json"
+    report = ort_spinning.main(["--model", str(model_dir), "--rounds", "1", "--seconds", "0.05", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert set(report["medians"]) == set(ort_spinning.OPTION_SETS)
+    for figures in report["medians"].values():
+        assert figures["batch32_img_s"] > 0 and figures["batch1_p50_ms"] > 0
+    assert "x off" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ort_spinning.main(["--model", str(tmp_path), "--out", str(out)])
+    assert "untrained_export.py" in capsys.readouterr().err
