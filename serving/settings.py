@@ -69,9 +69,9 @@ class ServerSettings(BaseSettings):
         3000,
         ge=0,
         description="microseconds an idle ORT worker thread busy-waits for more work before it sleeps "
-        "(0 = never: every operator then wakes a sleeping thread, +0.7-0.9 ms per single request on the "
-        "full-width benchmark model). Bounded, unlike ort_allow_spinning: a few ms of CPU per thread after "
-        "a run instead of tens",
+        "(0 = never: every operator then wakes a sleeping thread, ~0.9 ms more per single request on the "
+        "full-width benchmark model in serve_bench). Bounded, unlike ort_allow_spinning: ~8 ms of CPU after an "
+        "isolated run instead of ~26 (benchmarks/ort_spinning.py)",
     )
     opentelemetry: bool = Field(
         False,
