@@ -216,11 +216,43 @@ def start_servers(
         for name, (args, tree) in variants.items():
             servers.append(Server(model_dir, args, workdir, name=name, tree=tree, providers=providers))
             servers[-1].wait_ready()
+            servers[-1].pause()  # resumed only while measured (Server.running)
     except Exception:
         for server in servers:
             server.stop()
         raise
     return servers
+
+
+def measured_load(server: Server, path: str, connections: int, seconds: float, body: Path) -> dict:
+    """One load run against ``server`` alone (the others stay paused), after a 1 s settling run,
+    with the event loop's and the process's CPU per answer and the machine's idle share."""
+    with server.running():
+        run_load(server.url, path, connections, 1.0, body)  # settle after the raw run
+        before, machine_before = server.cpu_seconds(), machine_jiffies()
+        served = run_load(server.url, path, connections, seconds, body)
+        after, machine_after = server.cpu_seconds(), machine_jiffies()
+    if machine_before and machine_after:
+        # How much of the machine nobody used: at saturation, what is left to gain
+        # without taking CPU from someone (ORT, the event loop, wrk, the kernel).
+        idle, total = (b - a for a, b in zip(machine_before, machine_after))
+        served["machine_idle_share"] = idle / total if total else None
+    if before and after and served["requests"]:
+        # CPU per answer: the event loop (HTTP, decoding, JSON) and the process (plus ORT).
+        # A lone request's short graph runs on the event loop (EED_INLINE_MAX_MS), so with
+        # one connection the loop's figure includes ORT's calling thread.
+        served["loop_cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / served["requests"]
+        served["process_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / served["requests"]
+    return served
+
+
+def idle_cpu_share(server: Server, seconds: float = 4.0) -> float | None:
+    """Share of one core ``server`` uses with no requests (latency probes, ORT's spinning after them)."""
+    time.sleep(1.0)  # past the spinning after the last answer
+    before = server.cpu_seconds()
+    time.sleep(seconds)
+    after = server.cpu_seconds()
+    return (after[1] - before[1]) / seconds if before and after else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,18 +282,26 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in variants}} for case, _, _ in cases
     }
     servers = start_servers(model_dir, variants, workdir, args.providers)
-    how_lone = {}
+    how_lone, idle_cpu = {}, {}
     try:
-        for server in servers:  # warm the HTTP path and the batch sizes once
-            run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
-            # How a request alone on that server runs (its load-time choices, from its own
-            # timings): the one-connection figure depends on them.
-            info = server.get_json("/v1/model")
-            how_lone[server.name] = {
-                "sessions": info.get("lone_requests"),
-                "on_event_loop": info.get("batching", {}).get("lone_on_event_loop"),
-            }
-            print(f"  {server.name}: lone requests on {how_lone[server.name]}", flush=True)
+        for server in servers:
+            # Only the server being measured runs; the others are frozen (Server.pause), as they
+            # are during the raw runs: an idle server's probes and spinning threads take CPU.
+            with server.running():
+                run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)  # warm HTTP, batch sizes
+                # How a request alone on that server runs (its load-time choices, from its own
+                # timings): the one-connection figure depends on them.
+                info = server.get_json("/v1/model")
+                how_lone[server.name] = {
+                    "sessions": info.get("lone_requests"),
+                    "on_event_loop": info.get("batching", {}).get("lone_on_event_loop"),
+                }
+                idle_cpu[server.name] = idle_cpu_share(server)
+            print(
+                f"  {server.name}: lone requests on {how_lone[server.name]}; idle, "
+                f"{100 * idle_cpu[server.name]:.1f} % of a core",
+                flush=True,
+            )
         for r in range(args.rounds):
             for case, exit_number, c in cases:
                 batch = c
@@ -272,24 +312,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                     samples[case][key].append(raw.time(options, exit_number, batch, args.raw_seconds))
                 for server in servers if r % 2 == 0 else servers[::-1]:
                     path = f"/classify?exit={exit_number}&top_k=1"
-                    run_load(server.url, path, c, 1.0, body)  # settle after the raw run
-                    before = server.cpu_seconds()
-                    machine_before = machine_jiffies()
-                    served = run_load(server.url, path, c, args.seconds, body)
-                    after = server.cpu_seconds()
-                    machine_after = machine_jiffies()
-                    if machine_before and machine_after:
-                        # How much of the machine nobody used: at saturation, what is left to gain
-                        # without taking CPU from someone (ORT, the event loop, wrk, the kernel).
-                        idle, total = (b - a for a, b in zip(machine_before, machine_after))
-                        served["machine_idle_share"] = idle / total if total else None
-                    if before and after and served["requests"]:
-                        # CPU per answer: the event loop (HTTP, decoding, JSON) and the process (plus ORT).
-                        # A lone request's short graph runs on the event loop (EED_INLINE_MAX_MS), so with
-                        # one connection the loop's figure includes ORT's calling thread.
-                        served["loop_cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / served["requests"]
-                        served["process_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / served["requests"]
-                    samples[case][server.name].append(served)
+                    samples[case][server.name].append(measured_load(server, path, c, args.seconds, body))
                 print(
                     f"  round {r + 1} {case}: "
                     + ", ".join(f"{name} {_fmt(v[-1])}" for name, v in samples[case].items()),
@@ -310,6 +333,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         "rounds": args.rounds,
         "seconds": args.seconds,
         "lone_requests": how_lone,
+        "idle_cpu_share_of_a_core": idle_cpu,
         "cases": {},
     }
     for case, exit_number, c in cases:
@@ -534,27 +558,31 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
     runs: dict = {s.name: {"main": [], "cascade": []} for s in servers}
     try:
         clients = {s.name: Client(s.port) for s in servers}
-        for client in clients.values():  # warm-up
-            for body in bodies[:50]:
-                client.classify(body, f"exit={k}&top_k=1")
-                client.classify(body, query + "&top_k=1")
+        ort_before, ort_after, how = {}, {}, {}
+        for server in servers:
+            with server.running():
+                for body in bodies[:50]:  # warm-up
+                    clients[server.name].classify(body, f"exit={k}&top_k=1")
+                    clients[server.name].classify(body, query + "&top_k=1")
+                ort_before[server.name] = ort_seconds(server.port, k)
         # Image by image, both modes in turn (the order rotating), so that a busy moment of the
-        # machine hits both alike. Servers take turns by blocks of images, not image by image:
-        # ORT's threads spin for a while after an answer (EED_ORT_SPIN_US), and on a small machine
-        # that would slow the next server's request — each server would measure the others.
+        # machine hits both alike. Servers take turns by blocks of images, not image by image,
+        # the others paused: ORT's threads spin for a while after an answer (EED_ORT_SPIN_US) and
+        # an idle server probes its graphs, which on a small machine would slow the server measured.
         modes = [("main", f"exit={k}"), ("cascade", query)]
-        names = list(clients)
-        block = CASCADE_BLOCK if len(names) > 1 else len(bodies)
-        ort_before = {s.name: ort_seconds(s.port, k) for s in servers}
+        block = CASCADE_BLOCK if len(servers) > 1 else len(bodies)
         for b, start in enumerate(range(0, len(bodies), block)):
-            for n in range(len(names)):
-                name = names[(b + n) % len(names)]
-                for i in range(start, min(start + block, len(bodies))):
-                    for j in range(len(modes)):
-                        mode, q = modes[(i + j) % len(modes)]
-                        runs[name][mode].append(clients[name].classify(bodies[i], q + "&top_k=1"))
-        ort_after = {s.name: ort_seconds(s.port, k) for s in servers}
-        how = {s.name: cascade_path(s.port) for s in servers}
+            for n in range(len(servers)):
+                server = servers[(b + n) % len(servers)]
+                with server.running():
+                    for i in range(start, min(start + block, len(bodies))):
+                        for j in range(len(modes)):
+                            mode, q = modes[(i + j) % len(modes)]
+                            runs[server.name][mode].append(clients[server.name].classify(bodies[i], q + "&top_k=1"))
+        for server in servers:
+            with server.running():
+                ort_after[server.name] = ort_seconds(server.port, k)
+                how[server.name] = cascade_path(server.port)
     finally:
         for server in servers:
             server.stop()

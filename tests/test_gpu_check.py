@@ -41,6 +41,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     assert isinstance(serve["throughput"]["lone_requests"]["server"]["on_event_loop"], list)
     for case in cases.values():
         assert 0 <= case["servers"]["server"]["machine_idle_share"] <= 1
+    assert serve["throughput"]["idle_cpu_share_of_a_core"]["server"] >= 0  # what an idle server burns
     assert len(serve["summary"]) == 2
 
 

@@ -1,0 +1,49 @@
+"""benchmarks/server.py: the real server as benchmarks start it, and pausing it so that it takes no
+CPU while another server or raw ONNX Runtime is measured (its idle probes and ORT's spinning would)."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.server import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "exported" / "fmnist-resnet18-eed"
+
+
+def _status(port: int, timeout: float) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("GET", "/readyz")
+    return conn.getresponse().status
+
+
+def test_a_paused_server_takes_no_cpu_and_answers_again_once_resumed(tmp_path):
+    # Probe every 50 ms and spin 30 ms after each run: unpaused, this idle server keeps a core busy.
+    server = Server(SHIPPED, ["--probe-interval-s", "0.05", "--ort-spin-us", "30000"], tmp_path, name="paused")
+    try:
+        server.wait_ready()
+        before = server.cpu_seconds()
+        time.sleep(1.0)
+        busy = server.cpu_seconds()[1] - before[1]
+        assert busy > 0.02, f"the idle server used only {busy:.3f} s of CPU in 1 s: nothing for a pause to stop"
+
+        server.pause()
+        time.sleep(0.2)
+        before = server.cpu_seconds()
+        time.sleep(1.0)
+        assert server.cpu_seconds()[1] - before[1] < 0.02  # frozen: no probes, no spinning
+        with pytest.raises(TimeoutError):
+            _status(server.port, timeout=0.5)
+
+        with server.running():
+            assert _status(server.port, timeout=10) == 200
+        with pytest.raises(TimeoutError):  # paused again after the block
+            _status(server.port, timeout=0.5)
+    finally:
+        started = time.monotonic()
+        server.stop()  # resumes first: a frozen process would hold SIGTERM
+    assert server.proc.returncode is not None and time.monotonic() - started < 15
