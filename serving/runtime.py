@@ -21,21 +21,21 @@ import onnxruntime as ort
 
 from .errors import ModelLoadError
 from .manifest import Manifest, ManifestError, load_manifest
-from .sessions import CPU, CUDA, open_session, run_chain
+from .sessions import CPU, CUDA, DEFAULT_SPIN_US, open_session, run_chain
 
 log = logging.getLogger("serving.runtime")
 
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """The ORT knobs the server exposes (see ServerSettings)."""
+    """The ORT knobs the server exposes (see ServerSettings); the defaults are the server's."""
 
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     allow_provider_fallback: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     allow_spinning: bool = False
-    spin_us: int = 0
+    spin_us: int = DEFAULT_SPIN_US
     cuda_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = "exhaustive"
 
     @classmethod

@@ -20,6 +20,10 @@ CUDA = "CUDAExecutionProvider"
 
 StageFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
+# The server's default bound on ORT's spinning (EED_ORT_SPIN_US; serving.runtime.SessionOptions):
+# bridges the gaps between one run's operators, not the idle time between requests.
+DEFAULT_SPIN_US = 3000
+
 
 def open_session(
     path_or_bytes,

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .policy import PolicyParams, parse_policy_spec
+from .sessions import DEFAULT_SPIN_US
 
 
 class ServerSettings(BaseSettings):
@@ -66,12 +67,12 @@ class ServerSettings(BaseSettings):
         "on machines with few cores and burn a container's CPU quota at low load. Overrides ort_spin_us",
     )
     ort_spin_us: int = Field(
-        3000,
+        DEFAULT_SPIN_US,
         ge=0,
         description="microseconds an idle ORT worker thread busy-waits for more work before it sleeps "
-        "(0 = never: every operator then wakes a sleeping thread, ~0.9 ms more per single request on the "
-        "full-width benchmark model in serve_bench). Bounded, unlike ort_allow_spinning: ~8 ms of CPU after an "
-        "isolated run instead of ~26 (benchmarks/ort_spinning.py)",
+        "(0 = never: every operator then wakes a sleeping thread, ~0.3 ms more per batch-1 run of the "
+        "full-width benchmark model). Bounded, unlike ort_allow_spinning: ~8 ms of CPU after an isolated run "
+        "instead of ~26 (benchmarks/ort_spinning.py)",
     )
     opentelemetry: bool = Field(
         False,

@@ -138,6 +138,16 @@ def test_spinning_settings_reach_every_session(model_dir, flags, expected):
     assert {_spinning(s) for s in sessions} == {expected}
 
 
+def test_session_options_default_to_the_servers_settings(tmp_path):
+    # Code that opens the server's graphs without a settings object (benchmarks timing "raw ORT
+    # with the server's options", in-process checks) must run what a default server runs: a
+    # bare SessionOptions() that spun less than the server once made serve_bench's baseline
+    # for the server's options 0.3-0.5 ms slower at batch 1 than the server's own sessions.
+    assert SessionOptions(providers="cpu") == SessionOptions.from_settings(
+        ServerSettings(model_dir=tmp_path, providers="cpu")
+    )
+
+
 def test_negative_spin_duration_is_refused(tmp_path):
     with pytest.raises(ValidationError, match="ort_spin_us"):
         ServerSettings(model_dir=tmp_path, ort_spin_us=-1)
