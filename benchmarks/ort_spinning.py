@@ -8,7 +8,10 @@ folder, in alternating rounds (medians):
 * batch-32 throughput (images/s);
 * batch-1 p50 latency and process CPU per run, with 1 ms idle gaps between runs, as a server
   has them between single requests;
-* process CPU spent in the 200 ms *after* one isolated run: what spinning burns while idle.
+* process CPU spent in the 200 ms *after* one isolated run: what spinning burns while idle;
+* the stage graphs in turn at batch 1 (a cascade run stage by stage: one session after another,
+  each with its own thread pool), and the main exit right after them: what one session's
+  threads, still spinning after its run, cost the next session's run.
 
 Printed with each figure's ratio to "off" beside it; written as JSON.
 
@@ -35,8 +38,39 @@ OPTION_SETS = {  # name -> open_session keywords
     "off": {"spin_us": 0},
     "50us": {"spin_us": 50},
     "3000us (default)": {"spin_us": 3000},
+    "3000us, spinning on after a run": {"spin_us": 3000, "stop_spinning_after_run": False},
     "ORT's own": {"allow_spinning": True},
 }
+
+
+def measure_chain(stages: list, main, inputs: tuple[str, str], shape: tuple[int, ...], seconds: float) -> dict:
+    """Batch 1, 1 ms gaps: the stage sessions in turn (trunk features passed on), and the
+    main-exit session right after them."""
+    image_input, features_input = inputs
+    x1 = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+
+    def chain() -> None:
+        feed = {image_input: x1}
+        for session in stages:
+            outputs = session.run(None, feed)
+            feed = {features_input: outputs[1]} if len(outputs) > 1 else {}
+
+    chained, after = [], []
+    for _ in range(3):
+        chain()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        chain()
+        t1 = time.perf_counter()
+        main.run(None, {image_input: x1})
+        after.append(time.perf_counter() - t1)
+        chained.append(t1 - t0)
+        time.sleep(0.001)
+    return {
+        "stage_chain_b1_p50_ms": float(np.median(chained)) * 1e3,
+        "main_after_chain_b1_p50_ms": float(np.median(after)) * 1e3,
+    }
 
 
 def measure(session, input_name: str, shape: tuple[int, ...], seconds: float) -> dict:
@@ -87,10 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
     spec = manifest.input
     shape = (spec.channels, spec.height, spec.width)
     sessions = {name: open_session(args.model / manifest.exits[-1].path, **kw) for name, kw in OPTION_SETS.items()}
+    stages = {
+        name: [open_session(args.model / e.stage, **kw) for e in manifest.exits] for name, kw in OPTION_SETS.items()
+    }
+    inputs = (manifest.io.image_input, manifest.io.features_input)
     runs: dict[str, list[dict]] = {name: [] for name in sessions}
     for r in range(args.rounds):
         for name, session in sessions.items() if r % 2 == 0 else reversed(sessions.items()):
-            runs[name].append(measure(session, manifest.io.image_input, shape, args.seconds))
+            figures = measure(session, manifest.io.image_input, shape, args.seconds)
+            figures.update(measure_chain(stages[name], session, inputs, shape, args.seconds))
+            runs[name].append(figures)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     result = {name: {k: float(np.median([m[k] for m in ms])) for k in ms[0]} for name, ms in runs.items()}
     off = result["off"]

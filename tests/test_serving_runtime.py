@@ -109,22 +109,32 @@ def test_cuda_sessions_take_the_convolution_search_setting(tmp_path):
         ServerSettings(model_dir=tmp_path, cuda_conv_algo_search="fastest")
 
 
-def _spinning(session) -> tuple[str, str | None]:
+def _spinning(session) -> tuple[str, str | None, str | None]:
+    """(allow_spinning, spin_duration_us, force_spinning_stop) as the session holds them; None: unset."""
     options = session.get_session_options()
-    try:
-        duration = options.get_session_config_entry("session.intra_op.spin_duration_us")
-    except RuntimeError:  # not set: ORT's own duration
-        duration = None
-    return options.get_session_config_entry("session.intra_op.allow_spinning"), duration
+
+    def entry(key: str) -> str | None:
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # not set: ORT's own behaviour
+            return None
+
+    return (
+        entry("session.intra_op.allow_spinning"),
+        entry("session.intra_op.spin_duration_us"),
+        entry("session.force_spinning_stop"),
+    )
 
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ([], ("1", str(ServerSettings.model_fields["ort_spin_us"].default))),  # bounded by default
-        (["--ort-spin-us", "0"], ("0", None)),  # never: every operator wakes a sleeping thread
-        (["--ort-spin-us", "250"], ("1", "250")),
-        (["--ort-allow-spinning", "--ort-spin-us", "250"], ("1", None)),  # ORT's own, unbounded
+        # Bounded by default, and stopped when a run ends: each session has its own pool, and threads
+        # still spinning after one graph's run would take the cores the next graph's run needs.
+        ([], ("1", str(ServerSettings.model_fields["ort_spin_us"].default), "1")),
+        (["--ort-spin-us", "0"], ("0", None, None)),  # never: every operator wakes a sleeping thread
+        (["--ort-spin-us", "250"], ("1", "250", "1")),
+        (["--ort-allow-spinning", "--ort-spin-us", "250"], ("1", None, None)),  # ORT's own, unbounded
     ],
 )
 def test_spinning_settings_reach_every_session(model_dir, flags, expected):
@@ -467,6 +477,7 @@ def test_spinning_benchmark_compares_the_servers_option_sets(model_dir, tmp_path
     assert set(report["medians"]) == set(ort_spinning.OPTION_SETS)
     for figures in report["medians"].values():
         assert figures["batch32_img_s"] > 0 and figures["batch1_p50_ms"] > 0
+        assert figures["stage_chain_b1_p50_ms"] > 0 and figures["main_after_chain_b1_p50_ms"] > 0
     assert "x off" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ort_spinning.main(["--model", str(tmp_path), "--out", str(out)])
