@@ -38,7 +38,7 @@ OPTION_SETS = {  # name -> open_session keywords
     "off": {"spin_us": 0},
     "50us": {"spin_us": 50},
     "3000us (default)": {"spin_us": 3000},
-    "3000us, stopped after each run": {"spin_us": 3000, "stop_spinning_after_run": True},
+    "3000us, spinning on after a run": {"spin_us": 3000, "stop_spinning_after_run": False},
     "ORT's own": {"allow_spinning": True},
 }
 

@@ -36,6 +36,7 @@ class SessionOptions:
     inter_op_threads: int = 0
     allow_spinning: bool = False
     spin_us: int = DEFAULT_SPIN_US
+    stop_spinning_after_run: bool = True
     cuda_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = "exhaustive"
 
     @classmethod
@@ -47,6 +48,7 @@ class SessionOptions:
             inter_op_threads=settings.inter_op_threads,
             allow_spinning=settings.ort_allow_spinning,
             spin_us=settings.ort_spin_us,
+            stop_spinning_after_run=not settings.ort_keep_spinning_after_run,
             cuda_conv_algo_search=settings.cuda_conv_algo_search,
         )
 
@@ -57,6 +59,7 @@ class SessionOptions:
             "inter_op_threads": self.inter_op_threads,
             "allow_spinning": self.allow_spinning,
             "spin_us": self.spin_us,
+            "stop_spinning_after_run": self.stop_spinning_after_run,
             "cuda_conv_algo_search": self.cuda_conv_algo_search,
         }
 

@@ -33,7 +33,7 @@ def open_session(
     inter_op_threads: int = 0,
     allow_spinning: bool = False,
     spin_us: int = 0,
-    stop_spinning_after_run: bool = False,
+    stop_spinning_after_run: bool = True,
     cuda_conv_algo_search: str = "exhaustive",
 ) -> ort.InferenceSession:
     """A session on a model file (or serialized model) with full graph optimisation and quiet
@@ -43,15 +43,13 @@ def open_session(
     Spinning of ORT's intra-op threads: ``allow_spinning`` = ORT's own default (threads
     busy-wait long after a run: tens of ms of CPU per isolated request); otherwise
     ``spin_us`` > 0 bounds the busy-wait to that many microseconds, enough to bridge the
-    gaps between one run's operators; 0 = none. ``stop_spinning_after_run`` (ORT's
-    ``session.force_spinning_stop``, with bounded spinning) stops the threads when a run ends.
-    Every session has a thread pool of its own, and threads still spinning after one graph's
-    run take the cores the next graph's run needs: in-process, the four stage graphs of the
-    full-width export in turn at batch 1 take 6.3 ms with it and 11.4 ms without
-    (``benchmarks/ort_spinning.py``). The server does not set it: behind HTTP it lost — one
-    connection +1.20 vs +0.90 ms, cascade efficiency 0.53 vs 0.65 on the full-width export
-    (``benchmarks/results/serve_bench_ab_spin_stop.json``; with it, one connection left 11 % of
-    the 2-core machine idle, and the event loop spent 0.98 vs 0.85 ms of CPU per answer).
+    gaps between one run's operators; 0 = none. With bounded spinning the threads stop
+    spinning when a run ends (``stop_spinning_after_run``, ORT's ``session.force_spinning_stop``)
+    unless told otherwise: every session has a thread pool of its own, and threads still spinning
+    after one graph's run take the cores the next graph's run needs — a cascade's stages in turn,
+    or requests for different exits one after another. In-process, full-width export, batch 1,
+    2 cores: the four stage graphs in turn 6.3 ms stopped vs 11.4 ms spinning on, the main exit
+    right after them 4.6 vs 9.4 ms (``benchmarks/ort_spinning.py``).
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -63,16 +63,24 @@ class ServerSettings(BaseSettings):
     ort_allow_spinning: bool = Field(
         False,
         description="let ORT worker threads busy-wait for work as long as ORT's own default has them (tens of "
-        "ms of CPU after every run); off by default: such threads take the CPU the event loop needs for HTTP "
-        "on machines with few cores and burn a container's CPU quota at low load. Overrides ort_spin_us",
+        "ms of CPU after every run); off by default: such threads take the CPU that HTTP and the next graph's "
+        "run need (every graph has threads of its own) and burn a container's CPU quota at low load. Overrides "
+        "ort_spin_us and ort_keep_spinning_after_run",
     )
     ort_spin_us: int = Field(
         DEFAULT_SPIN_US,
         ge=0,
         description="microseconds an idle ORT worker thread busy-waits for more work before it sleeps "
         "(0 = never: every operator then wakes a sleeping thread, ~0.3 ms more per batch-1 run of the "
-        "full-width benchmark model). Bounded, unlike ort_allow_spinning: ~8 ms of CPU after an isolated run "
-        "instead of ~26 (benchmarks/ort_spinning.py)",
+        "full-width benchmark model). Within a run only, unless ort_keep_spinning_after_run "
+        "(benchmarks/ort_spinning.py)",
+    )
+    ort_keep_spinning_after_run: bool = Field(
+        False,
+        description="let ORT's threads keep spinning after a run, up to ort_spin_us. Every graph has "
+        "threads of its own, so a graph run within that time (a cascade's next stage, a request for another "
+        "exit) shares the cores with the last graph's spinning threads: off by default. On when every "
+        "request uses one graph and the cores are the server's own",
     )
     opentelemetry: bool = Field(
         False,

@@ -129,11 +129,12 @@ def _spinning(session) -> tuple[str, str | None, str | None]:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        # Bounded by default; the threads keep spinning after a run (up to the bound), which served
-        # single requests faster than stopping them (serving/sessions.py: open_session).
-        ([], ("1", str(ServerSettings.model_fields["ort_spin_us"].default), "0")),
+        # Bounded by default, and stopped when a run ends: every graph has threads of its own, and
+        # threads still spinning after one graph's run take the cores the next graph's run needs.
+        ([], ("1", str(ServerSettings.model_fields["ort_spin_us"].default), "1")),
         (["--ort-spin-us", "0"], ("0", None, None)),  # never: every operator wakes a sleeping thread
-        (["--ort-spin-us", "250"], ("1", "250", "0")),
+        (["--ort-spin-us", "250"], ("1", "250", "1")),
+        (["--ort-keep-spinning-after-run"], ("1", str(ServerSettings.model_fields["ort_spin_us"].default), "0")),
         (["--ort-allow-spinning", "--ort-spin-us", "250"], ("1", None, None)),  # ORT's own, unbounded
     ],
 )
