@@ -7,7 +7,7 @@ One command measures the three request-path targets (issue 13):
    batch 32, in this process, at the main exit and at exit 1.
 2. **Single-request overhead** — the server's p50 latency with one connection against
    raw ORT's p50 at batch 1, at the main exit.
-3. **Cascade efficiency** — sequential requests over real test images, once with
+3. **Cascade efficiency** (``serve_cascade.py``) — sequential requests over real test images, once with
    ``?exit=<main>`` and once as a confidence cascade: the share of inference time the
    cascade saves (mean ``inference_ms`` of the answers) against the share of GFLOPs it
    saves (mean ``gflops``). Target ≥ 0.8. The cascade's answers are checked against the
@@ -21,7 +21,9 @@ One command measures the three request-path targets (issue 13):
 Raw ORT runs twice: with ONNX Runtime's default session options (the baseline of the
 targets) and with the server's options. Server and raw runs alternate round by round
 in one invocation, so a busy machine hits both alike; medians over rounds are
-reported. ``--variant NAME=ARGS`` (repeatable) starts one server per variant (extra
+reported. Every server but the one being measured is frozen (SIGSTOP; an idle server
+probes its graphs and ORT spins after each probe), and raw ORT runs with all of them frozen.
+``--variant NAME=ARGS`` (repeatable) starts one server per variant (extra
 ``python -m serving`` flags, optionally from another source tree with
 ``--variant-tree NAME=PATH``) and alternates between them too: an A/B in one run.
 
@@ -41,9 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import http.client
-import io
 import json
 import os
 import platform
@@ -57,7 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.server import Server
+from benchmarks.serve_cascade import bench_cascade, png, ratio_text, rel_path
+from benchmarks.server import Server, start_servers
 from benchmarks.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_bench.json"
 FULL_WIDTH = ROOT / "runs" / "bench" / "resnet18-cifar100"
 SHIPPED = ROOT / "exported" / "fmnist-resnet18-eed"
-FMNIST_DIRS = (ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
 TARGETS = {"saturation_main": 0.95, "saturation_exit1": 0.85, "overhead_p50_ms": 0.5, "cascade_efficiency": 0.8}
 
 # ------------------------------------------------------------------------------------------
@@ -205,25 +204,6 @@ def machine_jiffies() -> tuple[int, int] | None:
     return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal
 
 
-def start_servers(
-    model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path, providers: str
-) -> list[Server]:
-    """One server per variant, each started once the one before is ready: a server times its
-    graphs while it loads (lone-request sessions, calibration), and servers loading side by
-    side on a small machine would each measure the other's load."""
-    servers: list[Server] = []
-    try:
-        for name, (args, tree) in variants.items():
-            servers.append(Server(model_dir, args, workdir, name=name, tree=tree, providers=providers))
-            servers[-1].wait_ready()
-            servers[-1].pause()  # resumed only while measured (Server.running)
-    except Exception:
-        for server in servers:
-            server.stop()
-        raise
-    return servers
-
-
 def measured_load(server: Server, path: str, connections: int, seconds: float, body: Path) -> dict:
     """One load run against ``server`` alone (the others stay paused), after a 1 s settling run,
     with the event loop's and the process's CPU per answer and the machine's idle share."""
@@ -258,14 +238,6 @@ def idle_cpu_share(server: Server, seconds: float = 4.0) -> float | None:
 # ------------------------------------------------------------------------------------------
 # 1 + 2: saturation and single-request overhead
 # ------------------------------------------------------------------------------------------
-
-
-def png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
@@ -326,7 +298,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         return float(np.median([v[key] for v in values]))
 
     result = {
-        "model_dir": _rel(model_dir),
+        "model_dir": rel_path(model_dir),
         "model": raw.manifest.name,
         "provider": raw.provider,
         "connections": conns,
@@ -384,286 +356,8 @@ def _fmt(v: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# 3: cascade efficiency on real images
-# ------------------------------------------------------------------------------------------
-
-
-def fashion_mnist_test(limit: int, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, Path]:
-    """The first ``limit`` Fashion-MNIST test images (uint8 28×28) and labels, from the idx files."""
-    for folder in [data_dir] if data_dir else list(FMNIST_DIRS):
-        images, labels = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
-        if images.is_file() and labels.is_file():
-            x = np.frombuffer(gzip.decompress(images.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
-            y = np.frombuffer(gzip.decompress(labels.read_bytes()), np.uint8, offset=8)
-            return x[:limit], y[:limit].astype(int), folder
-    raise SystemExit("Fashion-MNIST test files not found (apt-get install dataset-fashion-mnist, or --fmnist-dir)")
-
-
-def offline_cascade(runtime, bodies: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image and exit: top probability and prediction, from the stage chain of ``runtime``
-    (a ``ModelRuntime``) in this process; and the preprocessed images."""
-    from serving import cascade
-    from serving.images import Preprocessor
-
-    pre = Preprocessor.from_spec(runtime.manifest.input, 4096 * 4096)
-    x = np.stack([pre(b, "image/png") for b in bodies])
-    conf, pred = [], []
-    for start in range(0, len(x), 64):
-        feats, c, p = x[start : start + 64], [], []
-        for graph in runtime.stages:
-            outputs = graph.run(feats)
-            c.append(cascade.top_probability(outputs[0]))
-            p.append(outputs[0].argmax(-1))
-            if len(outputs) > 1:
-                feats = outputs[1]
-        conf.append(np.stack(c, 1))
-        pred.append(np.stack(p, 1))
-    return np.concatenate(conf), np.concatenate(pred), x
-
-
-def in_process_cascade(runtime, x: np.ndarray, thresholds: np.ndarray, server_options) -> dict:
-    """The graphs the server runs for a lone request, timed in this process without HTTP.
-
-    ``runtime`` (a ``ModelRuntime`` opened with the server's options) gets what the server adds
-    at load (lone-request sessions chosen, cascade fused or not by the same rule); image by
-    image, main exit and cascade in turn as the benchmark sends them; batch 1. What the
-    server's cascade could save if answering cost nothing but ORT.
-    """
-    from serving import cascade
-    from serving.fused import attach_fused_cascade, cap_thresholds
-
-    runtime.choose_lone_sessions(server_options)
-    how = attach_fused_cascade(runtime, "auto", server_options)
-    k = runtime.manifest.num_exits
-    main, fused = runtime.exits[-1], runtime.fused
-    row = cap_thresholds(thresholds, k)[None]
-
-    def run_cascade(image: np.ndarray) -> int:
-        if fused is not None:
-            return int(fused.run_alone((image, row))[1][0])
-        features = image
-        for number, stage in enumerate(runtime.stages, 1):
-            outputs = stage.run_alone(features)
-            top = float(cascade.top_probability(outputs[0])[0])
-            if number == k or cascade.stops_at(top, thresholds, number):
-                return number
-            features = outputs[1]
-        return k
-
-    for image in x[:20]:  # warm-up
-        main.run_alone(image[None])
-        run_cascade(image[None])
-    t_main, t_casc, exits = [], [], []
-    for i, image in enumerate(x):
-        batch = image[None]
-        for mode in ("main", "cascade") if i % 2 == 0 else ("cascade", "main"):
-            t0 = time.perf_counter()
-            if mode == "main":
-                main.run_alone(batch)
-                t_main.append(time.perf_counter() - t0)
-            else:
-                exits.append(run_cascade(batch))
-                t_casc.append(time.perf_counter() - t0)
-    cumulative = np.cumsum([e.stage_gflops for e in runtime.manifest.exits])
-    gflops_saved = 1 - float(np.mean(cumulative[np.asarray(exits) - 1])) / runtime.manifest.exits[-1].gflops
-    time_saved = 1 - float(np.mean(t_casc)) / float(np.mean(t_main))
-    return {
-        "cascade_ran": "fused" if fused is not None else "stages",
-        "why": how,
-        "lone_requests": runtime.lone_sessions,
-        "main_ms": float(np.mean(t_main) * 1e3),
-        "cascade_ms": float(np.mean(t_casc) * 1e3),
-        "gflops_saved": gflops_saved,
-        "time_saved": time_saved,
-        "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
-    }
-
-
-def scrape(port: int, sample_name: str) -> list[tuple[dict[str, str], float]]:
-    """The server's /metrics samples called ``sample_name`` (e.g. a histogram's ``_sum``), as
-    (labels, value), read with Prometheus's own text parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == sample_name
-    ]
-
-
-def ort_seconds(port: int, k: int) -> tuple[float, float]:
-    """Seconds the server has spent in ORT so far (its eed_inference_latency_seconds sums):
-    (main-exit graph, cascade graphs: the fused graph and the stage graphs)."""
-    main = cascades = 0.0
-    for labels, value in scrape(port, "eed_inference_latency_seconds_sum"):
-        if labels.get("graph") == "exit" and labels.get("exit") == str(k):
-            main += value
-        elif labels.get("graph") in ("cascade", "stage"):
-            cascades += value
-    return main, cascades
-
-
-def cascade_path(port: int) -> str:
-    """How the server ran the cascades: "fused" (one ORT call) or "stages", from its batch metrics."""
-    fused = sum(value for labels, value in scrape(port, "eed_batch_size_count") if labels.get("graph") == "cascade")
-    return "fused" if fused > 0 else "stages"
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection to a server's /classify."""
-
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-    def classify(self, body: bytes, query: str) -> dict:
-        self.conn.request("POST", f"/classify?{query}", body=body, headers={"Content-Type": "image/png"})
-        response = self.conn.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"/classify?{query} answered {response.status}: {payload[:300]!r}")
-        return json.loads(payload)
-
-
-CASCADE_BLOCK = 25  # images per server turn in a multi-server cascade run
-
-
-def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
-    from serving import cascade
-    from serving.manifest import load_manifest
-    from serving.runtime import ModelRuntime
-
-    manifest = load_manifest(model_dir)
-    k = manifest.num_exits
-    images, labels, source = fashion_mnist_test(args.images, args.fmnist_dir)
-    if manifest.input.channels == 3:
-        images = np.repeat(images[..., None], 3, axis=-1)  # the server would do L → RGB itself anyway
-    bodies = [png(im) for im in images]
-    runtime = ModelRuntime.load(model_dir, server_options)  # one load for both in-process parts
-    conf, pred, x = offline_cascade(runtime, bodies)
-    policies = manifest.thresholds.policies if manifest.thresholds is not None else {}
-    if args.policy and args.policy in policies:
-        query, how = f"policy={args.policy}", f"calibrated policy {args.policy}"
-        thresholds = cascade.as_thresholds(policies[args.policy].thresholds, k)
-    else:  # an untrained or uncalibrated model: each early exit keeps the images above its median confidence
-        thresholds = np.asarray([float(np.median(conf[:, i])) for i in range(k - 1)])
-        query = "confidence=" + ",".join(f"{t:.9g}" for t in thresholds)
-        thresholds = np.asarray([float(f"{t:.9g}") for t in thresholds])
-        how = "per-exit thresholds at the median top probability of each early exit on these images"
-    simulated = cascade.simulate(conf, pred, thresholds, [e.stage_gflops for e in manifest.exits])
-    servers = start_servers(model_dir, variants, workdir, args.providers)
-    runs: dict = {s.name: {"main": [], "cascade": []} for s in servers}
-    try:
-        clients = {s.name: Client(s.port) for s in servers}
-        ort_before, ort_after, how = {}, {}, {}
-        for server in servers:
-            with server.running():
-                for body in bodies[:50]:  # warm-up
-                    clients[server.name].classify(body, f"exit={k}&top_k=1")
-                    clients[server.name].classify(body, query + "&top_k=1")
-                ort_before[server.name] = ort_seconds(server.port, k)
-        # Image by image, both modes in turn (the order rotating), so that a busy moment of the
-        # machine hits both alike. Servers take turns by blocks of images, not image by image,
-        # the others paused: ORT's threads spin for a while after an answer (EED_ORT_SPIN_US) and
-        # an idle server probes its graphs, which on a small machine would slow the server measured.
-        modes = [("main", f"exit={k}"), ("cascade", query)]
-        block = CASCADE_BLOCK if len(servers) > 1 else len(bodies)
-        for b, start in enumerate(range(0, len(bodies), block)):
-            for n in range(len(servers)):
-                server = servers[(b + n) % len(servers)]
-                with server.running():
-                    for i in range(start, min(start + block, len(bodies))):
-                        for j in range(len(modes)):
-                            mode, q = modes[(i + j) % len(modes)]
-                            runs[server.name][mode].append(clients[server.name].classify(bodies[i], q + "&top_k=1"))
-        for server in servers:
-            with server.running():
-                ort_after[server.name] = ort_seconds(server.port, k)
-                how[server.name] = cascade_path(server.port)
-    finally:
-        for server in servers:
-            server.stop()
-    main_gflops = manifest.exits[-1].gflops
-    per_variant = {}
-    for name, modes in runs.items():
-        main, casc = modes["main"], modes["cascade"]
-        t_main = float(np.mean([a["inference_ms"] for a in main]))
-        t_casc = float(np.mean([a["inference_ms"] for a in casc]))
-        l_main = float(np.mean([a["latency_ms"] for a in main]))
-        l_casc = float(np.mean([a["latency_ms"] for a in casc]))
-        g_casc = float(np.mean([a["gflops"] for a in casc]))
-        gflops_saved = 1 - g_casc / main_gflops
-        time_saved = 1 - t_casc / t_main
-        # The same split from the server's own ORT timings (its metrics), per request.
-        ort_main = (ort_after[name][0] - ort_before[name][0]) * 1e3 / len(main)
-        ort_casc = (ort_after[name][1] - ort_before[name][1]) * 1e3 / len(casc)
-        ort_saved = 1 - ort_casc / ort_main
-        served_exit = np.asarray([a["exit"] for a in casc])
-        served_label = np.asarray([a["label"] for a in casc])
-        per_variant[name] = {
-            "main_inference_ms": t_main,
-            "cascade_inference_ms": t_casc,
-            "main_latency_ms": l_main,
-            "cascade_latency_ms": l_casc,
-            "main_inference_ms_median": float(np.median([a["inference_ms"] for a in main])),
-            "cascade_inference_ms_median": float(np.median([a["inference_ms"] for a in casc])),
-            "main_gflops": main_gflops,
-            "cascade_gflops": g_casc,
-            "gflops_saved": gflops_saved,
-            "inference_time_saved": time_saved,
-            "latency_saved": 1 - l_casc / l_main,
-            "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
-            "main_ort_ms": ort_main,
-            "cascade_ort_ms": ort_casc,
-            "efficiency_of_ort_runs": ort_saved / gflops_saved if gflops_saved > 0 else None,
-            "cascade_ran": how[name],
-            "exit_fractions": np.bincount(served_exit, minlength=k + 1)[1:].tolist(),
-            "agreement_with_offline_rule": float(
-                np.mean((served_exit == simulated.exit) & (served_label == simulated.prediction))
-            ),
-            "accuracy_main": float(np.mean(np.asarray([a["label"] for a in main]) == labels)),
-            "accuracy_cascade": float(np.mean(served_label == labels)),
-        }
-        v = per_variant[name]
-        print(
-            f"  {manifest.name} [{name}, {how[name]}]: GFLOPs saved {100 * gflops_saved:.1f} %, inference time saved "
-            f"{100 * time_saved:.1f} % (efficiency {_ratio(v['efficiency'])}; of its ORT runs alone "
-            f"{_ratio(v['efficiency_of_ort_runs'])}: {ort_main:.3f} vs {ort_casc:.3f} ms), latency saved "
-            f"{100 * v['latency_saved']:.1f} %, agreement {100 * v['agreement_with_offline_rule']:.2f} %, "
-            f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
-            flush=True,
-        )
-    bare = in_process_cascade(runtime, x, thresholds, server_options)
-    print(
-        f"  {manifest.name} [the same graphs in this process, no HTTP; {bare['cascade_ran']}]: main "
-        f"{bare['main_ms']:.3f} ms, cascade {bare['cascade_ms']:.3f} ms, efficiency {_ratio(bare['efficiency'])}",
-        flush=True,
-    )
-    return {
-        "model_dir": _rel(model_dir),
-        "model": manifest.name,
-        "images": len(bodies),
-        "in_process": bare,
-        "source": str(source),
-        "query": query,
-        "thresholds": how,
-        "variants": per_variant,
-    }
-
-
-# ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def parse_variants(specs: list[str], trees: list[str]) -> dict[str, tuple[list[str], Path]]:
@@ -683,11 +377,6 @@ def parse_variants(specs: list[str], trees: list[str]) -> dict[str, tuple[list[s
     return variants
 
 
-def _ratio(value: float | None) -> str:
-    """A ratio for the printout; n/a where the cascade saved no GFLOPs (nothing to compare)."""
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def summary(report: dict) -> list[str]:
     lines = []
     t = report.get("throughput")
@@ -704,9 +393,9 @@ def summary(report: dict) -> list[str]:
     for c in report.get("cascade", []):
         for name, v in c["variants"].items():
             lines.append(
-                f"[{name}] {c['model']}: cascade efficiency {_ratio(v['efficiency'])} "
-                f"(>= {TARGETS['cascade_efficiency']}; its ORT runs alone {_ratio(v['efficiency_of_ort_runs'])}, "
-                f"the same graphs without HTTP {_ratio(c['in_process']['efficiency'])}), "
+                f"[{name}] {c['model']}: cascade efficiency {ratio_text(v['efficiency'])} "
+                f"(>= {TARGETS['cascade_efficiency']}; its ORT runs alone {ratio_text(v['efficiency_of_ort_runs'])}, "
+                f"the same graphs without HTTP {ratio_text(c['in_process']['efficiency'])}), "
                 f"agreement {100 * v['agreement_with_offline_rule']:.1f} %"
             )
     return lines
@@ -788,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "(efficiency_of_ort_runs: the same from the server's ORT time per request, its metrics; in_process: "
         "the server's lone-request graphs timed in the benchmark's process, no HTTP)",
         "targets": TARGETS,
-        "variants": {name: {"flags": flags, "tree": _rel(tree)} for name, (flags, tree) in variants.items()},
+        "variants": {name: {"flags": flags, "tree": rel_path(tree)} for name, (flags, tree) in variants.items()},
     }
     import onnxruntime
 

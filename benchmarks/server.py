@@ -136,3 +136,22 @@ class Server:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def start_servers(
+    model_dir: Path, variants: dict[str, tuple[list[str], Path]], workdir: Path, providers: str
+) -> list[Server]:
+    """One server per variant, each started once the one before is ready: a server times its
+    graphs while it loads (lone-request sessions, calibration), and servers loading side by
+    side on a small machine would each measure the other's load."""
+    servers: list[Server] = []
+    try:
+        for name, (args, tree) in variants.items():
+            servers.append(Server(model_dir, args, workdir, name=name, tree=tree, providers=providers))
+            servers[-1].wait_ready()
+            servers[-1].pause()  # resumed only while measured (Server.running)
+    except Exception:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
