@@ -115,8 +115,15 @@ def test_deadline_answers_from_the_deepest_exit_an_idle_server_can_finish(servic
         try:
             plan = service.plan(PolicyParams(budget_ms=300))
             assert (plan.mode, plan.exit) == ("cascade", NUM_EXITS)
+            # In time from the main exit's own graph: one run instead of a stage per exit, and
+            # the main exit's full-path GFLOPs instead of every head's.
             out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.3)
-            assert (out.exit, out.exits_evaluated, out.deadline_met, out.degraded) == (3, [1, 2, 3], True, False)
+            assert (out.exit, out.exits_evaluated, out.deadline_met, out.degraded) == (3, [3], True, False)
+            assert out.gflops == service.costs.gflops[-1] < service.costs.cascade_gflops[-1]
+            # With confidence thresholds the early exits' scores decide: stage by stage.
+            plan = service.plan(PolicyParams(budget_ms=300, confidence=(1.0,)))
+            out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.3)
+            assert (out.exit, out.exits_evaluated, out.deadline_met) == (3, [1, 2, 3], True)
             # Idle stage times are ~11 ms each: 15 ms reaches exit 1 only, planned so from the start.
             plan = service.plan(PolicyParams(budget_ms=15))
             assert plan.exit == 1
