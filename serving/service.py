@@ -12,7 +12,8 @@ always an answer); before each further stage the service predicts when that stag
 would finish — queueing now plus its service time at the batch it would join, plus
 the recently observed gap between such predictions and reality — and stops when that
 is past the deadline. Under load queues grow, predictions grow, and requests answer
-from earlier exits instead of being refused.
+from earlier exits instead of being refused. A deadline request alone on the server whose
+deepest exit's full-path graph is predicted to finish in time runs that graph instead.
 """
 
 from __future__ import annotations
@@ -281,8 +282,8 @@ class InferenceService:
         deadline margin); else None.
 
         Stage by stage, a deadline pays one run, hand-off and score per stage and the heads of
-        every earlier exit (full-width export at batch 1, one connection: p50 9.2 ms vs 5.8 for
-        the main-exit graph; ``benchmarks/anytime_load.py``). The stages are for when the load
+        every earlier exit (full-width export, deadline requests at one connection: p50 9.2 ms
+        stage by stage, 6.0 ms this way; ``benchmarks/anytime_load.py``). The stages are for when the load
         may not let the deepest exit finish: they can stop early. When the one graph is
         predicted to finish in time, its answer is the one the stages would reach, sooner and
         for fewer GFLOPs. With confidence thresholds the early exits' scores are needed: None.
