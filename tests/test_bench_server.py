@@ -22,8 +22,10 @@ def _status(port: int, timeout: float) -> int:
 
 
 def test_a_paused_server_takes_no_cpu_and_answers_again_once_resumed(tmp_path):
-    # Probe every 50 ms and spin 30 ms after each run: unpaused, this idle server keeps a core busy.
-    server = Server(SHIPPED, ["--probe-interval-s", "0.05", "--ort-spin-us", "30000"], tmp_path, name="paused")
+    # Probe every 50 ms on two-thread sessions whose pool thread spins 30 ms after each run: unpaused,
+    # this idle server keeps a core busy.
+    flags = ["--probe-interval-s", "0.05", "--intra-op-threads", "2", "--ort-spin-us", "30000"]
+    server = Server(SHIPPED, [*flags, "--ort-keep-spinning-after-run"], tmp_path, name="paused")
     try:
         server.wait_ready()
         before = server.cpu_seconds()
