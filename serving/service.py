@@ -12,8 +12,9 @@ always an answer); before each further stage the service predicts when that stag
 would finish — queueing now plus its service time at the batch it would join, plus
 the recently observed gap between such predictions and reality — and stops when that
 is past the deadline. Under load queues grow, predictions grow, and requests answer
-from earlier exits instead of being refused. A deadline request alone on the server whose
-deepest exit's full-path graph is predicted to finish in time runs that graph instead.
+from earlier exits instead of being refused. A deadline request alone on the server that
+one ORT call is predicted to answer in time (the deepest exit's full-path graph, or the
+fused cascade) runs that call instead.
 """
 
 from __future__ import annotations
@@ -276,27 +277,32 @@ class InferenceService:
         service = self.service_models[worker.name].estimate(worker.rows(own_batch))
         return self.queue_delay_s(worker) + service + max(0.0, self.prediction_gap.value())
 
-    def direct_in_time(self, plan: Plan, deadline: float) -> float | None:
-        """For a pure deadline on an otherwise idle server: the predicted seconds until the
-        full-path graph of the plan's deepest exit would answer, if that is in time (with the
-        deadline margin); else None.
+    def whole_path_in_time(self, plan: Plan, deadline: float) -> tuple[str, float] | None:
+        """For a deadline on an otherwise idle server, whether one ORT call can answer in time:
+        ``("single", predicted seconds)`` — a pure deadline (no confidence thresholds), run as the
+        full-path graph of the plan's deepest exit — or ``("fused", predicted seconds)`` — a
+        confidence cascade, run as the fused cascade graph, predicted as the stage chain to the
+        plan's deepest exit (the most it can run). None: run stage by stage.
 
-        Stage by stage, a deadline pays one run, hand-off and score per stage and the heads of
-        every earlier exit (full-width export, deadline requests at one connection: p50 9.2 ms
-        stage by stage, 6.0 ms this way; ``benchmarks/anytime_load.py``). The stages are for when the load
-        may not let the deepest exit finish: they can stop early. When the one graph is
-        predicted to finish in time, its answer is the one the stages would reach, sooner and
-        for fewer GFLOPs. With confidence thresholds the early exits' scores are needed: None.
-        Only a request alone on the server (nothing else in ``run``, queued, running or probing)
-        goes direct: requests arriving together would each decide on the same empty queues and
-        all pile onto one graph, where the stages decide after stage 1, with the load in view.
+        Stage by stage, a deadline pays one run, hand-off and score per stage, and for a pure
+        deadline the heads of every earlier exit (full-width export, deadline requests at one
+        connection: p50 9.2 ms stage by stage, 6.0 ms as one graph; ``benchmarks/anytime_load.py``).
+        The stages are for when the load may not let the deepest exit finish: they can stop
+        early. When one call is predicted to finish in time (with the deadline margin), its
+        answer is the one the stages would reach, sooner. Only a request alone on the server
+        (nothing else in ``run``, queued, running or probing) qualifies: requests arriving
+        together would each decide on the same empty queues and all pile onto one graph, where
+        the stages decide after stage 1, with the load in view.
         """
         if plan.mode != "cascade" or plan.thresholds is None or self._in_run > 1 or not self._alone():
             return None
-        if any(t < cascade.NEVER for t in plan.thresholds[: plan.exit - 1]):
+        if all(t >= cascade.NEVER for t in plan.thresholds[: plan.exit - 1]):
+            how, predicted = "single", self.predicted_finish_s(self.exit_workers[plan.exit - 1])
+        elif self.fused_worker is not None:
+            how, predicted = "fused", self.latency_estimates_ms()[1][plan.exit - 1] / 1e3
+        else:
             return None
-        predicted = self.predicted_finish_s(self.exit_workers[plan.exit - 1])
-        return predicted if time.perf_counter() + predicted + self._margin_s <= deadline else None
+        return (how, predicted) if time.perf_counter() + predicted + self._margin_s <= deadline else None
 
     def idle_service_ms(self) -> tuple[list[float], list[float]]:
         """Per exit, at batch 1 without queueing: (full path, cascade of stages 1..i), in ms."""
@@ -377,9 +383,9 @@ class InferenceService:
         """Run ``plan`` on one preprocessed input (C, H, W) and return the answer.
 
         ``deadline`` (a ``time.perf_counter()`` instant) applies to cascades: stage 1
-        always runs, each further stage only if it is predicted to finish in time. A pure
-        deadline (no confidence thresholds) whose deepest allowed exit is predicted to be
-        ready in time from its full-path graph runs that graph instead (:meth:`direct_in_time`).
+        always runs, each further stage only if it is predicted to finish in time — unless
+        the request is alone and one ORT call is predicted to answer in time
+        (:meth:`whole_path_in_time`).
         """
         if ticket is not None:
             ticket.started()
@@ -394,15 +400,15 @@ class InferenceService:
         evaluated: list[int] = []
         degraded = False
         mode = plan.mode
-        direct = None if deadline is None else self.direct_in_time(plan, deadline)
-        if plan.mode == "single" or direct is not None:
+        how, predicted = (None, 0.0) if deadline is None else (self.whole_path_in_time(plan, deadline) or (None, 0.0))
+        if plan.mode == "single" or how == "single":
             mode = "single"
             (logits,) = await self.exit_workers[plan.exit - 1].submit(x)
-            if direct is not None:
-                self.prediction_gap.observe((time.perf_counter() - started) - direct)
+            if how == "single":  # an estimate (the fused path's is a bound, which would bias the gap)
+                self.prediction_gap.observe((time.perf_counter() - started) - predicted)
             probs = softmax(logits)
             evaluated.append(plan.exit)
-        elif deadline is None and self.fused_worker is not None:
+        elif self.fused_worker is not None and (deadline is None or how == "fused"):
             # The same rule inside the graph (float64 score, per-sample thresholds capped at plan.exit).
             assert plan.thresholds is not None  # a cascade plan always has them
             logits, answered = await self.fused_worker.submit((x, cap_thresholds(plan.thresholds, plan.exit)))

@@ -203,9 +203,11 @@ def test_concurrent_mixed_policies_batch_together_and_stay_exact(servers):
     assert batches < len(jobs)  # several requests, with different thresholds, shared a run
 
 
-def test_deadlines_still_run_stage_by_stage(servers):
+def test_a_deadline_alone_and_far_runs_the_fused_graph(servers):
+    # Alone on the server, with the whole stage chain predicted well inside its deadline, a
+    # confidence cascade with a deadline is one ORT call, as without one; the same answer.
     fused, _ = servers
-    before = _metric(fused.url, "eed_batch_size_count", "stage")
+    before = {g: _metric(fused.url, "eed_batch_size_count", g) for g in ("stage", "cascade")}
     r = httpx.post(
         fused.url + "/classify",
         content=encode(uniform_image(2), "PNG"),
@@ -213,4 +215,6 @@ def test_deadlines_still_run_stage_by_stage(servers):
         headers={"Content-Type": "image/png"},
     )
     assert r.status_code == 200 and r.json()["deadline_met"] is True and r.json()["exit"] == cascade_exit(2, 0.9)
-    assert _metric(fused.url, "eed_batch_size_count", "stage") - before == cascade_exit(2, 0.9)
+    assert r.json()["exits_evaluated"] == list(range(1, cascade_exit(2, 0.9) + 1))
+    assert _metric(fused.url, "eed_batch_size_count", "cascade") - before["cascade"] == 1
+    assert _metric(fused.url, "eed_batch_size_count", "stage") - before["stage"] == 0
