@@ -12,9 +12,9 @@ always an answer); before each further stage the service predicts when that stag
 would finish — queueing now plus its service time at the batch it would join, plus
 the recently observed gap between such predictions and reality — and stops when that
 is past the deadline. Under load queues grow, predictions grow, and requests answer
-from earlier exits instead of being refused. A deadline request alone on the server that
-one ORT call is predicted to answer in time (the deepest exit's full-path graph, or the
-fused cascade) runs that call instead.
+from earlier exits instead of being refused. A deadline request that one ORT call is
+predicted to answer in time (the deepest exit's full-path graph, or the fused cascade),
+counting the requests already in flight, runs that call instead.
 """
 
 from __future__ import annotations
@@ -278,30 +278,35 @@ class InferenceService:
         return self.queue_delay_s(worker) + service + max(0.0, self.prediction_gap.value())
 
     def whole_path_in_time(self, plan: Plan, deadline: float) -> tuple[str, float] | None:
-        """For a deadline on an otherwise idle server, whether one ORT call can answer in time:
-        ``("single", predicted seconds)`` — a pure deadline (no confidence thresholds), run as the
-        full-path graph of the plan's deepest exit — or ``("fused", predicted seconds)`` — a
-        confidence cascade, run as the fused cascade graph, predicted as the stage chain to the
-        plan's deepest exit (the most it can run). None: run stage by stage.
+        """For a deadline, whether one ORT call can answer in time: ``("single", predicted
+        seconds)`` — a pure deadline (no confidence thresholds), run as the full-path graph of the
+        plan's deepest exit — or ``("fused", predicted seconds)`` — a confidence cascade, run as the
+        fused cascade graph, predicted as the stage chain to the plan's deepest exit (the most it
+        can run). None: run stage by stage.
 
         Stage by stage, a deadline pays one run, hand-off and score per stage, and for a pure
         deadline the heads of every earlier exit (full-width export, deadline requests at one
         connection: p50 9.2 ms stage by stage, 6.0 ms as one graph; ``benchmarks/anytime_load.py``).
         The stages are for when the load may not let the deepest exit finish: they can stop
         early. When one call is predicted to finish in time (with the deadline margin), its
-        answer is the one the stages would reach, sooner. Only a request alone on the server
-        (nothing else in ``run``, queued, running or probing) qualifies: requests arriving
-        together would each decide on the same empty queues and all pile onto one graph, where
-        the stages decide after stage 1, with the load in view.
+        answer is the one the stages would reach, sooner. The prediction is the queues now plus,
+        for every other request inside ``run`` (not queued yet, or between stages), one more
+        batch-1 run of the costlier of the two paths: requests arriving together would otherwise
+        each decide on the same empty queues and all pile onto one graph. Under a burst the
+        count alone sends them to the stages, which decide after stage 1 with the load in view.
         """
-        if plan.mode != "cascade" or plan.thresholds is None or self._in_run > 1 or not self._alone():
+        if plan.mode != "cascade" or plan.thresholds is None:
             return None
-        if all(t >= cascade.NEVER for t in plan.thresholds[: plan.exit - 1]):
+        pure = all(t >= cascade.NEVER for t in plan.thresholds[: plan.exit - 1])
+        if not pure and self.fused_worker is None:
+            return None
+        single_ms, chain_ms = self.idle_service_ms()
+        others = (self._in_run - 1) * max(single_ms[plan.exit - 1], chain_ms[plan.exit - 1]) / 1e3
+        if pure:
             how, predicted = "single", self.predicted_finish_s(self.exit_workers[plan.exit - 1])
-        elif self.fused_worker is not None:
-            how, predicted = "fused", self.latency_estimates_ms()[1][plan.exit - 1] / 1e3
         else:
-            return None
+            how, predicted = "fused", self.latency_estimates_ms()[1][plan.exit - 1] / 1e3
+        predicted += others
         return (how, predicted) if time.perf_counter() + predicted + self._margin_s <= deadline else None
 
     def idle_service_ms(self) -> tuple[list[float], list[float]]:
@@ -384,8 +389,7 @@ class InferenceService:
 
         ``deadline`` (a ``time.perf_counter()`` instant) applies to cascades: stage 1
         always runs, each further stage only if it is predicted to finish in time — unless
-        the request is alone and one ORT call is predicted to answer in time
-        (:meth:`whole_path_in_time`).
+        one ORT call is predicted to answer in time (:meth:`whole_path_in_time`).
         """
         if ticket is not None:
             ticket.started()

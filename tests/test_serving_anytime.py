@@ -135,6 +135,23 @@ def test_deadline_answers_from_the_deepest_exit_an_idle_server_can_finish(servic
     asyncio.run(main())
 
 
+def test_a_few_requests_together_with_room_to_spare_run_one_graph_each(service):
+    # Four at once, 300 ms each: the main exit's graph four times over still fits, so each runs that
+    # one graph (batched together) instead of a stage per exit; all in time.
+    async def main():
+        await service.start()
+        try:
+            plan = service.plan(PolicyParams(budget_ms=300))
+            outcomes = await asyncio.gather(
+                *(service.run(_x(service), plan, deadline=time.perf_counter() + 0.3) for _ in range(4))
+            )
+            assert [(o.exit, o.exits_evaluated, o.deadline_met) for o in outcomes] == [(3, [3], True)] * 4
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 def test_burst_degrades_to_earlier_exits_instead_of_refusing_then_recovers(service):
     async def main():
         await service.start()
