@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.manifest import load_manifest
-from serving.sessions import open_session
+from serving.sessions import open_session, run_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTION_SETS = {  # name -> open_session keywords
@@ -48,12 +48,13 @@ def measure_chain(stages: list, main, inputs: tuple[str, str], shape: tuple[int,
     main-exit session right after them."""
     image_input, features_input = inputs
     x1 = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    stage_fns = [
+        lambda x, session=session, name=(image_input if i == 0 else features_input): session.run(None, {name: x})
+        for i, session in enumerate(stages)
+    ]
 
     def chain() -> None:
-        feed = {image_input: x1}
-        for session in stages:
-            outputs = session.run(None, feed)
-            feed = {features_input: outputs[1]} if len(outputs) > 1 else {}
+        run_chain(stage_fns, x1)
 
     chained, after = [], []
     for _ in range(3):

@@ -300,12 +300,14 @@ class InferenceService:
         pure = all(t >= cascade.NEVER for t in plan.thresholds[: plan.exit - 1])
         if not pure and self.fused_worker is None:
             return None
-        single_ms, chain_ms = self.idle_service_ms()
-        others = (self._in_run - 1) * max(single_ms[plan.exit - 1], chain_ms[plan.exit - 1]) / 1e3
+        exit_worker = self.exit_workers[plan.exit - 1]
+        single_s = self.service_models[exit_worker.name].estimate(1)
+        chain_s = sum(self.service_models[w.name].estimate(1) for w in self.stage_workers[: plan.exit])
+        others = (self._in_run - 1) * max(single_s, chain_s)
         if pure:
-            how, predicted = "single", self.predicted_finish_s(self.exit_workers[plan.exit - 1])
+            how, predicted = "single", self.predicted_finish_s(exit_worker)
         else:
-            how, predicted = "fused", self.latency_estimates_ms()[1][plan.exit - 1] / 1e3
+            how, predicted = "fused", self.cascade_finish_s(plan.exit)
         predicted += others
         return (how, predicted) if time.perf_counter() + predicted + self._margin_s <= deadline else None
 
@@ -315,20 +317,19 @@ class InferenceService:
         stages = [self.service_models[g.name].estimate(1) * 1e3 for g in self.runtime.stages]
         return single, [float(x) for x in np.cumsum(stages)]
 
+    def cascade_finish_s(self, exit_number: int) -> float:
+        """Seconds until a cascade of stages 1..``exit_number`` submitted now would answer: stage 1
+        behind the queues now, each further stage at its batch-1 time plus the prediction gap."""
+        gap = max(0.0, self.prediction_gap.value())
+        later = self.stage_workers[1:exit_number]
+        return self.predicted_finish_s(self.stage_workers[0]) + sum(
+            self.service_models[w.name].estimate(1) + gap for w in later
+        )
+
     def latency_estimates_ms(self) -> tuple[list[float], list[float]]:
         """Per exit, for a request arriving now: (full path, cascade to this exit), in ms."""
-        gap = max(0.0, self.prediction_gap.value())
         single = [self.predicted_finish_s(w) * 1e3 for w in self.exit_workers]
-        cascade_ms: list[float] = []
-        total = 0.0
-        for worker in self.stage_workers:
-            total += (
-                self.predicted_finish_s(worker)
-                if not cascade_ms
-                else (self.service_models[worker.name].estimate(1) + gap)
-            )
-            cascade_ms.append(total * 1e3)
-        return single, cascade_ms
+        return single, [self.cascade_finish_s(i) * 1e3 for i in range(1, len(self.stage_workers) + 1)]
 
     def publish_estimates(self) -> None:
         """Copy the current estimates into the Prometheus gauges."""
@@ -404,7 +405,8 @@ class InferenceService:
         evaluated: list[int] = []
         degraded = False
         mode = plan.mode
-        how, predicted = (None, 0.0) if deadline is None else (self.whole_path_in_time(plan, deadline) or (None, 0.0))
+        one_call = None if deadline is None else self.whole_path_in_time(plan, deadline)
+        how, predicted = one_call or (None, 0.0)
         if plan.mode == "single" or how == "single":
             mode = "single"
             (logits,) = await self.exit_workers[plan.exit - 1].submit(x)
