@@ -109,9 +109,11 @@ class Server:
         """Freeze the process (SIGSTOP) so that it takes no CPU while something else is measured.
 
         An idle server is not idle on the CPU: it probes one stale graph every quarter second
-        (``EED_PROBE_INTERVAL_S``), and ORT's threads spin after each probe — 5 % of a core at
-        the default spin bound, 28 % at 30 ms, 12 % with ORT's own spinning (full-width export,
-        2-core machine) — which a benchmark would charge to the server or the raw run it measures.
+        (``EED_PROBE_INTERVAL_S``), and where ORT's threads keep spinning after a run they spin
+        after each probe: 3.7 % of a core with the default settings, 29 % with threads spinning
+        30 ms after a run, 12 % with ORT's own spinning (full-width export, 2-core machine;
+        ``idle_cpu_share_of_a_core`` in serve_bench's results), which a benchmark would charge to
+        the server or the raw run it measures.
         """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGSTOP)

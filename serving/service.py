@@ -286,7 +286,8 @@ class InferenceService:
 
         Stage by stage, a deadline pays one run, hand-off and score per stage, and for a pure
         deadline the heads of every earlier exit (full-width export, deadline requests at one
-        connection: p50 9.2 ms stage by stage, 6.0 ms as one graph; ``benchmarks/anytime_load.py``).
+        connection: p50 9.2 ms stage by stage, 6.0 ms as one graph; ``benchmarks/anytime_load.py``,
+        ``anytime_load_stage_by_stage.json`` vs ``anytime_load.json``).
         The stages are for when the load may not let the deepest exit finish: they can stop
         early. When one call is predicted to finish in time (with the deadline margin), its
         answer is the one the stages would reach, sooner. The prediction is the queues now plus,

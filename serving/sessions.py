@@ -48,8 +48,8 @@ def open_session(
     unless told otherwise: every session has a thread pool of its own, and threads still spinning
     after one graph's run take the cores the next graph's run needs — a cascade's stages in turn,
     or requests for different exits one after another. In-process, full-width export, batch 1,
-    2 cores: the four stage graphs in turn 6.3 ms stopped vs 11.4 ms spinning on, the main exit
-    right after them 4.6 vs 9.4 ms (``benchmarks/ort_spinning.py``).
+    2 cores: the four stage graphs in turn 7.1 ms stopped vs 11.7 ms spinning on, the main exit
+    right after them 5.3 vs 9.4 ms (``benchmarks/ort_spinning.py``, ``ort_spinning.json``).
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
