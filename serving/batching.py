@@ -129,7 +129,6 @@ class GraphWorker:
         more_coming: Callable[[], bool] | None = None,
         on_batch: Callable[[int, float, float, int], None] | None = None,
         on_item: Callable[[float], None] | None = None,
-        on_queue_depth: Callable[[int], None] | None = None,
         *,
         lone: LoneRun | None = None,
         pad_to: int | None = None,
@@ -143,7 +142,6 @@ class GraphWorker:
         self._more_coming = more_coming
         self._on_batch = on_batch
         self._on_item = on_item
-        self._on_queue_depth = on_queue_depth
         self.lone = lone
         self.pad_to = pad_to
         self._task: asyncio.Task | None = None
@@ -187,8 +185,6 @@ class GraphWorker:
                 return await self._run_alone(self.lone, inputs)
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(WorkItem(inputs, future))
-        if self._on_queue_depth:
-            self._on_queue_depth(self.queue.qsize())
         return await future
 
     async def _run_alone(self, lone: LoneRun, inputs: Any) -> tuple[np.ndarray, ...]:
@@ -213,8 +209,6 @@ class GraphWorker:
         loop = asyncio.get_running_loop()
         while True:
             batch = await collect_batch(self.queue, self._max_batch_size, self._max_wait_s, self._more_coming)
-            if self._on_queue_depth:
-                self._on_queue_depth(self.queue.qsize())
             # Clients that went away (cancelled futures) are not worth computing.
             batch = [item for item in batch if not item.future.done()]
             if not batch:

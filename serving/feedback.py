@@ -75,21 +75,21 @@ class AnswerSigner:
             raise ValueError(f"the feedback secret must be at least {MIN_SECRET_BYTES} bytes")
         self._key = secret
         self.max_age_s = max_age_s
+        self._names: dict[str, str] = {}  # model name -> its JSON string
 
     def _mac(self, signed_part: str) -> bytes:
-        return hmac.new(self._key, signed_part.encode("ascii"), hashlib.sha256).digest()[:MAC_BYTES]
+        return hmac.digest(self._key, signed_part.encode("ascii"), hashlib.sha256)[:MAC_BYTES]
 
     def issue(self, model: str, exit_number: int, label: int, now: float | None = None) -> str:
         """A signed id for an answer of ``model`` given by ``exit_number`` predicting ``label``."""
-        claims = {
-            "m": model,
-            "e": exit_number,
-            "l": label,
-            "t": round(time.time() if now is None else now, 3),
-            "n": secrets.token_hex(8),
-        }
-        body = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
-        signed_part = f"{VERSION}.{body}"
+        # Every answer gets one, on the event loop: the claims are written out directly (the JSON
+        # json.dumps would give, separators (",", ":")), the model name escaped once.
+        name = self._names.get(model)
+        if name is None:
+            name = self._names[model] = json.dumps(model)
+        issued = round(time.time() if now is None else now, 3)
+        claims = f'{{"m":{name},"e":{int(exit_number)},"l":{int(label)},"t":{issued!r},"n":"{secrets.token_hex(8)}"}}'
+        signed_part = f"{VERSION}.{_b64encode(claims.encode())}"
         return f"{signed_part}.{_b64encode(self._mac(signed_part))}"
 
     def verify(self, token: str, now: float | None = None) -> Claim:

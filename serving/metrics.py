@@ -194,6 +194,10 @@ class ServingMetrics:
             registry=r,
         )
         self.ready = Gauge("eed_model_ready", "1 once the model is loaded and warmed up", registry=r)
+        # The labelled series an answer touches, by label values: ``labels()`` validates and locks
+        # on every call, and an answer would call it four times (docs/request-path-profile.md).
+        self._answer_series: dict[tuple[str, str], tuple] = {}
+        self._request_counts: dict[tuple[str, str, str], Counter] = {}
 
     def describe_model(self, manifest, provider: str) -> None:
         """Set the static per-exit gauges from the manifest, and pre-create per-exit series.
@@ -226,14 +230,34 @@ class ServingMetrics:
 
     def record_answer(self, outcome, policy: str, elapsed_s: float) -> None:
         """Count one answered request (any route): latency, GFLOPs, deadline outcome."""
-        e = str(outcome.exit)
-        self.request_latency.labels(e).observe(elapsed_s)
-        self.gflops_spent.labels(e).inc(outcome.gflops)
-        self.request_gflops.labels(e, policy).observe(outcome.gflops)
+        key = (str(outcome.exit), policy)
+        series = self._answer_series.get(key)
+        if series is None:
+            e = key[0]
+            series = self._answer_series[key] = (
+                self.request_latency.labels(e),
+                self.gflops_spent.labels(e),
+                self.request_gflops.labels(e, policy),
+                self.deadlines.labels(e, "met"),
+                self.deadlines.labels(e, "missed"),
+                self.degraded.labels(e),
+            )
+        latency, spent, gflops, met, missed, degraded = series
+        latency.observe(elapsed_s)
+        spent.inc(outcome.gflops)
+        gflops.observe(outcome.gflops)
         if outcome.deadline_met is not None:
-            self.deadlines.labels(e, "met" if outcome.deadline_met else "missed").inc()
+            (met if outcome.deadline_met else missed).inc()
         if outcome.degraded:
-            self.degraded.labels(e).inc()
+            degraded.inc()
+
+    def count_request(self, exit_label: str, policy: str, status: str) -> None:
+        """``eed_requests_total{exit, policy, status}`` + 1: every /classify and OIP infer request."""
+        key = (exit_label, policy, status)
+        counter = self._request_counts.get(key)
+        if counter is None:
+            counter = self._request_counts[key] = self.requests.labels(*key)
+        counter.inc()
 
     def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
         """Publish build/model identity, and admission (``admitted`` is read at every scrape)."""

@@ -194,8 +194,8 @@ async def infer(name: str, request: Request) -> Response:
         body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         req = decode_request(body, request.headers.get(HEADER_LENGTH))
         params = effective_params(_policy_params(req.parameters), state.default_params, settings.default_budget_ms)
-        policy_label = params.name
         plan = service.plan(params)
+        policy_label = params.name  # once valid: a refused policy name must not become a label value
         requested = _requested_outputs(req)
         _, preprocess = state.require_model()
         xs = await _samples(req, preprocess, service.runtime.manifest.input)
@@ -244,9 +244,9 @@ async def infer(name: str, request: Request) -> Response:
     finally:
         if exits:
             for number in exits:
-                metrics.requests.labels(str(number), policy_label, str(status)).inc()
+                metrics.count_request(str(number), policy_label, str(status))
         else:
-            metrics.requests.labels("none", policy_label, str(status)).inc()
+            metrics.count_request("none", policy_label, str(status))
         request.state.policy = policy_label
         request.state.exit = ",".join(map(str, exits)) if exits else "none"
 

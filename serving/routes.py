@@ -93,18 +93,27 @@ async def classify(request: Request) -> Response:
     """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
     arrived = time.perf_counter()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
-    query = classify_query(request.query_params)  # a 422 here is not counted, as FastAPI's own were not
     settings, metrics = state.settings, state.metrics
+    query_string = request.scope["query_string"]
+    parsed = state.parsed_queries.get(query_string)
+    if parsed is None:
+        query = classify_query(request.query_params)  # a 422 here is not counted, as FastAPI's own were not
     exit_label, policy_label, status = "none", "none", 500
     try:
-        refuse_unknown(request.query_params)
-        params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
-        policy_label = params.name
+        if parsed is None:
+            refuse_unknown(request.query_params)
+            params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
+            k = settings.default_top_k if query["top_k"] is None else query["top_k"]
+            if k < 1:
+                raise InvalidParameters(f"top_k={k} must be at least 1")
+            state.parsed_queries.put(query_string, (params, k))
+        else:
+            params, k = parsed
         service, preprocess = state.require_model()
         plan = service.plan(params)
-        k = settings.default_top_k if query["top_k"] is None else query["top_k"]
-        if k < 1:
-            raise InvalidParameters(f"top_k={k} must be at least 1")
+        # Labelled only once the plan is valid: a refused policy name is the client's text, and a
+        # label per typo would grow the metric without bound.
+        policy_label = params.name
         # The whole body arrives before the request takes an admission slot, so slow
         # uploads wait outside capacity; the read deadline bounds how long they may take.
         data, content_type = await read_body_within(request, settings.max_body_bytes, settings.body_timeout_s)
@@ -127,7 +136,7 @@ async def classify(request: Request) -> Response:
         status = 499  # the client went away (nginx's convention); not a server error
         raise
     finally:
-        metrics.requests.labels(exit_label, policy_label, str(status)).inc()
+        metrics.count_request(exit_label, policy_label, str(status))
         request.state.policy, request.state.exit = policy_label, exit_label  # for the request log
 
 

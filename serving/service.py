@@ -35,6 +35,7 @@ from .batching import GraphWorker, LoneRun
 from .errors import Overloaded
 from .fused import cap_thresholds
 from .latency import DecayingMean, ServiceTimeModel
+from .memo import Memo
 from .metrics import ServingMetrics
 from .outputs import softmax
 from .policy import CostTable, Plan, PolicyParams, plan_request
@@ -110,7 +111,10 @@ class InferenceService:
         self._inline_max_ms = inline_max_ms
         self._inflight = 0
         self._in_run = 0  # requests inside run(), admitted or not
+        self._plans: Memo[PolicyParams, Plan] = Memo()  # plans without a deadline depend on the costs only
         self._preparing = 0
+        # Gauges read when scraped, not set on every admission and queue change (request-path CPU).
+        metrics.inflight.set_function(lambda: self._inflight)
         self.exit_workers = [self._worker(g) for g in runtime.exits]
         self.stage_workers = [self._worker(g) for g in runtime.stages]
         # Confidence cascades without a deadline run in one ORT call when the model has
@@ -137,7 +141,6 @@ class InferenceService:
         batch_size = self.metrics.batch_size.labels(exit_label, kind)
         inference = self.metrics.inference_latency.labels(exit_label, kind)
         queue_wait = self.metrics.queue_wait.labels(exit_label, kind)
-        depth = self.metrics.queue_depth.labels(exit_label, kind)
         model = self.service_models[graph.name]
 
         def on_batch(size: int, wait_s: float, run_s: float, rows: int) -> None:
@@ -146,7 +149,7 @@ class InferenceService:
             inference.observe(run_s)
             model.observe(rows, run_s)  # the time follows the rows ORT ran, padding included
 
-        return GraphWorker(
+        worker = GraphWorker(
             graph.name,
             graph.run,
             self._executor,
@@ -154,10 +157,11 @@ class InferenceService:
             self._max_wait_s,
             more_coming=lambda: self._preparing > 0,
             on_batch=on_batch,
-            on_queue_depth=depth.set,
             lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
             pad_to=self.max_batch_size if graph.pads_batches() else None,
         )
+        self.metrics.queue_depth.labels(exit_label, kind).set_function(worker.queue.qsize)
+        return worker
 
     def _alone(self) -> bool:
         """Whether the one admitted request is all there is: nothing else queued, running or probing."""
@@ -235,14 +239,12 @@ class InferenceService:
             )
         self._inflight += 1
         self._preparing += 1
-        self.metrics.inflight.set(self._inflight)
         ticket = Ticket(_service=self)
         try:
             yield ticket
         finally:
             ticket.started()  # no-op unless it failed before reaching the model
             self._inflight -= 1
-            self.metrics.inflight.set(self._inflight)
 
     @property
     def inflight(self) -> int:
@@ -379,12 +381,16 @@ class InferenceService:
 
     def plan(self, params: PolicyParams) -> Plan:
         """Plan a request against this model's costs and idle service times."""
-        if params.budget_ms is not None:
+        if params.budget_ms is not None:  # depends on the service times now: planned every time
             idle_cascade_ms = self.idle_service_ms()[1]
             if self.deadline_floor_ms is not None:
                 idle_cascade_ms[0] = self.deadline_floor_ms
             return plan_request(params, self.costs, idle_cascade_ms)
-        return plan_request(params, self.costs)
+        plan = self._plans.get(params)
+        if plan is None:
+            plan = plan_request(params, self.costs)  # raises for a plan this model cannot run
+            self._plans.put(params, plan)
+        return plan
 
     async def run(
         self, x: np.ndarray, plan: Plan, ticket: Ticket | None = None, deadline: float | None = None

@@ -20,6 +20,7 @@ from .errors import NotReady, ServingError
 from .feedback import AnswerSigner, FeedbackStore
 from .fused import attach_fused_cascade
 from .images import Preprocessor
+from .memo import Memo
 from .metrics import ServingMetrics
 from .policy import PolicyParams
 from .runtime import ModelRuntime, SessionOptions
@@ -39,6 +40,8 @@ class AppState:
         secret = settings.feedback_secret
         self.signer = AnswerSigner(secret.get_secret_value().encode() if secret else None, settings.feedback_max_age_s)
         self.default_params: PolicyParams = settings.default_policy_params
+        # /classify query string → (policy parameters, top_k), once parsed and valid.
+        self.parsed_queries: Memo[bytes, tuple[PolicyParams, int]] = Memo()
         self.runtime: ModelRuntime | None = None
         self.service: InferenceService | None = None
         self.preprocess: Preprocessor | None = None

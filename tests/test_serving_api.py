@@ -236,9 +236,30 @@ def test_cascade_threshold_extremes(client, manifest):
     ],
 )
 def test_bad_parameters_are_422_with_a_clear_detail(client, params, fragment):
-    r = classify(client, png(1), **params)
-    assert r.status_code == 422, r.text
-    assert r.json()["error"] == "invalid_parameters" and fragment in r.json()["detail"]
+    for _ in range(2):  # parsed queries are remembered: only valid ones, so the second is refused too
+        r = classify(client, png(1), **params)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == "invalid_parameters" and fragment in r.json()["detail"]
+
+
+def test_a_repeated_query_gets_the_same_answer_as_the_first_time(client, manifest):
+    first = classify(client, png(3), budget_gflops=manifest["exits"][1]["gflops"], top_k=2).json()
+    again = classify(client, png(3), budget_gflops=manifest["exits"][1]["gflops"], top_k=2).json()
+    other = classify(client, png(3), budget_gflops=manifest["exits"][0]["gflops"], top_k=1).json()
+    assert (first["exit"], len(first["top_k"]), first["policy"]) == (2, 2, "budget_gflops")
+    assert {k: again[k] for k in ("exit", "label", "top_k", "gflops", "policy")} == {
+        k: first[k] for k in ("exit", "label", "top_k", "gflops", "policy")
+    }
+    assert (other["exit"], len(other["top_k"])) == (1, 1)
+
+
+def test_unknown_policy_names_do_not_become_metric_labels(client):
+    for name in ("no_such_policy_1", "no_such_policy_2"):
+        r = classify(client, png(1), policy=name)
+        assert r.status_code == 422 and name in r.json()["detail"], r.text
+    counts = metric_values(client, "eed_requests_total")
+    assert not [labels for labels in counts if "no_such_policy" in labels]
+    assert counts['{exit="none",policy="none",status="422"}'] >= 2
 
 
 # --- bodies --------------------------------------------------------------------------------

@@ -195,6 +195,17 @@ def test_signer_round_trip_and_refusals():
         AnswerSigner(b"short", max_age_s=60)
 
 
+@pytest.mark.parametrize("model", ["fmnist-resnet18-eed", 'a "quoted" \\ name', "modèle-ü"])
+def test_signed_claims_are_plain_json_for_any_model_name(model):
+    signer = AnswerSigner(SECRET.encode(), max_age_s=60)
+    token = signer.issue(model, 3, 1, now=1733030000.4567)
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["m"] == model and (claims["e"], claims["l"], claims["t"]) == (3, 1, 1733030000.457)
+    assert len(claims["n"]) == 16 and int(claims["n"], 16) >= 0
+    assert signer.verify(token, now=1733030001.0).model == model
+    assert signer.issue(model, 3, 1, now=1733030000.4567) != token  # a fresh nonce every time
+
+
 def test_a_short_secret_is_refused_at_start(model_dir):
     env = {**os.environ, "EED_FEEDBACK_SECRET": "short", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(

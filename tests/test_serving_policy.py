@@ -10,6 +10,7 @@ import pytest
 from serving import cascade
 from serving.errors import ImpossibleBudget, InvalidParameters
 from serving.manifest import Thresholds
+from serving.memo import Memo
 from serving.policy import (
     CostTable,
     PolicyParams,
@@ -269,3 +270,13 @@ def test_contradictory_parameters_name_the_cheapest_cost():
     body = info.value.body()  # what the client receives with the 422
     assert info.value.status_code == 422 and body["error"] == "invalid_parameters"
     assert body["cheapest_gflops"] == pytest.approx(0.1) and body["cheapest_exit"] == 1
+
+
+def test_the_request_memo_stops_growing_at_its_capacity():
+    memo: Memo[bytes, int] = Memo(capacity=3)
+    for i in range(10):  # a client sending a different query string every time
+        memo.put(f"exit={i}".encode(), i)
+    assert len(memo) == 3
+    assert [memo.get(f"exit={i}".encode()) for i in range(5)] == [0, 1, 2, None, None]
+    memo.put(b"exit=0", 99)  # an existing key is not replaced either: the memo is full
+    assert memo.get(b"exit=0") == 0
