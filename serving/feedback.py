@@ -73,12 +73,14 @@ class AnswerSigner:
             )
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"the feedback secret must be at least {MIN_SECRET_BYTES} bytes")
-        self._key = secret
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
         self.max_age_s = max_age_s
         self._names: dict[str, str] = {}  # model name -> its JSON string
 
     def _mac(self, signed_part: str) -> bytes:
-        return hmac.digest(self._key, signed_part.encode("ascii"), hashlib.sha256)[:MAC_BYTES]
+        mac = self._keyed.copy()  # the key's HMAC state, computed once
+        mac.update(signed_part.encode("ascii"))
+        return mac.digest()[:MAC_BYTES]
 
     def issue(self, model: str, exit_number: int, label: int, now: float | None = None) -> str:
         """A signed id for an answer of ``model`` given by ``exit_number`` predicting ``label``."""

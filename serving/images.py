@@ -225,7 +225,8 @@ def decode_image(
             # far less work and memory for camera-sized inputs.
             image.draft(image.mode, draft_size)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # In place: otherwise an image without an orientation comes back as a full copy of itself.
+        ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", max_pixels=max_pixels) from None
     except Exception as exc:
