@@ -143,14 +143,6 @@ class Graph:
         """
         return self.provider != CPU
 
-    def lone_run_on_one_thread(self) -> bool:
-        """Whether a lone request's run keeps to its calling thread: a one-thread session on the
-        CPU (chosen for lone requests, or configured), or another provider, whose calling thread
-        only launches the work."""
-        if self.provider != CPU:
-            return True
-        return (self.lone_session or self.session).get_session_options().intra_op_num_threads == 1
-
     def feed(self, x: np.ndarray, stage_inputs: Sequence[np.ndarray]) -> Any:
         """This graph's input for image batch ``x`` (``stage_inputs``: every stage's input for it)."""
         return x if self.kind == "exit" else stage_inputs[self.exit - 1]

@@ -187,22 +187,21 @@ class InferenceService:
         # cannot meet still get exit 1's answer, with deadline_met false.
         self.deadline_floor_ms = self.idle_service_ms()[1][0]
         # A lone request runs its graph on the event loop when that blocks the loop for a few
-        # ms at most (the thread hand-off it saves is worth little beside longer runs, and
-        # other requests arriving meanwhile are not read until it ends) and the run keeps to
-        # one thread. A session that splits the run across all cores ran slower with the event
-        # loop as its calling thread than from the inference thread, hand-off included
-        # (full-width export, one connection: p50 overhead +1.23–1.29 vs +1.02–1.09 ms;
-        # docs/request-path-profile.md).
+        # ms at most: the thread hand-off it saves (a wake-up of the inference thread and one of
+        # the loop, each a cross-CPU wake-up on a VM) is worth little beside longer runs, and
+        # other requests arriving meanwhile are not read until it ends. On all-core sessions
+        # too: with idle servers frozen and ORT's threads no longer spinning after a run, the
+        # event loop as ORT's calling thread measured 0.10–0.19 ms faster at one connection
+        # (docs/request-path-profile.md, sixth session; the third measured the opposite beside
+        # idle servers that were not frozen).
         for worker in self._all_workers:
             assert worker.lone is not None
-            graph = self._graphs[worker.name]
-            short = self.service_models[worker.name].estimate(1) * 1e3 <= self._inline_max_ms
-            worker.lone.inline = short and graph.lone_run_on_one_thread()
+            worker.lone.inline = self.service_models[worker.name].estimate(1) * 1e3 <= self._inline_max_ms
         self.publish_estimates()
 
     def lone_on_event_loop(self) -> list[str]:
         """The graphs whose lone requests run on the event loop itself (calibrated batch-1 time
-        at most ``inline_max_ms``, on one thread); the others' run in the inference thread."""
+        at most ``inline_max_ms``); the others' run in the inference thread."""
         return [w.name for w in self._all_workers if w.lone is not None and w.lone.inline]
 
     async def start(self) -> None:
