@@ -120,6 +120,12 @@ class InferenceService:
         # Confidence cascades without a deadline run in one ORT call when the model has
         # a fused cascade graph (serving/fused.py chose it by measurement at load).
         self.fused_worker = self._worker(runtime.fused) if runtime.fused is not None else None
+        # Every graph's worker, as one list: the lone-request check walks it on every request.
+        self._all_workers: list[GraphWorker] = [
+            *self.exit_workers,
+            *self.stage_workers,
+            *([self.fused_worker] if self.fused_worker else []),
+        ]
 
     @classmethod
     def from_settings(cls, runtime: ModelRuntime, metrics: ServingMetrics, settings) -> InferenceService:
@@ -170,10 +176,6 @@ class InferenceService:
             and not self._probing
             and not any(w.running or w.queue.qsize() for w in self._all_workers)
         )
-
-    @property
-    def _all_workers(self) -> list[GraphWorker]:
-        return [*self.exit_workers, *self.stage_workers, *([self.fused_worker] if self.fused_worker else [])]
 
     # -- lifecycle -----------------------------------------------------------------
 
