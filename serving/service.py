@@ -88,7 +88,7 @@ class InferenceService:
         estimate_half_life_s: float = 0.5,
         probe_interval_s: float = 1.0,
         deadline_margin_ms: float = 0.5,
-        inline_max_ms: float = 5.0,
+        inline_max_ms: float = 10.0,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics

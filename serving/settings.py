@@ -46,17 +46,18 @@ class ServerSettings(BaseSettings):
         "per batch, so more than 1 mostly adds contention on CPU",
     )
     inline_max_ms: float = Field(
-        5.0,
+        10.0,
         ge=0,
         description="a request that finds the server idle runs on the event loop itself (no thread hand-off) "
-        "when its graph takes at most this long at batch 1 and runs on one thread; 0 = never",
+        "when its graph takes at most this long at batch 1 (the fused cascade graph: with every stage run); "
+        "0 = never",
     )
 
     cascade_graph: Literal["auto", "fused", "stages"] = Field(
         "auto",
         description="how confidence cascades without a deadline run: fused = one ONNX Runtime call per batch "
         "(the stage graphs fused into one graph with per-sample early stopping; needs the onnx package), "
-        "stages = stage by stage, auto = fused when it measures faster at load (deadlines always go stage by stage)",
+        "stages = stage by stage, auto = fused when it measures faster at load (a deadline runs it only when predicted in time)",
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads per session (0 = ORT default)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads per session (0 = ORT default)")

@@ -123,7 +123,7 @@ def test_model_endpoint_has_manifest_provider_and_live_estimates(client):
     assert info["lone_requests"].startswith("the same sessions as batches (thread count configured")
     # Which of them run on the event loop when alone (short graphs: all of this tiny model's).
     graphs = [f"exit{e}" for e in range(1, NUM_EXITS + 1)] + [f"stage{e}" for e in range(1, NUM_EXITS + 1)]
-    assert info["batching"]["lone_on_event_loop"] == graphs and info["batching"]["inline_max_ms"] == 5.0
+    assert info["batching"]["lone_on_event_loop"] == graphs and info["batching"]["inline_max_ms"] == 10.0
     assert info["batching"]["padded_to"] is None  # CPU: batches run at their own size
 
 
