@@ -55,9 +55,10 @@ class ServerSettings(BaseSettings):
 
     cascade_graph: Literal["auto", "fused", "stages"] = Field(
         "auto",
-        description="how confidence cascades without a deadline run: fused = one ONNX Runtime call per batch "
+        description="how confidence cascades run: fused = one ONNX Runtime call per batch "
         "(the stage graphs fused into one graph with per-sample early stopping; needs the onnx package), "
-        "stages = stage by stage, auto = fused when it measures faster at load (a deadline runs it only when predicted in time)",
+        "stages = stage by stage, auto = fused when it measures faster at load; with a deadline, the fused "
+        "graph only when the whole stage chain is predicted in time",
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads per session (0 = ORT default)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads per session (0 = ORT default)")
