@@ -20,10 +20,10 @@ from .body import read_body_within
 from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId
 from .images import decode_off_loop
 from .outputs import top_k as top_k_classes
-from .policy import effective_params, params_from_request
+from .policy import PolicyParams, effective_params, params_from_request
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
 from .service import Outcome
-from .state import State, state_of
+from .state import AppState, State, state_of
 
 router = APIRouter()
 
@@ -94,21 +94,12 @@ async def classify(request: Request) -> Response:
     arrived = time.perf_counter()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     settings, metrics = state.settings, state.metrics
-    query_string = request.scope["query_string"]
-    parsed = state.parsed_queries.get(query_string)
-    if parsed is None:
-        query = classify_query(request.query_params)  # a 422 here is not counted, as FastAPI's own were not
+    remembered = state.parsed_queries.get(request.scope["query_string"])
+    # A 422 from the parser is not counted, as FastAPI's own were not.
+    query = None if remembered else classify_query(request.query_params)
     exit_label, policy_label, status = "none", "none", 500
     try:
-        if parsed is None:
-            refuse_unknown(request.query_params)
-            params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
-            k = settings.default_top_k if query["top_k"] is None else query["top_k"]
-            if k < 1:
-                raise InvalidParameters(f"top_k={k} must be at least 1")
-            state.parsed_queries.put(query_string, (params, k))
-        else:
-            params, k = parsed
+        params, k = remembered or _params_and_top_k(state, request, query)
         service, preprocess = state.require_model()
         plan = service.plan(params)
         # Labelled only once the plan is valid: a refused policy name is the client's text, and a
@@ -227,6 +218,20 @@ async def metrics_endpoint(state: State) -> Response:
     if state.service is not None:
         state.service.publish_estimates()
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _params_and_top_k(state: AppState, request: Request, query: dict[str, Any] | None) -> tuple[PolicyParams, int]:
+    """The policy parameters and ``top_k`` of a /classify query (``query``: as parsed), refused with
+    422 when invalid; valid ones are remembered by query string (``AppState.parsed_queries``)."""
+    assert query is not None  # parsed whenever the query string was not remembered
+    settings = state.settings
+    refuse_unknown(request.query_params)
+    params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
+    k = settings.default_top_k if query["top_k"] is None else query["top_k"]
+    if k < 1:
+        raise InvalidParameters(f"top_k={k} must be at least 1")
+    state.parsed_queries.put(request.scope["query_string"], (params, k))
+    return params, k
 
 
 def _answer(
