@@ -19,9 +19,9 @@ from .errors import BadRequest, BodyTimeout, PayloadTooLarge, UnsupportedMediaTy
 from .images import ACCEPTED_CONTENT_TYPES, ACCEPTED_DESCRIPTION
 
 MULTIPART = "multipart/form-data"
-_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 RAW_TYPES = ("application/octet-stream",)
 T = TypeVar("T")
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 
 def media_type(content_type: str | None) -> str:

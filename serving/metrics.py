@@ -221,8 +221,8 @@ class ServingMetrics:
             for outcome in ("true", "false"):
                 self.feedback.labels(e, outcome)
             self.request_latency.labels(e)
-            for graph in ("exit", "stage"):
-                self.queue_depth.labels(e, graph).set(0)
+        # eed_queue_depth{exit, graph}: every graph's series exists already, read from its queue at
+        # each scrape (InferenceService._worker).
 
     def record_feedback(self, exit_number: int, correct: bool) -> None:
         """Count one labelled answer."""
@@ -260,7 +260,8 @@ class ServingMetrics:
         counter.inc()
 
     def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
-        """Publish build/model identity, and admission (``admitted`` is read at every scrape)."""
+        """Publish build/model identity, and admission (``admitted`` is read at every scrape, for both
+        ``eed_admitted_requests`` and ``eed_inflight_requests``: one number under two names)."""
         self.build_info.labels(
             buildinfo.package_version(),
             buildinfo.git_revision(),
@@ -268,6 +269,7 @@ class ServingMetrics:
             buildinfo.model_checksum(manifest.files),
         ).set(1)
         self.admitted.set_function(admitted)
+        self.inflight.set_function(admitted)
         self.admission_limit.set(limit)
 
     def render(self) -> bytes:

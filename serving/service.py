@@ -113,12 +113,10 @@ class InferenceService:
         self._in_run = 0  # requests inside run(), admitted or not
         self._plans: Memo[PolicyParams, Plan] = Memo()  # plans without a deadline depend on the costs only
         self._preparing = 0
-        # Gauges read when scraped, not set on every admission and queue change (request-path CPU).
-        metrics.inflight.set_function(lambda: self._inflight)
         self.exit_workers = [self._worker(g) for g in runtime.exits]
         self.stage_workers = [self._worker(g) for g in runtime.stages]
-        # Confidence cascades without a deadline run in one ORT call when the model has
-        # a fused cascade graph (serving/fused.py chose it by measurement at load).
+        # Confidence cascades run in one ORT call when the model has a fused cascade graph
+        # (serving/fused.py chose it by measurement at load); with a deadline, when predicted in time.
         self.fused_worker = self._worker(runtime.fused) if runtime.fused is not None else None
         # Every graph's worker, as one list: the lone-request check walks it on every request.
         self._all_workers: list[GraphWorker] = [
@@ -166,6 +164,7 @@ class InferenceService:
             lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
             pad_to=self.max_batch_size if graph.pads_batches() else None,
         )
+        # Read when scraped, not set on every enqueue and batch (event-loop CPU per request).
         self.metrics.queue_depth.labels(exit_label, kind).set_function(worker.queue.qsize)
         return worker
 
