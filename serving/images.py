@@ -34,6 +34,7 @@ import anyio
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import pngfast
 from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 
 # Pillow format names we open (multi-picture JPEGs open through "JPEG" as MPO).
@@ -116,8 +117,19 @@ class Preprocessor:
 
     def __call__(self, data: bytes, content_type: str | None = None) -> np.ndarray:
         """Decode ``data`` and return the model input, float32 of shape (C, H, W)."""
+        pixels = pngfast.decode(data, self._fast_png_pixels)
+        if pixels is not None:
+            return self.pixels_to_tensor(pixels)
         image = decode_image(data, self.max_pixels, content_type, draft_size=self._draft_size())
         return self.to_tensor(image)
+
+    def pixels_to_tensor(self, pixels: np.ndarray) -> np.ndarray:
+        """The model input from decoded 8-bit gray (H, W) or RGB (H, W, 3) pixels."""
+        height, width = pixels.shape[:2]
+        if pixels.ndim == (2 if self.channels == 1 else 3) and (height, width) == (self.height, self.width):
+            return self._normalize(pixels)
+        # Another channel count or size: Pillow's conversion and resampling, as for any image.
+        return self.to_tensor(Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB"))
 
     def to_tensor(self, image: Image.Image) -> np.ndarray:
         """Bring a decoded Pillow image to the model input, float32 (C, H, W)."""
@@ -128,12 +140,22 @@ class Preprocessor:
             image = to_mode(image, target, self.background)
             image = self._geometry(image)
             array = np.asarray(image, dtype=np.float32)
+        return self._normalize(array)
+
+    def _normalize(self, array: np.ndarray) -> np.ndarray:
+        """(H, W[, C]) pixel values 0..255 → normalised float32 (C, H, W)."""
         if array.ndim == 2:
             array = array[:, :, None]
         # (x / 255 - mean) / std fused into one multiply-add per pixel.
         scale, offset = self._affine
         array = array * scale + offset
         return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+
+    @functools.cached_property
+    def _fast_png_pixels(self) -> int:
+        """Pixel limit for :mod:`serving.pngfast`: ours, and never above the size Pillow refuses."""
+        pillow_refuses = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else self.max_pixels
+        return min(self.max_pixels, pillow_refuses)
 
     @functools.cached_property
     def _affine(self) -> tuple[np.ndarray, np.ndarray]:

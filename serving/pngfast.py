@@ -1,0 +1,76 @@
+"""A C-only decode for the PNGs a classifier is usually sent: 8-bit gray or RGB, nothing else.
+
+Pillow's PNG path runs ~100 Python calls per image (chunk parsing, the decoder's tile loop,
+EXIF lookup); in a server whose ORT runs fill both cores, that code starts cold after every
+run and costs ~5x its hot time. libspng (``pyspng``) decodes the same pixels in one call.
+
+It is used only where it gives exactly Pillow's pixels and no decision of Pillow's is skipped:
+an 8-bit grayscale or truecolour image (no palette, no alpha, no ``tRNS``) whose chunks are all
+on :data:`_PLAIN_CHUNKS` — none that carries an orientation (``eXIf``, XMP or a raw EXIF
+profile in a text chunk), transparency or animation — with every checksum Pillow verifies
+intact and the pixel count within the limit. Anything else (and any error libspng reports)
+returns ``None`` and the caller takes Pillow's path, which also words the errors.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+try:
+    import pyspng
+except ImportError:  # a platform without a wheel: every PNG takes Pillow's path
+    pyspng = None
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that do not change the pixels Pillow returns (colour-space and physical metadata
+# Pillow only stores in ``info``), besides the image data itself.
+_PLAIN_CHUNKS = frozenset((b"IDAT", b"IEND", b"sRGB", b"gAMA", b"cHRM", b"iCCP", b"pHYs", b"sBIT", b"tIME"))
+_GRAY, _TRUECOLOUR = 0, 2
+_CHUNK_HEAD = struct.Struct(">I4s")
+_IHDR = struct.Struct(">IIBBBBB")
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """The pixels of a plain 8-bit gray (H, W) or RGB (H, W, 3) PNG as uint8, else ``None``."""
+    if pyspng is None or not data.startswith(_SIGNATURE) or not _plain(data, max_pixels):
+        return None
+    try:
+        return pyspng.load(data)
+    except Exception:  # libspng refused it: Pillow decides, and words the error
+        return None
+
+
+def _plain(data: bytes, max_pixels: int) -> bool:
+    """Whether the chunk list is one :func:`decode` may take (see the module docstring)."""
+    end = len(data)
+    pos = len(_SIGNATURE)
+    if end < pos + 25:
+        return False
+    length, kind = _CHUNK_HEAD.unpack_from(data, pos)
+    if kind != b"IHDR" or length != 13 or not _crc_ok(data, pos, length):
+        return False
+    width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack_from(data, pos + 8)
+    if depth != 8 or colour not in (_GRAY, _TRUECOLOUR) or compression or filtering or interlace > 1:
+        return False
+    if not 0 < width * height <= max_pixels:
+        return False
+    pos += 25
+    while pos + 12 <= end:
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
+        if kind not in _PLAIN_CHUNKS or pos + 12 + length > end:
+            return False
+        # Pillow checks every chunk's CRC but the image data's (it streams IDAT to zlib).
+        if kind != b"IDAT" and not _crc_ok(data, pos, length):
+            return False
+        if kind == b"IEND":
+            return True
+        pos += 12 + length
+    return False  # truncated before IEND
+
+
+def _crc_ok(data: bytes, pos: int, length: int) -> bool:
+    stored = int.from_bytes(data[pos + 8 + length : pos + 12 + length], "big")
+    return zlib.crc32(data[pos + 4 : pos + 8 + length]) == stored

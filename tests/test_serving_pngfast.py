@@ -1,0 +1,149 @@
+"""The libspng PNG path (serving.pngfast): taken only where it gives Pillow's exact tensor."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from serving import pngfast
+from serving.errors import ImageTooLarge, InvalidImage
+from serving.images import Preprocessor, decode_image
+
+GRAY = Preprocessor(channels=1, height=28, width=28, mean=(0.5,), std=(0.25,))
+RGB = Preprocessor(channels=3, height=32, width=32, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+LIMIT = 4096 * 4096
+
+
+def png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], len(mode))
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def pillow_tensor(pre: Preprocessor, data: bytes) -> np.ndarray:
+    return pre.to_tensor(decode_image(data, pre.max_pixels))
+
+
+def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        out.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def build(parts: list[tuple[bytes, bytes]]) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunk(kind, body) for kind, body in parts)
+
+
+PLAIN = [
+    ("gray noise, exact size", GRAY, noise("L", (28, 28)), {}),
+    ("gray, uncompressed", GRAY, noise("L", (28, 28), 1), {"compress_level": 0}),
+    ("gray, best compression", GRAY, noise("L", (28, 28), 2), {"compress_level": 9}),
+    ("rgb noise, exact size", RGB, noise("RGB", (32, 32)), {}),
+    ("rgb with dpi and an ICC profile", RGB, noise("RGB", (32, 32), 3), {"dpi": (72, 72), "icc_profile": b"x" * 200}),
+    ("rgb to a gray model", GRAY, noise("RGB", (28, 28), 4), {}),
+    ("gray to an rgb model", RGB, noise("L", (32, 32), 5), {}),
+    ("rgb, another size", RGB, noise("RGB", (50, 41), 6), {}),
+    ("gray, another size", GRAY, noise("L", (17, 90), 7), {}),
+]
+
+
+@pytest.mark.parametrize("name, pre, image, kw", PLAIN, ids=[p[0] for p in PLAIN])
+def test_plain_pngs_take_the_fast_path_and_give_pillows_tensor(name, pre, image, kw):
+    data = png(image, **kw)
+    assert pngfast.decode(data, LIMIT) is not None, "a plain 8-bit PNG should not need Pillow"
+    fast = pre(data)
+    assert fast.dtype == np.float32 and fast.flags.c_contiguous
+    assert np.array_equal(fast, pillow_tensor(pre, data))
+
+
+def test_fast_pixels_are_pillows_pixels():
+    for mode in ("L", "RGB"):
+        image = noise(mode, (33, 19), 8)
+        assert np.array_equal(pngfast.decode(png(image), LIMIT), np.asarray(image))
+
+
+def exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    return png(noise("L", (28, 20), 9), exif=exif.tobytes())
+
+
+def with_text(key: str, value: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, value)
+    return png(noise("RGB", (32, 32), 10), pnginfo=info)
+
+
+OTHERS = {
+    "palette": png(noise("RGB", (32, 32), 11).convert("P")),
+    "rgba": png(noise("RGBA", (32, 32), 12)),
+    "gray + alpha": png(noise("LA", (32, 32), 13)),
+    "rgb with a transparent colour (tRNS)": png(noise("RGB", (32, 32), 14), transparency=(0, 0, 0)),
+    "16-bit gray": png(Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16))),
+    "1-bit": png(noise("L", (32, 32), 15).convert("1")),
+    "EXIF orientation (eXIf)": exif_rotated(),
+    "text chunk (could be an EXIF or XMP profile)": with_text("Raw profile type exif", "exif\n 0\n"),
+    "animated (acTL)": png(
+        noise("RGB", (32, 32), 16), save_all=True, append_images=[noise("RGB", (32, 32), 17)], duration=10
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_other_pngs_go_to_pillow_and_still_decode(name):
+    data = OTHERS[name]
+    assert pngfast.decode(data, LIMIT) is None
+    assert np.array_equal(RGB(data), pillow_tensor(RGB, data))
+
+
+def test_exif_orientation_still_applies():
+    # Stored 28 wide and 20 high; orientation 6 displays it 20 wide and 28 high.
+    upright = Preprocessor(channels=1, height=28, width=20, mean=(0.5,), std=(0.25,))
+    x = upright(exif_rotated())
+    stored = np.asarray(noise("L", (28, 20), 9), dtype=np.float32)
+    assert np.array_equal(x[0], upright._normalize(np.rot90(stored, k=-1))[0])
+
+
+def test_corrupt_pngs_fall_back_to_pillows_errors():
+    good = png(noise("RGB", (32, 32), 18))
+    parts = chunks(good)
+    # A damaged header checksum: Pillow refuses the file, so the fast path must not accept it.
+    bad_crc = bytearray(good)
+    bad_crc[8 + 4 + 4 + 13] ^= 0xFF
+    # Image data that is not a zlib stream, with a correct checksum: libspng fails, Pillow words it.
+    bad_idat = build([(k, b"not zlib at all" if k == b"IDAT" else v) for k, v in parts])
+    # Too few rows in the image data.
+    short = build([(k, zlib.compress(zlib.decompress(v)[:500]) if k == b"IDAT" else v) for k, v in parts])
+    for data in (bytes(bad_crc), bad_idat, short, good[: len(good) // 2]):
+        assert pngfast.decode(data, LIMIT) is None
+        with pytest.raises(InvalidImage):
+            RGB(data)
+    # Without IEND the fast path stops; Pillow accepts such files, and still does.
+    assert pngfast.decode(good[:-12], LIMIT) is None
+    assert np.array_equal(RGB(good[:-12]), RGB(good))
+
+
+def test_pixel_limit_holds_on_the_fast_path():
+    data = png(noise("L", (64, 64), 19))
+    assert pngfast.decode(data, 64 * 64) is not None
+    assert pngfast.decode(data, 64 * 64 - 1) is None
+    small = Preprocessor(channels=1, height=28, width=28, mean=(0.5,), std=(0.25,), max_pixels=1000)
+    with pytest.raises(ImageTooLarge):
+        small(data)
