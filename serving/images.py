@@ -19,6 +19,10 @@ normalize with mean/std, and lay out as float32 C×H×W.
 
 Decompression bombs: the pixel count is read from the header and checked against
 ``max_pixels`` before any pixel data is decoded.
+
+Plain 8-bit gray or RGB PNGs (the usual request) are decoded by libspng in one call
+(:mod:`serving.pngfast`), giving Pillow's exact pixels; every other image, and every
+error, goes through Pillow.
 """
 
 from __future__ import annotations
