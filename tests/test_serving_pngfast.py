@@ -147,3 +147,12 @@ def test_pixel_limit_holds_on_the_fast_path():
     small = Preprocessor(channels=1, height=28, width=28, mean=(0.5,), std=(0.25,), max_pixels=1000)
     with pytest.raises(ImageTooLarge):
         small(data)
+
+
+def test_without_libspng_every_png_goes_to_pillow(monkeypatch):
+    # A platform without a pyspng wheel still serves, through Pillow, with the same tensors.
+    data = png(noise("RGB", (32, 32), 20))
+    expected = RGB(data)
+    monkeypatch.setattr(pngfast, "pyspng", None)
+    assert pngfast.decode(data, LIMIT) is None
+    assert np.array_equal(RGB(data), expected)
