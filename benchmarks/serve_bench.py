@@ -275,6 +275,17 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 flush=True,
             )
         for r in range(args.rounds):
+            if r and args.fresh_servers:
+                # Every round on new server processes: one process's one-connection p50 carries a
+                # factor of its own (three servers of the same code: +0.62, +0.98 and +1.07 ms, each
+                # consistent over its rounds; docs/request-path-profile.md, seventh session), which
+                # medians over rounds of the same processes would keep instead of averaging out.
+                for server in servers:
+                    server.stop()
+                servers = start_servers(model_dir, variants, workdir, args.providers)
+                for server in servers:
+                    with server.running():
+                        run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
             for case, exit_number, c in cases:
                 batch = c
                 # Both raw timings back to back, their order alternating by round, so that neither
@@ -304,6 +315,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         "connections": conns,
         "rounds": args.rounds,
         "seconds": args.seconds,
+        "fresh_servers_each_round": args.fresh_servers,
         "lone_requests": how_lone,
         "idle_cpu_share_of_a_core": idle_cpu,
         "cases": {},
@@ -418,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="alternating server/raw rounds (medians reported)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument(
+        "--fresh-servers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start every variant's server anew for each saturation/overhead round (a process's p50 has a "
+        "factor of its own; ~25 s per server and round on the full-width export)",
+    )
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw ORT timing")
     parser.add_argument("--images", type=int, default=2000, help="test images for cascade efficiency")
     parser.add_argument(
