@@ -24,5 +24,8 @@ def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
     Ties keep the lower class index first, so answers are deterministic.
     """
     k = max(1, min(int(k), probs.shape[-1]))
+    if k == 1:  # argmax takes the first of equal maxima, as the stable sort below does
+        best = int(probs.argmax())
+        return [(best, float(probs[best]))]
     order = np.argsort(-probs, kind="stable")[:k]
-    return [(int(i), float(probs[i])) for i in order]
+    return list(zip(order.tolist(), probs[order].tolist()))

@@ -206,6 +206,20 @@ def test_signed_claims_are_plain_json_for_any_model_name(model):
     assert signer.issue(model, 3, 1, now=1733030000.4567) != token  # a fresh nonce every time
 
 
+def test_nonces_are_unique_per_server_and_differ_between_servers():
+    # Feedback is counted once per nonce, so two answers must never share one; replicas sharing
+    # the secret must not issue the same sequence either.
+    def nonces(signer, n):
+        return [
+            json.loads(base64.urlsafe_b64decode(signer.issue("m", 1, 0).split(".")[1] + "=="))["n"] for _ in range(n)
+        ]
+
+    one, other = AnswerSigner(SECRET.encode(), max_age_s=60), AnswerSigner(SECRET.encode(), max_age_s=60)
+    first, second = nonces(one, 5000), nonces(other, 5000)
+    assert len(set(first)) == 5000 and all(len(n) == 16 for n in first)
+    assert not set(first) & set(second)
+
+
 def test_a_short_secret_is_refused_at_start(model_dir):
     env = {**os.environ, "EED_FEEDBACK_SECRET": "short", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(
