@@ -255,12 +255,17 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     }
     servers = start_servers(model_dir, variants, workdir, args.providers)
     how_lone, idle_cpu = {}, {}
+
+    def warm(server) -> None:  # HTTP paths and batch sizes, before anything is measured
+        run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
+
     try:
         for server in servers:
             # Only the server being measured runs; the others are frozen (Server.pause), as they
             # are during the raw runs: an idle server's probes and spinning threads take CPU.
+            # (With fresh servers, lone_requests and the idle share describe the first round's.)
             with server.running():
-                run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)  # warm HTTP, batch sizes
+                warm(server)
                 # How a request alone on that server runs (its load-time choices, from its own
                 # timings): the one-connection figure depends on them.
                 info = server.get_json("/v1/model")
@@ -285,7 +290,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 servers = start_servers(model_dir, variants, workdir, args.providers)
                 for server in servers:
                     with server.running():
-                        run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
+                        warm(server)
             for case, exit_number, c in cases:
                 batch = c
                 # Both raw timings back to back, their order alternating by round, so that neither

@@ -123,11 +123,11 @@ class Preprocessor:
         """Decode ``data`` and return the model input, float32 of shape (C, H, W)."""
         pixels = pngfast.decode(data, self._fast_png_pixels)
         if pixels is not None:
-            return self.pixels_to_tensor(pixels)
+            return self._pixels_to_tensor(pixels)
         image = decode_image(data, self.max_pixels, content_type, draft_size=self._draft_size())
         return self.to_tensor(image)
 
-    def pixels_to_tensor(self, pixels: np.ndarray) -> np.ndarray:
+    def _pixels_to_tensor(self, pixels: np.ndarray) -> np.ndarray:
         """The model input from decoded 8-bit gray (H, W) or RGB (H, W, 3) pixels."""
         height, width = pixels.shape[:2]
         if pixels.ndim == (2 if self.channels == 1 else 3) and (height, width) == (self.height, self.width):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -150,9 +152,16 @@ def test_pixel_limit_holds_on_the_fast_path():
 
 
 def test_without_libspng_every_png_goes_to_pillow(monkeypatch):
-    # A platform without a pyspng wheel still serves, through Pillow, with the same tensors.
+    # A platform without a pyspng wheel: the module still imports, and every PNG is served through
+    # Pillow with the same tensors.
     data = png(noise("RGB", (32, 32), 20))
     expected = RGB(data)
-    monkeypatch.setattr(pngfast, "pyspng", None)
-    assert pngfast.decode(data, LIMIT) is None
-    assert np.array_equal(RGB(data), expected)
+    monkeypatch.setitem(sys.modules, "pyspng", None)  # `import pyspng` now raises ImportError
+    without = importlib.reload(pngfast)
+    try:
+        assert without.pyspng is None and without.decode(data, LIMIT) is None
+        assert np.array_equal(RGB(data), expected)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(pngfast)
+    assert pngfast.decode(data, LIMIT) is not None
