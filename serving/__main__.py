@@ -20,6 +20,7 @@ from .drain import SHUTDOWN_TIMEOUT_S, DrainingServer
 from .manifest import ManifestError, load_manifest
 from .requestlog import configure_logging
 from .settings import ServerSettings
+from .transport import http_protocol
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
+        http=http_protocol(),  # a response's head and body in one socket write (serving/transport.py)
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         **log_config,
     )

@@ -199,11 +199,18 @@ class GraphWorker:
         finally:
             self.running.remove(entry)
         run_s = time.perf_counter() - entry[1]
+        if self._on_batch or self._on_item:
+            # After the answer is written (the request does not yield to the loop on its way
+            # there): nobody waits for the metrics and the time model, and anything that reads
+            # them later — the next request included — runs after this.
+            asyncio.get_running_loop().call_soon(self._after_lone_run, run_s)
+        return tuple(output[0] for output in outputs)
+
+    def _after_lone_run(self, run_s: float) -> None:
         if self._on_batch:
             self._on_batch(1, 0.0, run_s, 1)
         if self._on_item:
             self._on_item(run_s)
-        return tuple(output[0] for output in outputs)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -231,6 +231,7 @@ def test_a_lone_request_runs_inline_and_requests_arriving_together_are_batched()
             worker.lone = LoneRun(alone_run, alone=lambda: admitted["n"] <= 1 and not worker.running, inline=True)
             worker.start()
             first = await request(worker, 1)
+            await asyncio.sleep(0)  # its metrics are written on the loop's next turn, after its answer
             inline = threads == [loop_thread] and lone_sizes == [1] and batch_sizes == [1]
             threads.clear()
             # Ten requests admitted in one loop turn: none may decide it is alone.
