@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from .errors import BadRequest, BodyTimeout, PayloadTooLarge, UnsupportedMediaType
 from .images import ACCEPTED_CONTENT_TYPES, ACCEPTED_DESCRIPTION
@@ -73,27 +73,42 @@ async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str 
 
 async def read_limited(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes ``max_bytes``."""
-    too_large = PayloadTooLarge(
-        f"request body is larger than the limit of {max_bytes} bytes; send a smaller image "
-        "(the model resizes it anyway)",
-        max_bytes=max_bytes,
-    )
+
+    def too_large() -> PayloadTooLarge:  # made only when raised: every request passes here
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {max_bytes} bytes; send a smaller image "
+            "(the model resizes it anyway)",
+            max_bytes=max_bytes,
+        )
+
     length = request.headers.get("content-length")
     if length is not None:
         try:
             if int(length) > max_bytes:
-                raise too_large
+                raise too_large()
         except ValueError:
             raise BadRequest(f"Content-Length {length!r} is not a number") from None
-    chunks = bytearray()
-    try:
-        async for chunk in request.stream():
-            chunks += chunk
-            if len(chunks) > max_bytes:
-                raise too_large
-    except ClientDisconnect:
-        raise BadRequest("client disconnected before the body was complete") from None
-    return bytes(chunks)
+    # The server's ASGI messages as they come, not Starlette's stream generator: a small upload
+    # has usually arrived whole when the handler runs, and then one receive() returns all of it,
+    # with no generator to step through and no copy.
+    chunks: bytearray | None = None
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("client disconnected before the body was complete")
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if chunks is None:
+            if not more:
+                if len(chunk) > max_bytes:
+                    raise too_large()
+                return bytes(chunk)  # the same object when it is bytes already
+            chunks = bytearray()
+        chunks += chunk
+        if len(chunks) > max_bytes:
+            raise too_large()
+        if not more:
+            return bytes(chunks)
 
 
 async def _multipart_file(request: Request, body: bytes, max_bytes: int) -> tuple[bytes, str | None]:
