@@ -40,8 +40,8 @@ class CoalescingTransport:
         if held is not None:
             self._held = None
             self._transport.write(held + data)
-        elif data.startswith(_HEAD_START) and data.endswith(_HEAD_END):
-            self._held = bytes(data)
+        elif type(data) is bytes and data.startswith(_HEAD_START) and data.endswith(_HEAD_END):
+            self._held = data
             self._loop.call_soon(self.flush)
         else:
             self._transport.write(data)

@@ -198,6 +198,9 @@ def test_only_heads_wait_and_never_past_a_close_or_the_next_turn():
         t = CoalescingTransport(rec, loop)  # type: ignore[arg-type]
         head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
         t.write(b"raw bytes")  # not a head: straight through
+        t.write(memoryview(b"HTTP/1.1 204 No Content\r\n\r\n"))  # only bytes are held
+        assert len(rec.writes) == 2
+        rec.writes.pop()
         t.write(head)
         t.write(b"ok")
         assert rec.writes == [b"raw bytes", head + b"ok"]
