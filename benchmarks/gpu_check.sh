@@ -69,7 +69,7 @@ if [[ "$MODE" == "--cpu-smoke" ]]; then
     DEVICE=cpu PROVIDERS=cpu
     TRAIN_ARGS=(--width-mult 0.25 --steps 1 --warmup 1 --batch-size 16 --ref-workers 0 --no-amp)
     SERVE_ARGS=(--model exported/fmnist-resnet18-eed --cascade-model exported/fmnist-resnet18-eed --rounds 1
-                --seconds 1 --raw-seconds 0.2 --images 40 --connections 4)
+                --seconds 1 --raw-seconds 0.2 --overhead-slices 2 --slice-seconds 0.2 --images 40 --connections 4)
     EXPORT=0
 else
     DEVICE=cuda PROVIDERS=cuda

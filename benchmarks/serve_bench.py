@@ -6,7 +6,9 @@ One command measures the three request-path targets (issue 13):
    generator that costs the server little CPU) against raw ONNX Runtime samples/s at
    batch 32, in this process, at the main exit and at exit 1.
 2. **Single-request overhead** — the server's p50 latency with one connection against
-   raw ORT's p50 at batch 1, at the main exit.
+   raw ORT's p50 at batch 1, at the main exit: in each round, short raw and server runs
+   alternate (``--overhead-slices``) and the round's overhead is the median of each
+   server slice's p50 minus the raw p50 timed beside it.
 3. **Cascade efficiency** (``serve_cascade.py``) — sequential requests over real test images, once with
    ``?exit=<main>`` and once as a confidence cascade: the share of inference time the
    cascade saves (mean ``inference_ms`` of the answers) against the share of GFLOPs it
@@ -226,6 +228,44 @@ def measured_load(server: Server, path: str, connections: int, seconds: float, b
     return served
 
 
+RAW_KEYS = {"default": "raw_default", "server": "raw_server_options"}
+
+
+def overhead_in_slices(raw, servers, exit_number: int, path: str, body: Path, args, r: int) -> dict[str, dict]:
+    """One round of the one-connection case in ``args.overhead_slices`` short slices: raw ORT at
+    batch 1 both ways, then each server, in turn. The overhead of the round is the median over
+    slices of each slice's server p50 minus the raw p50 timed next to it: a stall of the host that
+    lasts seconds (seen here: raw batch 1 at half speed for a few seconds) skews one slice, not
+    the round, which one long raw block and one long server block could not tell from a gap.
+    Returns one sample per raw option and per server, medians over the slices, the server's with
+    its per-slice overheads."""
+    seconds = args.slice_seconds
+    raws: dict[str, list[dict]] = {key: [] for key in RAW_KEYS.values()}
+    served: dict[str, list[dict]] = {server.name: [] for server in servers}
+    for j in range(args.overhead_slices):
+        flip = (r + j) % 2 == 1
+        for options in ("server", "default") if flip else ("default", "server"):
+            raws[RAW_KEYS[options]].append(raw.time(options, exit_number, 1, seconds))
+        for server in servers[::-1] if flip else servers:
+            served[server.name].append(measured_load(server, path, 1, seconds, body))
+
+    def medians(runs: list[dict]) -> dict:
+        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and all(k in run for run in runs)]
+        return {k: float(np.median([run[k] for run in runs])) for k in keys}
+
+    out = {key: medians(runs) for key, runs in raws.items()}
+    for name, runs in served.items():
+        sample = medians(runs)
+        sample["requests"] = int(sum(run["requests"] for run in runs))
+        sample["errors"] = int(sum(run["errors"] for run in runs))
+        for key in RAW_KEYS.values():
+            pairs = [run["p50_ms"] - timed["p50_ms"] for run, timed in zip(runs, raws[key])]
+            sample[f"p50_overhead_ms_vs_{key}"] = float(np.median(pairs))
+            sample[f"p50_overhead_ms_vs_{key}_per_slice"] = [round(p, 4) for p in pairs]
+        out[name] = sample
+    return out
+
+
 def idle_cpu_share(server: Server, seconds: float = 4.0) -> float | None:
     """Share of one core ``server`` uses with no requests (latency probes, ORT's spinning after them)."""
     time.sleep(1.0)  # past the spinning after the last answer
@@ -292,15 +332,18 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                     with server.running():
                         warm(server)
             for case, exit_number, c in cases:
-                batch = c
-                # Both raw timings back to back, their order alternating by round, so that neither
-                # is always the one timed next to the servers' runs.
-                for options in ("default", "server") if r % 2 == 0 else ("server", "default"):
-                    key = "raw_default" if options == "default" else "raw_server_options"
-                    samples[case][key].append(raw.time(options, exit_number, batch, args.raw_seconds))
-                for server in servers if r % 2 == 0 else servers[::-1]:
-                    path = f"/classify?exit={exit_number}&top_k=1"
-                    samples[case][server.name].append(measured_load(server, path, c, args.seconds, body))
+                path = f"/classify?exit={exit_number}&top_k=1"
+                if c == 1 and args.overhead_slices > 1:
+                    for name, sample in overhead_in_slices(raw, servers, exit_number, path, body, args, r).items():
+                        samples[case][name].append(sample)
+                else:
+                    # Both raw timings back to back, their order alternating by round, so that neither
+                    # is always the one timed next to the servers' runs.
+                    for options in ("default", "server") if r % 2 == 0 else ("server", "default"):
+                        key = RAW_KEYS[options]
+                        samples[case][key].append(raw.time(options, exit_number, c, args.raw_seconds))
+                    for server in servers if r % 2 == 0 else servers[::-1]:
+                        samples[case][server.name].append(measured_load(server, path, c, args.seconds, body))
                 print(
                     f"  round {r + 1} {case}: "
                     + ", ".join(f"{name} {_fmt(v[-1])}" for name, v in samples[case].items()),
@@ -353,6 +396,9 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
             if case.startswith("saturation"):
                 served["ratio_vs_raw_default"] = served["rps"] / entry["raw_default"]["sps"]
                 served["ratio_vs_raw_server_options"] = served["rps"] / entry["raw_server_options"]["sps"]
+            elif all("p50_overhead_ms_vs_raw_default" in v for v in s[name]):  # paired slices
+                for key in ("p50_overhead_ms_vs_raw_default", "p50_overhead_ms_vs_raw_server_options"):
+                    served[key] = med(s[name], key)
             else:
                 served["p50_overhead_ms_vs_raw_default"] = served["p50_ms"] - entry["raw_default"]["p50_ms"]
                 served["p50_overhead_ms_vs_raw_server_options"] = (
@@ -368,6 +414,8 @@ def _fmt(v: dict) -> str:
         cpu = f" loop CPU {v['loop_cpu_ms_per_request']:.3f} ms/req" if "loop_cpu_ms_per_request" in v else ""
         if v.get("machine_idle_share") is not None:
             cpu += f", machine idle {100 * v['machine_idle_share']:.0f} %"
+        if "p50_overhead_ms_vs_raw_default" in v:
+            cpu += f", overhead {v['p50_overhead_ms_vs_raw_default']:+.2f} ms (median of paired slices)"
         return f"{v['rps']:.1f} req/s p50 {v['p50_ms']:.2f} ms{cpu}"
     return f"{v['sps']:.1f} img/s p50 {v['p50_ms']:.2f} ms"
 
@@ -443,6 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         "factor of its own; ~25 s per server and round on the full-width export)",
     )
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw ORT timing")
+    parser.add_argument(
+        "--overhead-slices",
+        type=int,
+        default=5,
+        help="the one-connection case in this many alternating raw/server slices per round, the overhead "
+        "the median of the slices' differences (1: one raw block and one server block, as before)",
+    )
+    parser.add_argument("--slice-seconds", type=float, default=1.0, help="seconds per slice (wrk takes whole seconds)")
     parser.add_argument("--images", type=int, default=2000, help="test images for cascade efficiency")
     parser.add_argument(
         "--full-width-images",

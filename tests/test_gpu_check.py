@@ -41,6 +41,9 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     assert isinstance(serve["throughput"]["lone_requests"]["server"]["on_event_loop"], list)
     for case in cases.values():
         assert 0 <= case["servers"]["server"]["machine_idle_share"] <= 1
+    # The one-connection case in paired slices: each slice's overhead against the raw run beside it.
+    (one_round,) = cases["overhead_main"]["servers"]["server"]["runs"]
+    assert len(one_round["p50_overhead_ms_vs_raw_default_per_slice"]) == 2
     assert serve["throughput"]["idle_cpu_share_of_a_core"]["server"] >= 0  # what an idle server burns
     assert len(serve["summary"]) == 2
 
