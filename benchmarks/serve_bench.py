@@ -295,6 +295,10 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     }
     servers = start_servers(model_dir, variants, workdir, args.providers)
     how_lone, idle_cpu = {}, {}
+    lone_per_round: dict[str, list] = {}  # each round's processes decide for themselves at load
+
+    def lone_on_loop(server) -> list | None:
+        return server.get_json("/v1/model").get("batching", {}).get("lone_on_event_loop")
 
     def warm(server) -> None:  # HTTP paths and batch sizes, before anything is measured
         run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
@@ -313,6 +317,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                     "sessions": info.get("lone_requests"),
                     "on_event_loop": info.get("batching", {}).get("lone_on_event_loop"),
                 }
+                lone_per_round[server.name] = [how_lone[server.name]["on_event_loop"]]
                 idle_cpu[server.name] = idle_cpu_share(server)
             print(
                 f"  {server.name}: lone requests on {how_lone[server.name]}; idle, "
@@ -331,6 +336,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 for server in servers:
                     with server.running():
                         warm(server)
+                        lone_per_round[server.name].append(lone_on_loop(server))
             for case, exit_number, c in cases:
                 path = f"/classify?exit={exit_number}&top_k=1"
                 if c == 1 and args.overhead_slices > 1:
@@ -365,6 +371,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         "seconds": args.seconds,
         "fresh_servers_each_round": args.fresh_servers,
         "lone_requests": how_lone,
+        "lone_on_event_loop_per_round": lone_per_round,
         "idle_cpu_share_of_a_core": idle_cpu,
         "cases": {},
     }

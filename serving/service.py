@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -196,15 +195,16 @@ class InferenceService:
         # event loop as ORT's calling thread measured 0.10–0.19 ms faster at one connection
         # (docs/request-path-profile.md, sixth session; the third measured the opposite beside
         # idle servers that were not frozen).
-        # Judged by the median of the graph's lone calibration runs, not by the fitted estimate (a
-        # mean): one slow run of ten — a busy neighbour on a VM — took the full-width main exit's
-        # mean past 10 ms in one server of a benchmark run (6.6 ms typical), and that process's
-        # lone requests paid the thread hand-off for its whole life.
+        # Judged by the graph's fastest lone calibration run — its own cost; a stall of the host
+        # only adds to it — not by the fitted estimate (a mean): one slow run of ten took the
+        # full-width main exit's mean past 10 ms in one server of a benchmark run (6.6 ms typical),
+        # and in another a stall of the host slowed most of the ten (the median too), and that
+        # process's lone requests paid the thread hand-off for its whole life.
         for worker in self._all_workers:
             assert worker.lone is not None
             alone = [seconds for batch, seconds in timings.get(worker.name, ()) if batch == 1]
-            typical = statistics.median(alone) if alone else self.service_models[worker.name].estimate(1)
-            worker.lone.inline = typical * 1e3 <= self._inline_max_ms
+            own = min(alone) if alone else self.service_models[worker.name].estimate(1)
+            worker.lone.inline = own * 1e3 <= self._inline_max_ms
         self.publish_estimates()
 
     def lone_on_event_loop(self) -> list[str]:
