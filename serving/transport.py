@@ -3,9 +3,10 @@
 uvicorn writes a response's status line and headers (ASGI ``http.response.start``) and its
 body (``http.response.body``) with a ``transport.write`` each: two ``send`` system calls,
 two TCP segments and two wake-ups of the client for every answer. On loopback a ``send``
-runs the whole TCP path and the reader's wake-up in the sender's context: with the full-width
-export at exit 1 and 32 connections, uvicorn's ``send`` took ~70 µs of the event loop's CPU
-per answer (``cProfile`` on a thread-CPU clock), a fifth of the loop's CPU per answer.
+runs the whole TCP path and the reader's wake-up in the sender's context: uvicorn's ``send``
+was the largest single item of the event loop's CPU at saturation (``cProfile`` on a
+thread-CPU clock). One write instead: loop CPU per answer 0.30–0.34 → 0.28–0.29 ms and
+main-exit saturation 0.88x → 0.91x in one A/B (docs/request-path-profile.md, eighth session).
 
 :class:`CoalescingTransport` holds a response head back until the next write (the body,
 which Starlette's responses send right after it, without yielding to the event loop) and
