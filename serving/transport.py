@@ -72,7 +72,8 @@ def coalescing(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
 
     class Coalescing(protocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(CoalescingTransport(transport, self.loop))
+            # connection_made runs on the event loop: no need for the protocol's own loop attribute.
+            super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop()))
 
     Coalescing.__name__ = Coalescing.__qualname__ = f"Coalescing{protocol.__name__}"
     return Coalescing
