@@ -4,6 +4,7 @@ real PNG/JPEG-encoded images, answers checked against what the fixture model imp
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import socket
@@ -477,6 +478,33 @@ def test_oversized_body_is_413(small_server):
         r = c.post("/classify", content=chunks(), headers={"Content-Type": "image/png"})
         assert r.status_code == 413
         assert c.get("/healthz").status_code == 200
+
+
+def test_an_image_sent_in_pieces_gets_the_same_answer(small_server):
+    # Half the body, a pause, then the rest: the server reads it as two ASGI messages and joins
+    # them (serving/body.py); a small body sent at once comes as one. The same bytes, the same answer.
+    data = png(5)
+    with httpx.Client(base_url=small_server.url, timeout=30) as c:
+        whole = classify(c, data, exit=2).json()
+    port = int(small_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            b"POST /classify?exit=2 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data[: len(data) // 2]
+        )
+        time.sleep(0.3)  # the handler is waiting for the rest by now
+        sock.sendall(data[len(data) // 2 :])
+        sock.settimeout(30)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply
+    answer = json.loads(body)
+    assert (answer["label"], answer["probability"]) == (whole["label"], whole["probability"])
 
 
 def test_too_many_pixels_is_413(small_server):
