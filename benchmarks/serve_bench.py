@@ -297,8 +297,12 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     how_lone, idle_cpu = {}, {}
     lone_per_round: dict[str, list] = {}  # each round's processes decide for themselves at load
 
-    def lone_on_loop(server) -> list | None:
-        return server.get_json("/v1/model").get("batching", {}).get("lone_on_event_loop")
+    def how_lone_requests_run(server) -> dict:  # the server's load-time choices, from its own timings
+        info = server.get_json("/v1/model")
+        return {
+            "sessions": info.get("lone_requests"),
+            "on_event_loop": info.get("batching", {}).get("lone_on_event_loop"),
+        }
 
     def warm(server) -> None:  # HTTP paths and batch sizes, before anything is measured
         run_load(server.url, f"/classify?exit={k}&top_k=1", conns, 1.0, body)
@@ -312,11 +316,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 warm(server)
                 # How a request alone on that server runs (its load-time choices, from its own
                 # timings): the one-connection figure depends on them.
-                info = server.get_json("/v1/model")
-                how_lone[server.name] = {
-                    "sessions": info.get("lone_requests"),
-                    "on_event_loop": info.get("batching", {}).get("lone_on_event_loop"),
-                }
+                how_lone[server.name] = how_lone_requests_run(server)
                 lone_per_round[server.name] = [how_lone[server.name]["on_event_loop"]]
                 idle_cpu[server.name] = idle_cpu_share(server)
             print(
@@ -336,7 +336,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 for server in servers:
                     with server.running():
                         warm(server)
-                        lone_per_round[server.name].append(lone_on_loop(server))
+                        lone_per_round[server.name].append(how_lone_requests_run(server)["on_event_loop"])
             for case, exit_number, c in cases:
                 path = f"/classify?exit={exit_number}&top_k=1"
                 if c == 1 and args.overhead_slices > 1:

@@ -96,6 +96,7 @@ IMAGE_BODY = {
 async def classify(request: Request) -> Response:
     """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
     arrived = time.perf_counter()
+    loop = asyncio.get_running_loop()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     settings, metrics = state.settings, state.metrics
     remembered = state.parsed_queries.get(request.scope["query_string"])
@@ -124,7 +125,7 @@ async def classify(request: Request) -> Response:
         # The metrics after the answer is written: nothing between here and the socket write
         # yields to the event loop, so the loop runs them right after it, before any later
         # request (a scrape included). A lone request's p50 no longer carries them.
-        asyncio.get_running_loop().call_soon(metrics.record_answer, outcome, policy_label, elapsed)
+        loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)
         body = _answer(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
         # JSONResponse's bytes from one encoder made once: json.dumps with options builds a new
         # JSONEncoder per call. X-Request-ID, the correlation id: serving/requestlog.py.
@@ -136,7 +137,7 @@ async def classify(request: Request) -> Response:
         status = 499  # the client went away (nginx's convention); not a server error
         raise
     finally:
-        asyncio.get_running_loop().call_soon(metrics.count_request, exit_label, policy_label, str(status))
+        loop.call_soon(metrics.count_request, exit_label, policy_label, str(status))
         request.state.policy, request.state.exit = policy_label, exit_label  # for the request log
 
 
