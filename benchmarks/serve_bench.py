@@ -68,6 +68,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_bench.json"
 FULL_WIDTH = ROOT / "runs" / "bench" / "resnet18-cifar100"
 SHIPPED = ROOT / "exported" / "fmnist-resnet18-eed"
 TARGETS = {"saturation_main": 0.95, "saturation_exit1": 0.85, "overhead_p50_ms": 0.5, "cascade_efficiency": 0.8}
+# The reference server (benchmarks/least_server.py): what a Python server of this shape gets on this host.
+LEAST = "least_server"
 
 # ------------------------------------------------------------------------------------------
 # Load: wrk, or a Python closed-loop generator in its own process when wrk is missing
@@ -290,10 +292,26 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     body.write_bytes(png(rng.integers(0, 256, shape, dtype=np.uint8)))
     conns = args.connections
     cases = [("saturation_main", k, conns), ("saturation_exit1", 1, conns), ("overhead_main", k, 1)]
+    names = [*variants, *([LEAST] if args.least_server else [])]
     samples: dict = {
-        case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in variants}} for case, _, _ in cases
+        case: {"raw_default": [], "raw_server_options": [], **{v: [] for v in names}} for case, _, _ in cases
     }
-    servers = start_servers(model_dir, variants, workdir, args.providers)
+
+    def start_all() -> list[Server]:
+        servers = start_servers(model_dir, variants, workdir, args.providers)
+        if args.least_server:  # measured like the others, in the same rounds
+            least = Server(model_dir, [], workdir, name=LEAST, module="benchmarks.least_server")
+            servers.append(least)
+            try:
+                least.wait_ready()
+            except Exception:
+                for server in servers:
+                    server.stop()
+                raise
+            least.pause()
+        return servers
+
+    servers = start_all()
     how_lone, idle_cpu = {}, {}
     lone_per_round: dict[str, list] = {}  # each round's processes decide for themselves at load
 
@@ -332,7 +350,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 # medians over rounds of the same processes would keep instead of averaging out.
                 for server in servers:
                     server.stop()
-                servers = start_servers(model_dir, variants, workdir, args.providers)
+                servers = start_all()
                 for server in servers:
                     with server.running():
                         warm(server)
@@ -370,6 +388,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
         "rounds": args.rounds,
         "seconds": args.seconds,
         "fresh_servers_each_round": args.fresh_servers,
+        "least_server": args.least_server,
         "lone_requests": how_lone,
         "lone_on_event_loop_per_round": lone_per_round,
         "idle_cpu_share_of_a_core": idle_cpu,
@@ -386,7 +405,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
             },
             "servers": {},
         }
-        for name in variants:
+        for name in names:
             served = {
                 "rps": med(s[name], "rps"),
                 "p50_ms": med(s[name], "p50_ms"),
@@ -403,8 +422,8 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 # Each round's server against the raw runs timed beside it, then the median over rounds:
                 # a raw block that a host stall slowed (seen: 138 against 194-202 img/s) skews its round,
                 # where a ratio of the two medians would carry it into the result.
-                for key in RAW_KEYS.values():
-                    per_round = [v["rps"] / raw_run["sps"] for v, raw_run in zip(s[name], s[key])]
+                for key in [*RAW_KEYS.values(), *([LEAST] if args.least_server and name != LEAST else [])]:
+                    per_round = [v["rps"] / other[_rate(other)] for v, other in zip(s[name], s[key])]
                     served[f"ratio_vs_{key}"] = float(np.median(per_round))
                     served[f"ratio_vs_{key}_per_round"] = [round(x, 4) for x in per_round]
             else:
@@ -415,9 +434,19 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                     else:  # one block each per round: that round's difference
                         per_round = [v["p50_ms"] - raw_run["p50_ms"] for v, raw_run in zip(s[name], s[key])]
                         served[overhead] = float(np.median(per_round))
+                if args.least_server and name != LEAST:
+                    # The same connection's p50 over the reference server's, round by round.
+                    per_round = [v["p50_ms"] - least["p50_ms"] for v, least in zip(s[name], s[LEAST])]
+                    served["p50_ms_over_least_server"] = float(np.median(per_round))
+                    served["p50_ms_over_least_server_per_round"] = [round(x, 4) for x in per_round]
             entry["servers"][name] = served
         result["cases"][case] = entry
     return result
+
+
+def _rate(sample: dict) -> str:
+    """The rate key of a sample: a server's requests/s or raw ORT's samples/s."""
+    return "rps" if "rps" in sample else "sps"
 
 
 def _fmt(v: dict) -> str:
@@ -461,11 +490,22 @@ def summary(report: dict) -> list[str]:
             sat_main = t["cases"]["saturation_main"]["servers"][name]["ratio_vs_raw_default"]
             sat_one = t["cases"]["saturation_exit1"]["servers"][name]["ratio_vs_raw_default"]
             over = t["cases"]["overhead_main"]["servers"][name]["p50_overhead_ms_vs_raw_default"]
-            lines.append(
+            line = (
                 f"[{name}] saturation main {sat_main:.2f}x (>= {TARGETS['saturation_main']}), exit 1 "
                 f"{sat_one:.2f}x (>= {TARGETS['saturation_exit1']}), p50 overhead {over:+.2f} ms "
                 f"(<= {TARGETS['overhead_p50_ms']})"
             )
+            if name == LEAST:
+                line += " -- the reference server, not the product: what the host allows a server of this shape"
+            elif t.get("least_server"):
+                cases = t["cases"]
+                line += (
+                    f"; against the reference server in the same rounds: main "
+                    f"{cases['saturation_main']['servers'][name]['ratio_vs_least_server']:.2f}x, exit 1 "
+                    f"{cases['saturation_exit1']['servers'][name]['ratio_vs_least_server']:.2f}x, p50 "
+                    f"{cases['overhead_main']['servers'][name]['p50_ms_over_least_server']:+.2f} ms"
+                )
+            lines.append(line)
     for c in report.get("cascade", []):
         for name, v in c["variants"].items():
             lines.append(
@@ -502,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         "factor of its own; ~25 s per server and round on the full-width export)",
     )
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw ORT timing")
+    parser.add_argument(
+        "--least-server",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure the reference server (benchmarks/least_server.py: HTTP, decoding, batching, ORT, "
+        "JSON and nothing else) in the same rounds, and each server against it (default: on with --providers cpu)",
+    )
     parser.add_argument(
         "--overhead-slices",
         type=int,
@@ -540,6 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     variants = parse_variants(args.variant, args.variant_tree)
+    if args.least_server is None:
+        args.least_server = args.providers == "cpu"  # the reference server runs ORT on the CPU only
+    elif args.least_server and args.providers != "cpu":
+        parser.error("--least-server runs ORT on the CPU only; use it with --providers cpu")
+    if LEAST in variants:
+        parser.error(f"the variant name {LEAST!r} is the reference server's")
 
     from serving.runtime import SessionOptions
 

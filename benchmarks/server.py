@@ -31,7 +31,8 @@ def free_port() -> int:
 class Server:
     """``python -m serving --model-dir MODEL ARGS`` from ``tree`` (default: this checkout), its
     output in ``workdir/server-NAME-MODEL.log``; ``providers`` adds ``--providers`` (with the CPU
-    fallback only for ``auto``: a benchmark that asked for CUDA must not quietly measure the CPU)."""
+    fallback only for ``auto``: a benchmark that asked for CUDA must not quietly measure the CPU).
+    ``module``: another module that takes the same flags (``benchmarks.least_server``)."""
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class Server:
         name: str = "server",
         tree: Path = ROOT,
         providers: str | None = None,
+        module: str = "serving",
     ) -> None:
         self.name, self.tree = name, tree
         self.port = free_port()
@@ -52,7 +54,7 @@ class Server:
         self.cmd = [
             sys.executable,
             "-m",
-            "serving",
+            module,
             "--model-dir",
             str(model_dir.resolve()),
             "--host",

@@ -4,6 +4,7 @@ CPU while another server or raw ONNX Runtime is measured (its idle probes and OR
 from __future__ import annotations
 
 import http.client
+import json
 import time
 from pathlib import Path
 
@@ -49,3 +50,47 @@ def test_a_paused_server_takes_no_cpu_and_answers_again_once_resumed(tmp_path):
         started = time.monotonic()
         server.stop()  # resumes first: a frozen process would hold SIGTERM
     assert server.proc.returncode is not None and time.monotonic() - started < 15
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", path, body=body, headers={"Content-Type": "image/png"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_the_reference_server_answers_as_the_server_does(tmp_path):
+    # serve_bench reads the server against benchmarks/least_server.py; that only means something if
+    # the reference does the same work: the same decoding, graphs and answer for the same image.
+    images = [_png(seed) for seed in range(3)]
+    answers = {}
+    for name, module in (("server", "serving"), ("least", "benchmarks.least_server")):
+        server = Server(SHIPPED, [], tmp_path, name=name, module=module)
+        try:
+            server.wait_ready()
+            answers[name] = [
+                _post(server.port, f"/classify?exit={e}&top_k=1", image) for image in images for e in (1, 4)
+            ]
+            answers[name].append(_post(server.port, "/classify?exit=9", images[0])[0])
+            answers[name].append(_post(server.port, "/classify", b"not an image")[0])
+        finally:
+            server.stop()
+    *served, bad_exit, bad_image = answers["server"]
+    *least, least_bad_exit, least_bad_image = answers["least"]
+    assert all(status == 200 for status, _ in served + least)
+    assert [(a["exit"], a["label"]) for _, a in least] == [(a["exit"], a["label"]) for _, a in served]
+    for (_, a), (_, b) in zip(least, served):
+        assert abs(a["probability"] - b["probability"]) < 1e-5
+    assert (least_bad_exit, least_bad_image) == (422, 400) and (bad_exit, bad_image) == (422, 400)
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

@@ -45,7 +45,13 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     (one_round,) = cases["overhead_main"]["servers"]["server"]["runs"]
     assert len(one_round["p50_overhead_ms_vs_raw_default_per_slice"]) == 2
     assert serve["throughput"]["idle_cpu_share_of_a_core"]["server"] >= 0  # what an idle server burns
-    assert len(serve["summary"]) == 2
+    # The reference server (benchmarks/least_server.py) in the same rounds, and the server against it.
+    assert serve["throughput"]["least_server"] is True
+    for name in ("saturation_main", "saturation_exit1"):
+        assert cases[name]["servers"]["least_server"]["rps"] > 0
+        assert cases[name]["servers"]["server"]["ratio_vs_least_server"] > 0
+    assert "p50_ms_over_least_server" in cases["overhead_main"]["servers"]["server"]
+    assert len(serve["summary"]) == 3  # the server, the reference server, the cascade
 
 
 def test_a_failing_step_is_reported_and_fails_the_run(tmp_path):
