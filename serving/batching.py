@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -98,13 +99,34 @@ def _stack(inputs: list, pad_to: int | None = None) -> Any:
     return batch
 
 
+# How many of a graph's latest lone runs decide whether the next one runs on the event loop.
+LONE_RUNS_REMEMBERED = 16
+
+
 @dataclass
 class LoneRun:
-    """How a request that finds the server otherwise idle runs: past the queue, on its own."""
+    """How a request that finds the server otherwise idle runs: past the queue, on its own.
+
+    ``inline``: on the event loop itself, for graphs whose run takes ``max_inline_s`` at most —
+    judged by the fastest of the last :data:`LONE_RUNS_REMEMBERED` lone runs (the start-up
+    calibration's, then live ones): the graph's own cost, which a stall of the host only adds to.
+    One fast run among them keeps the graph on the loop; a graph that stays slower than the limit
+    leaves it. Decided once at start-up, a stall through all of the calibration's runs sent a
+    server's main-exit lone requests to the inference thread for the process's whole life (a whole
+    benchmark run's round 2, 2026-12-01: fastest calibration run past 10 ms, typical 6–7 ms).
+    """
 
     run: RunFn  # the graph's lone-request run (Graph.run_alone: one thread for small models)
     alone: Callable[[], bool]  # nothing else admitted, queued or running
-    inline: bool = False  # on the event loop itself: for graphs that take a few ms at most
+    inline: bool = False
+    max_inline_s: float | None = None  # None: ``inline`` stays as set
+    recent: deque = field(default_factory=lambda: deque(maxlen=LONE_RUNS_REMEMBERED))
+
+    def observe(self, seconds: float) -> None:
+        """One lone run's time (calibration or live): where the next lone request runs."""
+        self.recent.append(seconds)
+        if self.max_inline_s is not None:
+            self.inline = min(self.recent) <= self.max_inline_s
 
 
 class GraphWorker:
@@ -199,14 +221,14 @@ class GraphWorker:
         finally:
             self.running.remove(entry)
         run_s = time.perf_counter() - entry[1]
-        if self._on_batch or self._on_item:
-            # After the answer is written (the request does not yield to the loop on its way
-            # there): nobody waits for the metrics and the time model, and anything that reads
-            # them later — the next request included — runs after this.
-            asyncio.get_running_loop().call_soon(self._after_lone_run, run_s)
+        # After the answer is written (the request does not yield to the loop on its way
+        # there): nobody waits for the metrics and the time models, and anything that reads
+        # them later — the next request included — runs after this.
+        asyncio.get_running_loop().call_soon(self._after_lone_run, lone, run_s)
         return tuple(output[0] for output in outputs)
 
-    def _after_lone_run(self, run_s: float) -> None:
+    def _after_lone_run(self, lone: LoneRun, run_s: float) -> None:
+        lone.observe(run_s)
         if self._on_batch:
             self._on_batch(1, 0.0, run_s, 1)
         if self._on_item:

@@ -195,16 +195,17 @@ class InferenceService:
         # event loop as ORT's calling thread measured 0.10–0.19 ms faster at one connection
         # (docs/request-path-profile.md, sixth session; the third measured the opposite beside
         # idle servers that were not frozen).
-        # Judged by the graph's fastest lone calibration run — its own cost; a stall of the host
-        # only adds to it — not by the fitted estimate (a mean): one slow run of ten took the
-        # full-width main exit's mean past 10 ms in one server of a benchmark run (6.6 ms typical),
-        # and in another a stall of the host slowed most of the ten (the median too), and that
-        # process's lone requests paid the thread hand-off for its whole life.
+        # Judged by the graph's fastest recent lone run (serving.batching.LoneRun), seeded here with
+        # the calibration's: its own cost, which a stall of the host only adds to — not the fitted
+        # estimate (a mean): one slow run of ten took the full-width main exit's mean past 10 ms in
+        # one server of a benchmark run (6.6 ms typical). Live lone runs keep judging it, so a stall
+        # through every calibration run no longer decides for the process's whole life.
         for worker in self._all_workers:
             assert worker.lone is not None
+            worker.lone.max_inline_s = self._inline_max_ms / 1e3
             alone = [seconds for batch, seconds in timings.get(worker.name, ()) if batch == 1]
-            own = min(alone) if alone else self.service_models[worker.name].estimate(1)
-            worker.lone.inline = own * 1e3 <= self._inline_max_ms
+            for seconds in alone or [self.service_models[worker.name].estimate(1)]:
+                worker.lone.observe(seconds)
         self.publish_estimates()
 
     def lone_on_event_loop(self) -> list[str]:

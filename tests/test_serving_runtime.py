@@ -500,3 +500,44 @@ def test_spinning_benchmark_compares_the_servers_option_sets(model_dir, tmp_path
     with pytest.raises(SystemExit):
         ort_spinning.main(["--model", str(tmp_path), "--out", str(out)])
     assert "untrained_export.py" in capsys.readouterr().err
+
+
+def test_lone_requests_return_to_the_event_loop_once_live_runs_are_fast_again(model_dir):
+    # A stall through every calibration run must not decide for the process's whole life: live lone
+    # runs keep judging where the next one runs (the fastest of the recent ones against the limit).
+    import asyncio
+
+    from serving.batching import LONE_RUNS_REMEMBERED
+    from serving.metrics import ServingMetrics
+    from serving.policy import PolicyParams
+    from serving.service import InferenceService
+
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+    stalled = {g.name: [(1, 5.0)] * 10 + [(8, 9.0)] * 10 for g in runtime.graphs}  # every run 5 s
+    service = InferenceService(runtime, ServingMetrics(), probe_interval_s=0, inline_max_ms=1000.0)
+    service.seed_latency(stalled)
+    assert service.lone_on_event_loop() == []  # judged by start-up alone: the inference thread
+    exit1 = runtime.exits[0].name
+
+    async def lone_requests(n: int) -> None:
+        await service.start()
+        try:
+            for _ in range(n):
+                with service.admit() as ticket:
+                    await service.run(runtime.example_input(1)[0], service.plan(PolicyParams(exit=1)), ticket)
+                await asyncio.sleep(0)  # the bookkeeping after each answer
+        finally:
+            await service.stop()
+
+    asyncio.run(lone_requests(1))
+    assert exit1 in service.lone_on_event_loop()  # one real run (ms) among the remembered ones
+    assert service.exit_workers[1].lone.inline is False  # graphs not run since: still judged by start-up
+
+    # And the other way: a graph that stays slower than the limit leaves the loop once its fast runs
+    # have aged out of the remembered ones.
+    lone = service.exit_workers[0].lone
+    for _ in range(LONE_RUNS_REMEMBERED - 1):
+        lone.observe(5.0)
+    assert lone.inline is True
+    lone.observe(5.0)
+    assert lone.inline is False
