@@ -20,6 +20,11 @@ One command measures the three request-path targets (issue 13):
    hand-off to the inference thread, for graphs not run on the event loop), and of
    the same graphs, loaded as the server loads them, timed in this process without HTTP.
 
+Beside raw ORT, the **reference server** (``benchmarks/least_server.py``: httptools, the server's
+decoder, batching, ORT, a small JSON answer and nothing else) is measured in the same rounds, and
+each server against it (``ratio_vs_least_server``, ``p50_ms_over_least_server``): what the host allows
+any Python server of this shape, apart from what this server's code adds (``--no-least-server``: off).
+
 Raw ORT runs twice: with ONNX Runtime's default session options (the baseline of the
 targets) and with the server's options. Server and raw runs alternate round by round
 in one invocation, so a busy machine hits both alike; medians over rounds are
@@ -29,7 +34,7 @@ probes its graphs and ORT spins after each probe), and raw ORT runs with all of 
 ``python -m serving`` flags, optionally from another source tree with
 ``--variant-tree NAME=PATH``) and alternates between them too: an A/B in one run.
 
-    python benchmarks/serve_bench.py                       # all three targets, ~4 minutes
+    python benchmarks/serve_bench.py                       # all three targets, ~5 minutes
     python benchmarks/serve_bench.py --variant base= --variant spin=--ort-allow-spinning
 
 Defaults: saturation and overhead on the full-width CIFAR-100 ResNet-18 export
