@@ -101,3 +101,31 @@ def paired_differences(comparisons: Sequence[Mapping[str, Any]], path: Path) -> 
     ax.set_title("Paired by seed, mean and 95 % t-interval")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+def serving_rounds(throughput: Mapping[str, Any], targets: Mapping[str, float], path: Path) -> Path:
+    """serve_bench's figures round by round, one series per server (the reference server included):
+    saturation against raw ORT at the main exit and at exit 1, and the one-connection p50 overhead,
+    each with its target as a dashed line — the spread of rounds shows how far the host moves them."""
+    plt = _pyplot()
+    cases = throughput["cases"]
+    panels = [
+        ("saturation_main", "saturation, main exit (x raw ORT)", "saturation_main"),
+        ("saturation_exit1", "saturation, exit 1 (x raw ORT)", "saturation_exit1"),
+        ("overhead_main", "1 connection: p50 over raw batch 1 (ms)", "overhead_p50_ms"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, (case, title, target) in zip(axes, panels):
+        for name, served in cases[case]["servers"].items():
+            if case.startswith("saturation"):
+                values = served["ratio_vs_raw_default_per_round"]
+            else:
+                values = [run["p50_overhead_ms_vs_raw_default"] for run in served["runs"]]
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+        ax.axhline(targets[target], color="grey", ls="--", lw=1, label="target")
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(1, throughput["rounds"] + 1))
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"serve_bench, {throughput['model']} (each round: fresh servers, raw ORT timed beside them)")
+    return _save(plt, fig, path)

@@ -654,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({report['seconds']} s)")
+    if "throughput" in report:
+        from benchmarks.plots import serving_rounds
+
+        print(f"wrote {serving_rounds(report['throughput'], TARGETS, args.out.with_suffix('.png'))}")
     return 0
 
 

@@ -52,6 +52,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
         assert cases[name]["servers"]["server"]["ratio_vs_least_server"] > 0
     assert "p50_ms_over_least_server" in cases["overhead_main"]["servers"]["server"]
     assert len(serve["summary"]) == 3  # the server, the reference server, the cascade
+    assert (out / "serve_bench_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # rounds, drawn
 
 
 def test_a_failing_step_is_reported_and_fails_the_run(tmp_path):
