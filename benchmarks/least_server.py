@@ -71,13 +71,17 @@ class ExitGraph:
             return
         self.running = True
         future = asyncio.get_running_loop().run_in_executor(self.executor, self.session.run, None, {self.input: x})
-        future.add_done_callback(lambda f: self.finish(batch, f.result()[0]))
+        future.add_done_callback(lambda f: self.finish(batch, None if f.exception() else f.result()[0]))
 
-    def finish(self, batch: list, logits: np.ndarray) -> None:
+    def finish(self, batch: list, logits: np.ndarray | None) -> None:
+        """Answer the batch (``logits`` None: ORT failed, a 500 each) and start the next one."""
         self.running = False
         self.busy[0] -= len(batch)
-        for (_, conn), row in zip(batch, logits):
-            conn.answer(self.exit, row)
+        for j, (_, conn) in enumerate(batch):
+            if logits is None:
+                conn.reply(500, b'{"error":"internal_error"}')
+            else:
+                conn.answer(self.exit, logits[j])
         self.kick()
 
 
