@@ -103,14 +103,17 @@ class Connection(asyncio.Protocol):
             self.reply(400, b'{"error":"bad_request"}')
             self.transport.close()
 
+    def on_message_begin(self) -> None:
+        self.url, self.body = b"", []
+
     def on_url(self, url: bytes) -> None:
-        self.url = url
+        self.url += url  # a long URL may come in pieces
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        body, self.body = b"".join(self.body), []
+        body = b"".join(self.body)
         self.server.handle(self, self.parser.get_method(), httptools.parse_url(self.url), body)
 
     def reply(self, status: int, body: bytes) -> None:
