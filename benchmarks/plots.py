@@ -120,12 +120,16 @@ def serving_rounds(throughput: Mapping[str, Any], targets: Mapping[str, float], 
             if case.startswith("saturation"):
                 values = served["ratio_vs_raw_default_per_round"]
             else:
-                values = [run["p50_overhead_ms_vs_raw_default"] for run in served["runs"]]
+                values = served.get("p50_overhead_ms_vs_raw_default_per_round") or [
+                    run["p50_overhead_ms_vs_raw_default"]
+                    for run in served["runs"]  # results before 2026-12-01
+                ]
             ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
         ax.axhline(targets[target], color="grey", ls="--", lw=1, label="target")
         ax.set_xlabel("round")
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(1, throughput["rounds"] + 1))
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"serve_bench, {throughput['model']} (each round: fresh servers, raw ORT timed beside them)")
+    fresh = "fresh servers, " if throughput.get("fresh_servers_each_round") else ""
+    fig.suptitle(f"serve_bench, {throughput['model']} (each round: {fresh}raw ORT timed beside them)")
     return _save(plt, fig, path)

@@ -318,9 +318,9 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
 
     servers = start_all()
     how_lone, idle_cpu = {}, {}
-    lone_per_round: dict[str, list] = {}  # each round's processes decide for themselves at load
+    lone_per_round: dict[str, list] = {}  # each round's processes: as read after warming up
 
-    def how_lone_requests_run(server) -> dict:  # the server's load-time choices, from its own timings
+    def how_lone_requests_run(server) -> dict:  # the server's choices when asked (they follow its lone runs)
         info = server.get_json("/v1/model")
         return {
             "sessions": info.get("lone_requests"),
@@ -337,8 +337,8 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
             # (With fresh servers, lone_requests and the idle share describe the first round's.)
             with server.running():
                 warm(server)
-                # How a request alone on that server runs (its load-time choices, from its own
-                # timings): the one-connection figure depends on them.
+                # How a request alone on that server runs (its choices after warming up; they follow
+                # its lone runs): the one-connection figure depends on them.
                 how_lone[server.name] = how_lone_requests_run(server)
                 lone_per_round[server.name] = [how_lone[server.name]["on_event_loop"]]
                 idle_cpu[server.name] = idle_cpu_share(server)
@@ -435,10 +435,11 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
                 for key in RAW_KEYS.values():
                     overhead = f"p50_overhead_ms_vs_{key}"
                     if all(overhead in v for v in s[name]):  # each round's median of paired slices
-                        served[overhead] = med(s[name], overhead)
+                        per_round = [v[overhead] for v in s[name]]
                     else:  # one block each per round: that round's difference
                         per_round = [v["p50_ms"] - raw_run["p50_ms"] for v, raw_run in zip(s[name], s[key])]
-                        served[overhead] = float(np.median(per_round))
+                    served[overhead] = float(np.median(per_round))
+                    served[f"{overhead}_per_round"] = [round(x, 4) for x in per_round]
                 if args.least_server and name != LEAST:
                     # The same connection's p50 over the reference server's, round by round.
                     per_round = [v["p50_ms"] - least["p50_ms"] for v, least in zip(s[name], s[LEAST])]

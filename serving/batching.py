@@ -111,8 +111,10 @@ class LoneRun:
     judged by the fastest of the last :data:`LONE_RUNS_REMEMBERED` lone runs (the start-up
     calibration's, then live ones): the graph's own cost, which a stall of the host only adds to.
     One fast run among them keeps the graph on the loop; a graph that stays slower than the limit
-    leaves it. Decided once at start-up, a stall through all of the calibration's runs sent a
-    server's main-exit lone requests to the inference thread for the process's whole life (a whole
+    leaves it. A run in the inference thread is timed on the loop, hand-offs included (~0.1–0.2 ms
+    more than the run itself): a graph just past the limit comes back a little later than it left.
+    Decided once at start-up, a stall through all of the calibration's runs sent a server's
+    main-exit lone requests to the inference thread for the process's whole life (a whole
     benchmark run's round 2, 2026-12-01: fastest calibration run past 10 ms, typical 6–7 ms).
     """
 

@@ -209,8 +209,9 @@ class InferenceService:
         self.publish_estimates()
 
     def lone_on_event_loop(self) -> list[str]:
-        """The graphs whose lone requests run on the event loop itself (calibrated batch-1 time
-        at most ``inline_max_ms``); the others' run in the inference thread."""
+        """The graphs whose lone requests run on the event loop itself now (the fastest of their
+        recent lone runs at most ``inline_max_ms``: serving.batching.LoneRun); the others' run in
+        the inference thread. It changes as lone runs are observed."""
         return [w.name for w in self._all_workers if w.lone is not None and w.lone.inline]
 
     async def start(self) -> None:

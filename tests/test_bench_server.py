@@ -63,7 +63,7 @@ def test_the_reference_server_answers_as_the_server_does(tmp_path):
     # serve_bench reads the server against benchmarks/least_server.py; that only means something if
     # the reference does the same work: the same decoding, graphs and answer for the same image.
     images = [_png(seed) for seed in range(3)]
-    answers = {}
+    answers, errors = {}, {}
     for name, module in (("server", "serving"), ("least", "benchmarks.least_server")):
         server = Server(SHIPPED, [], tmp_path, name=name, module=module)
         try:
@@ -71,17 +71,22 @@ def test_the_reference_server_answers_as_the_server_does(tmp_path):
             answers[name] = [
                 _post(server.port, f"/classify?exit={e}&top_k=1", image) for image in images for e in (1, 4)
             ]
-            answers[name].append(_post(server.port, "/classify?exit=9", images[0])[0])
-            answers[name].append(_post(server.port, "/classify", b"not an image")[0])
+            errors[name] = [
+                _post(server.port, path, body)[0]
+                for path, body in (
+                    ("/classify?exit=9", images[0]),
+                    ("/classify?exit=x", images[0]),
+                    ("/classify", b"?"),
+                )
+            ]
         finally:
             server.stop()
-    *served, bad_exit, bad_image = answers["server"]
-    *least, least_bad_exit, least_bad_image = answers["least"]
+    served, least = answers["server"], answers["least"]
     assert all(status == 200 for status, _ in served + least)
     assert [(a["exit"], a["label"]) for _, a in least] == [(a["exit"], a["label"]) for _, a in served]
     for (_, a), (_, b) in zip(least, served):
         assert abs(a["probability"] - b["probability"]) < 1e-5
-    assert (least_bad_exit, least_bad_image) == (422, 400) and (bad_exit, bad_image) == (422, 400)
+    assert errors["least"] == errors["server"] == [422, 422, 400]
 
 
 def _png(seed: int) -> bytes:
