@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .app import create_app
 from .drain import SHUTDOWN_TIMEOUT_S, DrainingServer
+from .fastpath import with_fast_classify
 from .manifest import ManifestError, load_manifest
 from .requestlog import configure_logging
 from .settings import ServerSettings
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
-        http=http_protocol(),  # a response's head and body in one socket write (serving/transport.py)
+        # A response's head and body in one socket write (serving/transport.py); the common
+        # POST /classify answered by the protocol itself, past ASGI (serving/fastpath.py).
+        http=with_fast_classify(http_protocol(), app.state.eed, settings.log_format),
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         **log_config,
     )

@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .errors import BadRequest, InvalidParameters, ServingError
+from .errors import INTERNAL_ERROR_BODY, BadRequest, InvalidParameters, ServingError
 from .oip import router as oip_router
 from .openapi import install as install_openapi
 from .requestlog import install as install_request_ids
@@ -151,7 +151,4 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"error": "internal_error", "detail": "the server failed on this request; see the server log"},
-            status_code=500,
-        )
+        return JSONResponse(INTERNAL_ERROR_BODY, status_code=500)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The body of a 500: what the client may know of an unexpected failure (the traceback is logged).
+INTERNAL_ERROR_BODY = {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
+
 
 class ServingError(Exception):
     """Base class: an error with an HTTP status, a code and a human-readable detail."""

@@ -78,24 +78,40 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if access_log.isEnabledFor(self.level):
-                route = scope.get("route")
-                access_log.log(
-                    self.level,
-                    "%s %s %s",
-                    scope.get("method"),
-                    scope.get("path"),
-                    status,
-                    extra={
-                        "request_id": request_id,
-                        "method": scope.get("method"),
-                        "route": getattr(route, "path", None) or scope.get("path"),
-                        "policy": state.get("policy"),
-                        "exit": state.get("exit"),
-                        "status": status,
-                        "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
-                    },
+                route = getattr(scope.get("route"), "path", None) or scope.get("path")
+                log_request(
+                    self.level, request_id, scope.get("method"), scope.get("path"), route, state, status, started
                 )
             current_request_id.reset(token)
+
+
+def log_request(
+    level: int,
+    request_id: str,
+    method: str | None,
+    path: str | None,
+    route: str | None,
+    state: dict,
+    status: int,
+    started: float,
+) -> None:
+    """The request's access-log line (``serving.access``): every way a request arrives logs the same fields."""
+    access_log.log(
+        level,
+        "%s %s %s",
+        method,
+        path,
+        status,
+        extra={
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "policy": state.get("policy"),
+            "exit": state.get("exit"),
+            "status": status,
+            "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
+        },
+    )
 
 
 def install(app, log_format: str = "text", inner=None) -> None:

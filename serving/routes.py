@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -96,23 +97,53 @@ IMAGE_BODY = {
 async def classify(request: Request) -> Response:
     """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
     arrived = time.perf_counter()
-    loop = asyncio.get_running_loop()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
-    settings, metrics = state.settings, state.metrics
-    remembered = state.parsed_queries.get(request.scope["query_string"])
+    query_string = request.scope["query_string"]
     # A 422 from the parser is not counted, as FastAPI's own were not.
-    query = None if remembered else classify_query(request.query_params)
+    query = None if state.parsed_queries.get(query_string) else classify_query(request.query_params)
+    settings = state.settings
+
+    def note(policy: str, exit_label: str) -> None:  # for the request log
+        request.state.policy, request.state.exit = policy, exit_label
+
+    payload = await answer_classify(
+        state,
+        query_string,
+        lambda: params_and_top_k(state, request.query_params, query_string, query),
+        # The whole body arrives before the request takes an admission slot, so slow
+        # uploads wait outside capacity; the read deadline bounds how long they may take.
+        lambda: read_body_within(request, settings.max_body_bytes, settings.body_timeout_s),
+        arrived,
+        note,
+    )
+    # X-Request-ID, the correlation id: serving/requestlog.py.
+    return Response(payload, media_type="application/json")
+
+
+async def answer_classify(
+    state: AppState,
+    query_string: bytes,
+    parse: Callable[[], tuple[PolicyParams, int]],
+    read_body: Callable[[], Awaitable[tuple[bytes, str | None]]],
+    arrived: float,
+    note: Callable[[str, str], None],
+) -> bytes:
+    """A /classify answer's JSON bytes; client errors raise :class:`ServingError`. One body for
+    both ways a request arrives: the ASGI route above and the HTTP protocol's own path
+    (serving/fastpath.py). ``parse``: the policy parameters and ``top_k`` when the query string
+    was not seen before; ``read_body``: the image and its declared type; ``note(policy, exit)``:
+    the labels for the request log, called once the request ends."""
+    loop = asyncio.get_running_loop()
+    metrics = state.metrics
     exit_label, policy_label, status = "none", "none", 500
     try:
-        params, k = remembered or _params_and_top_k(state, request, query)
+        params, k = state.parsed_queries.get(query_string) or parse()
         service, preprocess = state.require_model()
         plan = service.plan(params)
         # Labelled only once the plan is valid: a refused policy name is the client's text, and a
         # label per typo would grow the metric without bound.
         policy_label = params.name
-        # The whole body arrives before the request takes an admission slot, so slow
-        # uploads wait outside capacity; the read deadline bounds how long they may take.
-        data, content_type = await read_body_within(request, settings.max_body_bytes, settings.body_timeout_s)
+        data, content_type = await read_body()
         with service.admit() as ticket:
             x = await decode_off_loop(len(data), lambda: preprocess(data, content_type))
             deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
@@ -128,8 +159,8 @@ async def classify(request: Request) -> Response:
         loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)
         body = _answer(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
         # JSONResponse's bytes from one encoder made once: json.dumps with options builds a new
-        # JSONEncoder per call. X-Request-ID, the correlation id: serving/requestlog.py.
-        return Response(_ANSWER_JSON.encode(body).encode("utf-8"), media_type="application/json")
+        # JSONEncoder per call.
+        return _ANSWER_JSON.encode(body).encode("utf-8")
     except ServingError as exc:
         status = exc.status_code
         raise
@@ -138,7 +169,7 @@ async def classify(request: Request) -> Response:
         raise
     finally:
         loop.call_soon(metrics.count_request, exit_label, policy_label, str(status))
-        request.state.policy, request.state.exit = policy_label, exit_label  # for the request log
+        note(policy_label, exit_label)
 
 
 @router.post("/feedback", responses=_errors(403, 404, 409, 410, 422, 503))
@@ -230,17 +261,21 @@ async def metrics_endpoint(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _params_and_top_k(state: AppState, request: Request, query: dict[str, Any] | None) -> tuple[PolicyParams, int]:
-    """The policy parameters and ``top_k`` of a /classify query (``query``: as parsed), refused with
-    422 when invalid; valid ones are remembered by query string (``AppState.parsed_queries``)."""
-    assert query is not None  # parsed whenever the query string was not remembered
+def params_and_top_k(
+    state: AppState, query_params: Mapping[str, str], query_string: bytes, query: dict[str, Any] | None
+) -> tuple[PolicyParams, int]:
+    """The policy parameters and ``top_k`` of a /classify query (``query``: as parsed; None: parse it
+    here), refused with 422 when invalid; valid ones are remembered by query string
+    (``AppState.parsed_queries``)."""
+    if query is None:
+        query = classify_query(query_params)
     settings = state.settings
-    refuse_unknown(request.query_params)
+    refuse_unknown(query_params)
     params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
     k = settings.default_top_k if query["top_k"] is None else query["top_k"]
     if k < 1:
         raise InvalidParameters(f"top_k={k} must be at least 1")
-    state.parsed_queries.put(request.scope["query_string"], (params, k))
+    state.parsed_queries.put(query_string, (params, k))
     return params, k
 
 

@@ -1,0 +1,196 @@
+"""POST /classify answered by the HTTP protocol itself, past ASGI.
+
+For every request uvicorn builds an ASGI scope, a request/response cycle with its event and
+messages, and runs the app's layers (proxy headers, Starlette, request ids, routing) before
+the handler; for the one route that answers images under load that was a quarter of the event
+loop's CPU per answer at saturation and 0.11–0.26 ms of a lone request's latency
+(docs/request-path-profile.md, ninth session). So the server's HTTP protocol class (uvicorn's
+httptools protocol, subclassed here) answers the common form of ``POST /classify`` itself: a
+query string the route has already parsed and accepted (``AppState.parsed_queries``), an image
+or octet-stream body with a ``Content-Length`` within the limits, on a keep-alive connection
+with nothing else in flight. It runs the route's own body (:func:`serving.routes.answer_classify`)
+and gives the answer what the ASGI way gives it: the ``X-Request-ID`` in and out, the access-log
+line and the request id in log records, the body deadline (408), client errors as
+``{"error", "detail"}`` with their headers, a logged JSON 500 for anything unexpected, and
+graceful shutdown (uvicorn waits for the task; a draining connection closes after the answer).
+Every other request — another route, a first or invalid query string, multipart, a chunked or
+large body, ``Expect: 100-continue``, ``Connection: close``, HTTP/1.0, a pipelined request
+behind one in flight — goes the ASGI way, unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+from .body import RAW_TYPES, media_type, within
+from .errors import INTERNAL_ERROR_BODY, BadRequest, ServingError
+from .requestlog import access_log, correlation_id, current_request_id, log_request
+from .routes import answer_classify
+from .state import AppState
+
+log = logging.getLogger("serving")
+
+# Larger bodies go the ASGI way, whose cycle pauses reading while the app catches up.
+FAST_MAX_BODY_BYTES = 1 << 20
+_ERROR_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+class _InFlight:
+    """The protocol's ``cycle`` while a request is answered here: uvicorn's own code reads it to
+    queue a pipelined request behind it (``response_complete``), to tell it that the client left
+    and to ask it to close after the answer (``keep_alive``, on shutdown)."""
+
+    __slots__ = ("body", "parts", "response_complete", "keep_alive", "disconnected", "message_event")
+
+    def __init__(self, body: asyncio.Future) -> None:
+        self.body = body  # the image, once the parser has it all
+        self.parts: list[bytes] = []
+        self.response_complete = False
+        self.keep_alive = True
+        self.disconnected = False
+        self.message_event = self  # uvicorn calls message_event.set() when the connection is lost
+
+    def set(self) -> None:
+        if not self.body.done():
+            self.body.set_exception(BadRequest("client disconnected before the body was complete"))
+
+
+def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) -> type[Any]:
+    """``protocol`` (uvicorn's httptools protocol, or a subclass) answering POST /classify itself;
+    any other protocol class (h11, where httptools has no wheel) is returned as it is."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return protocol
+    if not issubclass(protocol, HttpToolsProtocol):
+        return protocol
+    level = logging.INFO if log_format == "json" else logging.DEBUG  # as serving.requestlog's middleware
+    settings = state.settings
+    max_body = min(settings.max_body_bytes, FAST_MAX_BODY_BYTES)
+
+    class FastClassify(protocol):
+        cycle: Any  # uvicorn's RequestResponseCycle, or an _InFlight here
+        _parsing: _InFlight | None = None  # the message being parsed, when it is answered here
+
+        def on_message_begin(self) -> None:
+            self._parsing = None
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            if self.url.startswith(b"/classify") and self.parser.get_method() == b"POST":
+                answer = self._answer_here()
+                if answer is not None:
+                    self._parsing = answer
+                    return
+            super().on_headers_complete()
+
+        def _answer_here(self) -> _InFlight | None:
+            """Start answering the request whose headers were just parsed, or None: the ASGI way."""
+            url = httptools.parse_url(self.url)
+            query_string = url.query or b""
+            remembered = state.parsed_queries.get(query_string)
+            if (
+                url.path != b"/classify"
+                or remembered is None
+                or self.root_path
+                or self.expect_100_continue
+                or not self.parser.should_keep_alive()
+                or not (self.cycle is None or self.cycle.response_complete)
+            ):
+                return None
+            length = content_type = incoming_id = None
+            for name, value in self.headers:
+                if name == b"content-length":
+                    length = value
+                elif name == b"content-type":
+                    content_type = value.decode("latin-1")
+                elif name == b"x-request-id":
+                    incoming_id = value.decode("latin-1")
+            declared = media_type(content_type)
+            if not (length is not None and length.isdigit() and int(length) <= max_body):
+                return None
+            if declared and not declared.startswith("image/") and declared not in RAW_TYPES:
+                return None
+            answer = _InFlight(self.loop.create_future())
+            self.cycle = answer  # a request behind it waits, as behind a cycle
+            task = self.loop.create_task(self._serve(answer, query_string, remembered, declared, incoming_id))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            return answer
+
+        def on_body(self, body: bytes) -> None:
+            if self._parsing is not None:
+                self._parsing.parts.append(body)
+            else:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            answer = self._parsing
+            if answer is None:
+                super().on_message_complete()
+                return
+            self._parsing = None
+            if not answer.body.done():  # not timed out meanwhile
+                parts = answer.parts
+                answer.body.set_result(parts[0] if len(parts) == 1 else b"".join(parts))
+
+        async def _serve(
+            self, answer: _InFlight, query_string: bytes, remembered: Any, declared: str, incoming_id: str | None
+        ) -> None:
+            started = time.perf_counter()
+            request_id = correlation_id(incoming_id)
+            token = current_request_id.set(request_id)
+            labels: dict[str, str] = {}
+            headers: dict[str, str] = {}
+
+            async def read_body() -> tuple[bytes, str | None]:
+                if answer.body.done():  # the usual case: the image came with the headers
+                    return answer.body.result(), declared or None
+                return await within(answer.body, settings.body_timeout_s), declared or None
+
+            def note(policy: str, exit_label: str) -> None:
+                labels["policy"], labels["exit"] = policy, exit_label
+
+            try:
+                payload = await answer_classify(state, query_string, lambda: remembered, read_body, started, note)
+                status = 200
+            except ServingError as exc:
+                status, payload, headers = exc.status_code, _ERROR_JSON.encode(exc.body()).encode(), exc.headers
+            except Exception:
+                log.exception("internal error on POST /classify")
+                status, payload = 500, _ERROR_JSON.encode(INTERNAL_ERROR_BODY).encode()
+            try:
+                self._respond(answer, status, payload, headers, request_id)
+            finally:
+                if access_log.isEnabledFor(level):
+                    log_request(level, request_id, "POST", "/classify", "/classify", labels, status, started)
+                current_request_id.reset(token)
+
+        def _respond(self, answer: _InFlight, status: int, payload: bytes, headers: dict[str, str], rid: str) -> None:
+            close = not answer.keep_alive or headers.get("Connection", "").lower() == "close"
+            head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+            for name, value in self.server_state.default_headers:  # date, server: as uvicorn sends them
+                head += [name, b": ", value, b"\r\n"]
+            head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(payload))
+            for name, text in headers.items():
+                if name.lower() != "connection":
+                    head.append(f"{name}: {text}\r\n".encode("latin-1"))
+            head.append(
+                b"x-request-id: %s\r\n%s\r\n" % (rid.encode("latin-1"), b"connection: close\r\n" if close else b"")
+            )
+            answer.response_complete = True
+            if not self.transport.is_closing():
+                self.transport.write(b"".join(head) + payload)
+                if close:
+                    self.transport.close()
+            self.on_response_complete()  # keep-alive timer, or the pipelined request behind it
+
+    FastClassify.__name__ = FastClassify.__qualname__ = f"FastClassify{protocol.__name__}"
+    return FastClassify

@@ -1,0 +1,195 @@
+"""POST /classify answered by the HTTP protocol itself (serving/fastpath.py): which requests take it,
+and that they get what the ASGI way gives — request ids, errors, the body deadline, metrics, logs,
+answers in order on a keep-alive connection. A real uvicorn with the server's protocol, in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from serving_model import build_model_folder, encode, expected_label, free_port, uniform_image
+
+from serving.app import create_app
+from serving.fastpath import with_fast_classify
+from serving.settings import ServerSettings
+from serving.transport import http_protocol
+
+IMAGE = encode(uniform_image(3))
+
+
+def post(path: str = "/classify?exit=2", body: bytes = IMAGE, headers: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n{headers}\r\n"
+    ).encode() + body
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One Content-Length response; bytes after it (a pipelined answer) stay for the next call."""
+    sock.settimeout(timeout)
+    data = _leftover.pop(sock, b"")
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    if len(body) > length:
+        _leftover[sock] = body[length:]
+    return int(status_line.split()[1]), headers, body[:length]
+
+
+_leftover: dict[socket.socket, bytes] = {}
+
+
+def exchange(port: int, *requests: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send the requests one after another on one keep-alive connection; their responses."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        out = []
+        for request in requests:
+            sock.sendall(request)
+            out.append(read_response(sock))
+        return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = build_model_folder(tmp_path_factory.mktemp("fastpath-model"))
+    settings = ServerSettings(model_dir=model_dir, log_format="json", body_timeout_s=0.5, intra_op_threads=1)
+    app = create_app(settings)
+    port = free_port()
+    protocol = with_fast_classify(http_protocol(), app.state.eed, settings.log_format)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol, log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not become ready"
+        try:
+            if exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")[0][0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    yield app, port
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_query_seen_before_is_answered_past_the_asgi_stack(served):
+    app, port = served
+    first, again = exchange(port, post(), post())  # the first goes the ASGI way and is remembered
+    assert first[0] == again[0] == 200
+    assert json.loads(again[2])["label"] == json.loads(first[2])["label"] == expected_label(3, 2)
+    stack = app.middleware_stack
+
+    async def refuse(scope, receive, send):  # the app's own stack, as far as requests reach it
+        await send({"type": "http.response.start", "status": 599, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    app.middleware_stack = refuse
+    try:
+        answers = exchange(
+            port,
+            post(),  # remembered: answered by the protocol
+            post("/classify?exit=1"),  # a query string not seen before: the ASGI way
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # another route
+            post(headers="Connection: close\r\n"),  # a connection that closes: the ASGI way
+        )
+    finally:
+        app.middleware_stack = stack
+    assert [status for status, _, _ in answers] == [200, 599, 599, 599]
+    assert json.loads(answers[0][2])["exit"] == 2
+
+
+def test_request_ids_in_and_out(served):
+    _, port = served
+    exchange(port, post())  # remembered
+    (s1, h1, _), (s2, h2, _), (s3, h3, _) = exchange(
+        port, post(headers="X-Request-ID: trace-42\r\n"), post(), post(headers="X-Request-ID: not valid!\r\n")
+    )
+    assert s1 == s2 == s3 == 200
+    assert h1["x-request-id"] == "trace-42"
+    assert len(h2["x-request-id"]) == 32 and len(h3["x-request-id"]) == 32 and h2["x-request-id"] != h3["x-request-id"]
+
+
+def test_errors_are_json_with_the_request_id_and_counted(served):
+    app, port = served
+    exchange(port, post())  # remembered
+    status, headers, body = exchange(port, post(body=b"\x89PNG not really", headers="X-Request-ID: bad-1\r\n"))[0]
+    assert status == 400 and headers["x-request-id"] == "bad-1"
+    assert json.loads(body)["error"] == "invalid_image"
+    state = app.state.eed
+    real = state.preprocess
+
+    def broken(data, content_type):
+        raise RuntimeError("a bug in preprocessing")
+
+    state.preprocess = broken
+    try:
+        status, headers, body = exchange(port, post(headers="X-Request-ID: bug-1\r\n"))[0]
+    finally:
+        state.preprocess = real
+    assert status == 500 and headers["x-request-id"] == "bug-1"
+    assert json.loads(body) == {
+        "error": "internal_error",
+        "detail": "the server failed on this request; see the server log",
+    }
+    metrics = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[0][2].decode()
+    assert 'eed_requests_total{exit="none",policy="exit",status="400"}' in metrics
+    assert 'eed_requests_total{exit="none",policy="exit",status="500"}' in metrics
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes(served):
+    _, port = served
+    exchange(port, post())  # remembered
+    request = post()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request[: len(request) - 10])  # headers and most of the body; the rest never comes
+        status, headers, body = read_response(sock)
+        assert status == 408 and headers["connection"] == "close"
+        assert json.loads(body)["error"] == "body_timeout"
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # closed by the server
+
+
+def test_pipelined_requests_are_answered_in_order(served):
+    _, port = served
+    exchange(port, post())  # remembered
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(post() + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post("/classify?exit=3"))
+        answers = [read_response(sock) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert json.loads(answers[0][2])["exit"] == 2 and json.loads(answers[1][2])["status"] == "ok"
+    assert json.loads(answers[2][2])["exit"] == 3
+
+
+def test_each_answer_logs_one_access_line(served, caplog):
+    _, port = served
+    exchange(port, post())  # remembered
+    with caplog.at_level(logging.INFO, logger="serving.access"):
+        exchange(port, post(headers="X-Request-ID: logged-1\r\n"))
+        deadline = time.monotonic() + 5  # the line is logged right after the answer is written
+        while not (records := [r for r in caplog.records if getattr(r, "request_id", None) == "logged-1"]):
+            assert time.monotonic() < deadline, "no access-log line"
+            time.sleep(0.01)
+    (record,) = records
+    assert (record.method, record.route, record.status, record.policy, record.exit) == (
+        "POST",
+        "/classify",
+        200,
+        "exit",
+        "2",
+    )
+    assert record.latency_ms > 0
