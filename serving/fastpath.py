@@ -40,6 +40,7 @@ log = logging.getLogger("serving")
 # Larger bodies go the ASGI way, whose cycle pauses reading while the app catches up.
 FAST_MAX_BODY_BYTES = 1 << 20
 _ERROR_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
 class _InFlight:
@@ -175,7 +176,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
 
         def _respond(self, answer: _InFlight, status: int, payload: bytes, headers: dict[str, str], rid: str) -> None:
             close = not answer.keep_alive or headers.get("Connection", "").lower() == "close"
-            head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+            head = [_STATUS_LINES[status]]
             for name, value in self.server_state.default_headers:  # date, server: as uvicorn sends them
                 head += [name, b": ", value, b"\r\n"]
             head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(payload))
