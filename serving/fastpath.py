@@ -57,6 +57,9 @@ class _InFlight:
         self.keep_alive = True
         self.disconnected = False
         self.message_event = self  # uvicorn calls message_event.set() when the connection is lost
+        # Nobody reads the body when the answer failed before it (a 422, a 503): no "exception never
+        # retrieved" when the client then leaves mid-body.
+        body.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     def set(self) -> None:
         if not self.body.done():
@@ -102,17 +105,19 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 or remembered is None
                 or self.root_path
                 or self.expect_100_continue
+                or self.parser.get_http_version() != "1.1"  # uvicorn closes HTTP/1.0 connections after a response
                 or not self.parser.should_keep_alive()
+                or self.parser.should_upgrade()  # uvicorn's upgrade path reads the ASGI scope
                 or not (self.cycle is None or self.cycle.response_complete)
             ):
                 return None
             length = content_type = incoming_id = None
-            for name, value in self.headers:
-                if name == b"content-length":
+            for name, value in self.headers:  # the first of repeated headers, as the ASGI way reads them
+                if name == b"content-length" and length is None:
                     length = value
-                elif name == b"content-type":
+                elif name == b"content-type" and content_type is None:
                     content_type = value.decode("latin-1")
-                elif name == b"x-request-id":
+                elif name == b"x-request-id" and incoming_id is None:
                     incoming_id = value.decode("latin-1")
             declared = media_type(content_type)
             if not (length is not None and length.isdigit() and int(length) <= max_body):
@@ -167,6 +172,26 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             except Exception:
                 log.exception("internal error on POST /classify")
                 status, payload = 500, _ERROR_JSON.encode(INTERNAL_ERROR_BODY).encode()
+            except asyncio.CancelledError:  # shutdown gave up waiting: a 500 and close, as uvicorn's ASGI way
+                status, payload = 500, _ERROR_JSON.encode(INTERNAL_ERROR_BODY).encode()
+                headers = {"Connection": "close"}
+                self._finish(answer, status, payload, headers, request_id, level, labels, started, token)
+                raise
+            self._finish(answer, status, payload, headers, request_id, level, labels, started, token)
+
+        def _finish(
+            self,
+            answer: _InFlight,
+            status: int,
+            payload: bytes,
+            headers: dict[str, str],
+            request_id: str,
+            level: int,
+            labels: dict[str, str],
+            started: float,
+            token: Any,
+        ) -> None:
+            """Write the answer, then its access-log line; the request id leaves the task's context."""
             try:
                 self._respond(answer, status, payload, headers, request_id)
             finally:

@@ -193,3 +193,20 @@ def test_each_answer_logs_one_access_line(served, caplog):
         "2",
     )
     assert record.latency_ms > 0
+
+
+def test_http_1_0_closes_after_the_answer_and_the_first_request_id_wins(served):
+    _, port = served
+    exchange(port, post())  # remembered
+    request = (
+        f"POST /classify?exit=2 HTTP/1.0\r\nConnection: keep-alive\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(IMAGE)}\r\n\r\n"
+    ).encode() + IMAGE
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["exit"] == 2
+        sock.settimeout(3)
+        assert sock.recv(1) == b""  # uvicorn's rule for HTTP/1.0: closed after the response
+    ((status, headers, _),) = exchange(port, post(headers="X-Request-ID: first\r\nX-Request-ID: second\r\n"))
+    assert status == 200 and headers["x-request-id"] == "first"  # as the request-id middleware reads it
