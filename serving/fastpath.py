@@ -21,7 +21,6 @@ behind one in flight — goes the ASGI way, unchanged.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from http import HTTPStatus
@@ -31,15 +30,15 @@ import httptools
 
 from .body import RAW_TYPES, media_type, within
 from .errors import INTERNAL_ERROR_BODY, BadRequest, ServingError
-from .requestlog import access_log, correlation_id, current_request_id, log_request
-from .routes import answer_classify
+from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
+from .routes import JSON_ENCODER, answer_classify
 from .state import AppState
 
 log = logging.getLogger("serving")
 
 # Larger bodies go the ASGI way, whose cycle pauses reading while the app catches up.
 FAST_MAX_BODY_BYTES = 1 << 20
-_ERROR_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_INTERNAL_ERROR = JSON_ENCODER.encode(INTERNAL_ERROR_BODY).encode()
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
@@ -75,7 +74,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
         return protocol
     if not issubclass(protocol, HttpToolsProtocol):
         return protocol
-    level = logging.INFO if log_format == "json" else logging.DEBUG  # as serving.requestlog's middleware
+    level = access_level(log_format)
     settings = state.settings
     max_body = min(settings.max_body_bytes, FAST_MAX_BODY_BYTES)
 
@@ -126,7 +125,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 return None
             answer = _InFlight(self.loop.create_future())
             self.cycle = answer  # a request behind it waits, as behind a cycle
-            task = self.loop.create_task(self._serve(answer, query_string, remembered, declared, incoming_id))
+            task = self.loop.create_task(self._serve(answer, remembered, declared, incoming_id))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
             return answer
@@ -147,9 +146,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 parts = answer.parts
                 answer.body.set_result(parts[0] if len(parts) == 1 else b"".join(parts))
 
-        async def _serve(
-            self, answer: _InFlight, query_string: bytes, remembered: Any, declared: str, incoming_id: str | None
-        ) -> None:
+        async def _serve(self, answer: _InFlight, remembered: Any, declared: str, incoming_id: str | None) -> None:
             started = time.perf_counter()
             request_id = correlation_id(incoming_id)
             token = current_request_id.set(request_id)
@@ -164,40 +161,25 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             def note(policy: str, exit_label: str) -> None:
                 labels["policy"], labels["exit"] = policy, exit_label
 
+            # Whatever happens, an answer and its log line: a 500 unless the handler says otherwise.
+            status, payload = 500, _INTERNAL_ERROR
             try:
-                payload = await answer_classify(state, query_string, lambda: remembered, read_body, started, note)
+                payload = await answer_classify(state, lambda: remembered, read_body, started, note)
                 status = 200
             except ServingError as exc:
-                status, payload, headers = exc.status_code, _ERROR_JSON.encode(exc.body()).encode(), exc.headers
+                status, payload, headers = exc.status_code, JSON_ENCODER.encode(exc.body()).encode(), exc.headers
             except Exception:
                 log.exception("internal error on POST /classify")
-                status, payload = 500, _ERROR_JSON.encode(INTERNAL_ERROR_BODY).encode()
             except asyncio.CancelledError:  # shutdown gave up waiting: a 500 and close, as uvicorn's ASGI way
-                status, payload = 500, _ERROR_JSON.encode(INTERNAL_ERROR_BODY).encode()
                 headers = {"Connection": "close"}
-                self._finish(answer, status, payload, headers, request_id, level, labels, started, token)
                 raise
-            self._finish(answer, status, payload, headers, request_id, level, labels, started, token)
-
-        def _finish(
-            self,
-            answer: _InFlight,
-            status: int,
-            payload: bytes,
-            headers: dict[str, str],
-            request_id: str,
-            level: int,
-            labels: dict[str, str],
-            started: float,
-            token: Any,
-        ) -> None:
-            """Write the answer, then its access-log line; the request id leaves the task's context."""
-            try:
-                self._respond(answer, status, payload, headers, request_id)
             finally:
-                if access_log.isEnabledFor(level):
-                    log_request(level, request_id, "POST", "/classify", "/classify", labels, status, started)
-                current_request_id.reset(token)
+                try:
+                    self._respond(answer, status, payload, headers, request_id)
+                finally:
+                    if access_log.isEnabledFor(level):
+                        log_request(level, request_id, "POST", "/classify", "/classify", labels, status, started)
+                    current_request_id.reset(token)
 
         def _respond(self, answer: _InFlight, status: int, payload: bytes, headers: dict[str, str], rid: str) -> None:
             close = not answer.keep_alive or headers.get("Connection", "").lower() == "close"

@@ -42,12 +42,18 @@ def correlation_id(incoming: str | None) -> str:
     return os.urandom(16).hex()  # 128 random bits as uuid4().hex spells them, without building a UUID
 
 
+def access_level(log_format: str) -> int:
+    """The level of the per-request lines: INFO in JSON logs; DEBUG in text logs, where at INFO they
+    would cost more than a small model's inference."""
+    return logging.INFO if log_format == "json" else logging.DEBUG
+
+
 class RequestIdMiddleware:
     """Pure ASGI middleware (no body buffering): correlation id in, header out, one log line per request."""
 
     def __init__(self, app, log_format: str = "text") -> None:
         self.app = app
-        self.level = logging.INFO if log_format == "json" else logging.DEBUG
+        self.level = access_level(log_format)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -27,8 +27,8 @@ from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
 from .service import Outcome
 from .state import AppState, State, state_of
 
-# The options of Starlette's JSONResponse.
-_ANSWER_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# The options of Starlette's JSONResponse (answers and, on the protocol's own path, error bodies).
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 router = APIRouter()
 
@@ -98,9 +98,9 @@ async def classify(request: Request) -> Response:
     """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
     arrived = time.perf_counter()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
-    query_string = request.scope["query_string"]
+    remembered = state.parsed_queries.get(request.scope["query_string"])
     # A 422 from the parser is not counted, as FastAPI's own were not.
-    query = None if state.parsed_queries.get(query_string) else classify_query(request.query_params)
+    query = None if remembered else classify_query(request.query_params)
     settings = state.settings
 
     def note(policy: str, exit_label: str) -> None:  # for the request log
@@ -108,8 +108,7 @@ async def classify(request: Request) -> Response:
 
     payload = await answer_classify(
         state,
-        query_string,
-        lambda: params_and_top_k(state, request.query_params, query_string, query),
+        lambda: remembered or _params_and_top_k(state, request, query),
         # The whole body arrives before the request takes an admission slot, so slow
         # uploads wait outside capacity; the read deadline bounds how long they may take.
         lambda: read_body_within(request, settings.max_body_bytes, settings.body_timeout_s),
@@ -122,7 +121,6 @@ async def classify(request: Request) -> Response:
 
 async def answer_classify(
     state: AppState,
-    query_string: bytes,
     parse: Callable[[], tuple[PolicyParams, int]],
     read_body: Callable[[], Awaitable[tuple[bytes, str | None]]],
     arrived: float,
@@ -130,14 +128,14 @@ async def answer_classify(
 ) -> bytes:
     """A /classify answer's JSON bytes; client errors raise :class:`ServingError`. One body for
     both ways a request arrives: the ASGI route above and the HTTP protocol's own path
-    (serving/fastpath.py). ``parse``: the policy parameters and ``top_k`` when the query string
-    was not seen before; ``read_body``: the image and its declared type; ``note(policy, exit)``:
+    (serving/fastpath.py). ``parse``: the policy parameters and ``top_k`` (remembered, or parsed
+    and checked: a 422 raised there is counted); ``read_body``: the image and its declared type; ``note(policy, exit)``:
     the labels for the request log, called once the request ends."""
     loop = asyncio.get_running_loop()
     metrics = state.metrics
     exit_label, policy_label, status = "none", "none", 500
     try:
-        params, k = state.parsed_queries.get(query_string) or parse()
+        params, k = parse()
         service, preprocess = state.require_model()
         plan = service.plan(params)
         # Labelled only once the plan is valid: a refused policy name is the client's text, and a
@@ -160,7 +158,7 @@ async def answer_classify(
         body = _answer(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
         # JSONResponse's bytes from one encoder made once: json.dumps with options builds a new
         # JSONEncoder per call.
-        return _ANSWER_JSON.encode(body).encode("utf-8")
+        return JSON_ENCODER.encode(body).encode("utf-8")
     except ServingError as exc:
         status = exc.status_code
         raise
@@ -261,21 +259,17 @@ async def metrics_endpoint(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def params_and_top_k(
-    state: AppState, query_params: Mapping[str, str], query_string: bytes, query: dict[str, Any] | None
-) -> tuple[PolicyParams, int]:
-    """The policy parameters and ``top_k`` of a /classify query (``query``: as parsed; None: parse it
-    here), refused with 422 when invalid; valid ones are remembered by query string
-    (``AppState.parsed_queries``)."""
-    if query is None:
-        query = classify_query(query_params)
+def _params_and_top_k(state: AppState, request: Request, query: dict[str, Any] | None) -> tuple[PolicyParams, int]:
+    """The policy parameters and ``top_k`` of a /classify query (``query``: as parsed), refused with
+    422 when invalid; valid ones are remembered by query string (``AppState.parsed_queries``)."""
+    assert query is not None  # parsed whenever the query string was not remembered
     settings = state.settings
-    refuse_unknown(query_params)
+    refuse_unknown(request.query_params)
     params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
     k = settings.default_top_k if query["top_k"] is None else query["top_k"]
     if k < 1:
         raise InvalidParameters(f"top_k={k} must be at least 1")
-    state.parsed_queries.put(query_string, (params, k))
+    state.parsed_queries.put(request.scope["query_string"], (params, k))
     return params, k
 
 
