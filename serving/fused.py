@@ -1,7 +1,7 @@
 """A confidence cascade in one ONNX Runtime call: the stage graphs fused into one graph.
 
 Served stage by stage, a cascade pays per stage one batcher wake-up, one hand-off to
-the inference thread and back, and a softmax in Python — on a small model as much
+the inference thread and back, and a stopping score in Python — on a small model as much
 time as the stage's compute, so a cascade that spends half the GFLOPs of the main exit
 saves almost no time (docs/request-path-profile.md). This module builds, from a model
 folder's stage graphs, one graph that runs the whole cascade per sample:
@@ -39,7 +39,6 @@ import onnxruntime as ort
 from . import cascade
 from .batching import GraphWorker
 from .errors import ModelLoadError
-from .outputs import softmax
 from .runtime import Graph, ModelRuntime, SessionOptions, provider_chain
 from .sessions import open_session
 
@@ -325,7 +324,7 @@ def _check(runtime: ModelRuntime, graph: FusedCascadeGraph, batch: int = 16) -> 
 def _timings(runtime: ModelRuntime, graph: FusedCascadeGraph, pairs: int = 30) -> tuple[float, float, float]:
     """Batch-1 seconds: the fused graph through every stage, the stage chain, and what the
     stage path adds per extra stage on top of ORT (its batching queue, the hand-off to the
-    inference thread and back, the score and softmax of the stage's logits)."""
+    inference thread and back, the stopping score of the stage's logits)."""
     x = runtime.example_input(1, seed=6)
     rows = graph.full_depth(1)
     logits = runtime.stages[0].run(x)[0]
@@ -337,7 +336,7 @@ def _timings(runtime: ModelRuntime, graph: FusedCascadeGraph, pairs: int = 30) -
 
     async def hand_offs(pool, n: int = 60) -> float:
         # The stage path's own machinery with a graph that does nothing: queue, batching
-        # loop, inference thread and back, then the score and softmax of the stage's logits.
+        # loop, inference thread and back, then the stopping score of the stage's logits.
         worker = GraphWorker("hand-off", lambda batch: [batch], pool, 1, 0.0)
         worker.start()
         times = []
@@ -346,7 +345,6 @@ def _timings(runtime: ModelRuntime, graph: FusedCascadeGraph, pairs: int = 30) -
                 t0 = time.perf_counter()
                 (out,) = await worker.submit(logits[0])
                 cascade.top_probability(out)
-                softmax(out)
                 times.append(time.perf_counter() - t0)
         finally:
             await worker.stop()

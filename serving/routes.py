@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from .body import read_body_within
 from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId
 from .images import decode_off_loop
-from .outputs import top_k as top_k_classes
+from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, params_from_request
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
 from .service import Outcome
@@ -146,7 +146,7 @@ async def answer_classify(
             x = await decode_off_loop(len(data), lambda: preprocess(data, content_type))
             deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
             outcome = await service.run(x, plan, ticket, deadline)
-        ranked = top_k_classes(outcome.probs, k)
+        ranked = ranked_classes(outcome.logits, k)
         manifest = service.runtime.manifest
         request_id = state.signer.issue(manifest.name, outcome.exit, ranked[0][0])
         exit_label, status = str(outcome.exit), 200

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ class Outcome:
     """The result of running one plan on one input."""
 
     exit: int
-    probs: np.ndarray
+    logits: np.ndarray  # the answering exit's, one sample; /classify ranks them (serving.outputs.ranked)
     exits_evaluated: list[int]
     gflops: float
     seconds: float  # enqueue of the first graph → result of the last
@@ -58,6 +59,12 @@ class Outcome:
     # server would have reached.
     deadline_met: bool | None = None
     degraded: bool = False
+
+    @functools.cached_property
+    def probs(self) -> np.ndarray:
+        """The softmax of :attr:`logits` (float64), formed only where an answer needs them all
+        (Open Inference Protocol answers): not in ``seconds``, and not for /classify's ranking."""
+        return softmax(self.logits)
 
 
 @dataclass
@@ -430,13 +437,11 @@ class InferenceService:
             (logits,) = await self.exit_workers[plan.exit - 1].submit(x)
             if how == "single":  # an estimate (the fused path's is a bound, which would bias the gap)
                 self.prediction_gap.observe((time.perf_counter() - started) - predicted)
-            probs = softmax(logits)
             evaluated.append(plan.exit)
         elif self.fused_worker is not None and (deadline is None or how == "fused"):
             # The same rule inside the graph (float64 score, per-sample thresholds capped at plan.exit).
             assert plan.thresholds is not None  # a cascade plan always has them
             logits, answered = await self.fused_worker.submit((x, cap_thresholds(plan.thresholds, plan.exit)))
-            probs = softmax(logits)
             evaluated.extend(range(1, int(answered) + 1))
         else:
             thresholds = np.asarray(plan.thresholds, dtype=np.float64)
@@ -453,7 +458,7 @@ class InferenceService:
                     self.prediction_gap.observe((time.perf_counter() - now) - predicted)
                 else:
                     outputs = await worker.submit(features)
-                probs = softmax(outputs[0])
+                logits = outputs[0]
                 evaluated.append(number)
                 # The shared rule on the shared score, so answers match the offline calibration.
                 top = float(cascade.top_probability(outputs[0]))
@@ -463,7 +468,7 @@ class InferenceService:
         finished = time.perf_counter()
         return Outcome(
             exit=evaluated[-1],
-            probs=probs,
+            logits=logits,
             exits_evaluated=evaluated,
             gflops=self.costs.spent(mode, evaluated),
             seconds=finished - started,
