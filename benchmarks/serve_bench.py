@@ -488,6 +488,15 @@ def parse_variants(specs: list[str], trees: list[str]) -> dict[str, tuple[list[s
     return variants
 
 
+def verdict(value: float | None, target: float, at_most: bool = False) -> str:
+    """Whether ``value`` meets ``target``, decided on the unrounded value (0.946 is not >= 0.95,
+    though it prints as 0.95 with two decimals)."""
+    if value is None:
+        return f"{'<=' if at_most else '>='} {target}: n/a"
+    met = value <= target if at_most else value >= target
+    return f"{'<=' if at_most else '>='} {target}: {'met' if met else 'not met'}"
+
+
 def summary(report: dict) -> list[str]:
     lines = []
     t = report.get("throughput")
@@ -497,9 +506,9 @@ def summary(report: dict) -> list[str]:
             sat_one = t["cases"]["saturation_exit1"]["servers"][name]["ratio_vs_raw_default"]
             over = t["cases"]["overhead_main"]["servers"][name]["p50_overhead_ms_vs_raw_default"]
             line = (
-                f"[{name}] saturation main {sat_main:.2f}x (>= {TARGETS['saturation_main']}), exit 1 "
-                f"{sat_one:.2f}x (>= {TARGETS['saturation_exit1']}), p50 overhead {over:+.2f} ms "
-                f"(<= {TARGETS['overhead_p50_ms']})"
+                f"[{name}] saturation main {sat_main:.3f}x ({verdict(sat_main, TARGETS['saturation_main'])}), "
+                f"exit 1 {sat_one:.3f}x ({verdict(sat_one, TARGETS['saturation_exit1'])}), "
+                f"p50 overhead {over:+.2f} ms ({verdict(over, TARGETS['overhead_p50_ms'], at_most=True)})"
             )
             if name == LEAST:
                 line += " -- the reference server, not the product: what the host allows a server of this shape"
@@ -507,8 +516,8 @@ def summary(report: dict) -> list[str]:
                 cases = t["cases"]
                 line += (
                     f"; against the reference server in the same rounds: main "
-                    f"{cases['saturation_main']['servers'][name]['ratio_vs_least_server']:.2f}x, exit 1 "
-                    f"{cases['saturation_exit1']['servers'][name]['ratio_vs_least_server']:.2f}x, p50 "
+                    f"{cases['saturation_main']['servers'][name]['ratio_vs_least_server']:.3f}x, exit 1 "
+                    f"{cases['saturation_exit1']['servers'][name]['ratio_vs_least_server']:.3f}x, p50 "
                     f"{cases['overhead_main']['servers'][name]['p50_ms_over_least_server']:+.2f} ms"
                 )
             lines.append(line)
@@ -516,8 +525,9 @@ def summary(report: dict) -> list[str]:
         for name, v in c["variants"].items():
             lines.append(
                 f"[{name}] {c['model']}: cascade efficiency {ratio_text(v['efficiency'])} "
-                f"(>= {TARGETS['cascade_efficiency']}; its ORT runs alone {ratio_text(v['efficiency_of_ort_runs'])}, "
-                f"the same graphs without HTTP {ratio_text(c['in_process']['efficiency'])}), "
+                f"({verdict(v['efficiency'], TARGETS['cascade_efficiency'])}; its ORT runs alone "
+                f"{ratio_text(v['efficiency_of_ort_runs'])}, the same graphs without HTTP "
+                f"{ratio_text(c['in_process']['efficiency'])}), "
                 f"agreement {100 * v['agreement_with_offline_rule']:.1f} %"
             )
     return lines

@@ -99,3 +99,35 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_benchmark_decides_each_target_on_the_unrounded_figure():
+    # A main-exit median of 0.9456 once printed as "0.95x (>= 0.95)": the verdict must say not met.
+    from benchmarks.serve_bench import summary
+
+    def servers(**figures):
+        return {"servers": {"server": figures}}
+
+    report = {
+        "throughput": {
+            "cases": {
+                "saturation_main": servers(ratio_vs_raw_default=0.9456),
+                "saturation_exit1": servers(ratio_vs_raw_default=0.85),
+                "overhead_main": servers(p50_overhead_ms_vs_raw_default=0.5004),
+            }
+        },
+        "cascade": [
+            {
+                "model": "m",
+                "in_process": {"efficiency": 0.5},
+                "variants": {
+                    "server": {"efficiency": None, "efficiency_of_ort_runs": 0.4, "agreement_with_offline_rule": 1.0}
+                },
+            }
+        ],
+    }
+    throughput, cascade = summary(report)
+    assert "0.946x (>= 0.95: not met)" in throughput
+    assert "0.850x (>= 0.85: met)" in throughput
+    assert "+0.50 ms (<= 0.5: not met)" in throughput
+    assert "cascade efficiency n/a (>= 0.8: n/a" in cascade
