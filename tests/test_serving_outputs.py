@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from serving.outputs import ranked, softmax
 
@@ -26,14 +27,16 @@ def test_ranked_orders_by_probability_with_deterministic_ties():
     assert ranked(logits, 0) == ranked(logits, 1)  # at least one
 
 
-def test_ranked_gives_softmax_probabilities_in_the_order_of_a_stable_sort():
+@pytest.mark.parametrize("classes", [10, 100, 1000])  # plain Python up to 128 classes, numpy above
+def test_ranked_gives_softmax_probabilities_in_the_order_of_a_stable_sort(classes):
     rng = np.random.default_rng(0)
     for scale in (0.1, 3.0, 40.0):  # near-uniform to saturated (probabilities that underflow to 0)
-        logits = (rng.standard_normal(100) * scale).astype(np.float32)
-        logits[[7, 42]] = logits.max() + 1  # a tie at the top
+        logits = (rng.standard_normal(classes) * scale).astype(np.float32)
+        logits[[7, classes - 1]] = logits.max() + 1  # a tie at the top
         probs = softmax(logits)
         expected = np.argsort(-probs, kind="stable")[:10]
         got = ranked(logits, 10)
         assert [i for i, _ in got] == expected.tolist()
         assert np.allclose([p for _, p in got], probs[expected], rtol=1e-12, atol=0)
-        assert got[0][0] == 7 and got[1][0] == 42
+        assert got[0][0] == 7 and got[1][0] == classes - 1
+        assert ranked(logits, 1) == got[:1]
