@@ -47,8 +47,8 @@ def ranked(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
         if k == 1:  # argmax takes the first of equal maxima, as the stable sort does
             best = int(probabilities.argmax())
             return [(best, float(probabilities[best]))]
-        order = np.argsort(-probabilities, kind="stable")[:k]
-        return list(zip(order.tolist(), probabilities[order].tolist()))
+        top_k = np.argsort(-probabilities, kind="stable")[:k]
+        return list(zip(top_k.tolist(), probabilities[top_k].tolist()))
     values = logits.tolist()
     top = max(values)
     exps = [math.exp(v - top) for v in values]
