@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -155,10 +156,7 @@ async def answer_classify(
         # yields to the event loop, so the loop runs them right after it, before any later
         # request (a scrape included). A lone request's p50 no longer carries them.
         loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)
-        body = _answer(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
-        # JSONResponse's bytes from one encoder made once: json.dumps with options builds a new
-        # JSONEncoder per call.
-        return JSON_ENCODER.encode(body).encode("utf-8")
+        return answer_json(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
     except ServingError as exc:
         status = exc.status_code
         raise
@@ -273,30 +271,54 @@ def _params_and_top_k(state: AppState, request: Request, query: dict[str, Any] |
     return params, k
 
 
-def _answer(
+def _number(value: float) -> str:
+    """A number as JSONEncoder writes it: ``float.__repr__`` for floats (numpy float64s too, which
+    ``repr`` would spell ``np.float64(...)``), ``int.__repr__`` for integers."""
+    return float.__repr__(value) if isinstance(value, float) else int.__repr__(int(value))
+
+
+# Per class list (one per loaded manifest), the names as JSON strings: encoded once, not per answer.
+_CLASS_NAMES_JSON: dict[int, tuple[list[str], list[str]]] = {}
+
+
+def _class_names_json(classes: list[str]) -> list[str]:
+    hit = _CLASS_NAMES_JSON.get(id(classes))
+    if hit is None or hit[0] is not classes:  # the entry holds the list, so its id is not reused meanwhile
+        if len(_CLASS_NAMES_JSON) >= 8:  # models replaced many times: start over
+            _CLASS_NAMES_JSON.clear()
+        hit = _CLASS_NAMES_JSON[id(classes)] = (classes, [JSON_ENCODER.encode(name) for name in classes])
+    return hit[1]
+
+
+def answer_json(
     request_id: str,
     outcome: Outcome,
     ranked: list[tuple[int, float]],
     classes: list[str],
     policy: str,
     elapsed_s: float,
-) -> dict[str, Any]:
-    """The /classify response body (DESIGN §4 keys, plus inference_ms)."""
+) -> bytes:
+    """The /classify response body (DESIGN §4 keys, plus inference_ms; :class:`ClassifyResponse`):
+    the bytes ``JSON_ENCODER`` gives for the body as a dict, key order included, written from a
+    template. The generic encoder walks a dict of nested dicts and lists after every ORT run, where
+    its code starts cold (docs/request-path-profile.md, tenth session). ``request_id`` is one of
+    :class:`~serving.feedback.AnswerSigner`'s tokens (URL-safe characters and dots: nothing to escape)."""
+    latency_ms, inference_ms = round(elapsed_s * 1e3, 3), round(outcome.seconds * 1e3, 3)
+    numbers = [probability for _, probability in ranked]
+    numbers += (outcome.gflops, latency_ms, inference_ms)
+    if not all(map(math.isfinite, numbers)):  # as JSON_ENCODER (allow_nan=False) refuses them
+        raise ValueError(f"Out of range float values are not JSON compliant: {numbers}")
+    names = _class_names_json(classes)
+    top_k = ",".join(f'{{"label":{int(i)},"class_name":{names[i]},"probability":{_number(p)}}}' for i, p in ranked)
     label, probability = ranked[0]
-    return {
-        "id": request_id,
-        "exit": outcome.exit,
-        "label": label,
-        "class_name": classes[label],
-        "probability": probability,
-        "top_k": [{"label": i, "class_name": classes[i], "probability": p} for i, p in ranked],
-        "gflops": outcome.gflops,
-        "exits_evaluated": outcome.exits_evaluated,
-        "policy": policy,
-        "latency_ms": round(elapsed_s * 1e3, 3),
-        "inference_ms": round(outcome.seconds * 1e3, 3),
-        **({} if outcome.deadline_met is None else {"deadline_met": outcome.deadline_met}),
-    }
+    deadline = "" if outcome.deadline_met is None else f',"deadline_met":{"true" if outcome.deadline_met else "false"}'
+    return (
+        f'{{"id":"{request_id}","exit":{int(outcome.exit)},"label":{int(label)},"class_name":{names[label]},'
+        f'"probability":{_number(probability)},"top_k":[{top_k}],"gflops":{_number(outcome.gflops)},'
+        f'"exits_evaluated":[{",".join(str(int(e)) for e in outcome.exits_evaluated)}],'
+        f'"policy":{JSON_ENCODER.encode(policy)},"latency_ms":{_number(latency_ms)},'
+        f'"inference_ms":{_number(inference_ms)}{deadline}}}'
+    ).encode()
 
 
 def class_index(label: int | str, classes: list[str]) -> int:

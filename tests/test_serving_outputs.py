@@ -1,4 +1,4 @@
-"""serving.outputs: probabilities and ranked classes of an answer."""
+"""serving.outputs and the /classify answer: probabilities, ranked classes and the answer's bytes."""
 
 from __future__ import annotations
 
@@ -40,3 +40,57 @@ def test_ranked_gives_softmax_probabilities_in_the_order_of_a_stable_sort(classe
         assert np.allclose([p for _, p in got], probs[expected], rtol=1e-12, atol=0)
         assert got[0][0] == 7 and got[1][0] == classes - 1
         assert ranked(logits, 1) == got[:1]
+
+
+def _expected(request_id, outcome, ranked_classes, classes, policy, elapsed_s):
+    """The body as a dict, in ClassifyResponse's key order: what the answer's bytes must encode."""
+    label, probability = ranked_classes[0]
+    body = {
+        "id": request_id,
+        "exit": outcome.exit,
+        "label": label,
+        "class_name": classes[label],
+        "probability": probability,
+        "top_k": [{"label": i, "class_name": classes[i], "probability": p} for i, p in ranked_classes],
+        "gflops": outcome.gflops,
+        "exits_evaluated": outcome.exits_evaluated,
+        "policy": policy,
+        "latency_ms": round(elapsed_s * 1e3, 3),
+        "inference_ms": round(outcome.seconds * 1e3, 3),
+    }
+    if outcome.deadline_met is not None:
+        body["deadline_met"] = outcome.deadline_met
+    return body
+
+
+@pytest.mark.parametrize("deadline_met", [None, True, False])
+def test_the_answer_bytes_are_what_the_json_encoder_gives_for_the_body(deadline_met):
+    from serving.routes import JSON_ENCODER, ClassifyResponse, answer_json
+    from serving.service import Outcome
+
+    classes = ['a "quoted" name', "back\\slash", "été — ünïcode", "tab\there", "ctrl\x01", "plain"]
+    logits = np.array([0.3, 2.0, -1.0, 2.0, 0.0, 1e-3], dtype=np.float32)
+    outcome = Outcome(
+        exit=3,
+        logits=logits,
+        exits_evaluated=[1, 2, 3],
+        gflops=np.float64(0.123456789),  # the cost table may hand back numpy floats
+        seconds=0.0061234,
+        deadline_met=deadline_met,
+    )
+    ranked_classes = ranked(logits, 4)
+    request_id = "v1.eyJtIjoibSJ9.AbC-_d"
+    policy = 'budget_"0.75x"'
+    got = answer_json(request_id, outcome, ranked_classes, classes, policy, 0.0071239)
+    expected = _expected(request_id, outcome, ranked_classes, classes, policy, 0.0071239)
+    assert got == JSON_ENCODER.encode(expected).encode("utf-8")
+    ClassifyResponse.model_validate_json(got)  # and the documented schema reads it
+
+
+def test_an_answer_with_a_non_finite_number_is_refused_as_the_json_encoder_refuses_it():
+    from serving.routes import answer_json
+    from serving.service import Outcome
+
+    outcome = Outcome(exit=1, logits=np.zeros(2, np.float32), exits_evaluated=[1], gflops=0.1, seconds=0.001)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        answer_json("v1.x.y", outcome, [(0, float("nan")), (1, 0.5)], ["a", "b"], "exit", 0.002)
