@@ -111,6 +111,9 @@ def test_a_query_seen_before_is_answered_past_the_asgi_stack(served):
         app.middleware_stack = stack
     assert [status for status, _, _ in answers] == [200, 599, 599, 599]
     assert json.loads(answers[0][2])["exit"] == 2
+    # The same head as the ASGI way's answer: uvicorn's date and server headers among them.
+    assert set(again[1]) == set(first[1]) >= {"date", "server", "content-type", "content-length", "x-request-id"}
+    assert again[1]["content-type"] == first[1]["content-type"] == "application/json"
 
 
 def test_request_ids_in_and_out(served):
