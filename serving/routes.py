@@ -277,19 +277,6 @@ def _number(value: float) -> str:
     return float.__repr__(value) if isinstance(value, float) else int.__repr__(int(value))
 
 
-# Per class list (one per loaded manifest), the names as JSON strings: encoded once, not per answer.
-_CLASS_NAMES_JSON: dict[int, tuple[list[str], list[str]]] = {}
-
-
-def _class_names_json(classes: list[str]) -> list[str]:
-    hit = _CLASS_NAMES_JSON.get(id(classes))
-    if hit is None or hit[0] is not classes:  # the entry holds the list, so its id is not reused meanwhile
-        if len(_CLASS_NAMES_JSON) >= 8:  # models replaced many times: start over
-            _CLASS_NAMES_JSON.clear()
-        hit = _CLASS_NAMES_JSON[id(classes)] = (classes, [JSON_ENCODER.encode(name) for name in classes])
-    return hit[1]
-
-
 def answer_json(
     request_id: str,
     outcome: Outcome,
@@ -308,15 +295,17 @@ def answer_json(
     numbers += (outcome.gflops, latency_ms, inference_ms)
     if not all(map(math.isfinite, numbers)):  # as JSON_ENCODER (allow_nan=False) refuses them
         raise ValueError(f"Out of range float values are not JSON compliant: {numbers}")
-    names = _class_names_json(classes)
-    top_k = ",".join(f'{{"label":{int(i)},"class_name":{names[i]},"probability":{_number(p)}}}' for i, p in ranked)
+    name = JSON_ENCODER.encode  # a str: one C call
+    top_k = ",".join(
+        f'{{"label":{int(i)},"class_name":{name(classes[i])},"probability":{_number(p)}}}' for i, p in ranked
+    )
     label, probability = ranked[0]
     deadline = "" if outcome.deadline_met is None else f',"deadline_met":{"true" if outcome.deadline_met else "false"}'
     return (
-        f'{{"id":"{request_id}","exit":{int(outcome.exit)},"label":{int(label)},"class_name":{names[label]},'
+        f'{{"id":"{request_id}","exit":{int(outcome.exit)},"label":{int(label)},"class_name":{name(classes[label])},'
         f'"probability":{_number(probability)},"top_k":[{top_k}],"gflops":{_number(outcome.gflops)},'
         f'"exits_evaluated":[{",".join(str(int(e)) for e in outcome.exits_evaluated)}],'
-        f'"policy":{JSON_ENCODER.encode(policy)},"latency_ms":{_number(latency_ms)},'
+        f'"policy":{name(policy)},"latency_ms":{_number(latency_ms)},'
         f'"inference_ms":{_number(inference_ms)}{deadline}}}'
     ).encode()
 

@@ -461,7 +461,7 @@ class InferenceService:
                 logits = outputs[0]
                 evaluated.append(number)
                 # The shared rule on the shared score, so answers match the offline calibration.
-                top = float(cascade.top_probability(outputs[0]))
+                top = float(cascade.top_probability(logits))
                 if number == plan.exit or cascade.stops_at(top, thresholds, number):
                     break
                 features = outputs[1]
