@@ -32,6 +32,7 @@ from .body import RAW_TYPES, media_type, within
 from .errors import INTERNAL_ERROR_BODY, BadRequest, ServingError
 from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
 from .routes import JSON_ENCODER, answer_classify
+from .service import InferenceService
 from .state import AppState
 
 log = logging.getLogger("serving")
@@ -47,7 +48,7 @@ class _InFlight:
     queue a pipelined request behind it (``response_complete``), to tell it that the client left
     and to ask it to close after the answer (``keep_alive``, on shutdown)."""
 
-    __slots__ = ("body", "parts", "response_complete", "keep_alive", "disconnected", "message_event")
+    __slots__ = ("body", "parts", "response_complete", "keep_alive", "disconnected", "message_event", "counted")
 
     def __init__(self, body: asyncio.Future) -> None:
         self.body = body  # the image, once the parser has it all
@@ -56,6 +57,7 @@ class _InFlight:
         self.keep_alive = True
         self.disconnected = False
         self.message_event = self  # uvicorn calls message_event.set() when the connection is lost
+        self.counted: InferenceService | None = None  # the service counting it in ``arrived``
         # Nobody reads the body when the answer failed before it (a 422, a 503): no "exception never
         # retrieved" when the client then leaves mid-body.
         body.add_done_callback(lambda future: future.cancelled() or future.exception())
@@ -63,6 +65,19 @@ class _InFlight:
     def set(self) -> None:
         if not self.body.done():
             self.body.set_exception(BadRequest("client disconnected before the body was complete"))
+
+    def arrive(self, service: InferenceService | None) -> None:
+        """Counted among the service's requests read but not yet admitted, so that a request
+        deciding whether it is alone on the server sees this one (InferenceService.arrived)."""
+        if service is not None:
+            service.arrived += 1
+            self.counted = service
+
+    def admitted(self) -> None:
+        """No longer counted: its handler is being admitted, or has ended without reaching it."""
+        if self.counted is not None:
+            self.counted.arrived -= 1
+            self.counted = None
 
 
 def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) -> type[Any]:
@@ -127,6 +142,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             self.cycle = answer  # a request behind it waits, as behind a cycle
             task = self.loop.create_task(self._serve(answer, remembered, declared, incoming_id))
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lambda _: answer.admitted())  # however it ended, even before it started
             self.tasks.add(task)
             return answer
 
@@ -145,6 +161,8 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             if not answer.body.done():  # not timed out meanwhile
                 parts = answer.parts
                 answer.body.set_result(parts[0] if len(parts) == 1 else b"".join(parts))
+                if not answer.response_complete:  # not answered already (a 422 before its body came)
+                    answer.arrive(state.service)
 
         async def _serve(self, answer: _InFlight, remembered: Any, declared: str, incoming_id: str | None) -> None:
             started = time.perf_counter()
@@ -154,9 +172,13 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             headers: dict[str, str] = {}
 
             async def read_body() -> tuple[bytes, str | None]:
+                # The handler admits the request right after this returns, without yielding.
                 if answer.body.done():  # the usual case: the image came with the headers
+                    answer.admitted()
                     return answer.body.result(), declared or None
-                return await within(answer.body, settings.body_timeout_s), declared or None
+                body = await within(answer.body, settings.body_timeout_s)
+                answer.admitted()
+                return body, declared or None
 
             def note(policy: str, exit_label: str) -> None:
                 labels["policy"], labels["exit"] = policy, exit_label

@@ -117,6 +117,10 @@ class InferenceService:
         self._probing = False
         self._inline_max_ms = inline_max_ms
         self._inflight = 0
+        # Requests the server's HTTP protocol has read in full whose handlers have not been
+        # admitted yet (serving/fastpath.py counts them): with any, a request is not alone, so
+        # requests read in one loop turn are batched without the lone check yielding a turn.
+        self.arrived = 0
         self._in_run = 0  # requests inside run(), admitted or not
         self._plans: Memo[PolicyParams, Plan] = Memo()  # plans without a deadline depend on the costs only
         self._preparing = 0
@@ -176,9 +180,10 @@ class InferenceService:
         return worker
 
     def _alone(self) -> bool:
-        """Whether the one admitted request is all there is: nothing else queued, running or probing."""
+        """Whether the one admitted request is all there is: nothing else read, queued, running or probing."""
         return (
             self._inflight <= 1
+            and not self.arrived
             and not self._probing
             and not any(w.running or w.queue.qsize() for w in self._all_workers)
         )
@@ -370,7 +375,7 @@ class InferenceService:
         tick = max(0.05, self._probe_interval_s / 4)
         while True:
             await asyncio.sleep(tick)
-            if self._inflight or any(w.running or w.queue.qsize() for w in self._all_workers):
+            if self._inflight or self.arrived or any(w.running or w.queue.qsize() for w in self._all_workers):
                 continue
             now = time.monotonic()
             stale = [

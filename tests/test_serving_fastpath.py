@@ -213,3 +213,66 @@ def test_http_1_0_closes_after_the_answer_and_the_first_request_id_wins(served):
         assert sock.recv(1) == b""  # uvicorn's rule for HTTP/1.0: closed after the response
     ((status, headers, _),) = exchange(port, post(headers="X-Request-ID: first\r\nX-Request-ID: second\r\n"))
     assert status == 200 and headers["x-request-id"] == "first"  # as the request-id middleware reads it
+
+
+def _batches(port: int) -> tuple[float, float]:
+    """(requests, batches) run so far on exit 2's full-path graph, from /metrics."""
+    metrics = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[0][2].decode()
+    values = {}
+    for line in metrics.splitlines():
+        for name in ("eed_batch_size_sum", "eed_batch_size_count"):
+            if line.startswith(name + '{exit="2",graph="exit"}'):
+                values[name] = float(line.split()[-1])
+    return values.get("eed_batch_size_sum", 0.0), values.get("eed_batch_size_count", 0.0)
+
+
+def test_requests_read_in_one_loop_turn_are_batched_and_a_lone_one_runs_alone(served):
+    # A request is answered at once when it finds the server idle — but not one of several read
+    # in the same loop turn: those must be batched, not run alone one after another.
+    app, port = served
+    exchange(port, post())  # remembered
+    service = app.state.eed.service
+    loop = service.exit_workers[1]._task.get_loop()
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    try:
+        before = _batches(port)
+        held = threading.Event()
+
+        def hold_the_loop():  # the six requests arrive while the loop is busy
+            held.set()
+            time.sleep(0.5)
+
+        loop.call_soon_threadsafe(hold_the_loop)
+        assert held.wait(5)
+        for sock in socks:
+            sock.sendall(post())
+        answers = [read_response(sock) for sock in socks]
+        after = _batches(port)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert {json.loads(body)["label"] for _, _, body in answers} == {expected_label(3, 2)}
+    assert after[0] - before[0] == 6 and after[1] - before[1] == 1  # one batch of six
+    # Alone, one request is one batch of one; none is left counted as arriving.
+    exchange(port, post())
+    assert _batches(port)[1] - after[1] == 1 and service.arrived == 0
+
+
+def test_a_large_image_and_a_body_in_a_later_packet_are_answered(served):
+    app, port = served
+    exchange(port, post())  # remembered
+    large = encode(uniform_image(3, size=(160, 160), mode="RGB"), compress_level=0)
+    assert len(large) > 64 * 1024  # decoded in a worker thread (serving.images.INLINE_DECODE_BYTES)
+    request = post(body=large)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["label"] == expected_label(3, 2)
+        late = post()
+        sock.sendall(late[:-20])  # the headers and most of the body; the rest a little later
+        time.sleep(0.05)
+        sock.sendall(late[-20:])
+        status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["label"] == expected_label(3, 2)
+    assert app.state.eed.service.arrived == 0

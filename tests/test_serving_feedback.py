@@ -7,6 +7,8 @@ load balancer: answers come from one, feedback goes to the other.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -133,6 +135,7 @@ def test_forged_ids_are_refused_and_count_nothing(replicas):
         _tamper(answer["id"], e=3),  # claims another exit
         answer["id"][:-2] + ("AA" if not answer["id"].endswith("AA") else "BB"),  # altered signature
         "v1." + "A" * 5000 + ".x",
+        answer["id"][:10] + "é" + answer["id"][10:],  # not ASCII: was a 500
     ]
     for token in forged:
         r = feedback(b.url, token, 0)
@@ -193,6 +196,16 @@ def test_signer_round_trip_and_refusals():
         AnswerSigner(b"x" * 16, max_age_s=60).verify(token, now=1030.0)
     with pytest.raises(ValueError):
         AnswerSigner(b"short", max_age_s=60)
+
+
+def test_the_tag_is_hmac_sha256_of_the_signed_part():
+    # The id's format is what replicas of other versions verify (a rolling upgrade shares the
+    # secret): base64url, unpadded, of the first 16 bytes of HMAC-SHA256 over "v1.<claims>".
+    token = AnswerSigner(SECRET.encode(), max_age_s=60).issue("m", 2, 7, now=1000.0)
+    version, body, tag = token.split(".")
+    expected = hmac.new(SECRET.encode(), f"{version}.{body}".encode(), hashlib.sha256).digest()[:16]
+    assert tag == base64.urlsafe_b64encode(expected).rstrip(b"=").decode()
+    assert body == base64.urlsafe_b64encode(base64.urlsafe_b64decode(body + "==")).rstrip(b"=").decode()
 
 
 @pytest.mark.parametrize("model", ["fmnist-resnet18-eed", 'a "quoted" \\ name', "modèle-ü"])
