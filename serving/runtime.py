@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,8 @@ class Graph:
     # A session for lone requests: one-thread when that measured faster on the CPU, or
     # any session on the GPU, where each session keeps one input shape (ModelRuntime.choose_lone_sessions).
     lone_session: ort.InferenceSession | None = None
+    # The one-thread lone session while lone requests are back on ``session`` (LoneThreadsJudge).
+    spare_lone_session: ort.InferenceSession | None = None
 
     def feeds(self, batch: Any) -> dict[str, Any]:
         """The session's input dict for ``batch``."""
@@ -148,6 +151,41 @@ class Graph:
         return x if self.kind == "exit" else stage_inputs[self.exit - 1]
 
 
+# How many of its latest idle-time timings each way the judge of lone requests' threads keeps.
+LONE_TIMINGS_REMEMBERED = 8
+
+
+@dataclass
+class LoneThreadsJudge:
+    """Keeps start-up's choice of one-thread sessions for lone requests honest while serving.
+
+    :meth:`ModelRuntime.choose_lone_sessions` times the main exit both ways for about a second at
+    start-up. A server starting beside another one's start-up (two replicas on one 2-core host)
+    measured its all-core runs at 15.3 ms where a quiet host gives 7.0, chose one-thread sessions
+    (12.2 ms), and served every lone request on one thread for the rest of its life — twice the
+    latency (docs/request-path-profile.md, eleventh session). So when one-thread sessions are
+    chosen, the server's idle-time prober times both ways again now and then
+    (:meth:`ModelRuntime.time_lone_ways`) and lone requests follow the same rule as at start-up on
+    the fastest of each way's recent timings — a way's own cost, which a busy moment only adds to.
+    """
+
+    min_gain: float
+    all_cores: deque = field(default_factory=lambda: deque(maxlen=LONE_TIMINGS_REMEMBERED))
+    one_thread: deque = field(default_factory=lambda: deque(maxlen=LONE_TIMINGS_REMEMBERED))
+
+    def observe(self, all_cores_s: float, one_thread_s: float) -> bool:
+        """Record one timing each way; whether one-thread sessions are the faster way now."""
+        self.all_cores.append(all_cores_s)
+        self.one_thread.append(one_thread_s)
+        return min(self.one_thread) <= (1 - self.min_gain) * min(self.all_cores)
+
+    def detail(self) -> str:
+        return (
+            f"main exit at batch 1: {min(self.one_thread) * 1e3:.3f} ms on one thread vs "
+            f"{min(self.all_cores) * 1e3:.3f} ms on all cores"
+        )
+
+
 @dataclass
 class ModelRuntime:
     """All sessions of one model folder."""
@@ -163,6 +201,8 @@ class ModelRuntime:
     lone_keywords: dict[str, Any] | None = None
     # The confidence cascade fused into one graph (serving/fused.py), when chosen.
     fused: Graph | None = None
+    # Re-judges one-thread lone sessions while serving; None unless choose_lone_sessions chose them.
+    lone_judge: LoneThreadsJudge | None = None
 
     @property
     def graphs(self) -> list[Graph]:
@@ -328,8 +368,49 @@ class ModelRuntime:
                 if graph.source is not None:
                     graph.lone_session = candidate if graph is main else open_session(graph.source, [CPU], **keywords)
             self.lone_sessions = f"one-thread sessions ({detail})"
+            self.lone_judge = LoneThreadsJudge(min_gain)
+            self.lone_judge.observe(all_cores / 1e3, one_thread / 1e3)
         log.info("lone requests of %s run on %s", self.manifest.name, self.lone_sessions)
         return self.lone_sessions
+
+    def time_lone_ways(self, rounds: int = 2) -> tuple[float, float]:
+        """The main exit at batch 1 on its all-core and its one-thread session, alternately,
+        ``rounds`` runs each 0.5 ms apart (a server's idle gaps, as start-up times them): the
+        fastest of each way, (all cores, one thread) in seconds. The first run after an idle
+        spell pays for waking ORT's threads and reloading the weights, whichever way it runs.
+        Only while one-thread lone sessions exist."""
+        main = self.exits[-1]
+        one_thread = main.lone_session or main.spare_lone_session
+        assert one_thread is not None, "no one-thread session to time (choose_lone_sessions chose none)"
+        feeds = main.feeds(self.example_input(1, seed=7))
+        timings: tuple[list[float], list[float]] = ([], [])
+        for _ in range(rounds):
+            for session, times in zip((main.session, one_thread), timings):
+                time.sleep(0.0005)
+                started = time.perf_counter()
+                session.run(main.output_names, feeds)
+                times.append(time.perf_counter() - started)
+        return min(timings[0]), min(timings[1])
+
+    @property
+    def lone_on_one_thread(self) -> bool:
+        """Whether lone requests run on one-thread sessions now."""
+        return self.lone_judge is not None and self.exits[-1].lone_session is not None
+
+    def use_one_thread_lone_sessions(self, one_thread: bool) -> None:
+        """Move lone requests to their one-thread sessions or back to the batch sessions (the
+        one-thread ones are kept to come back to). Only after choose_lone_sessions chose them."""
+        assert self.lone_judge is not None, "no one-thread lone sessions to move between"
+        if one_thread == self.lone_on_one_thread:
+            return
+        for graph in self.graphs:
+            if one_thread:
+                graph.lone_session, graph.spare_lone_session = graph.spare_lone_session, None
+            else:
+                graph.spare_lone_session, graph.lone_session = graph.lone_session, None
+        where = "one-thread sessions" if one_thread else "the same sessions as batches"
+        self.lone_sessions = f"{where} (re-judged while idle; {self.lone_judge.detail()})"
+        log.info("lone requests of %s now run on %s", self.manifest.name, self.lone_sessions)
 
     def check_consistency(self, batch: int = 2) -> dict[str, float]:
         """Max |logits(stage chain) − logits(full path)| per exit on a random batch.

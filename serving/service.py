@@ -40,9 +40,13 @@ from .memo import Memo
 from .metrics import ServingMetrics
 from .outputs import softmax
 from .policy import CostTable, Plan, PolicyParams, plan_request
-from .runtime import Graph, ModelRuntime
+from .runtime import Graph, LoneThreadsJudge, ModelRuntime
 
 log = logging.getLogger("serving.service")
+
+# Lone requests' one-thread sessions are re-timed against the all-core ones every this many
+# probe intervals of an idle server (four main-exit runs each time: ~40 ms on the full-width export).
+LONE_RECHECK_PROBE_INTERVALS = 5
 
 
 @dataclass
@@ -369,15 +373,23 @@ class InferenceService:
 
         A graph that no request has used for ``probe_interval_s`` (say, deep exits
         that deadlines skipped during a burst) gets one batch-1 run on a fixed input,
-        only when nothing is admitted or queued, one graph per tick.
+        only when nothing is admitted or queued, one graph per tick. Every
+        :data:`LONE_RECHECK_PROBE_INTERVALS` probe intervals, when lone requests have
+        one-thread sessions, a tick times the main exit both ways instead (LoneThreadsJudge).
         """
         loop = asyncio.get_running_loop()
         tick = max(0.05, self._probe_interval_s / 4)
+        lone_checked = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             if self._inflight or self.arrived or any(w.running or w.queue.qsize() for w in self._all_workers):
                 continue
             now = time.monotonic()
+            judge = self.runtime.lone_judge
+            if judge is not None and now - lone_checked >= LONE_RECHECK_PROBE_INTERVALS * self._probe_interval_s:
+                lone_checked = now
+                await self._recheck_lone_sessions(judge)
+                continue
             stale = [
                 (m.last_observed or 0.0, name)
                 for name, m in self.service_models.items()
@@ -397,6 +409,17 @@ class InferenceService:
             finally:
                 self._probing = False
             self.service_models[name].observe(1, time.perf_counter() - started)
+
+    async def _recheck_lone_sessions(self, judge: LoneThreadsJudge) -> None:
+        self._probing = True
+        try:
+            timings = await asyncio.get_running_loop().run_in_executor(self._executor, self.runtime.time_lone_ways)
+        except Exception:  # a probe must never take the server down
+            log.exception("timing lone requests' sessions failed")
+            return
+        finally:
+            self._probing = False
+        self.runtime.use_one_thread_lone_sessions(judge.observe(*timings))
 
     # -- execution -------------------------------------------------------------------
 

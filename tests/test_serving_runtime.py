@@ -541,3 +541,73 @@ def test_lone_requests_return_to_the_event_loop_once_live_runs_are_fast_again(mo
     assert lone.inline is True
     lone.observe(5.0)
     assert lone.inline is False
+
+
+def test_the_one_thread_choice_follows_the_fastest_recent_timings_each_way():
+    from serving.runtime import LONE_TIMINGS_REMEMBERED, LoneThreadsJudge
+
+    judge = LoneThreadsJudge(min_gain=0.1)
+    # Start-up beside a busy neighbour: all-core runs stalled, one-thread runs less so.
+    assert judge.observe(all_cores_s=0.015, one_thread_s=0.012) is True
+    # Quiet again: one quiet all-core timing is the way's own cost, and it wins.
+    assert judge.observe(all_cores_s=0.007, one_thread_s=0.012) is False
+    assert judge.observe(all_cores_s=0.016, one_thread_s=0.012) is False  # a busy moment only adds
+    # Until the quiet timing has aged out and the all-core way stays slow for as long.
+    for _ in range(LONE_TIMINGS_REMEMBERED - 2):
+        assert judge.observe(all_cores_s=0.016, one_thread_s=0.012) is False
+    assert judge.observe(all_cores_s=0.016, one_thread_s=0.012) is True
+    assert "12.000 ms on one thread vs 16.000 ms on all cores" in judge.detail()
+
+
+def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle(model_dir, monkeypatch):
+    # A replica that chose one-thread sessions while its neighbour was starting must not keep
+    # them for life: the idle prober times both ways again and lone requests follow the faster.
+    import asyncio
+
+    from serving.metrics import ServingMetrics
+    from serving.policy import PolicyParams
+    from serving.runtime import LoneThreadsJudge
+    from serving.service import InferenceService
+
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu"))
+    runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1.0, rounds=1)  # one thread
+    one_thread = {g.name: g.lone_session for g in runtime.graphs}
+    assert runtime.lone_on_one_thread and all(one_thread.values())
+    all_cores_s, one_thread_s = runtime.time_lone_ways()  # the real timing, both sessions
+    assert all_cores_s > 0 and one_thread_s > 0
+    runtime.lone_judge = LoneThreadsJudge(min_gain=0.1)
+    runtime.lone_judge.observe(all_cores_s=0.050, one_thread_s=0.010)  # what a busy start-up measured
+    quiet = {"timings": (0.001, 0.002)}  # what the host gives now: all cores twice as fast
+    monkeypatch.setattr(runtime, "time_lone_ways", lambda: quiet["timings"])
+    service = InferenceService(runtime, ServingMetrics(), probe_interval_s=0.01)
+    service.seed_latency(runtime.calibrate(2, (1, 4)))
+    x = runtime.example_input(1, seed=3)
+
+    async def idle_until(condition) -> np.ndarray:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if condition():
+                break
+        with service.admit() as ticket:
+            return (await service.run(x[0], service.plan(PolicyParams(exit=2)), ticket)).logits
+
+    async def main():
+        await service.start()
+        try:
+            logits = await idle_until(lambda: not runtime.lone_on_one_thread)
+            moved = not runtime.lone_on_one_thread and all(g.lone_session is None for g in runtime.graphs)
+            reason = runtime.lone_sessions
+            # And back, once one thread is the faster way again: the same sessions, not new ones.
+            for _ in range(10):
+                runtime.lone_judge.observe(all_cores_s=0.004, one_thread_s=0.002)
+            quiet["timings"] = (0.004, 0.002)
+            await idle_until(lambda: runtime.lone_on_one_thread)
+            return logits, moved, reason
+        finally:
+            await service.stop()
+
+    logits, moved, reason = asyncio.run(main())
+    assert moved and reason.startswith("the same sessions as batches (re-judged while idle")
+    np.testing.assert_allclose(logits, runtime.exits[1].run(x)[0][0], rtol=1e-5, atol=1e-5)
+    assert {g.name: g.lone_session for g in runtime.graphs} == one_thread
+    assert runtime.lone_sessions.startswith("one-thread sessions (re-judged while idle")
