@@ -48,7 +48,16 @@ class _InFlight:
     queue a pipelined request behind it (``response_complete``), to tell it that the client left
     and to ask it to close after the answer (``keep_alive``, on shutdown)."""
 
-    __slots__ = ("body", "parts", "response_complete", "keep_alive", "disconnected", "message_event", "counted")
+    __slots__ = (
+        "body",
+        "parts",
+        "response_complete",
+        "keep_alive",
+        "disconnected",
+        "message_event",
+        "counted",
+        "ended",
+    )
 
     def __init__(self, body: asyncio.Future) -> None:
         self.body = body  # the image, once the parser has it all
@@ -58,6 +67,7 @@ class _InFlight:
         self.disconnected = False
         self.message_event = self  # uvicorn calls message_event.set() when the connection is lost
         self.counted: InferenceService | None = None  # the service counting it in ``arrived``
+        self.ended = False  # its handler's task is done (cancelled at shutdown before it began, too)
         # Nobody reads the body when the answer failed before it (a 422, a 503): no "exception never
         # retrieved" when the client then leaves mid-body.
         body.add_done_callback(lambda future: future.cancelled() or future.exception())
@@ -69,15 +79,20 @@ class _InFlight:
     def arrive(self, service: InferenceService | None) -> None:
         """Counted among the service's requests read but not yet admitted, so that a request
         deciding whether it is alone on the server sees this one (InferenceService.arrived)."""
-        if service is not None:
+        if service is not None and not self.ended:
             service.arrived += 1
             self.counted = service
 
     def admitted(self) -> None:
-        """No longer counted: its handler is being admitted, or has ended without reaching it."""
+        """No longer counted: its handler is being admitted."""
         if self.counted is not None:
             self.counted.arrived -= 1
             self.counted = None
+
+    def end(self, _task: Any = None) -> None:
+        """Its handler's task is done: never counted again, however it ended."""
+        self.ended = True
+        self.admitted()
 
 
 def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) -> type[Any]:
@@ -142,7 +157,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             self.cycle = answer  # a request behind it waits, as behind a cycle
             task = self.loop.create_task(self._serve(answer, remembered, declared, incoming_id))
             task.add_done_callback(self.tasks.discard)
-            task.add_done_callback(lambda _: answer.admitted())  # however it ended, even before it started
+            task.add_done_callback(answer.end)  # however it ended, even before it began
             self.tasks.add(task)
             return answer
 
@@ -186,7 +201,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             # Whatever happens, an answer and its log line: a 500 unless the handler says otherwise.
             status, payload = 500, _INTERNAL_ERROR
             try:
-                payload = await answer_classify(state, lambda: remembered, read_body, started, note)
+                payload = await answer_classify(state, lambda: remembered, read_body, started, note, True)
                 status = 200
             except ServingError as exc:
                 status, payload, headers = exc.status_code, JSON_ENCODER.encode(exc.body()).encode(), exc.headers

@@ -126,12 +126,14 @@ async def answer_classify(
     read_body: Callable[[], Awaitable[tuple[bytes, str | None]]],
     arrived: float,
     note: Callable[[str, str], None],
+    arrival_counted: bool = False,
 ) -> bytes:
     """A /classify answer's JSON bytes; client errors raise :class:`ServingError`. One body for
     both ways a request arrives: the ASGI route above and the HTTP protocol's own path
     (serving/fastpath.py). ``parse``: the policy parameters and ``top_k`` (remembered, or parsed
     and checked: a 422 raised there is counted); ``read_body``: the image and its declared type; ``note(policy, exit)``:
-    the labels for the request log, called once the request ends."""
+    the labels for the request log, called once the request ends; ``arrival_counted``: the caller
+    counted the request in the service's ``arrived`` until ``read_body`` returned."""
     loop = asyncio.get_running_loop()
     metrics = state.metrics
     exit_label, policy_label, status = "none", "none", 500
@@ -143,7 +145,7 @@ async def answer_classify(
         # label per typo would grow the metric without bound.
         policy_label = params.name
         data, content_type = await read_body()
-        with service.admit() as ticket:
+        with service.admit(arrival_counted) as ticket:
             x = await decode_off_loop(len(data), lambda: preprocess(data, content_type))
             deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
             outcome = await service.run(x, plan, ticket, deadline)

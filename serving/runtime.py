@@ -161,23 +161,28 @@ class LoneThreadsJudge:
 
     :meth:`ModelRuntime.choose_lone_sessions` times the main exit both ways for about a second at
     start-up. A server starting beside another one's start-up (two replicas on one 2-core host)
-    measured its all-core runs at 15.3 ms where a quiet host gives 7.0, chose one-thread sessions
-    (12.2 ms), and served every lone request on one thread for the rest of its life — twice the
-    latency (docs/request-path-profile.md, eleventh session). So when one-thread sessions are
-    chosen, the server's idle-time prober times both ways again now and then
-    (:meth:`ModelRuntime.time_lone_ways`) and lone requests follow the same rule as at start-up on
-    the fastest of each way's recent timings — a way's own cost, which a busy moment only adds to.
+    timed it at 12.7 ms on one thread against 15.9 ms on all cores (7.0 on a quiet host), chose
+    one-thread sessions and served every lone request on one thread for the rest of its life —
+    twice the latency (docs/request-path-profile.md, eleventh session). So when start-up chose
+    one-thread sessions, the server's idle-time prober times the main exit again now and then,
+    one way at a time (:meth:`ModelRuntime.time_lone_way`), and lone requests follow the fastest
+    of each way's recent timings — a way's own cost, which a busy moment only adds to. One thread
+    is taken when it is ``min_gain`` faster (start-up's rule) and kept until it is no faster at
+    all, so a ratio near the threshold does not move lone requests back and forth.
     """
 
     min_gain: float
     all_cores: deque = field(default_factory=lambda: deque(maxlen=LONE_TIMINGS_REMEMBERED))
     one_thread: deque = field(default_factory=lambda: deque(maxlen=LONE_TIMINGS_REMEMBERED))
 
-    def observe(self, all_cores_s: float, one_thread_s: float) -> bool:
-        """Record one timing each way; whether one-thread sessions are the faster way now."""
-        self.all_cores.append(all_cores_s)
-        self.one_thread.append(one_thread_s)
-        return min(self.one_thread) <= (1 - self.min_gain) * min(self.all_cores)
+    def observe(self, one_thread: bool, seconds: float) -> None:
+        """One batch-1 main-exit run's time, on the one-thread session or the all-core one."""
+        (self.one_thread if one_thread else self.all_cores).append(seconds)
+
+    def prefers_one_thread(self, now_one_thread: bool) -> bool:
+        """Whether lone requests should run on one-thread sessions, given where they run now."""
+        ratio = min(self.one_thread) / min(self.all_cores)
+        return ratio <= 1.0 if now_one_thread else ratio <= 1 - self.min_gain
 
     def detail(self) -> str:
         return (
@@ -369,28 +374,22 @@ class ModelRuntime:
                     graph.lone_session = candidate if graph is main else open_session(graph.source, [CPU], **keywords)
             self.lone_sessions = f"one-thread sessions ({detail})"
             self.lone_judge = LoneThreadsJudge(min_gain)
-            self.lone_judge.observe(all_cores / 1e3, one_thread / 1e3)
+            self.lone_judge.observe(False, all_cores / 1e3)
+            self.lone_judge.observe(True, one_thread / 1e3)
         log.info("lone requests of %s run on %s", self.manifest.name, self.lone_sessions)
         return self.lone_sessions
 
-    def time_lone_ways(self, rounds: int = 2) -> tuple[float, float]:
-        """The main exit at batch 1 on its all-core and its one-thread session, alternately,
-        ``rounds`` runs each 0.5 ms apart (a server's idle gaps, as start-up times them): the
-        fastest of each way, (all cores, one thread) in seconds. The first run after an idle
-        spell pays for waking ORT's threads and reloading the weights, whichever way it runs.
-        Only while one-thread lone sessions exist."""
+    def time_lone_way(self, one_thread: bool) -> float:
+        """One batch-1 run of the main exit on its one-thread session or its all-core one, in
+        seconds: what a lone request after an idle spell pays that way (ORT's threads woken,
+        the weights reloaded). Only while one-thread lone sessions exist."""
         main = self.exits[-1]
-        one_thread = main.lone_session or main.spare_lone_session
-        assert one_thread is not None, "no one-thread session to time (choose_lone_sessions chose none)"
+        session = (main.lone_session or main.spare_lone_session) if one_thread else main.session
+        assert session is not None, "no one-thread session to time (choose_lone_sessions chose none)"
         feeds = main.feeds(self.example_input(1, seed=7))
-        timings: tuple[list[float], list[float]] = ([], [])
-        for _ in range(rounds):
-            for session, times in zip((main.session, one_thread), timings):
-                time.sleep(0.0005)
-                started = time.perf_counter()
-                session.run(main.output_names, feeds)
-                times.append(time.perf_counter() - started)
-        return min(timings[0]), min(timings[1])
+        started = time.perf_counter()
+        session.run(main.output_names, feeds)
+        return time.perf_counter() - started
 
     @property
     def lone_on_one_thread(self) -> bool:

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +40,12 @@ from .memo import Memo
 from .metrics import ServingMetrics
 from .outputs import softmax
 from .policy import CostTable, Plan, PolicyParams, plan_request
-from .runtime import Graph, LoneThreadsJudge, ModelRuntime
+from .runtime import Graph, ModelRuntime
 
 log = logging.getLogger("serving.service")
 
-# Lone requests' one-thread sessions are re-timed against the all-core ones every this many
-# probe intervals of an idle server (four main-exit runs each time: ~40 ms on the full-width export).
+# Lone requests' one-thread sessions are re-timed against the all-core ones, one main-exit run of
+# one way at a time, every this many probe intervals of an idle server (ModelRuntime.time_lone_way).
 LONE_RECHECK_PROBE_INTERVALS = 5
 
 
@@ -76,6 +76,8 @@ class Ticket:
     """An admitted request. ``preparing`` until it submits its first graph input."""
 
     preparing: bool = True
+    # Its arrival was counted in InferenceService.arrived until admission (the fast path's requests).
+    arrival_counted: bool = False
     _service: InferenceService | None = field(default=None, repr=False)
 
     def started(self) -> None:
@@ -122,8 +124,9 @@ class InferenceService:
         self._inline_max_ms = inline_max_ms
         self._inflight = 0
         # Requests the server's HTTP protocol has read in full whose handlers have not been
-        # admitted yet (serving/fastpath.py counts them): with any, a request is not alone, so
-        # requests read in one loop turn are batched without the lone check yielding a turn.
+        # admitted yet (serving/fastpath.py counts the ones it answers): with any, a request is
+        # not alone; so the fast path's requests decide at once (Ticket.arrival_counted), where
+        # others yield a loop turn to let the requests read with them be admitted first.
         self.arrived = 0
         self._in_run = 0  # requests inside run(), admitted or not
         self._plans: Memo[PolicyParams, Plan] = Memo()  # plans without a deadline depend on the costs only
@@ -139,6 +142,7 @@ class InferenceService:
             *self.stage_workers,
             *([self.fused_worker] if self.fused_worker else []),
         ]
+        self._workers = {w.name: w for w in self._all_workers}
 
     @classmethod
     def from_settings(cls, runtime: ModelRuntime, metrics: ServingMetrics, settings) -> InferenceService:
@@ -254,8 +258,9 @@ class InferenceService:
     # -- admission -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[Ticket]:
-        """Admit one request or raise Overloaded (503 + Retry-After) when full."""
+    def admit(self, arrival_counted: bool = False) -> Iterator[Ticket]:
+        """Admit one request or raise Overloaded (503 + Retry-After) when full. ``arrival_counted``:
+        the request was counted in :attr:`arrived` from when it was read until now."""
         if self._inflight >= self.queue_size:
             raise Overloaded(
                 f"server is at capacity ({self.queue_size} requests in flight); retry shortly",
@@ -264,7 +269,7 @@ class InferenceService:
             )
         self._inflight += 1
         self._preparing += 1
-        ticket = Ticket(_service=self)
+        ticket = Ticket(arrival_counted=arrival_counted, _service=self)
         try:
             yield ticket
         finally:
@@ -374,21 +379,26 @@ class InferenceService:
         A graph that no request has used for ``probe_interval_s`` (say, deep exits
         that deadlines skipped during a burst) gets one batch-1 run on a fixed input,
         only when nothing is admitted or queued, one graph per tick. Every
-        :data:`LONE_RECHECK_PROBE_INTERVALS` probe intervals, when lone requests have
-        one-thread sessions, a tick times the main exit both ways instead (LoneThreadsJudge).
+        :data:`LONE_RECHECK_PROBE_INTERVALS` probe intervals, when start-up gave lone
+        requests one-thread sessions, a tick times the main exit one way instead, the two
+        ways in turn (ModelRuntime.time_lone_way, LoneThreadsJudge).
         """
-        loop = asyncio.get_running_loop()
         tick = max(0.05, self._probe_interval_s / 4)
         lone_checked = time.monotonic()
+        one_thread_next = False  # the way lone requests are not on at start-up: all cores
         while True:
             await asyncio.sleep(tick)
             if self._inflight or self.arrived or any(w.running or w.queue.qsize() for w in self._all_workers):
                 continue
             now = time.monotonic()
-            judge = self.runtime.lone_judge
+            judge, main = self.runtime.lone_judge, self.exit_workers[-1]
             if judge is not None and now - lone_checked >= LONE_RECHECK_PROBE_INTERVALS * self._probe_interval_s:
                 lone_checked = now
-                await self._recheck_lone_sessions(judge)
+                way, one_thread_next = one_thread_next, not one_thread_next
+                seconds = await self._probe(main, self.runtime.time_lone_way, way)
+                if seconds is not None:
+                    judge.observe(way, seconds)
+                    self.runtime.use_one_thread_lone_sessions(judge.prefers_one_thread(self.runtime.lone_on_one_thread))
                 continue
             stale = [
                 (m.last_observed or 0.0, name)
@@ -398,28 +408,26 @@ class InferenceService:
             if not stale:
                 continue
             _, name = min(stale)
-            graph = self._graphs[name]
-            started = time.perf_counter()
-            self._probing = True
-            try:
-                await loop.run_in_executor(self._executor, graph.run_alone, self._probe_inputs[name])
-            except Exception:  # a probe must never take the server down
-                log.exception("latency probe of %s failed", name)
-                continue
-            finally:
-                self._probing = False
-            self.service_models[name].observe(1, time.perf_counter() - started)
+            seconds = await self._probe(self._workers[name], self._graphs[name].run_alone, self._probe_inputs[name])
+            if seconds is not None:
+                self.service_models[name].observe(1, seconds)
 
-    async def _recheck_lone_sessions(self, judge: LoneThreadsJudge) -> None:
+    async def _probe(self, worker: GraphWorker, run: Callable[[Any], Any], arg: Any) -> float | None:
+        """``run(arg)`` in the inference thread as a batch of 1 of ``worker``'s graph: seen by the
+        lone check (not alone meanwhile) and by queueing estimates (it is in ORT). Its seconds,
+        hand-offs included, or None when it failed (logged: a probe never takes the server down)."""
+        entry = (1, time.perf_counter())
+        worker.running.append(entry)
         self._probing = True
         try:
-            timings = await asyncio.get_running_loop().run_in_executor(self._executor, self.runtime.time_lone_ways)
-        except Exception:  # a probe must never take the server down
-            log.exception("timing lone requests' sessions failed")
-            return
+            await asyncio.get_running_loop().run_in_executor(self._executor, run, arg)
+        except Exception:
+            log.exception("idle-time probe of %s failed", worker.name)
+            return None
         finally:
             self._probing = False
-        self.runtime.use_one_thread_lone_sessions(judge.observe(*timings))
+            worker.running.remove(entry)
+        return time.perf_counter() - entry[1]
 
     # -- execution -------------------------------------------------------------------
 
@@ -449,11 +457,11 @@ class InferenceService:
             ticket.started()
         self._in_run += 1
         try:
-            return await self._run(x, plan, deadline)
+            return await self._run(x, plan, deadline, ticket is not None and ticket.arrival_counted)
         finally:
             self._in_run -= 1
 
-    async def _run(self, x: np.ndarray, plan: Plan, deadline: float | None) -> Outcome:
+    async def _run(self, x: np.ndarray, plan: Plan, deadline: float | None, counted: bool) -> Outcome:
         started = time.perf_counter()
         evaluated: list[int] = []
         degraded = False
@@ -462,14 +470,16 @@ class InferenceService:
         how, predicted = one_call or (None, 0.0)
         if plan.mode == "single" or how == "single":
             mode = "single"
-            (logits,) = await self.exit_workers[plan.exit - 1].submit(x)
+            (logits,) = await self.exit_workers[plan.exit - 1].submit(x, arrivals_counted=counted)
             if how == "single":  # an estimate (the fused path's is a bound, which would bias the gap)
                 self.prediction_gap.observe((time.perf_counter() - started) - predicted)
             evaluated.append(plan.exit)
         elif self.fused_worker is not None and (deadline is None or how == "fused"):
             # The same rule inside the graph (float64 score, per-sample thresholds capped at plan.exit).
             assert plan.thresholds is not None  # a cascade plan always has them
-            logits, answered = await self.fused_worker.submit((x, cap_thresholds(plan.thresholds, plan.exit)))
+            logits, answered = await self.fused_worker.submit(
+                (x, cap_thresholds(plan.thresholds, plan.exit)), arrivals_counted=counted
+            )
             evaluated.extend(range(1, int(answered) + 1))
         else:
             thresholds = np.asarray(plan.thresholds, dtype=np.float64)
@@ -482,10 +492,10 @@ class InferenceService:
                     if number > 1 and now + predicted + self._margin_s > deadline:
                         degraded = True
                         break
-                    outputs = await worker.submit(features)
+                    outputs = await worker.submit(features, arrivals_counted=counted)
                     self.prediction_gap.observe((time.perf_counter() - now) - predicted)
                 else:
-                    outputs = await worker.submit(features)
+                    outputs = await worker.submit(features, arrivals_counted=counted)
                 logits = outputs[0]
                 evaluated.append(number)
                 # The shared rule on the shared score, so answers match the offline calibration.

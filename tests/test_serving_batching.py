@@ -205,7 +205,6 @@ def test_a_lone_request_runs_inline_and_requests_arriving_together_are_batched()
 
     threads, batch_sizes, lone_sizes = [], [], []
     admitted = {"n": 0}
-    arrived = {"n": 0}  # read by the HTTP protocol, not yet admitted (InferenceService.arrived)
 
     def queued(batch):  # the batching loop's run, in the executor
         threads.append(threading.get_ident())
@@ -218,7 +217,6 @@ def test_a_lone_request_runs_inline_and_requests_arriving_together_are_batched()
 
     async def request(worker, value):
         # What the service does: admit (count), then submit; none of these awaits before submit.
-        arrived["n"] -= 1
         admitted["n"] += 1
         try:
             (out,) = await worker.submit(np.full(3, value, dtype=np.float32))
@@ -230,18 +228,13 @@ def test_a_lone_request_runs_inline_and_requests_arriving_together_are_batched()
         loop_thread = threading.get_ident()
         with ThreadPoolExecutor(1) as pool:
             worker = _worker(queued, pool, batch_sizes, max_wait_s=0.0)
-            worker.lone = LoneRun(
-                alone_run, alone=lambda: admitted["n"] <= 1 and not arrived["n"] and not worker.running, inline=True
-            )
+            worker.lone = LoneRun(alone_run, alone=lambda: admitted["n"] <= 1 and not worker.running, inline=True)
             worker.start()
-            arrived["n"] = 1
             first = await request(worker, 1)
             await asyncio.sleep(0)  # its metrics are written on the loop's next turn, after its answer
             inline = threads == [loop_thread] and lone_sizes == [1] and batch_sizes == [1]
             threads.clear()
-            # Ten requests read in one loop turn: none may decide it is alone, the first included
-            # (it is admitted while the nine others are still only read).
-            arrived["n"] = 10
+            # Ten requests admitted in one loop turn: none may decide it is alone.
             together = await asyncio.gather(*(request(worker, v) for v in range(10)))
             await worker.stop()
         return first, inline, together, loop_thread
@@ -250,8 +243,61 @@ def test_a_lone_request_runs_inline_and_requests_arriving_together_are_batched()
     assert np.array_equal(first, np.full(3, 2.0)) and inline
     assert [float(out[0]) for out in together] == [2.0 * v for v in range(10)]
     assert lone_sizes == [1]  # only the first request ran alone
-    assert sum(batch_sizes[1:]) == 10 and max(batch_sizes[1:]) > 1 and arrived["n"] == 0
+    assert sum(batch_sizes[1:]) == 10 and max(batch_sizes[1:]) > 1
     assert loop_thread not in threads  # the batches ran in the executor
+
+
+def test_with_arrivals_counted_a_lone_request_decides_at_once_and_requests_read_together_are_batched():
+    # The fast path's requests: the service counts those read but not yet admitted, so a lone
+    # one runs without yielding a loop turn first, and one read beside others still batches.
+    import threading
+
+    batch_sizes, lone_sizes = [], []
+    admitted, arrived = {"n": 0}, {"n": 0}
+
+    def alone_run(batch):
+        lone_sizes.append(len(batch))
+        return [batch * 2]
+
+    async def request(worker, value):
+        arrived["n"] -= 1  # admitted: no longer only read
+        admitted["n"] += 1
+        try:
+            (out,) = await worker.submit(np.full(3, value, dtype=np.float32), arrivals_counted=True)
+            return out
+        finally:
+            admitted["n"] -= 1
+
+    async def main():
+        turns = {"n": 0}
+
+        async def count_turns():
+            while True:
+                turns["n"] += 1
+                await asyncio.sleep(0)
+
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(lambda b: [b * 2], pool, batch_sizes, max_wait_s=0.0)
+            worker.lone = LoneRun(
+                alone_run, alone=lambda: admitted["n"] <= 1 and not arrived["n"] and not worker.running, inline=True
+            )
+            worker.start()
+            counter = asyncio.get_running_loop().create_task(count_turns())
+            await asyncio.sleep(0)
+            arrived["n"] = 1
+            before = turns["n"]
+            first = await request(worker, 1)
+            lone_turns = turns["n"] - before
+            arrived["n"] = 10  # ten read in one loop turn: none is alone, the first included
+            together = await asyncio.gather(*(request(worker, v) for v in range(10)))
+            counter.cancel()
+            await worker.stop()
+        return first, lone_turns, together, threading.get_ident()
+
+    first, lone_turns, together, _ = run(main())
+    assert np.array_equal(first, np.full(3, 2.0)) and lone_turns == 0  # answered within one loop turn
+    assert [float(out[0]) for out in together] == [2.0 * v for v in range(10)]
+    assert lone_sizes == [1] and sum(batch_sizes[1:]) == 10 and max(batch_sizes[1:]) > 1
 
 
 def test_a_lone_request_on_a_long_graph_runs_in_the_executor_and_its_errors_reach_the_caller():
@@ -297,10 +343,7 @@ def test_a_padded_worker_runs_one_shape_and_answers_each_request_with_its_own_ro
         lone_shapes.append(batch[0].shape)
         return queued(batch)
 
-    arrived = {"n": 0}
-
     async def request(worker, value):
-        arrived["n"] -= 1
         admitted["n"] += 1
         try:
             (out,) = await worker.submit((np.full(3, value, dtype=np.float32), np.float32(value)))
@@ -316,14 +359,10 @@ def test_a_padded_worker_runs_one_shape_and_answers_each_request_with_its_own_ro
                 rows_ran.append(rows)
 
             worker = GraphWorker("pad", queued, pool, 8, 0.0, on_batch=on_batch, pad_to=8)
-            worker.lone = LoneRun(
-                alone_run, alone=lambda: admitted["n"] <= 1 and not arrived["n"] and not worker.running, inline=True
-            )
+            worker.lone = LoneRun(alone_run, alone=lambda: admitted["n"] <= 1 and not worker.running, inline=True)
             worker.start()
-            arrived["n"] = 1
             first = await request(worker, 1)
             shapes.clear()
-            arrived["n"] = 11  # read in one loop turn
             together = await asyncio.gather(*(request(worker, v) for v in range(11)))
             await worker.stop()
         return first, together

@@ -226,13 +226,16 @@ def _batches(port: int) -> tuple[float, float]:
     return values.get("eed_batch_size_sum", 0.0), values.get("eed_batch_size_count", 0.0)
 
 
-def test_requests_read_in_one_loop_turn_are_batched_and_a_lone_one_runs_alone(served):
+@pytest.mark.parametrize("way", ["fast path", "ASGI way", "both"])
+def test_requests_read_in_one_loop_turn_are_batched_and_a_lone_one_runs_alone(served, way):
     # A request is answered at once when it finds the server idle — but not one of several read
-    # in the same loop turn: those must be batched, not run alone one after another.
+    # in the same loop turn: those must be batched, not run alone one after another, whichever
+    # way they are answered (a closing connection goes the ASGI way).
     app, port = served
     exchange(port, post())  # remembered
     service = app.state.eed.service
     loop = service.exit_workers[1]._task.get_loop()
+    closing = {"fast path": [False] * 6, "ASGI way": [True] * 6, "both": [True, False] * 3}[way]
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
     try:
         before = _batches(port)
@@ -244,14 +247,15 @@ def test_requests_read_in_one_loop_turn_are_batched_and_a_lone_one_runs_alone(se
 
         loop.call_soon_threadsafe(hold_the_loop)
         assert held.wait(5)
-        for sock in socks:
-            sock.sendall(post())
+        for sock, close in zip(socks, closing):
+            sock.sendall(post(headers="Connection: close\r\n" if close else ""))
         answers = [read_response(sock) for sock in socks]
         after = _batches(port)
     finally:
         for sock in socks:
             sock.close()
     assert [status for status, _, _ in answers] == [200] * 6
+    assert [headers.get("connection") == "close" for _, headers, _ in answers] == closing
     assert {json.loads(body)["label"] for _, _, body in answers} == {expected_label(3, 2)}
     assert after[0] - before[0] == 6 and after[1] - before[1] == 1  # one batch of six
     # Alone, one request is one batch of one; none is left counted as arriving.

@@ -548,15 +548,25 @@ def test_the_one_thread_choice_follows_the_fastest_recent_timings_each_way():
 
     judge = LoneThreadsJudge(min_gain=0.1)
     # Start-up beside a busy neighbour: all-core runs stalled, one-thread runs less so.
-    assert judge.observe(all_cores_s=0.015, one_thread_s=0.012) is True
+    judge.observe(False, 0.015)
+    judge.observe(True, 0.012)
+    assert judge.prefers_one_thread(now_one_thread=False) is True
     # Quiet again: one quiet all-core timing is the way's own cost, and it wins.
-    assert judge.observe(all_cores_s=0.007, one_thread_s=0.012) is False
-    assert judge.observe(all_cores_s=0.016, one_thread_s=0.012) is False  # a busy moment only adds
+    judge.observe(False, 0.007)
+    assert judge.prefers_one_thread(now_one_thread=True) is False
+    judge.observe(False, 0.016)  # a busy moment only adds
+    assert judge.prefers_one_thread(now_one_thread=False) is False
     # Until the quiet timing has aged out and the all-core way stays slow for as long.
-    for _ in range(LONE_TIMINGS_REMEMBERED - 2):
-        assert judge.observe(all_cores_s=0.016, one_thread_s=0.012) is False
-    assert judge.observe(all_cores_s=0.016, one_thread_s=0.012) is True
+    for _ in range(LONE_TIMINGS_REMEMBERED - 1):
+        judge.observe(False, 0.016)
+    assert judge.prefers_one_thread(now_one_thread=False) is True
     assert "12.000 ms on one thread vs 16.000 ms on all cores" in judge.detail()
+    # Near the threshold lone requests stay where they are: taken at 10 % faster, left at 0 %.
+    judge = LoneThreadsJudge(min_gain=0.1)
+    judge.observe(False, 0.010)
+    judge.observe(True, 0.0095)
+    assert judge.prefers_one_thread(now_one_thread=True) is True
+    assert judge.prefers_one_thread(now_one_thread=False) is False
 
 
 def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle(model_dir, monkeypatch):
@@ -564,6 +574,7 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
     # them for life: the idle prober times both ways again and lone requests follow the faster.
     import asyncio
 
+    from serving.fused import attach_fused_cascade
     from serving.metrics import ServingMetrics
     from serving.policy import PolicyParams
     from serving.runtime import LoneThreadsJudge
@@ -571,14 +582,21 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
 
     runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu"))
     runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1.0, rounds=1)  # one thread
+    attach_fused_cascade(runtime, "fused", SessionOptions(providers="cpu"), max_batch_size=4)
     one_thread = {g.name: g.lone_session for g in runtime.graphs}
-    assert runtime.lone_on_one_thread and all(one_thread.values())
-    all_cores_s, one_thread_s = runtime.time_lone_ways()  # the real timing, both sessions
-    assert all_cores_s > 0 and one_thread_s > 0
+    assert runtime.lone_on_one_thread and all(one_thread.values()) and "cascade" in one_thread
+    assert runtime.time_lone_way(True) > 0 and runtime.time_lone_way(False) > 0  # the real timing
     runtime.lone_judge = LoneThreadsJudge(min_gain=0.1)
-    runtime.lone_judge.observe(all_cores_s=0.050, one_thread_s=0.010)  # what a busy start-up measured
-    quiet = {"timings": (0.001, 0.002)}  # what the host gives now: all cores twice as fast
-    monkeypatch.setattr(runtime, "time_lone_ways", lambda: quiet["timings"])
+    runtime.lone_judge.observe(False, 0.050)  # what a busy start-up measured
+    runtime.lone_judge.observe(True, 0.010)
+    host = {False: 0.001, True: 0.002}  # what the host gives now: all cores twice as fast
+    timed = []
+
+    def time_lone_way(one_thread: bool) -> float:
+        timed.append((one_thread, service.inflight, list(service.exit_workers[-1].running)))
+        return host[one_thread]
+
+    monkeypatch.setattr(runtime, "time_lone_way", time_lone_way)
     service = InferenceService(runtime, ServingMetrics(), probe_interval_s=0.01)
     service.seed_latency(runtime.calibrate(2, (1, 4)))
     x = runtime.example_input(1, seed=3)
@@ -599,8 +617,8 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
             reason = runtime.lone_sessions
             # And back, once one thread is the faster way again: the same sessions, not new ones.
             for _ in range(10):
-                runtime.lone_judge.observe(all_cores_s=0.004, one_thread_s=0.002)
-            quiet["timings"] = (0.004, 0.002)
+                runtime.lone_judge.observe(False, 0.004)
+            host.update({False: 0.004, True: 0.002})
             await idle_until(lambda: runtime.lone_on_one_thread)
             return logits, moved, reason
         finally:
@@ -611,3 +629,7 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
     np.testing.assert_allclose(logits, runtime.exits[1].run(x)[0][0], rtol=1e-5, atol=1e-5)
     assert {g.name: g.lone_session for g in runtime.graphs} == one_thread
     assert runtime.lone_sessions.startswith("one-thread sessions (re-judged while idle")
+    # Each timing ran with nothing admitted, and in the main exit's running list meanwhile (so
+    # queueing estimates count it); the all-core way first, then the two in turn.
+    assert timed and all(inflight == 0 and len(running) == 1 for _, inflight, running in timed)
+    assert [way for way, _, _ in timed[:2]] == [False, True]
