@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.serve_cascade import bench_cascade, png, ratio_text, rel_path
-from benchmarks.server import Server, start_servers
+from benchmarks.server import Server, code_revision, snapshot_code, start_servers
 from benchmarks.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +287,7 @@ def idle_cpu_share(server: Server, seconds: float = 4.0) -> float | None:
 # ------------------------------------------------------------------------------------------
 
 
-def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
+def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_options, code: Path = ROOT) -> dict:
     raw = RawORT(model_dir, server_options)
     spec = raw.manifest.input
     k = raw.manifest.num_exits
@@ -305,7 +305,7 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
     def start_all() -> list[Server]:
         servers = start_servers(model_dir, variants, workdir, args.providers)
         if args.least_server:  # measured like the others, in the same rounds
-            least = Server(model_dir, [], workdir, name=LEAST, module="benchmarks.least_server")
+            least = Server(model_dir, [], workdir, name=LEAST, module="benchmarks.least_server", tree=code)
             servers.append(least)
             try:
                 least.wait_ready()
@@ -638,15 +638,18 @@ def main(argv: list[str] | None = None) -> int:
         "the server's lone-request graphs timed in the benchmark's process, no HTTP)",
         "targets": TARGETS,
         "variants": {name: {"flags": flags, "tree": rel_path(tree)} for name, (flags, tree) in variants.items()},
+        "code": code_revision(),  # the servers run a copy of the checkout's packages as they were at the start
     }
     import onnxruntime
 
     report["machine"]["onnxruntime"] = onnxruntime.__version__
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         workdir = Path(tmp)
+        code = snapshot_code(ROOT, workdir / "code")
+        variants = {name: (flags, code if tree == ROOT else tree) for name, (flags, tree) in variants.items()}
         if args.only != "cascade":
             print(f"== saturation and overhead: {args.model} ==", flush=True)
-            report["throughput"] = bench_throughput(args.model, args, variants, workdir, server_options)
+            report["throughput"] = bench_throughput(args.model, args, variants, workdir, server_options, code)
         if args.only != "throughput":
             report["cascade"] = []
             for model_dir in cascade_models:

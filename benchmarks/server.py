@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,6 +141,36 @@ class Server:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+# The packages a server started from a checkout imports (``python -m serving``, ``-m benchmarks.least_server``).
+CODE_PACKAGES = ("serving", "benchmarks")
+
+
+def snapshot_code(tree: Path, into: Path) -> Path:
+    """A copy of the packages that servers started from ``tree`` import, taken when a run starts.
+
+    Benchmarks start their servers anew every round, each from its source tree: a checkout edited
+    while a run goes on would put later rounds on other code than earlier ones (a whole run on
+    2026-12-01 did, docs/request-path-profile.md, eleventh session). Servers started from the
+    copy run the code as it was at the start. Returns ``into``."""
+    for package in CODE_PACKAGES:
+        shutil.copytree(tree / package, into / package, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    return into
+
+
+def code_revision(tree: Path = ROOT) -> dict[str, object]:
+    """The checkout's git revision and whether the packages servers import differ from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", *CODE_PACKAGES)
+    return {"revision": git("rev-parse", "HEAD"), "modified": None if status is None else bool(status)}
 
 
 def start_servers(

@@ -131,3 +131,24 @@ def test_the_benchmark_decides_each_target_on_the_unrounded_figure():
     assert "0.850x (>= 0.85: met)" in throughput
     assert "+0.50 ms (<= 0.5: not met)" in throughput
     assert "cascade efficiency n/a (>= 0.8: n/a" in cascade
+
+
+def test_servers_run_the_code_as_it_was_when_the_run_started(tmp_path):
+    # Servers start anew every round: edits to the checkout during a run must not reach them.
+    from benchmarks.server import code_revision, snapshot_code
+
+    code = snapshot_code(ROOT, tmp_path / "code")
+    assert (code / "serving" / "__main__.py").is_file() and (code / "benchmarks" / "least_server.py").is_file()
+    assert not list(code.rglob("__pycache__")) and not (code / "benchmarks" / "results").exists()
+    marker = tmp_path / "ran-from-the-copy"
+    with open(code / "serving" / "__init__.py", "a") as f:  # an edit only the copy has
+        f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    server = Server(SHIPPED, ["--intra-op-threads", "1"], tmp_path, name="copy", tree=code)
+    try:
+        server.wait_ready()
+    finally:
+        server.stop()
+    assert marker.exists()
+    if (ROOT / ".git").exists():  # what the run's report records of the code
+        revision = code_revision(ROOT)
+        assert len(str(revision["revision"])) == 40 and isinstance(revision["modified"], bool)
