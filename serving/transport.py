@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from .keepalive import lazy_keep_alive
+
 # Every response head uvicorn writes (httptools and h11 alike) starts with the status line
 # and ends with the empty line after the headers.
 _HEAD_START = b"HTTP/1."
@@ -81,9 +83,10 @@ def coalescing(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
 
 def http_protocol() -> type[asyncio.Protocol]:
     """The HTTP protocol uvicorn's ``http="auto"`` picks (httptools when installed, else h11),
-    coalescing each response's head and body into one write."""
+    coalescing each response's head and body into one write, with one keep-alive timer per idle
+    spell of a connection (serving/keepalive.py)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
     except ImportError:  # no httptools wheel for this platform
         from uvicorn.protocols.http.h11_impl import H11Protocol as protocol  # type: ignore[assignment]
-    return coalescing(protocol)
+    return coalescing(lazy_keep_alive(protocol))
