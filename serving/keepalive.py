@@ -18,18 +18,34 @@ next response arms it again). The same rule as uvicorn's: an idle keep-alive con
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
+import textwrap
 from typing import Any
+
+# The sha256 of uvicorn 0.54's HttpToolsProtocol.on_response_complete (its source, dedented), which
+# LazyKeepAlive reproduces but for the timer. Any other version of that method keeps uvicorn's own
+# timers: a copy of code that has since changed would quietly drop whatever the change added.
+REPRODUCED_ON_RESPONSE_COMPLETE = "5684fd801d0683ac20b9144e8eed8327e445236d5c1d16a02253dfb3a35b9a75"
+
+
+def _reproduces(base: type[Any]) -> bool:
+    try:
+        source = textwrap.dedent(inspect.getsource(base.on_response_complete))
+    except (OSError, TypeError):  # no source installed
+        return False
+    return hashlib.sha256(source.encode()).hexdigest() == REPRODUCED_ON_RESPONSE_COMPLETE
 
 
 def lazy_keep_alive(protocol: type[Any]) -> type[Any]:
     """``protocol`` (uvicorn's httptools protocol, or a subclass) with one keep-alive timer per
     idle spell. Any other protocol class (h11), and uvicorn versions whose response completion
-    this does not reproduce (no ``_start_asgi_task``), are returned as they are."""
+    this does not reproduce (:data:`REPRODUCED_ON_RESPONSE_COMPLETE`), are returned as they are."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return protocol
-    if not issubclass(protocol, HttpToolsProtocol) or not hasattr(protocol, "_start_asgi_task"):
+    if not issubclass(protocol, HttpToolsProtocol) or not _reproduces(HttpToolsProtocol):
         return protocol
 
     class LazyKeepAlive(protocol):

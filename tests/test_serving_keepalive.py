@@ -96,6 +96,37 @@ def test_a_request_in_flight_past_the_timeout_is_answered_and_the_connection_kep
         assert 0.8 * KEEP_ALIVE_S <= seconds_until_closed(sock) <= 2 * KEEP_ALIVE_S + 0.5
 
 
+def test_a_connection_idle_again_before_its_timer_fires_closes_a_timeout_after_its_last_response(server):
+    # The timer armed after the first answer finds the connection idle again, but for less than
+    # the timeout: it waits for the rest of that spell instead of closing now or never.
+    with connection(server) as sock:
+        get(sock)
+        time.sleep(0.5 * KEEP_ALIVE_S)
+        get(sock, "/second")
+        assert 0.8 * KEEP_ALIVE_S <= seconds_until_closed(sock) <= 1.5 * KEEP_ALIVE_S
+
+
+def test_every_response_is_counted(server):
+    before = server.server_state.total_requests
+    with connection(server) as sock:
+        for n in range(5):
+            get(sock, f"/count{n}")
+    assert server.server_state.total_requests - before == 5
+
+
+def test_this_uvicorn_gets_the_one_timer_per_spell():
+    # serving/keepalive.py reproduces uvicorn 0.54's response completion; another version keeps its
+    # own timers (correct, only slower): this says which one is installed.
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from serving.keepalive import lazy_keep_alive
+
+    assert lazy_keep_alive(HttpToolsProtocol) is not HttpToolsProtocol, (
+        "uvicorn's HttpToolsProtocol.on_response_complete changed: check serving/keepalive.py against it "
+        "and update REPRODUCED_ON_RESPONSE_COMPLETE"
+    )
+
+
 def test_requests_do_not_arm_a_timer_each(server):
     with connection(server) as sock:
         get(sock)
