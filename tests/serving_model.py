@@ -29,6 +29,7 @@ Run as a script to write a folder: ``python tests/serving_model.py OUT_DIR``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app, **config):
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a thread of this process (``config``: more
+    uvicorn.Config arguments); yields the started uvicorn.Server, stopped on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 class ServerProcess:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
-from serving_model import free_port
+from serving_model import uvicorn_in_thread
 
 from serving.transport import http_protocol
 
@@ -36,19 +34,8 @@ async def app(scope, receive, send):
 
 @pytest.fixture(scope="module")
 def server():
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=free_port(), log_level="warning", http=http_protocol(), timeout_keep_alive=1
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield server
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_in_thread(app, http=http_protocol(), timeout_keep_alive=1) as server:
+        yield server
 
 
 def get(sock: socket.socket, path: str = "/") -> bytes:

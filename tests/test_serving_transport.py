@@ -8,12 +8,17 @@ import json
 import socket
 import struct
 import sys
-import threading
 import time
 
 import pytest
-import uvicorn
-from serving_model import ServerProcess, build_model_folder, encode, free_port, gray_for_bin, uniform_image
+from serving_model import (
+    ServerProcess,
+    build_model_folder,
+    encode,
+    gray_for_bin,
+    uniform_image,
+    uvicorn_in_thread,
+)
 
 from serving.transport import CoalescingTransport, http_protocol
 
@@ -116,18 +121,8 @@ class App:
 @pytest.fixture(scope="module")
 def asgi_server():
     app = App()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http_protocol())
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield app, port, server
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_in_thread(app, http=http_protocol()) as server:
+        yield app, server.config.port, server
 
 
 def test_a_head_that_nothing_follows_goes_out_by_itself(asgi_server):
