@@ -2,9 +2,9 @@
 
 uvicorn's httptools protocol arms a new ``call_later`` timer after every response and cancels
 it when the next request's first bytes arrive. On this 2-core host that cost a lone request
-~15 µs to arm, and the cancelled timer's handle, closed in the event loop's next iteration,
-took the step between a request's last byte and its handler's first step from ~5 µs to
-58–88 µs in most 1,000-request medians (stamped servers, docs/request-path-profile.md,
+~10–15 µs to arm, and the cancelled timer's handle, closed in the event loop's next iteration,
+is one cause of a slow step between a request's last byte and its handler's first step (58–88
+µs instead of ~5 in many 1,000-request medians; stamped servers, docs/request-path-profile.md,
 eleventh session) — every request, at saturation too.
 
 Here a connection keeps at most one timer. A response marks the connection idle since now and

@@ -363,19 +363,18 @@ class ModelRuntime:
         # The best block of each: a block that another process's work (replicas starting side by
         # side) slowed down says nothing about the server's cores once they are its own, and such
         # contention slows an all-core run far more than a one-thread run.
-        all_cores, one_thread = (min(timings[k]) * 1e3 for k in ("all cores", "one thread"))
-        detail = f"main exit at batch 1: {one_thread:.3f} ms on one thread vs {all_cores:.3f} ms on all cores"
-        if one_thread > (1 - min_gain) * all_cores:
-            self.lone_sessions = f"the same sessions as batches ({detail})"
+        judge = LoneThreadsJudge(min_gain)  # the same rule decides now and, if kept, while serving
+        judge.observe(False, min(timings["all cores"]))
+        judge.observe(True, min(timings["one thread"]))
+        if not judge.prefers_one_thread(now_one_thread=False):
+            self.lone_sessions = f"the same sessions as batches ({judge.detail()})"
         else:
             self.lone_keywords = keywords
             for graph in self.graphs:  # a graph built in memory (the fused cascade) opens its own
                 if graph.source is not None:
                     graph.lone_session = candidate if graph is main else open_session(graph.source, [CPU], **keywords)
-            self.lone_sessions = f"one-thread sessions ({detail})"
-            self.lone_judge = LoneThreadsJudge(min_gain)
-            self.lone_judge.observe(False, all_cores / 1e3)
-            self.lone_judge.observe(True, one_thread / 1e3)
+            self.lone_sessions = f"one-thread sessions ({judge.detail()})"
+            self.lone_judge = judge
         log.info("lone requests of %s run on %s", self.manifest.name, self.lone_sessions)
         return self.lone_sessions
 

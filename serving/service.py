@@ -187,14 +187,18 @@ class InferenceService:
         self.metrics.queue_depth.labels(exit_label, kind).set_function(worker.queue.qsize)
         return worker
 
-    def _alone(self) -> bool:
-        """Whether the one admitted request is all there is: nothing else read, queued, running or probing."""
+    def _quiet(self, admitted: int) -> bool:
+        """At most ``admitted`` requests admitted, none read and waiting for admission, nothing
+        queued or in ORT."""
         return (
-            self._inflight <= 1
+            self._inflight <= admitted
             and not self.arrived
-            and not self._probing
             and not any(w.running or w.queue.qsize() for w in self._all_workers)
         )
+
+    def _alone(self) -> bool:
+        """Whether the one admitted request is all there is: nothing else read, queued, running or probing."""
+        return not self._probing and self._quiet(1)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -388,7 +392,7 @@ class InferenceService:
         one_thread_next = False  # the way lone requests are not on at start-up: all cores
         while True:
             await asyncio.sleep(tick)
-            if self._inflight or self.arrived or any(w.running or w.queue.qsize() for w in self._all_workers):
+            if not self._quiet(0):
                 continue
             now = time.monotonic()
             judge, main = self.runtime.lone_judge, self.exit_workers[-1]
