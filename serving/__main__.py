@@ -58,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
-        # A response's head and body in one socket write (serving/transport.py); the common
+        # A response's head and body in one socket write (serving/transport.py) and one timer per
+        # connection for its timeouts (serving/keepalive.py); the common
         # POST /classify answered by the protocol itself, past ASGI (serving/fastpath.py).
-        http=with_fast_classify(http_protocol(), app.state.eed, settings.log_format),
+        http=with_fast_classify(
+            http_protocol(settings.header_timeout_s, settings.body_timeout_s), app.state.eed, settings.log_format
+        ),
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         **log_config,
     )

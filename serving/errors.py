@@ -46,6 +46,14 @@ class BodyTimeout(ServingError):
     code = "body_timeout"
 
 
+class HeaderTimeout(ServingError):
+    """The request line and headers did not arrive within the header deadline (sent by the HTTP
+    protocol itself, serving/keepalive.py: no route has seen the request)."""
+
+    status_code = 408
+    code = "header_timeout"
+
+
 class InvalidImage(ServingError):
     """The body is not a decodable image (corrupt, truncated, empty, not an image)."""
 

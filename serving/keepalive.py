@@ -1,18 +1,33 @@
-"""Keep-alive timeouts with one timer per idle spell of a connection, not one per response.
+"""A connection's timeouts with one timer per connection, not one per response: keep-alive, and
+a deadline on a request's line and headers.
 
 uvicorn's httptools protocol arms a new ``call_later`` timer after every response and cancels
 it when the next request's first bytes arrive. On this 2-core host that cost a lone request
 ~10–15 µs to arm, and the cancelled timer's handle, closed in the event loop's next iteration,
 is one cause of a slow step between a request's last byte and its handler's first step (58–88
 µs instead of ~5 in many 1,000-request medians; stamped servers, docs/request-path-profile.md,
-eleventh session) — every request, at saturation too.
+eleventh session) — every request, at saturation too. And that timer only ever runs after a
+response: a connection that sends nothing after opening, or the start of a request and then
+nothing (the "slowloris" pattern), was held open for good — each one a socket and a file
+descriptor, until the process runs out of them.
 
-Here a connection keeps at most one timer. A response marks the connection idle since now and
-arms the timer only when none is armed; new data marks it busy without touching the timer.
-When the timer fires it closes a connection idle for ``timeout_keep_alive`` seconds, re-arms
-for the rest of the spell if it went idle again since, and leaves a busy connection alone (its
-next response arms it again). The same rule as uvicorn's: an idle keep-alive connection closes
-``timeout_keep_alive`` seconds after its last response.
+Here a connection keeps at most one timer, armed when it opens or after a response if none is
+armed, never per request. When it fires it reads the connection's state:
+
+* a response is owed (a request whose headers arrived is being answered, or waits behind one):
+  nothing — the request's own deadlines apply (the body's, ``EED_BODY_TIMEOUT_S``, on the routes
+  that read images), and its response arms the timer again. A backstop for routes that read their
+  body without a deadline of their own (``POST /feedback``): a request whose body is still arriving
+  ``header_timeout_s + body_timeout_s`` after its first byte loses its connection;
+* a request has begun but its line and headers have not all arrived: it gets ``header_timeout_s``
+  from its first byte, then a 408 and the connection is closed;
+* otherwise the connection is idle (a new one included): it closes ``timeout_keep_alive``
+  seconds after its last response, or after opening — uvicorn's rule for idle connections,
+  extended to those that never sent a request.
+
+A deadline not yet due re-arms the timer for the rest of it. With h11 (no httptools wheel) and
+other uvicorn versions uvicorn's own timers stay: keep-alive after responses only, no header
+deadline.
 """
 
 from __future__ import annotations
@@ -20,13 +35,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
+import logging
 import textwrap
 from typing import Any
 
+from .errors import HeaderTimeout
+
+log = logging.getLogger("serving")
+
 # The sha256 of uvicorn 0.54's HttpToolsProtocol.on_response_complete (its source, dedented), which
-# LazyKeepAlive reproduces but for the timer. Any other version of that method keeps uvicorn's own
-# timers: a copy of code that has since changed would quietly drop whatever the change added.
+# ConnectionTimeouts reproduces but for the timer. Any other version of that method keeps uvicorn's
+# own timers (and no header deadline): a copy of code that has since changed would quietly drop
+# whatever the change added.
 REPRODUCED_ON_RESPONSE_COMPLETE = "5684fd801d0683ac20b9144e8eed8327e445236d5c1d16a02253dfb3a35b9a75"
+
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0  # the read deadline of a request body (ServerSettings.body_timeout_s)
 
 
 def _reproduces(base: type[Any]) -> bool:
@@ -37,50 +62,110 @@ def _reproduces(base: type[Any]) -> bool:
     return hashlib.sha256(source.encode()).hexdigest() == REPRODUCED_ON_RESPONSE_COMPLETE
 
 
-def lazy_keep_alive(protocol: type[Any]) -> type[Any]:
-    """``protocol`` (uvicorn's httptools protocol, or a subclass) with one keep-alive timer per
-    idle spell. Any other protocol class (h11), and uvicorn versions whose response completion
-    this does not reproduce (:data:`REPRODUCED_ON_RESPONSE_COMPLETE`), are returned as they are."""
+def header_timeout_response(header_timeout_s: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The 408 sent when a request's line and headers are late: the server's usual error body, and close."""
+    error = HeaderTimeout(
+        f"the request line and headers did not arrive within {header_timeout_s:g} s of the request's first "
+        "byte; send them at once (the limit is the server's header_timeout_s)"
+    )
+    body = json.dumps(error.body(), separators=(",", ":")).encode()
+    head = [b"HTTP/1.1 %d Request Timeout\r\n" % error.status_code]
+    head += [name + b": " + value + b"\r\n" for name, value in default_headers]
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+    return b"".join(head) + body
+
+
+def connection_timeouts(
+    protocol: type[Any],
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> type[Any]:
+    """``protocol`` (uvicorn's httptools protocol, or a subclass) with one timer per connection for its
+    keep-alive timeout, its requests' header deadline (``header_timeout_s``) and the backstop for
+    bodies read without a deadline (``header_timeout_s + body_timeout_s``). Any other protocol
+    class (h11), and uvicorn versions whose response completion this does not reproduce
+    (:data:`REPRODUCED_ON_RESPONSE_COMPLETE`), are returned as they are."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return protocol
     if not issubclass(protocol, HttpToolsProtocol) or not _reproduces(HttpToolsProtocol):
         return protocol
+    if not (header_timeout_s > 0 and body_timeout_s > 0):
+        raise ValueError(
+            f"timeouts must be positive: header_timeout_s={header_timeout_s!r}, body_timeout_s={body_timeout_s!r}"
+        )
+    whole_request_s = header_timeout_s + body_timeout_s
 
-    class LazyKeepAlive(protocol):
-        _idle_since: float | None = None  # loop time of the last response while idle; None: busy
+    class ConnectionTimeouts(protocol):
+        _last_response = 0.0  # loop time of the last response, or of the opening
+        _head_since = 0.0  # loop time of the latest request's first byte
+        _begun = 0  # requests begun on this connection
+        _answered = 0  # responses completed on it
         _keep_alive_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._last_response = now = self.loop.time()
+            self._keep_alive_timer = self.loop.call_at(now + self.timeout_keep_alive, self._timer_due)
 
         def _unset_keepalive_if_required(self) -> None:
             # uvicorn calls this when data arrives (and from its own on_response_complete and
             # connection_lost): cancelling the timer was its way of marking the connection busy.
-            self._idle_since = None
+            # Here the timer reads the connection's state when it fires instead.
+            pass
+
+        def on_message_begin(self) -> None:
+            self._begun += 1
+            self._head_since = self.loop.time()
+            super().on_message_begin()
 
         def on_response_complete(self) -> None:
             # uvicorn's own (0.54), but for the keep-alive timer.
+            self._answered += 1
             self.server_state.total_requests += 1
             if self.transport.is_closing():
                 return
-            self._idle_since = None
             self.flow.resume_reading()
+            self._last_response = now = self.loop.time()
+            if self._keep_alive_timer is None:  # also before a pipelined request: it may read a body
+                self._keep_alive_timer = self.loop.call_at(now + self.timeout_keep_alive, self._timer_due)
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
-                return
-            self._idle_since = now = self.loop.time()
-            if self._keep_alive_timer is None:
-                self._keep_alive_timer = self.loop.call_at(now + self.timeout_keep_alive, self._keep_alive_due)
 
-        def _keep_alive_due(self) -> None:
+        def _timer_due(self) -> None:
             self._keep_alive_timer = None
-            if self._idle_since is None or self.transport.is_closing():
-                return  # busy: its next response arms the timer again
-            due = self._idle_since + self.timeout_keep_alive
-            if due > self.loop.time():  # idle again since the timer was armed: the rest of the spell
-                self._keep_alive_timer = self.loop.call_at(due, self._keep_alive_due)
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return  # closing, or upgraded to another protocol (a WebSocket's is no longer HTTP)
+            cycle = self.cycle  # uvicorn's request/response cycle, or the fast path's (serving/fastpath.py)
+            if self.pipeline or (cycle is not None and not cycle.response_complete):
+                # A response is owed: the request's own deadlines run, and its response re-arms. The
+                # fast path's requests have their body deadline (no ``more_body``); uvicorn's cycle,
+                # still reading a body, has the backstop (the latest request begun is the one in it).
+                if getattr(cycle, "more_body", False) and not self.pipeline:
+                    due = self._head_since + whole_request_s
+                    if due > self.loop.time():
+                        self._keep_alive_timer = self.loop.call_at(due, self._timer_due)
+                    else:
+                        log.debug("closing a connection whose request body took longer than %g s", whole_request_s)
+                        self.transport.close()  # the app's read sees the client leave
                 return
-            self.timeout_keep_alive_handler()
+            # Nothing owed, yet a request begun: its headers have not all arrived (a request whose
+            # headers are in starts a cycle, owed until answered).
+            heading = self._begun > self._answered
+            if heading:
+                due = self._head_since + header_timeout_s
+            else:
+                due = self._last_response + self.timeout_keep_alive
+            if due > self.loop.time():  # not yet: the rest of it
+                self._keep_alive_timer = self.loop.call_at(due, self._timer_due)
+            elif heading:
+                log.debug("closing a connection whose request headers took longer than %g s", header_timeout_s)
+                self.transport.write(header_timeout_response(header_timeout_s, self.server_state.default_headers))
+                self.transport.close()
+            else:
+                self.timeout_keep_alive_handler()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._keep_alive_timer is not None:
@@ -88,5 +173,5 @@ def lazy_keep_alive(protocol: type[Any]) -> type[Any]:
                 self._keep_alive_timer = None
             super().connection_lost(exc)
 
-    LazyKeepAlive.__name__ = LazyKeepAlive.__qualname__ = f"LazyKeepAlive{protocol.__name__}"
-    return LazyKeepAlive
+    ConnectionTimeouts.__name__ = ConnectionTimeouts.__qualname__ = f"ConnectionTimeouts{protocol.__name__}"
+    return ConnectionTimeouts

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .keepalive import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from .policy import PolicyParams, parse_policy_spec
 from .sessions import DEFAULT_SPIN_US
 
@@ -143,10 +144,18 @@ class ServerSettings(BaseSettings):
         "they answer from earlier exits instead of queueing past it; unset = no server-wide deadline",
     )
     body_timeout_s: float = Field(
-        30.0,
+        DEFAULT_BODY_TIMEOUT_S,
         gt=0,
         description="time allowed to receive a whole request body (408 past it); bodies are read before "
         "a request takes an admission slot, so slow uploads cannot exhaust capacity",
+    )
+    header_timeout_s: float = Field(
+        DEFAULT_HEADER_TIMEOUT_S,
+        gt=0,
+        description="time allowed for a request's line and headers to arrive, from its first byte (408 and "
+        "the connection closed past it), so that connections cannot be held open by a trickle of header "
+        "bytes; a connection with no request in progress, a new one included, closes after uvicorn's "
+        "keep-alive timeout (5 s)",
     )
     feedback_capacity: int = Field(
         100_000, ge=1, description="labelled answer ids this replica remembers, to refuse a second label (409)"

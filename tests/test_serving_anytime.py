@@ -298,3 +298,35 @@ def test_hundreds_of_trickling_uploads_do_not_lock_out_other_clients(policy_mode
         finally:
             for s in tricklers:
                 s.close()
+
+
+def test_hundreds_of_connections_trickling_headers_are_cut_off_and_lock_out_no_one(policy_model_dir, tmp_path):
+    # The "slowloris" pattern: connections that begin a request and never finish its headers. Each
+    # holds a socket and a file descriptor; past EED_HEADER_TIMEOUT_S it is told so and closed.
+    data = encode(uniform_image(3), "PNG")
+    with ServerProcess(policy_model_dir, "--header-timeout-s", "2", tmp_dir=tmp_path) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        tricklers = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
+                tricklers.append(s)
+            started = time.monotonic()
+            with httpx.Client(base_url=srv.url, timeout=30) as client:
+                codes = [
+                    client.post("/classify", content=data, headers={"Content-Type": "image/png"}).status_code
+                    for _ in range(20)
+                ]
+            assert codes == [200] * 20
+            for s in tricklers:
+                s.settimeout(15)
+                reply = b""
+                while chunk := s.recv(65536):  # until the server closes the connection
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+                assert b'"error":"header_timeout"' in reply
+            assert time.monotonic() - started < 15  # all of them, within a few header timeouts
+        finally:
+            for s in tricklers:
+                s.close()

@@ -1,10 +1,13 @@
-"""Keep-alive timeouts with one timer per idle spell (serving/keepalive.py), on a real uvicorn with
-the server's HTTP protocol: an idle connection closes ``timeout_keep_alive`` after its last
-response, a busy one never does, and requests do not arm timers one by one."""
+"""A connection's timeouts with one timer per connection (serving/keepalive.py), on a real uvicorn
+with the server's HTTP protocol: an idle connection closes ``timeout_keep_alive`` after its last
+response (or after opening, when it never sent a request), a busy one never does, a request whose
+headers stop coming gets a 408, a body that stops coming on a route without a deadline of its own
+loses its connection, and requests do not arm timers one by one."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -14,6 +17,8 @@ from serving_model import uvicorn_in_thread
 from serving.transport import http_protocol
 
 KEEP_ALIVE_S = 1.0
+HEADER_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 1.0
 
 
 async def app(scope, receive, send):
@@ -27,6 +32,8 @@ async def app(scope, receive, send):
         pass
     if scope["path"] == "/slow":  # in flight longer than the keep-alive timeout
         await asyncio.sleep(KEEP_ALIVE_S * 1.5)
+    if scope["path"] == "/slower":  # in flight longer than every timeout together
+        await asyncio.sleep(KEEP_ALIVE_S + HEADER_TIMEOUT_S + BODY_TIMEOUT_S)
     payload = scope["path"].encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(payload))]})
     await send({"type": "http.response.body", "body": payload})
@@ -34,7 +41,8 @@ async def app(scope, receive, send):
 
 @pytest.fixture(scope="module")
 def server():
-    with uvicorn_in_thread(app, http=http_protocol(), timeout_keep_alive=1) as server:
+    protocol = http_protocol(HEADER_TIMEOUT_S, BODY_TIMEOUT_S)
+    with uvicorn_in_thread(app, http=protocol, timeout_keep_alive=KEEP_ALIVE_S) as server:
         yield server
 
 
@@ -59,10 +67,82 @@ def connection(server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.config.port))
 
 
+def read_until_closed(sock: socket.socket, limit: float = 15.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
 def test_an_idle_connection_closes_after_the_keep_alive_timeout(server):
     with connection(server) as sock:
         get(sock)
         assert 0.8 * KEEP_ALIVE_S <= seconds_until_closed(sock) <= 2 * KEEP_ALIVE_S + 0.5
+
+
+def test_a_new_connection_that_sends_nothing_closes_after_the_keep_alive_timeout(server):
+    # uvicorn's own timer starts only after a response: such a connection was held open for good.
+    with connection(server) as sock:
+        assert 0.8 * KEEP_ALIVE_S <= seconds_until_closed(sock) <= 2 * KEEP_ALIVE_S + 0.5
+
+
+@pytest.mark.parametrize("answered_before", [False, True], ids=["new connection", "after an answer"])
+def test_a_request_whose_headers_stop_coming_gets_408_and_its_connection_closed(server, answered_before):
+    with connection(server) as sock:
+        if answered_before:
+            get(sock)
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Le")
+        reply, seconds = read_until_closed(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), reply
+    assert b"\r\nconnection: close" in head and b"\r\ncontent-type: application/json" in head
+    error = json.loads(body)
+    assert error["error"] == "header_timeout" and f"within {HEADER_TIMEOUT_S:g} s" in error["detail"], error
+    assert 0.9 * HEADER_TIMEOUT_S <= seconds <= HEADER_TIMEOUT_S + 1.0
+
+
+def test_headers_that_trickle_in_within_the_deadline_are_answered(server):
+    # Past the keep-alive timeout but within the header deadline: the timer that finds the headers
+    # still coming waits for the rest of the deadline.
+    request = b"GET /trickled HTTP/1.1\r\nHost: x\r\n\r\n"
+    pieces = [request[i : i + 4] for i in range(0, len(request), 4)]
+    with connection(server) as sock:
+        for piece in pieces[:-1]:
+            sock.sendall(piece)
+            time.sleep(0.65 * HEADER_TIMEOUT_S / len(pieces))
+        sock.sendall(pieces[-1])
+        data = b""
+        while not data.endswith(b"/trickled"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert get(sock, "/next").startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_that_stops_coming_loses_its_connection_where_the_route_has_no_deadline(server):
+    # The app here reads its whole body with no deadline of its own (as FastAPI's JSON routes do):
+    # the backstop closes the connection header_timeout_s + body_timeout_s after the first byte.
+    with connection(server) as sock:
+        sock.sendall(b'POST /json HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"id": ')
+        reply, seconds = read_until_closed(sock)
+    assert reply == b""  # the app's read saw the client leave; nothing is sent on a closed connection
+    whole = HEADER_TIMEOUT_S + BODY_TIMEOUT_S
+    assert 0.9 * whole <= seconds <= whole + 1.0
+
+
+def test_an_answer_that_takes_longer_than_every_timeout_is_still_answered(server):
+    with connection(server) as sock:
+        sock.sendall(b"POST /slower HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        data = b""
+        while not data.endswith(b"/slower"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        assert get(sock, "/after").startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_busy_connection_stays_open_and_closes_a_timeout_after_its_last_response(server):
@@ -101,14 +181,14 @@ def test_every_response_is_counted(server):
     assert server.server_state.total_requests - before == 5
 
 
-def test_this_uvicorn_gets_the_one_timer_per_spell():
+def test_this_uvicorn_gets_the_one_timer_per_connection():
     # serving/keepalive.py reproduces uvicorn 0.54's response completion; another version keeps its
-    # own timers (correct, only slower): this says which one is installed.
+    # own timers (slower, and without the header deadline): this says which one is installed.
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from serving.keepalive import lazy_keep_alive
+    from serving.keepalive import connection_timeouts
 
-    assert lazy_keep_alive(HttpToolsProtocol) is not HttpToolsProtocol, (
+    assert connection_timeouts(HttpToolsProtocol) is not HttpToolsProtocol, (
         "uvicorn's HttpToolsProtocol.on_response_complete changed: check serving/keepalive.py against it "
         "and update REPRODUCED_ON_RESPONSE_COMPLETE"
     )
@@ -122,7 +202,7 @@ def test_requests_do_not_arm_a_timer_each(server):
         assert timer is not None
         for n in range(20):
             get(sock, f"/{n}")
-        assert protocol._keep_alive_timer is timer  # the same timer for the whole idle-and-busy spell
+        assert protocol._keep_alive_timer is timer  # the one armed when it opened, for all of them
         # Pipelined requests are still answered in order.
         sock.sendall(b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
