@@ -123,6 +123,7 @@ class InferenceService:
         self._probing = False
         self._inline_max_ms = inline_max_ms
         self._inflight = 0
+        self._last_active = time.monotonic()  # a request's last entry to or exit from run() (probes wait for a lull)
         # Requests the server's HTTP protocol has read in full whose handlers have not been
         # admitted yet (serving/fastpath.py counts the ones it answers): with any, a request is
         # not alone; so the fast path's requests decide at once (Ticket.arrival_counted), where
@@ -382,7 +383,15 @@ class InferenceService:
 
         A graph that no request has used for ``probe_interval_s`` (say, deep exits
         that deadlines skipped during a burst) gets one batch-1 run on a fixed input,
-        only when nothing is admitted or queued, one graph per tick. Every
+        only in a lull — nothing admitted, queued or running, and no request entering or
+        leaving :meth:`run` for a whole tick — one graph per tick. Quiet at the tick's instant is not
+        enough: under a steady stream of requests one at a time the server is quiet between
+        an answer and the next request's arrival, and a tick's timer, due during an inline
+        run, fires right after the answer, in that gap: probes then ran several times a
+        second and the next request waited for them (one connection, full-width export:
+        p99 20.0 vs 10.9 ms and 131 vs 139 req/s, docs/request-path-profile.md, twelfth
+        session). Estimates of graphs nobody uses return to their idle calibration without
+        probes (ServiceTimeModel's prior); the probes keep them current. Every
         :data:`LONE_RECHECK_PROBE_INTERVALS` probe intervals, when start-up gave lone
         requests one-thread sessions, a tick times the main exit one way instead, the two
         ways in turn (ModelRuntime.time_lone_way, LoneThreadsJudge).
@@ -392,9 +401,9 @@ class InferenceService:
         one_thread_next = False  # the way lone requests are not on at start-up: all cores
         while True:
             await asyncio.sleep(tick)
-            if not self._quiet(0):
-                continue
             now = time.monotonic()
+            if now - self._last_active < tick or not self._quiet(0):
+                continue
             judge, main = self.runtime.lone_judge, self.exit_workers[-1]
             if judge is not None and now - lone_checked >= LONE_RECHECK_PROBE_INTERVALS * self._probe_interval_s:
                 lone_checked = now
@@ -460,10 +469,12 @@ class InferenceService:
         if ticket is not None:
             ticket.started()
         self._in_run += 1
+        self._last_active = time.monotonic()
         try:
             return await self._run(x, plan, deadline, ticket is not None and ticket.arrival_counted)
         finally:
             self._in_run -= 1
+            self._last_active = time.monotonic()
 
     async def _run(self, x: np.ndarray, plan: Plan, deadline: float | None, counted: bool) -> Outcome:
         started = time.perf_counter()

@@ -207,6 +207,36 @@ def test_idle_probes_keep_every_graph_measured(service):
     asyncio.run(main())
 
 
+def test_a_steady_stream_of_lone_requests_is_not_interleaved_with_probes(service):
+    # One request at a time with 2 ms gaps, as from one connection: quiet at a tick's instant, but no
+    # lull. Probes ran in those gaps (and the next request waited); now only after a whole quiet tick.
+    async def main():
+        await service.start()
+        try:
+            give_up = time.monotonic() + 5
+            while not all(m.last_observed is not None for m in service.service_models.values()):
+                assert time.monotonic() < give_up, "the idle prober never measured every graph"
+                await asyncio.sleep(0.05)
+            plan = service.plan(PolicyParams(exit=1))
+            x = _x(service)
+            unused = [name for name in service.service_models if name not in ("exit1", "stage1")]
+            before = {name: service.service_models[name].last_observed for name in unused}
+            stream_ends = time.monotonic() + 1.0  # five probe intervals
+            while time.monotonic() < stream_ends:
+                await service.run(x, plan)
+                await asyncio.sleep(0.002)
+            assert {name: service.service_models[name].last_observed for name in unused} == before
+            # A lull: the stale graphs are probed again.
+            give_up = time.monotonic() + 5
+            while {name: service.service_models[name].last_observed for name in unused} == before:
+                assert time.monotonic() < give_up, "no probe after the stream ended"
+                await asyncio.sleep(0.05)
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 # --- HTTP: policies, default deadline, slow clients ----------------------------------------------
 
 POLICIES = {"eager": [0.9, 0.9], "strict": [cascade.NEVER, 0.9]}
