@@ -18,9 +18,16 @@ armed, never per request. When it fires it reads the connection's state:
   nothing — the request's own deadlines apply (the body's, ``EED_BODY_TIMEOUT_S``, on the routes
   that read images), and its response arms the timer again. A backstop for routes that read their
   body without a deadline of their own (``POST /feedback``): a request whose body is still arriving
-  ``header_timeout_s + body_timeout_s`` after its first byte loses its connection;
+  ``header_timeout_s + body_timeout_s`` after its first byte loses its connection — counted
+  instead from the last time the server itself held the body back (``Expect: 100-continue``
+  before the app asks for it, reading paused until the app catches up, a pipelined request
+  waiting its turn);
 * a request has begun but its line and headers have not all arrived: it gets ``header_timeout_s``
   from its first byte, then a 408 and the connection is closed;
+* bytes arrived since the last response without beginning a request — the rest of a body
+  answered early (a 413 on its Content-Length): the connection stays while they keep coming,
+  within the backstop, and closes ``timeout_keep_alive`` after they stop (the client reads its
+  answer once it has sent everything; closing on unread bytes would reset the connection under it);
 * otherwise the connection is idle (a new one included): it closes ``timeout_keep_alive``
   seconds after its last response, or after opening — uvicorn's rule for idle connections,
   extended to those that never sent a request.
@@ -37,6 +44,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import textwrap
 from typing import Any
 
@@ -99,15 +107,28 @@ def connection_timeouts(
 
     class ConnectionTimeouts(protocol):
         _last_response = 0.0  # loop time of the last response, or of the opening
+        _last_data = 0.0  # loop time bytes last arrived
         _head_since = 0.0  # loop time of the latest request's first byte
+        _backstop_from = 0.0  # where the body backstop counts from (see _timer_due)
         _begun = 0  # requests begun on this connection
         _answered = 0  # responses completed on it
         _keep_alive_timer: asyncio.TimerHandle | None = None
+        _due_at = math.inf  # when the timer fires; inf: none armed
+
+        def _arm(self, due: float) -> None:
+            if self._keep_alive_timer is not None:
+                self._keep_alive_timer.cancel()
+            self._keep_alive_timer = self.loop.call_at(due, self._timer_due)
+            self._due_at = due
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._last_response = now = self.loop.time()
-            self._keep_alive_timer = self.loop.call_at(now + self.timeout_keep_alive, self._timer_due)
+            self._arm(now + self.timeout_keep_alive)
+
+        def data_received(self, data: bytes) -> None:
+            self._last_data = self.loop.time()
+            super().data_received(data)
 
         def _unset_keepalive_if_required(self) -> None:
             # uvicorn calls this when data arrives (and from its own on_response_complete and
@@ -117,7 +138,9 @@ def connection_timeouts(
 
         def on_message_begin(self) -> None:
             self._begun += 1
-            self._head_since = self.loop.time()
+            self._head_since = self._backstop_from = now = self.loop.time()
+            if self._due_at > now + header_timeout_s:  # only behind a response owed (a pipelined request)
+                self._arm(now + header_timeout_s)
             super().on_message_begin()
 
         def on_response_complete(self) -> None:
@@ -128,49 +151,67 @@ def connection_timeouts(
                 return
             self.flow.resume_reading()
             self._last_response = now = self.loop.time()
-            if self._keep_alive_timer is None:  # also before a pipelined request: it may read a body
-                self._keep_alive_timer = self.loop.call_at(now + self.timeout_keep_alive, self._timer_due)
+            # Armed unless armed sooner (usually: since the opening or an earlier response). Also
+            # before a pipelined request, which may read a body.
+            if self._due_at > now + self.timeout_keep_alive:
+                self._arm(now + self.timeout_keep_alive)
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
+                self._backstop_from = now  # its body was held back while it waited
                 self._start_asgi_task(cycle, app)
 
         def _timer_due(self) -> None:
-            self._keep_alive_timer = None
+            self._keep_alive_timer, self._due_at = None, math.inf
             if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return  # closing, or upgraded to another protocol (a WebSocket's is no longer HTTP)
+            now = self.loop.time()
             cycle = self.cycle  # uvicorn's request/response cycle, or the fast path's (serving/fastpath.py)
             if self.pipeline or (cycle is not None and not cycle.response_complete):
                 # A response is owed: the request's own deadlines run, and its response re-arms. The
                 # fast path's requests have their body deadline (no ``more_body``); uvicorn's cycle,
-                # still reading a body, has the backstop (the latest request begun is the one in it).
-                if getattr(cycle, "more_body", False) and not self.pipeline:
-                    due = self._head_since + whole_request_s
-                    if due > self.loop.time():
-                        self._keep_alive_timer = self.loop.call_at(due, self._timer_due)
-                    else:
-                        log.debug("closing a connection whose request body took longer than %g s", whole_request_s)
-                        self.transport.close()  # the app's read sees the client leave
+                # still reading a body, has the backstop, counted from the request's first byte —
+                # or from the last time the server itself held the body back: before the app asks
+                # for it (``Expect: 100-continue``), or with reading paused until the app catches up.
+                if self.pipeline or not getattr(cycle, "more_body", False):
+                    return
+                if getattr(cycle, "waiting_for_100_continue", False) or self.flow.read_paused:
+                    self._backstop_from = now
+                    self._arm(now + self.timeout_keep_alive)
+                elif now < self._backstop_from + whole_request_s:
+                    self._arm(self._backstop_from + whole_request_s)
+                else:
+                    log.debug("closing a connection whose request body took longer than %g s", whole_request_s)
+                    self.transport.close()  # the app's read sees the client leave
                 return
-            # Nothing owed, yet a request begun: its headers have not all arrived (a request whose
-            # headers are in starts a cycle, owed until answered).
-            heading = self._begun > self._answered
-            if heading:
+            if self._begun > self._answered:
+                # Nothing owed, yet a request begun: its headers have not all arrived (a request
+                # whose headers are in starts a cycle, owed until answered).
                 due = self._head_since + header_timeout_s
-            else:
-                due = self._last_response + self.timeout_keep_alive
-            if due > self.loop.time():  # not yet: the rest of it
-                self._keep_alive_timer = self.loop.call_at(due, self._timer_due)
-            elif heading:
+                if now < due:
+                    self._arm(due)
+                    return
                 log.debug("closing a connection whose request headers took longer than %g s", header_timeout_s)
                 self.transport.write(header_timeout_response(header_timeout_s, self.server_state.default_headers))
                 self.transport.close()
+                return
+            if self._last_data > self._last_response:
+                # Bytes since the last response that began no request: the rest of the body of a
+                # request answered early (a 413 on its Content-Length, a 422 before its body). The
+                # client reads its answer once it has sent everything: let it, while the bytes keep
+                # coming and within the backstop — closing on unread bytes would reset the
+                # connection under the answer.
+                due = min(self._last_data + self.timeout_keep_alive, self._backstop_from + whole_request_s)
+            else:
+                due = self._last_response + self.timeout_keep_alive
+            if now < due:  # not yet: the rest of it
+                self._arm(due)
             else:
                 self.timeout_keep_alive_handler()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._keep_alive_timer is not None:
                 self._keep_alive_timer.cancel()
-                self._keep_alive_timer = None
+                self._keep_alive_timer, self._due_at = None, math.inf
             super().connection_lost(exc)
 
     ConnectionTimeouts.__name__ = ConnectionTimeouts.__qualname__ = f"ConnectionTimeouts{protocol.__name__}"

@@ -92,17 +92,26 @@ def _slowed(run):
     return slow
 
 
-@pytest.fixture()
-def service(model_dir):
+def _slowed_service(model_dir, probe_interval_s: float = 0.2) -> InferenceService:
     runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
     for graph in runtime.graphs:  # batches and lone requests alike
         graph.run = _slowed(graph.run)
         graph.run_alone = _slowed(graph.run_alone)
     svc = InferenceService(
-        runtime, ServingMetrics(), max_batch_size=4, max_wait_ms=0, estimate_half_life_s=0.5, probe_interval_s=0.2
+        runtime,
+        ServingMetrics(),
+        max_batch_size=4,
+        max_wait_ms=0,
+        estimate_half_life_s=0.5,
+        probe_interval_s=probe_interval_s,
     )
     svc.seed_latency(runtime.calibrate(runs=2, batch_sizes=(1, 4)))
     return svc
+
+
+@pytest.fixture()
+def service(model_dir):
+    return _slowed_service(model_dir)
 
 
 def _x(svc):
@@ -207,9 +216,12 @@ def test_idle_probes_keep_every_graph_measured(service):
     asyncio.run(main())
 
 
-def test_a_steady_stream_of_lone_requests_is_not_interleaved_with_probes(service):
-    # One request at a time with 2 ms gaps, as from one connection: quiet at a tick's instant, but no
-    # lull. Probes ran in those gaps (and the next request waited); now only after a whole quiet tick.
+def test_a_steady_stream_of_lone_requests_is_not_interleaved_with_probes(model_dir):
+    # One request at a time with 5 ms gaps, as from one connection: quiet at a tick's instant, but no
+    # lull. Probes ran in those gaps (and the next request waited); now only after a whole quiet tick
+    # (0.2 s here: a stall of the test itself that long would let one in).
+    service = _slowed_service(model_dir, probe_interval_s=0.8)
+
     async def main():
         await service.start()
         try:
@@ -221,10 +233,10 @@ def test_a_steady_stream_of_lone_requests_is_not_interleaved_with_probes(service
             x = _x(service)
             unused = [name for name in service.service_models if name not in ("exit1", "stage1")]
             before = {name: service.service_models[name].last_observed for name in unused}
-            stream_ends = time.monotonic() + 1.0  # five probe intervals
+            stream_ends = time.monotonic() + 2.0  # ten ticks
             while time.monotonic() < stream_ends:
                 await service.run(x, plan)
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.005)
             assert {name: service.service_models[name].last_observed for name in unused} == before
             # A lull: the stale graphs are probed again.
             give_up = time.monotonic() + 5

@@ -28,14 +28,21 @@ async def app(scope, receive, send):
             await send({"type": message["type"] + ".complete"})
             if message["type"] == "lifespan.shutdown":
                 return
-    while (await receive()).get("more_body"):
-        pass
+    status = 200
+    if scope["path"] == "/early":  # refused on its headers, its body never read (as a 413 on Content-Length)
+        status = 413
+    else:
+        if scope["path"] == "/think":  # works longer than every timeout together before it reads the body
+            await asyncio.sleep(KEEP_ALIVE_S + HEADER_TIMEOUT_S + BODY_TIMEOUT_S)
+        while (await receive()).get("more_body"):
+            pass
     if scope["path"] == "/slow":  # in flight longer than the keep-alive timeout
         await asyncio.sleep(KEEP_ALIVE_S * 1.5)
     if scope["path"] == "/slower":  # in flight longer than every timeout together
         await asyncio.sleep(KEEP_ALIVE_S + HEADER_TIMEOUT_S + BODY_TIMEOUT_S)
     payload = scope["path"].encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(payload))]})
+    headers = [(b"content-length", b"%d" % len(payload))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -132,6 +139,39 @@ def test_a_body_that_stops_coming_loses_its_connection_where_the_route_has_no_de
     assert reply == b""  # the app's read saw the client leave; nothing is sent on a closed connection
     whole = HEADER_TIMEOUT_S + BODY_TIMEOUT_S
     assert 0.9 * whole <= seconds <= whole + 1.0
+
+
+def test_an_upload_answered_before_its_body_may_finish_and_read_its_answer(server):
+    # A 413 on the Content-Length while the client is still sending: closing with its bytes unread
+    # would reset the connection under the answer (http.client, and so requests, then raise
+    # BrokenPipeError instead of returning the 413). The bytes keep coming for longer than the
+    # keep-alive timeout; the connection closes a keep-alive timeout after they stop.
+    chunk, chunks = b"x" * 10_000, 12
+    with connection(server) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(chunk) * chunks))
+        for _ in range(chunks):  # 2.4 s: past the keep-alive timeout, within header + body timeouts
+            sock.sendall(chunk)
+            time.sleep(0.2)
+        reply, seconds = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 413 ") and reply.endswith(b"/early"), reply
+    assert seconds <= 1.5 * KEEP_ALIVE_S
+
+
+def test_a_body_the_app_asks_for_late_is_not_cut_off(server):
+    # Expect: 100-continue: the client sends its body only once the app reads it, here after longer
+    # than every timeout together. The server held the body back, not the client.
+    with connection(server) as sock:
+        sock.sendall(b"POST /think HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        sock.settimeout(15)
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.sendall(b"hello")
+        data = b""
+        while not data.endswith(b"/think"):
+            received = sock.recv(65536)
+            assert received, f"closed after {data!r}"
+            data += received
+        assert data.startswith(b"HTTP/1.1 200 ")
 
 
 def test_an_answer_that_takes_longer_than_every_timeout_is_still_answered(server):
