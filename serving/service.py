@@ -47,6 +47,8 @@ log = logging.getLogger("serving.service")
 # Lone requests' one-thread sessions are re-timed against the all-core ones, one main-exit run of
 # one way at a time, every this many probe intervals of an idle server (ModelRuntime.time_lone_way).
 LONE_RECHECK_PROBE_INTERVALS = 5
+# In a long lull a graph is re-timed once it has not run for half the lull so far, up to this.
+MAX_IDLE_PROBE_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -391,7 +393,11 @@ class InferenceService:
         second and the next request waited for them (one connection, full-width export:
         p99 20.0 vs 10.9 ms and 131 vs 139 req/s, docs/request-path-profile.md, twelfth
         session). Estimates of graphs nobody uses return to their idle calibration without
-        probes (ServiceTimeModel's prior); the probes keep them current. Every
+        probes (ServiceTimeModel's prior); the probes keep them current. The longer a lull
+        lasts the less a probe has to tell: a graph is stale after ``probe_interval_s`` or half
+        the lull so far, whichever is longer, up to :data:`MAX_IDLE_PROBE_INTERVAL_S` (an idle
+        server probed at every tick for good: ~4 % of a core with the full-width export, taken
+        from whatever else shares the host). Every
         :data:`LONE_RECHECK_PROBE_INTERVALS` probe intervals, when start-up gave lone
         requests one-thread sessions, a tick times the main exit one way instead, the two
         ways in turn (ModelRuntime.time_lone_way, LoneThreadsJudge).
@@ -413,10 +419,12 @@ class InferenceService:
                     judge.observe(way, seconds)
                     self.runtime.use_one_thread_lone_sessions(judge.prefers_one_thread(self.runtime.lone_on_one_thread))
                 continue
+            lull = now - self._last_active
+            interval = max(self._probe_interval_s, min(lull / 2, MAX_IDLE_PROBE_INTERVAL_S))
             stale = [
                 (m.last_observed or 0.0, name)
                 for name, m in self.service_models.items()
-                if m.last_observed is None or now - m.last_observed >= self._probe_interval_s
+                if m.last_observed is None or now - m.last_observed >= interval
             ]
             if not stale:
                 continue

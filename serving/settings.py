@@ -133,8 +133,9 @@ class ServerSettings(BaseSettings):
     probe_interval_s: float = Field(
         1.0,
         ge=0,
-        description="in a lull (no request for a quarter of this), re-time any graph not run for this long "
-        "(batch 1, one graph per quarter), so estimates of exits that deadlines skipped stay current; 0 = never probe",
+        description="in a lull (no request for a quarter of this), re-time any graph not run for this long, or "
+        "for half the lull so far up to a minute (batch 1, one graph per quarter), so estimates of exits that "
+        "deadlines skipped stay current; 0 = never probe",
     )
     deadline_margin_ms: float = Field(0.5, ge=0, description="slack kept before a deadline for building the response")
     default_budget_ms: float | None = Field(

@@ -249,6 +249,34 @@ def test_a_steady_stream_of_lone_requests_is_not_interleaved_with_probes(model_d
     asyncio.run(main())
 
 
+def test_a_long_lull_is_probed_less_and_less(service):
+    # probe_interval_s 0.2: early in a lull a graph is re-timed every 0.2 s or so, one graph per tick
+    # (0.05 s); three seconds in, only once it has not run for half the lull (1.5 s and more).
+    probes: list[tuple[float, str]] = []
+    for name, model in service.service_models.items():
+        observe = model.observe
+
+        def counted(batch, seconds, observe=observe, name=name):
+            probes.append((time.monotonic(), name))
+            observe(batch, seconds)
+
+        model.observe = counted
+
+    async def main():
+        await service.start()
+        try:
+            started = time.monotonic()
+            await asyncio.sleep(4.0)
+        finally:
+            await service.stop()
+        early = [name for t, name in probes if t < started + 1.5]
+        late = [name for t, name in probes if started + 3.0 <= t < started + 4.0]
+        assert len(early) > len(set(early)), early  # graphs re-timed within the first 1.5 s
+        assert late and len(late) == len(set(late)), late  # none twice in a second, three seconds in
+
+    asyncio.run(main())
+
+
 # --- HTTP: policies, default deadline, slow clients ----------------------------------------------
 
 POLICIES = {"eager": [0.9, 0.9], "strict": [cascade.NEVER, 0.9]}
