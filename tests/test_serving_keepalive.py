@@ -53,14 +53,19 @@ def server():
         yield server
 
 
-def get(sock: socket.socket, path: str = "/") -> bytes:
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+def answer(sock: socket.socket, path: str) -> bytes:
+    """The response to a request for ``path`` (the test app's body is the path), read whole."""
     data = b""
     while not data.endswith(path.encode()):
         chunk = sock.recv(65536)
         assert chunk, f"closed after {data!r}"
         data += chunk
     return data
+
+
+def get(sock: socket.socket, path: str = "/") -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return answer(sock, path)
 
 
 def seconds_until_closed(sock: socket.socket, limit: float = 10.0) -> float:
@@ -121,12 +126,7 @@ def test_headers_that_trickle_in_within_the_deadline_are_answered(server):
             sock.sendall(piece)
             time.sleep(0.65 * HEADER_TIMEOUT_S / len(pieces))
         sock.sendall(pieces[-1])
-        data = b""
-        while not data.endswith(b"/trickled"):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {data!r}"
-            data += chunk
-        assert data.startswith(b"HTTP/1.1 200 ")
+        assert answer(sock, "/trickled").startswith(b"HTTP/1.1 200 ")
         assert get(sock, "/next").startswith(b"HTTP/1.1 200 ")
 
 
@@ -166,22 +166,13 @@ def test_a_body_the_app_asks_for_late_is_not_cut_off(server):
         interim = sock.recv(65536)
         assert interim.startswith(b"HTTP/1.1 100 "), interim
         sock.sendall(b"hello")
-        data = b""
-        while not data.endswith(b"/think"):
-            received = sock.recv(65536)
-            assert received, f"closed after {data!r}"
-            data += received
-        assert data.startswith(b"HTTP/1.1 200 ")
+        assert answer(sock, "/think").startswith(b"HTTP/1.1 200 ")
 
 
 def test_an_answer_that_takes_longer_than_every_timeout_is_still_answered(server):
     with connection(server) as sock:
         sock.sendall(b"POST /slower HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
-        data = b""
-        while not data.endswith(b"/slower"):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {data!r}"
-            data += chunk
+        assert answer(sock, "/slower").startswith(b"HTTP/1.1 200 ")
         assert get(sock, "/after").startswith(b"HTTP/1.1 200 ")
 
 
@@ -245,9 +236,5 @@ def test_requests_do_not_arm_a_timer_each(server):
         assert protocol._keep_alive_timer is timer  # the one armed when it opened, for all of them
         # Pipelined requests are still answered in order.
         sock.sendall(b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while not data.endswith(b"/p2"):
-            chunk = sock.recv(65536)
-            assert chunk
-            data += chunk
+        data = answer(sock, "/p2")
         assert data.index(b"/p1") < data.index(b"/p2")
