@@ -400,7 +400,9 @@ class InferenceService:
         from whatever else shares the host). Every
         :data:`LONE_RECHECK_PROBE_INTERVALS` probe intervals, when start-up gave lone
         requests one-thread sessions, a tick times the main exit one way instead, the two
-        ways in turn (ModelRuntime.time_lone_way, LoneThreadsJudge).
+        ways in turn (ModelRuntime.time_lone_way, LoneThreadsJudge) — quiet at the tick's
+        instant is enough for that one: a wrong choice would otherwise last as long as a
+        steady stream of requests does, and it delays one request every few seconds at most.
         """
         tick = max(0.05, self._probe_interval_s / 4)
         lone_checked = time.monotonic()
@@ -408,9 +410,11 @@ class InferenceService:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if now - self._last_active < tick or not self._quiet(0):
+            if not self._quiet(0):
                 continue
             judge, main = self.runtime.lone_judge, self.exit_workers[-1]
+            # The lone-session re-check needs no lull: one main-exit run every few intervals, and a
+            # start-up choice made on contended timings must not last as long as traffic does.
             if judge is not None and now - lone_checked >= LONE_RECHECK_PROBE_INTERVALS * self._probe_interval_s:
                 lone_checked = now
                 way, one_thread_next = one_thread_next, not one_thread_next
@@ -420,6 +424,8 @@ class InferenceService:
                     self.runtime.use_one_thread_lone_sessions(judge.prefers_one_thread(self.runtime.lone_on_one_thread))
                 continue
             lull = now - self._last_active
+            if lull < tick:
+                continue
             interval = max(self._probe_interval_s, min(lull / 2, MAX_IDLE_PROBE_INTERVAL_S))
             stale = [
                 (m.last_observed or 0.0, name)

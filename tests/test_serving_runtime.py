@@ -569,9 +569,11 @@ def test_the_one_thread_choice_follows_the_fastest_recent_timings_each_way():
     assert judge.prefers_one_thread(now_one_thread=False) is False
 
 
-def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle(model_dir, monkeypatch):
+@pytest.mark.parametrize("traffic", ["idle", "steady"])
+def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle(model_dir, monkeypatch, traffic):
     # A replica that chose one-thread sessions while its neighbour was starting must not keep
-    # them for life: the idle prober times both ways again and lone requests follow the faster.
+    # them for life: the idle prober times both ways again and lone requests follow the faster —
+    # also under a steady stream of one request at a time, which leaves no lull for other probes.
     import asyncio
 
     from serving.fused import attach_fused_cascade
@@ -603,7 +605,12 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
 
     async def idle_until(condition) -> np.ndarray:
         for _ in range(100):
-            await asyncio.sleep(0.05)
+            if traffic == "idle":
+                await asyncio.sleep(0.05)
+            else:
+                for _ in range(10):
+                    await service.run(x[0], service.plan(PolicyParams(exit=1)))
+                    await asyncio.sleep(0.005)
             if condition():
                 break
         with service.admit() as ticket:
