@@ -58,9 +58,6 @@ log = logging.getLogger("serving")
 # whatever the change added.
 REPRODUCED_ON_RESPONSE_COMPLETE = "5684fd801d0683ac20b9144e8eed8327e445236d5c1d16a02253dfb3a35b9a75"
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_BODY_TIMEOUT_S = 30.0  # the read deadline of a request body (ServerSettings.body_timeout_s)
-
 
 def _reproduces(base: type[Any]) -> bool:
     try:
@@ -85,8 +82,8 @@ def header_timeout_response(header_timeout_s: float, default_headers: list[tuple
 
 def connection_timeouts(
     protocol: type[Any],
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    header_timeout_s: float,
+    body_timeout_s: float,
 ) -> type[Any]:
     """``protocol`` (uvicorn's httptools protocol, or a subclass) with one timer per connection for its
     keep-alive timeout, its requests' header deadline (``header_timeout_s``) and the backstop for

@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .keepalive import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 from .policy import PolicyParams, parse_policy_spec
 from .sessions import DEFAULT_SPIN_US
 
@@ -145,13 +144,13 @@ class ServerSettings(BaseSettings):
         "they answer from earlier exits instead of queueing past it; unset = no server-wide deadline",
     )
     body_timeout_s: float = Field(
-        DEFAULT_BODY_TIMEOUT_S,
+        30.0,
         gt=0,
         description="time allowed to receive a whole request body (408 past it); bodies are read before "
         "a request takes an admission slot, so slow uploads cannot exhaust capacity",
     )
     header_timeout_s: float = Field(
-        DEFAULT_HEADER_TIMEOUT_S,
+        10.0,
         gt=0,
         description="time allowed for a request's line and headers to arrive, from its first byte (408 and "
         "the connection closed past it), so that connections cannot be held open by a trickle of header "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .keepalive import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, connection_timeouts
+from .keepalive import connection_timeouts
 
 # Every response head uvicorn writes (httptools and h11 alike) starts with the status line
 # and ends with the empty line after the headers.
@@ -81,9 +81,7 @@ def coalescing(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
     return Coalescing
 
 
-def http_protocol(
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
-) -> type[asyncio.Protocol]:
+def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[asyncio.Protocol]:
     """The HTTP protocol uvicorn's ``http="auto"`` picks (httptools when installed, else h11),
     coalescing each response's head and body into one write, with one timer per connection for its
     keep-alive timeout and its requests' header deadline (serving/keepalive.py)."""

@@ -68,7 +68,9 @@ def served(tmp_path_factory):
     settings = ServerSettings(model_dir=model_dir, log_format="json", body_timeout_s=0.5, intra_op_threads=1)
     app = create_app(settings)
     port = free_port()
-    protocol = with_fast_classify(http_protocol(), app.state.eed, settings.log_format)
+    protocol = with_fast_classify(
+        http_protocol(settings.header_timeout_s, settings.body_timeout_s), app.state.eed, settings.log_format
+    )
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol, log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

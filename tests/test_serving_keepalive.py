@@ -219,7 +219,7 @@ def test_this_uvicorn_gets_the_one_timer_per_connection():
 
     from serving.keepalive import connection_timeouts
 
-    assert connection_timeouts(HttpToolsProtocol) is not HttpToolsProtocol, (
+    assert connection_timeouts(HttpToolsProtocol, HEADER_TIMEOUT_S, BODY_TIMEOUT_S) is not HttpToolsProtocol, (
         "uvicorn's HttpToolsProtocol.on_response_complete changed: check serving/keepalive.py against it "
         "and update REPRODUCED_ON_RESPONSE_COMPLETE"
     )

@@ -20,6 +20,7 @@ from serving_model import (
     uvicorn_in_thread,
 )
 
+from serving.settings import ServerSettings
 from serving.transport import CoalescingTransport, http_protocol
 
 # struct tcp_info (linux/tcp.h): tcpi_data_segs_in, segments that carried data, at byte 152.
@@ -121,7 +122,8 @@ class App:
 @pytest.fixture(scope="module")
 def asgi_server():
     app = App()
-    with uvicorn_in_thread(app, http=http_protocol()) as server:
+    timeouts = (ServerSettings.model_fields[f"{kind}_timeout_s"].default for kind in ("header", "body"))
+    with uvicorn_in_thread(app, http=http_protocol(*timeouts)) as server:
         yield app, server.config.port, server
 
 
