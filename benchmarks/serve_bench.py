@@ -53,6 +53,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -218,9 +219,9 @@ def measured_load(server: Server, path: str, connections: int, seconds: float, b
     with the event loop's and the process's CPU per answer and the machine's idle share."""
     with server.running():
         run_load(server.url, path, connections, 1.0, body)  # settle after the raw run
-        before, machine_before = server.cpu_seconds(), machine_jiffies()
+        before, machine_before, client_before = server.cpu_seconds(), machine_jiffies(), children_cpu_seconds()
         served = run_load(server.url, path, connections, seconds, body)
-        after, machine_after = server.cpu_seconds(), machine_jiffies()
+        after, machine_after, client_after = server.cpu_seconds(), machine_jiffies(), children_cpu_seconds()
     if machine_before and machine_after:
         # How much of the machine nobody used: at saturation, what is left to gain
         # without taking CPU from someone (ORT, the event loop, wrk, the kernel).
@@ -232,7 +233,18 @@ def measured_load(server: Server, path: str, connections: int, seconds: float, b
         # one connection the loop's figure includes ORT's calling thread.
         served["loop_cpu_ms_per_request"] = (after[0] - before[0]) * 1e3 / served["requests"]
         served["process_cpu_ms_per_request"] = (after[1] - before[1]) * 1e3 / served["requests"]
+    if served["requests"]:
+        # The load generator's own CPU (wrk, or the Python fallback: a child process either way),
+        # which it takes from the two cores the server shares with it: how often the server's
+        # answers wake it shows here (serving/transport.py's WriteHold).
+        served["client_cpu_ms_per_request"] = (client_after - client_before) * 1e3 / served["requests"]
     return served
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 RAW_KEYS = {"default": "raw_default", "server": "raw_server_options"}
@@ -423,6 +435,8 @@ def bench_throughput(model_dir: Path, args, variants, workdir: Path, server_opti
             if all("loop_cpu_ms_per_request" in v for v in s[name]):
                 served["loop_cpu_ms_per_request"] = med(s[name], "loop_cpu_ms_per_request")
                 served["process_cpu_ms_per_request"] = med(s[name], "process_cpu_ms_per_request")
+            if all("client_cpu_ms_per_request" in v for v in s[name]):
+                served["client_cpu_ms_per_request"] = med(s[name], "client_cpu_ms_per_request")
             if case.startswith("saturation"):
                 # Each round's server against the raw runs timed beside it, then the median over rounds:
                 # a raw block that a host stall slowed (seen: 138 against 194-202 img/s) skews its round,
@@ -458,6 +472,8 @@ def _rate(sample: dict) -> str:
 def _fmt(v: dict) -> str:
     if "rps" in v:
         cpu = f" loop CPU {v['loop_cpu_ms_per_request']:.3f} ms/req" if "loop_cpu_ms_per_request" in v else ""
+        if "client_cpu_ms_per_request" in v:
+            cpu += f", client CPU {v['client_cpu_ms_per_request']:.3f} ms/req"
         if v.get("machine_idle_share") is not None:
             cpu += f", machine idle {100 * v['machine_idle_share']:.0f} %"
         if "p50_overhead_ms_vs_raw_default" in v:

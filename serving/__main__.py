@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         # connection for its timeouts (serving/keepalive.py); the common
         # POST /classify answered by the protocol itself, past ASGI (serving/fastpath.py).
         http=with_fast_classify(
-            http_protocol(settings.header_timeout_s, settings.body_timeout_s), app.state.eed, settings.log_format
+            http_protocol(settings.header_timeout_s, settings.body_timeout_s, app.state.eed.write_hold),
+            app.state.eed,
+            settings.log_format,
         ),
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         **log_config,

@@ -150,6 +150,9 @@ class GraphWorker:
     request's batch of 1 is not. ``on_batch(size, queue_wait_s, run_s, rows)`` and
     ``on_item(latency_s)`` are metric hooks called from the event loop (``size``: requests;
     ``rows``: what ORT ran, padding included, which is what the run's time depends on).
+    ``on_results(size)`` is called on the event loop right after a batch's results were handed
+    to its requests, whose handlers the loop resumes next, in order (the server holds their
+    answers' writes until the last of them has run: serving/transport.py's ``WriteHold``).
     """
 
     def __init__(
@@ -163,6 +166,7 @@ class GraphWorker:
         on_batch: Callable[[int, float, float, int], None] | None = None,
         on_item: Callable[[float], None] | None = None,
         *,
+        on_results: Callable[[int], None] | None = None,
         lone: LoneRun | None = None,
         pad_to: int | None = None,
     ) -> None:
@@ -175,6 +179,7 @@ class GraphWorker:
         self._more_coming = more_coming
         self._on_batch = on_batch
         self._on_item = on_item
+        self._on_results = on_results
         self.lone = lone
         self.pad_to = pad_to
         self._task: asyncio.Task | None = None
@@ -285,6 +290,8 @@ class GraphWorker:
                     item.future.set_result(tuple(output[j] for output in outputs))
                 if self._on_item:
                     self._on_item(finished - item.enqueued)
+            if self._on_results:
+                self._on_results(len(batch))
             if self._on_batch:
                 oldest_wait = started - min(item.enqueued for item in batch)
                 self._on_batch(len(batch), oldest_wait, finished - started, entry[0])

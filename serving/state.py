@@ -26,6 +26,7 @@ from .policy import PolicyParams
 from .runtime import ModelRuntime, SessionOptions
 from .service import InferenceService
 from .settings import ServerSettings
+from .transport import WriteHold
 
 log = logging.getLogger("serving")
 
@@ -53,6 +54,9 @@ class AppState:
         self.ready_at: float | None = None
         # Set on SIGTERM (serving/drain.py): /readyz answers 503 while requests are still served.
         self.draining = False
+        # Every connection's writes held while a batch's handlers run: the HTTP protocol writes
+        # through it (serving/transport.py), the service says when a batch's results are out.
+        self.write_hold = WriteHold()
         # Called with the error message when loading fails; the CLI uses it to exit.
         self.on_load_failure: Callable[[str], None] | None = None
 
@@ -108,7 +112,7 @@ async def load_model(state: AppState) -> None:
         timings = await loop.run_in_executor(
             None, runtime.calibrate, settings.calibration_runs, (1, settings.max_batch_size)
         )
-        service = InferenceService.from_settings(runtime, state.metrics, settings)
+        service = InferenceService.from_settings(runtime, state.metrics, settings, state.write_hold.hold)
         service.seed_latency(timings)
         # A default policy the model cannot satisfy (exit:7 on 3 exits, a budget below
         # exit 1) is a configuration error: fail now, not on the first request.

@@ -69,7 +69,9 @@ def served(tmp_path_factory):
     app = create_app(settings)
     port = free_port()
     protocol = with_fast_classify(
-        http_protocol(settings.header_timeout_s, settings.body_timeout_s), app.state.eed, settings.log_format
+        http_protocol(settings.header_timeout_s, settings.body_timeout_s, app.state.eed.write_hold),
+        app.state.eed,
+        settings.log_format,
     )
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol, log_config=None)
     server = uvicorn.Server(config)

@@ -9,8 +9,12 @@ import socket
 import struct
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serving_model import (
     ServerProcess,
     build_model_folder,
@@ -20,8 +24,9 @@ from serving_model import (
     uvicorn_in_thread,
 )
 
+from serving.batching import GraphWorker
 from serving.settings import ServerSettings
-from serving.transport import CoalescingTransport, http_protocol
+from serving.transport import CoalescingTransport, WriteHold, http_protocol
 
 # struct tcp_info (linux/tcp.h): tcpi_data_segs_in, segments that carried data, at byte 152.
 TCP_INFO_DATA_SEGS_IN = 152
@@ -217,3 +222,137 @@ def test_only_heads_wait_and_never_past_a_close_or_the_next_turn():
         assert rec2.writes == [] and rec2.aborted
 
     asyncio.run(main())
+
+
+# -- a batch's answers leave together: held while its handlers run, then one write per connection --
+
+
+def test_writes_held_for_a_batch_leave_at_its_release_one_write_per_connection_in_order():
+    async def main():
+        loop = asyncio.get_running_loop()
+        hold = WriteHold()
+        rec1, rec2 = Recorder(), Recorder()
+        t1, t2 = CoalescingTransport(rec1, loop, hold), CoalescingTransport(rec2, loop, hold)  # type: ignore[arg-type]
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"
+        t1.write(b"now")  # no hold: straight through
+        hold.hold(1)  # a batch of one is not held
+        t1.write(b"still now")
+        assert rec1.writes == [b"now", b"still now"] and not hold.holding
+        rec1.writes.clear()
+        await asyncio.sleep(0)
+
+        # Two batches' results handed out in one turn: their handlers' writes wait for the last release.
+        seen = []
+        loop.call_soon(t1.write, head)  # batch A's handlers ...
+        loop.call_soon(t1.write, b"a")
+        hold.hold(2)
+        loop.call_soon(lambda: seen.append((len(rec1.writes), len(rec2.writes))))  # after A's release
+        loop.call_soon(t2.write, memoryview(b"b"))  # batch B's handler
+        loop.call_soon(t1.write, head + b"c")  # a pipelined answer on the first connection
+        hold.hold(2)
+        assert hold.holding and rec1.writes == rec2.writes == []
+        await asyncio.sleep(0)
+        assert seen == [(0, 0)]  # still held after the first batch's release
+        assert rec1.writes == [head + b"a" + head + b"c"]  # in order, one write
+        assert rec2.writes == [b"b"] and not hold.holding
+        t2.write(b"after")
+        assert rec2.writes[-1] == b"after"  # released: straight through again
+
+        # A close sends what is held first; an abort drops it.
+        hold.hold(2)
+        t1.write(b"last")
+        t1.close()
+        assert rec1.writes[-1] == b"last" and rec1.closed
+        t2.write(b"dropped")
+        t2.abort()
+        await asyncio.sleep(0)
+        assert rec2.writes[-1] == b"after" and rec2.aborted
+
+    asyncio.run(main())
+
+
+def test_a_batchs_answers_are_sent_after_its_last_handler_has_written():
+    """The batcher's hook and the hold together: every handler of a batch writes before anything is
+    sent, then each connection gets its answer; a batch of one is sent as it is written."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        hold = WriteHold()
+        recorders = [Recorder() for _ in range(6)]
+        transports = [CoalescingTransport(r, loop, hold) for r in recorders]  # type: ignore[arg-type]
+        sent_when_written: list[int] = []
+        batches: list[int] = []
+        with ThreadPoolExecutor(1) as pool:
+            worker = GraphWorker(
+                "plus-one",
+                lambda batch: [batch + 1],
+                pool,
+                max_batch_size=8,
+                max_wait_s=0.05,
+                on_batch=lambda size, wait, run_s, rows: batches.append(size),
+                on_results=hold.hold,
+            )
+            worker.start()
+
+            async def handler(i: int, count: int) -> None:
+                (out,) = await worker.submit(np.full(2, i, dtype=np.float32))
+                transports[i].write(b"answer %d" % int(out[0]))
+                sent_when_written.append(sum(len(r.writes) for r in recorders[:count]))
+
+            await asyncio.gather(*(handler(i, 5) for i in range(5)))
+            assert batches == [5]
+            assert sent_when_written == [0] * 5  # nothing left before the last handler had written
+            assert [r.writes for r in recorders[:5]] == [[b"answer %d" % (i + 1)] for i in range(5)]
+            sent_when_written.clear()
+            await handler(5, 6)  # alone in its batch
+            assert batches == [5, 1] and sent_when_written == [6]
+            await worker.stop()
+
+    asyncio.run(main())
+
+
+def test_concurrent_and_pipelined_answers_each_reach_their_own_request(model_dir, tmp_path):
+    """Twelve connections at once, each pipelining three requests with their own ids: batched, held
+    and released together, every answer comes back on its connection, in its request's order."""
+    images = [encode(uniform_image(gray_for_bin(b))) for b in range(3)]
+
+    def request(conn: int, n: int) -> bytes:
+        image = images[n]
+        return (
+            f"POST /classify?exit=2 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nX-Request-ID: c{conn}-r{n}\r\n"
+            f"Content-Length: {len(image)}\r\n\r\n"
+        ).encode() + image
+
+    with ServerProcess(model_dir, tmp_dir=tmp_path) as server:
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+        try:
+            for c, sock in enumerate(socks):
+                sock.sendall(b"".join(request(c, n) for n in range(3)))
+            for c, sock in enumerate(socks):
+                sock.settimeout(10)
+                data = b""  # pipelined answers may share a read
+                for n in range(3):
+                    while b"\r\n\r\n" not in data:
+                        data += sock.recv(65536) or pytest.fail(f"connection {c} closed")
+                    head, _, data = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    while len(data) < length:
+                        data += sock.recv(65536) or pytest.fail(f"connection {c} closed")
+                    body, data = data[:length], data[length:]
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    assert f"x-request-id: c{c}-r{n}".encode() in head.lower()
+                    assert json.loads(body)["exit"] == 2
+        finally:
+            for sock in socks:
+                sock.close()
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    sizes = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name.startswith("eed_batch_size_")
+        and sample.labels.get("exit") == "2"
+        and sample.labels.get("graph") == "exit"
+    }
+    # 36 requests in fewer batches: some batch held several answers (the path under test).
+    assert sizes["eed_batch_size_sum"] == 36 and sizes["eed_batch_size_count"] < 36
