@@ -17,11 +17,10 @@ from pydantic import ValidationError
 
 from .app import create_app
 from .drain import SHUTDOWN_TIMEOUT_S, DrainingServer
-from .fastpath import with_fast_classify
+from .fastpath import server_protocol
 from .manifest import ManifestError, load_manifest
 from .requestlog import configure_logging
 from .settings import ServerSettings
-from .transport import http_protocol
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -58,14 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than small models' inference
-        # A response's head and body in one socket write (serving/transport.py) and one timer per
-        # connection for its timeouts (serving/keepalive.py); the common
-        # POST /classify answered by the protocol itself, past ASGI (serving/fastpath.py).
-        http=with_fast_classify(
-            http_protocol(settings.header_timeout_s, settings.body_timeout_s, app.state.eed.write_hold),
-            app.state.eed,
-            settings.log_format,
-        ),
+        # One socket write per response and a batch's answers together (serving/transport.py), one
+        # timer per connection for its timeouts (serving/keepalive.py); the common POST /classify
+        # answered by the protocol itself, past ASGI (serving/fastpath.py).
+        http=server_protocol(app.state.eed),
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         **log_config,
     )

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -108,6 +108,18 @@ def _one(inputs: Any) -> Any:
     return np.asarray(inputs)[None]
 
 
+class HeldAnswers(Protocol):
+    """Where the server holds its answers' writes while a batch's handlers run, so that a batch's
+    answers leave together (serving/transport.py's ``WriteHold``)."""
+
+    def hold(self, requests: int) -> None:
+        """A batch's results were just handed to ``requests`` requests, whose handlers the event
+        loop resumes next, in order."""
+
+    def send_held(self) -> None:
+        """Send what is held now: the event loop is about to block."""
+
+
 # How many of a graph's latest lone runs decide whether the next one runs on the event loop.
 LONE_RUNS_REMEMBERED = 16
 
@@ -150,9 +162,8 @@ class GraphWorker:
     request's batch of 1 is not. ``on_batch(size, queue_wait_s, run_s, rows)`` and
     ``on_item(latency_s)`` are metric hooks called from the event loop (``size``: requests;
     ``rows``: what ORT ran, padding included, which is what the run's time depends on).
-    ``on_results(size)`` is called on the event loop right after a batch's results were handed
-    to its requests, whose handlers the loop resumes next, in order (the server holds their
-    answers' writes until the last of them has run: serving/transport.py's ``WriteHold``).
+    ``answers``: where the server holds its answers' writes (:class:`HeldAnswers`), told when a
+    batch's results were handed out and before a lone run blocks the event loop.
     """
 
     def __init__(
@@ -166,7 +177,7 @@ class GraphWorker:
         on_batch: Callable[[int, float, float, int], None] | None = None,
         on_item: Callable[[float], None] | None = None,
         *,
-        on_results: Callable[[int], None] | None = None,
+        answers: HeldAnswers | None = None,
         lone: LoneRun | None = None,
         pad_to: int | None = None,
     ) -> None:
@@ -179,7 +190,7 @@ class GraphWorker:
         self._more_coming = more_coming
         self._on_batch = on_batch
         self._on_item = on_item
-        self._on_results = on_results
+        self._answers = answers
         self.lone = lone
         self.pad_to = pad_to
         self._task: asyncio.Task | None = None
@@ -238,6 +249,10 @@ class GraphWorker:
         self.running.append(entry)
         try:
             if lone.inline:
+                if self._answers is not None:
+                    # Answers held for a batch whose handlers ran before this one (a request that
+                    # left the batch at an earlier stage) must not wait for this run.
+                    self._answers.send_held()
                 outputs = lone.run(batch)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._executor, lone.run, batch)
@@ -290,8 +305,8 @@ class GraphWorker:
                     item.future.set_result(tuple(output[j] for output in outputs))
                 if self._on_item:
                     self._on_item(finished - item.enqueued)
-            if self._on_results:
-                self._on_results(len(batch))
+            if self._answers is not None:
+                self._answers.hold(len(batch))
             if self._on_batch:
                 oldest_wait = started - min(item.enqueued for item in batch)
                 self._on_batch(len(batch), oldest_wait, finished - started, entry[0])

@@ -34,6 +34,7 @@ from .requestlog import access_level, access_log, correlation_id, current_reques
 from .routes import JSON_ENCODER, answer_classify
 from .service import InferenceService
 from .state import AppState
+from .transport import http_protocol
 
 log = logging.getLogger("serving")
 
@@ -239,3 +240,13 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
 
     FastClassify.__name__ = FastClassify.__qualname__ = f"FastClassify{protocol.__name__}"
     return FastClassify
+
+
+def server_protocol(state: AppState) -> type[Any]:
+    """The HTTP protocol the server runs for ``state``'s app: uvicorn's (httptools when installed)
+    with one timer per connection (serving/keepalive.py), one write per response and a batch's
+    answers held until its last handler has run (serving/transport.py), and ``POST /classify``
+    answered past ASGI (:func:`with_fast_classify`)."""
+    settings = state.settings
+    protocol = http_protocol(settings.header_timeout_s, settings.body_timeout_s, state.write_hold)
+    return with_fast_classify(protocol, state, settings.log_format)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import cascade
-from .batching import GraphWorker, LoneRun
+from .batching import GraphWorker, HeldAnswers, LoneRun
 from .errors import Overloaded
 from .fused import cap_thresholds
 from .latency import DecayingMean, ServiceTimeModel
@@ -104,12 +104,12 @@ class InferenceService:
         probe_interval_s: float = 1.0,
         deadline_margin_ms: float = 0.5,
         inline_max_ms: float = 10.0,
-        on_batch_results: Callable[[int], None] | None = None,
+        answers: HeldAnswers | None = None,
     ) -> None:
         self.runtime = runtime
-        # Told the size of every batch whose results were just handed out (the server holds the
-        # answers' writes until all of that batch's handlers have run: serving/transport.py).
-        self._on_batch_results = on_batch_results
+        # Where the HTTP server holds a batch's answers until all of its handlers have run
+        # (serving/transport.py), told by every graph's batcher.
+        self._answers = answers
         self.metrics = metrics
         self.costs = CostTable.from_manifest(runtime.manifest)
         self.queue_size = queue_size
@@ -157,12 +157,12 @@ class InferenceService:
         runtime: ModelRuntime,
         metrics: ServingMetrics,
         settings,
-        on_batch_results: Callable[[int], None] | None = None,
+        answers: HeldAnswers | None = None,
     ) -> InferenceService:
         return cls(
             runtime,
             metrics,
-            on_batch_results=on_batch_results,
+            answers=answers,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_size=settings.queue_size,
@@ -194,7 +194,7 @@ class InferenceService:
             self._max_wait_s,
             more_coming=lambda: self._preparing > 0,
             on_batch=on_batch,
-            on_results=self._on_batch_results,
+            answers=self._answers,
             lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
             pad_to=self.max_batch_size if graph.pads_batches() else None,
         )

@@ -112,7 +112,7 @@ async def load_model(state: AppState) -> None:
         timings = await loop.run_in_executor(
             None, runtime.calibrate, settings.calibration_runs, (1, settings.max_batch_size)
         )
-        service = InferenceService.from_settings(runtime, state.metrics, settings, state.write_hold.hold)
+        service = InferenceService.from_settings(runtime, state.metrics, settings, state.write_hold)
         service.seed_latency(timings)
         # A default policy the model cannot satisfy (exit:7 on 3 exits, a budget below
         # exit 1) is a configuration error: fail now, not on the first request.

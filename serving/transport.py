@@ -24,14 +24,19 @@ connection after connection. At 32 connections on the full-width export, two ser
 alternating 8 s rounds (docs/request-path-profile.md, thirteenth session): the load generator's
 CPU per request 0.034 → 0.023 ms (exit 1, lower in 10 rounds of 10) and 0.043 → 0.033 ms (main
 exit, 8 of 8), the event loop's CPU per answer 0.278 → 0.256 and 0.298 → 0.272 ms, throughput
-368 → 398 req/s (ahead in 7 of 10) and 145 → 147. A lone request is never held. Within a
-connection nothing is reordered: all its writes go through its one :class:`CoalescingTransport`,
-in order.
+368 → 398 req/s (ahead in 7 of 10) and 145 → 147. A lone request or a batch of one starts no
+hold; any write made while one is on (whatever its request) waits for that batch's handlers,
+a few tens of microseconds per handler, or less: a lone run about to block the event loop sends
+what is held first, and so does a connection whose client stops sending. Answers whose handler
+resumes later than the batch's (an Open Inference Protocol request with several inputs gathers
+them in tasks of their own) leave on their own. Within a connection nothing is reordered: all its
+writes go through its one :class:`CoalescingTransport`, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from .keepalive import connection_timeouts
@@ -41,21 +46,25 @@ from .keepalive import connection_timeouts
 _HEAD_START = b"HTTP/1."
 _HEAD_END = b"\r\n\r\n"
 
+log = logging.getLogger("serving.transport")
+
 
 class WriteHold:
     """Holds every connection's writes while one batch's handlers run (see the module docstring).
 
-    :meth:`hold` is the batcher's hook (``GraphWorker(on_results=)``): called on the event loop
-    right after a batch's results were handed to its requests, whose handlers the loop runs next,
-    in order; the release it queues runs after them. Holds overlapping in one turn (batches of
-    several graphs) end with the last release.
+    The batcher's ``answers`` (``serving.batching.HeldAnswers``): :meth:`hold` is called on the
+    event loop right after a batch's results were handed to its requests, whose handlers the loop
+    runs next, in order; the release it queues runs after them and sends what they wrote. Holds
+    that overlap (a batch's results handed out before the last one's release) keep writes held
+    until the last release; each release sends what is held by then.
     """
 
-    __slots__ = ("_pending_releases", "_held")
+    __slots__ = ("_pending_releases", "_held", "writes_held")
 
     def __init__(self) -> None:
         self._pending_releases = 0
         self._held: list[CoalescingTransport] = []
+        self.writes_held = 0  # writes that waited for a release, since start
 
     @property
     def holding(self) -> bool:
@@ -68,17 +77,23 @@ class WriteHold:
             self._pending_releases += 1
             asyncio.get_running_loop().call_soon(self._release)
 
+    def send_held(self) -> None:
+        """Send what is held now, the hold staying on: the event loop is about to block (a lone
+        request's run on it), and what the batch's handlers wrote must not wait for that."""
+        held, self._held = self._held, []
+        for transport in held:
+            try:
+                transport.flush()
+            except Exception:  # one connection's failure must not strand the others' answers
+                log.exception("sending a held answer failed")
+
     def keep(self, transport: CoalescingTransport) -> None:
         """``transport`` holds bytes to send at the release."""
         self._held.append(transport)
 
     def _release(self) -> None:
         self._pending_releases -= 1
-        if self._pending_releases:
-            return
-        held, self._held = self._held, []
-        for transport in held:
-            transport.flush()
+        self.send_held()
 
 
 class CoalescingTransport:
@@ -99,6 +114,7 @@ class CoalescingTransport:
         held = self._held
         hold = self._hold
         if hold is not None and hold.holding:
+            hold.writes_held += 1
             if held is None:
                 hold.keep(self)
                 self._held = bytes(data)
@@ -114,7 +130,8 @@ class CoalescingTransport:
             self._transport.write(data)
 
     def flush(self) -> None:
-        """Send what is held now (a no-op when a later write already took it along)."""
+        """Send what is held now (a no-op when a later write already took it along; dropped
+        when the transport is already closing, as its own buffer would be)."""
         held = self._held
         if held is not None:
             self._held = None
@@ -141,6 +158,12 @@ def coalescing(protocol: type[asyncio.Protocol], hold: WriteHold | None = None) 
         def connection_made(self, transport: asyncio.Transport) -> None:
             # connection_made runs on the event loop: no need for the protocol's own loop attribute.
             super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop(), hold))
+
+        def eof_received(self) -> bool | None:
+            # The client stopped sending: the event loop closes the socket when this returns a
+            # false value (uvicorn's do), so what is held for it goes out first.
+            self.transport.flush()
+            return super().eof_received()
 
     Coalescing.__name__ = Coalescing.__qualname__ = f"Coalescing{protocol.__name__}"
     return Coalescing

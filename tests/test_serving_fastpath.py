@@ -15,9 +15,8 @@ import uvicorn
 from serving_model import build_model_folder, encode, expected_label, free_port, uniform_image
 
 from serving.app import create_app
-from serving.fastpath import with_fast_classify
+from serving.fastpath import server_protocol
 from serving.settings import ServerSettings
-from serving.transport import http_protocol
 
 IMAGE = encode(uniform_image(3))
 
@@ -68,11 +67,7 @@ def served(tmp_path_factory):
     settings = ServerSettings(model_dir=model_dir, log_format="json", body_timeout_s=0.5, intra_op_threads=1)
     app = create_app(settings)
     port = free_port()
-    protocol = with_fast_classify(
-        http_protocol(settings.header_timeout_s, settings.body_timeout_s, app.state.eed.write_hold),
-        app.state.eed,
-        settings.log_format,
-    )
+    protocol = server_protocol(app.state.eed)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol, log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -241,8 +236,9 @@ def test_requests_read_in_one_loop_turn_are_batched_and_a_lone_one_runs_alone(se
     loop = service.exit_workers[1]._task.get_loop()
     closing = {"fast path": [False] * 6, "ASGI way": [True] * 6, "both": [True, False] * 3}[way]
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    hold = app.state.eed.write_hold
     try:
-        before = _batches(port)
+        before, writes_held = _batches(port), hold.writes_held
         held = threading.Event()
 
         def hold_the_loop():  # the six requests arrive while the loop is busy
@@ -262,9 +258,13 @@ def test_requests_read_in_one_loop_turn_are_batched_and_a_lone_one_runs_alone(se
     assert [headers.get("connection") == "close" for _, headers, _ in answers] == closing
     assert {json.loads(body)["label"] for _, _, body in answers} == {expected_label(3, 2)}
     assert after[0] - before[0] == 6 and after[1] - before[1] == 1  # one batch of six
-    # Alone, one request is one batch of one; none is left counted as arriving.
+    # Its six answers were held until the sixth was written (serving/transport.py's WriteHold).
+    assert hold.writes_held - writes_held >= 6 and not hold.holding
+    # Alone, one request is one batch of one, its answer not held; none is left counted as arriving.
+    writes_held = hold.writes_held
     exchange(port, post())
     assert _batches(port)[1] - after[1] == 1 and service.arrived == 0
+    assert hold.writes_held == writes_held
 
 
 def test_a_large_image_and_a_body_in_a_later_packet_are_answered(served):

@@ -8,6 +8,7 @@ import json
 import socket
 import struct
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,9 +25,9 @@ from serving_model import (
     uvicorn_in_thread,
 )
 
-from serving.batching import GraphWorker
+from serving.batching import GraphWorker, LoneRun
 from serving.settings import ServerSettings
-from serving.transport import CoalescingTransport, WriteHold, http_protocol
+from serving.transport import CoalescingTransport, WriteHold, coalescing, http_protocol
 
 # struct tcp_info (linux/tcp.h): tcpi_data_segs_in, segments that carried data, at byte 152.
 TCP_INFO_DATA_SEGS_IN = 152
@@ -241,19 +242,19 @@ def test_writes_held_for_a_batch_leave_at_its_release_one_write_per_connection_i
         rec1.writes.clear()
         await asyncio.sleep(0)
 
-        # Two batches' results handed out in one turn: their handlers' writes wait for the last release.
+        # Two batches' results handed out in one turn: each release sends what its handlers wrote.
         seen = []
         loop.call_soon(t1.write, head)  # batch A's handlers ...
         loop.call_soon(t1.write, b"a")
         hold.hold(2)
-        loop.call_soon(lambda: seen.append((len(rec1.writes), len(rec2.writes))))  # after A's release
+        loop.call_soon(lambda: seen.append((list(rec1.writes), hold.holding)))  # after A's release
         loop.call_soon(t2.write, memoryview(b"b"))  # batch B's handler
         loop.call_soon(t1.write, head + b"c")  # a pipelined answer on the first connection
         hold.hold(2)
         assert hold.holding and rec1.writes == rec2.writes == []
         await asyncio.sleep(0)
-        assert seen == [(0, 0)]  # still held after the first batch's release
-        assert rec1.writes == [head + b"a" + head + b"c"]  # in order, one write
+        assert seen == [([head + b"a"], True)]  # A's answer, in one write; B's still coming
+        assert rec1.writes == [head + b"a", head + b"c"]  # in order
         assert rec2.writes == [b"b"] and not hold.holding
         t2.write(b"after")
         assert rec2.writes[-1] == b"after"  # released: straight through again
@@ -290,7 +291,7 @@ def test_a_batchs_answers_are_sent_after_its_last_handler_has_written():
                 max_batch_size=8,
                 max_wait_s=0.05,
                 on_batch=lambda size, wait, run_s, rows: batches.append(size),
-                on_results=hold.hold,
+                answers=hold,
             )
             worker.start()
 
@@ -356,3 +357,80 @@ def test_concurrent_and_pipelined_answers_each_reach_their_own_request(model_dir
     }
     # 36 requests in fewer batches: some batch held several answers (the path under test).
     assert sizes["eed_batch_size_sum"] == 36 and sizes["eed_batch_size_count"] < 36
+
+
+def test_a_lone_run_on_the_event_loop_sends_held_answers_first():
+    """A request that leaves a batch at an earlier stage has its answer held with the batch's; one
+    that goes on alone runs its next stage on the event loop, and that run must not delay the rest."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        hold = WriteHold()
+        rec = Recorder()
+        transport = CoalescingTransport(rec, loop, hold)  # type: ignore[arg-type]
+        sent_when_run: list[int] = []
+
+        def run_alone(batch):
+            sent_when_run.append(len(rec.writes))
+            return [batch]
+
+        with ThreadPoolExecutor(1) as pool:
+            lone = LoneRun(run_alone, alone=lambda: True, inline=True)
+            worker = GraphWorker("stage2", run_alone, pool, 8, 0.0, answers=hold, lone=lone)
+            worker.start()
+            hold.hold(2)  # a batch's handlers are running: one answered ...
+            transport.write(b"answer of the request that stopped")
+            assert rec.writes == []
+            await worker.submit(np.zeros(2, dtype=np.float32), arrivals_counted=True)  # ... one goes on
+            assert sent_when_run == [1]
+            await worker.stop()
+
+    asyncio.run(main())
+
+
+def test_what_is_held_for_a_connection_leaves_before_the_loop_closes_it_on_eof():
+    """An answer held for a batch waits through the loop's next read of the sockets; a client that
+    stopped sending meanwhile gets its socket closed when the protocol's eof_received returns
+    (uvicorn's return None): what is held for it must go out first."""
+    uvloop = pytest.importorskip("uvloop")
+    hold = WriteHold()
+
+    class Answering(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            def a_batchs_handlers():
+                hold.hold(2)  # a batch's results are out: its handlers write ...
+                self.transport.write(b"answer")  # ... this answer among them
+                time.sleep(0.05)  # the rest of them; the client's end of sending arrives meanwhile
+
+            asyncio.get_running_loop().call_soon(a_batchs_handlers)
+
+        def eof_received(self):
+            return None  # as uvicorn's protocols: the loop closes the socket
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(coalescing(Answering, hold), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        received: list[bytes] = []
+
+        def client():
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"request")
+                time.sleep(0.02)
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(5)
+                data = b""
+                while chunk := sock.recv(1000):
+                    data += chunk
+                received.append(data)
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+        server.close()
+        return received
+
+    assert uvloop.run(main()) == [b"answer"]
