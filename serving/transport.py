@@ -23,8 +23,9 @@ handlers run, and after the last of them each connection's held bytes go out in 
 connection after connection. At 32 connections on the full-width export, two servers in
 alternating 8 s rounds (docs/request-path-profile.md, thirteenth session): the load generator's
 CPU per request 0.034 → 0.023 ms (exit 1, lower in 10 rounds of 10) and 0.043 → 0.033 ms (main
-exit, 8 of 8), the event loop's CPU per answer 0.278 → 0.256 and 0.298 → 0.272 ms, throughput
-368 → 398 req/s (ahead in 7 of 10) and 145 → 147. A lone request or a batch of one starts no
+exit, 8 of 8), the event loop's CPU per answer 0.278 → 0.256 and 0.298 → 0.272 ms; throughput
+368 → 398 req/s (ahead in 7 of 10) and 145 → 147 in that pair, within the spread of processes in
+others (364 → 357 in one, 0.816x → 0.824x in serve_bench's rotation). A lone request or a batch of one starts no
 hold; any write made while one is on (whatever its request) waits for that batch's handlers,
 a few tens of microseconds per handler, or less: a lone run about to block the event loop sends
 what is held first, and so does a connection whose client stops sending. Answers whose handler
