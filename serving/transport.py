@@ -20,18 +20,18 @@ its answer as it finished, ~15–25 µs apart: long enough for a client reading 
 balancer, ``wrk``) to fall asleep between two answers, and on loopback every ``send`` runs the
 reader's wake-up in the sender's context. Now every connection's writes are held while a batch's
 handlers run, and after the last of them each connection's held bytes go out in one write,
-connection after connection. At 32 connections on the full-width export, two servers in
-alternating 8 s rounds (docs/request-path-profile.md, thirteenth session): the load generator's
-CPU per request 0.034 → 0.023 ms (exit 1, lower in 10 rounds of 10) and 0.043 → 0.033 ms (main
-exit, 8 of 8), the event loop's CPU per answer 0.278 → 0.256 and 0.298 → 0.272 ms; throughput
-368 → 398 req/s (ahead in 7 of 10) and 145 → 147 in that pair, within the spread of processes in
-others (364 → 357 in one, 0.816x → 0.824x in serve_bench's rotation). A lone request or a batch of one starts no
-hold; any write made while one is on (whatever its request) waits for that batch's handlers,
-a few tens of microseconds per handler, or less: a lone run about to block the event loop sends
-what is held first, and so does a connection whose client stops sending. Answers whose handler
-resumes later than the batch's (an Open Inference Protocol request with several inputs gathers
-them in tasks of their own) leave on their own. Within a connection nothing is reordered: all its
-writes go through its one :class:`CoalescingTransport`, in order.
+connection after connection. At 32 connections on the full-width export, in one
+``serve_bench.py`` rotation against the code before (docs/request-path-profile.md, thirteenth
+session): at exit 1 the load generator's CPU per request 0.029–0.043 → 0.020–0.026 ms and the event
+loop's per answer 0.241–0.304 → 0.196–0.266 ms (lower in 4 rounds of 4), throughput 0.770x →
+0.836x of raw ORT; at the main exit no difference; other pairs of processes gained less.
+A lone request or a batch of one starts no hold; any write made while one is on (whatever its
+request) waits for that batch's handlers, a few tens of microseconds per handler, or less: a lone
+run about to block the event loop sends what is held first, and so does a connection whose client
+stops sending. Answers whose handler resumes later than the batch's (an Open Inference Protocol
+request with several inputs gathers them in tasks of their own) leave on their own. Within a
+connection nothing is reordered: all its writes go through its one :class:`CoalescingTransport`,
+in order.
 """
 
 from __future__ import annotations

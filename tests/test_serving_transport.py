@@ -313,8 +313,9 @@ def test_a_batchs_answers_are_sent_after_its_last_handler_has_written():
 
 
 def test_concurrent_and_pipelined_answers_each_reach_their_own_request(model_dir, tmp_path):
-    """Twelve connections at once, each pipelining three requests with their own ids: batched, held
-    and released together, every answer comes back on its connection, in its request's order."""
+    """Twelve connections at once, each pipelining three requests with their own ids: with answers
+    batched (and so written under the server's hold: that they were held is checked in
+    test_serving_fastpath.py), every answer comes back on its connection, in its request's order."""
     images = [encode(uniform_image(gray_for_bin(b))) for b in range(3)]
 
     def request(conn: int, n: int) -> bytes:
