@@ -13,6 +13,18 @@ as nothing else is on its way. The last rule keeps a lone request from paying th
 wait for nothing; under load the queue fills while the previous batch runs, so
 batches grow without any waiting at all.
 
+With a :class:`Settle`, "nothing else on its way" also means no client just answered is
+expected back. Clients tend to send their next request as soon as they are answered (any
+client that keeps a fixed number of requests in flight), and on a CPU the event loop's work
+for them — writing the answers, reading and decoding the next requests — shares the cores
+with ONNX Runtime's threads: started beside it, the next batch runs slower by far more than
+the loop's CPU (every intrusion stalls one ORT thread and the other waits for it at the
+operator's end). Waiting for them lets that work run first and the batch run on free cores
+with everyone in it: with 32 connections the server ran two groups of 16 in turn, each
+group's answers and next requests handled beside the other's run (full-width export: ORT
+387 → 476 images/s within the server at exit 1; docs/request-path-profile.md, fourteenth
+session). Where ORT does not run on the loop's cores (a GPU) the window is 0.
+
 A request that finds the server otherwise idle (``LoneRun.alone()``)
 skips the queue: it runs at once (``Graph.run_alone``), and for short graphs on the
 event loop itself — two thread wake-ups (to the inference thread and back) cost as
@@ -45,22 +57,66 @@ class WorkItem:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Settle:
+    """Clients just answered, expected back: the server's reason to let a batch wait.
+
+    Every answer the service gives counts one client expected back, every request that enters
+    it counts one fewer; the count lapses ``window_s`` after the last answer (clients that do
+    not come back at once are not waited for). While clients are expected, a batch waits for
+    them (:func:`collect_batch`) and a request is not taken to be alone on the server
+    (InferenceService): it would otherwise run by itself while the rest of its clients' batch
+    comes back. A client answered by itself (one connection) is back before the next request is
+    judged, so lone requests are not affected. ``window_s`` 0: nothing is ever expected.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.expected = 0
+        self._last_answer = 0.0
+
+    def answered(self) -> None:
+        if self.window_s > 0:
+            self.expected += 1
+            self._last_answer = time.monotonic()
+
+    def arrived(self) -> None:
+        if self.expected:
+            self.expected -= 1
+
+    def wait_s(self) -> float:
+        """Seconds still worth waiting for the clients expected back (0: none expected)."""
+        if not self.expected:
+            return 0.0
+        left = self.window_s - (time.monotonic() - self._last_answer)
+        if left <= 0:
+            self.expected = 0
+            return 0.0
+        return left
+
+
+# uvloop's timers count whole milliseconds: a shorter wait would fire at once, again and again.
+_MIN_SETTLE_WAIT_S = 0.001
+
+
 async def collect_batch(
     queue: asyncio.Queue,
     max_size: int,
     max_wait_s: float,
     more_coming: Callable[[], bool] | None = None,
+    settle: Settle | None = None,
 ) -> list[Any]:
     """Wait for one item, then gather up to ``max_size`` items within ``max_wait_s``.
 
     Items already queued are always taken without waiting. After that the batch
     waits for more only while the deadline has not passed and ``more_coming()``
-    (if given) says other requests are still on their way. Never loses an item:
-    a get that completes as the deadline passes is kept.
+    (if given) says other requests are still on their way or, with ``settle``, clients
+    just answered are expected back. Never loses an item: a get that completes as the
+    deadline passes is kept.
     """
     batch = [await queue.get()]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait_s
+    turned = False
     while len(batch) < max_size:
         try:
             batch.append(queue.get_nowait())
@@ -68,16 +124,30 @@ async def collect_batch(
         except asyncio.QueueEmpty:
             pass
         remaining = deadline - loop.time()
-        if remaining <= 0 or (more_coming is not None and not more_coming()):
+        if remaining <= 0:
             break
+        wait = remaining
+        if more_coming is not None and not more_coming():
+            if settle is None or settle.window_s <= 0:
+                break
+            if not turned:
+                # The handlers of the batch whose results were just handed out run in the
+                # loop's next turn, and their answers are clients expected back: count them.
+                turned = True
+                await asyncio.sleep(0)
+                continue
+            left = settle.wait_s()
+            if left <= 0:
+                break
+            wait = min(remaining, max(left, _MIN_SETTLE_WAIT_S))
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=remaining)
+        done, _ = await asyncio.wait({getter}, timeout=wait)
         if getter not in done:
             getter.cancel()
             # The get may have completed between the timeout and the cancel.
             await asyncio.wait({getter})
             if getter.cancelled():
-                break
+                continue  # the deadline, what is on its way and the quiet are checked again
         batch.append(getter.result())
     return batch
 
@@ -163,7 +233,8 @@ class GraphWorker:
     ``on_item(latency_s)`` are metric hooks called from the event loop (``size``: requests;
     ``rows``: what ORT ran, padding included, which is what the run's time depends on).
     ``answers``: where the server holds its answers' writes (:class:`HeldAnswers`), told when a
-    batch's results were handed out and before a lone run blocks the event loop.
+    batch's results were handed out and before a lone run blocks the event loop. ``settle``:
+    the clients just answered, which a batch waits for (:class:`Settle`).
     """
 
     def __init__(
@@ -180,6 +251,7 @@ class GraphWorker:
         answers: HeldAnswers | None = None,
         lone: LoneRun | None = None,
         pad_to: int | None = None,
+        settle: Settle | None = None,
     ) -> None:
         self.name = name
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
@@ -191,6 +263,7 @@ class GraphWorker:
         self._on_batch = on_batch
         self._on_item = on_item
         self._answers = answers
+        self._settle = settle
         self.lone = lone
         self.pad_to = pad_to
         self._task: asyncio.Task | None = None
@@ -275,7 +348,9 @@ class GraphWorker:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await collect_batch(self.queue, self._max_batch_size, self._max_wait_s, self._more_coming)
+            batch = await collect_batch(
+                self.queue, self._max_batch_size, self._max_wait_s, self._more_coming, self._settle
+            )
             # Clients that went away (cancelled futures) are not worth computing.
             batch = [item for item in batch if not item.future.done()]
             if not batch:

@@ -223,6 +223,8 @@ async def model_info(state: State) -> dict[str, Any]:
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
+            # How long clients just answered are expected back (batching.Settle; 0 on a GPU).
+            "settle_ms": service.settle.window_s * 1e3,
             "queue_size": settings.queue_size,
             "inline_max_ms": settings.inline_max_ms,
             "lone_on_event_loop": service.lone_on_event_loop(),

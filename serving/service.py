@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import cascade
-from .batching import GraphWorker, HeldAnswers, LoneRun
+from .batching import GraphWorker, HeldAnswers, LoneRun, Settle
 from .errors import Overloaded
 from .fused import cap_thresholds
 from .latency import DecayingMean, ServiceTimeModel
@@ -41,6 +41,7 @@ from .metrics import ServingMetrics
 from .outputs import softmax
 from .policy import CostTable, Plan, PolicyParams, plan_request
 from .runtime import Graph, ModelRuntime
+from .sessions import CPU
 
 log = logging.getLogger("serving.service")
 
@@ -49,6 +50,9 @@ log = logging.getLogger("serving.service")
 LONE_RECHECK_PROBE_INTERVALS = 5
 # In a long lull a graph is re-timed once it has not run for half the lull so far, up to this.
 MAX_IDLE_PROBE_INTERVAL_S = 60.0
+# How long clients just answered are expected back (CPU provider; batching.Settle): a client that
+# keeps requests in flight sends its next one within a loopback round trip and a parse.
+DEFAULT_SETTLE_MS = 2.0
 
 
 @dataclass
@@ -97,7 +101,8 @@ class InferenceService:
         metrics: ServingMetrics,
         *,
         max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 10.0,
+        batch_settle_ms: float | None = None,
         queue_size: int = 256,
         inference_workers: int = 1,
         estimate_half_life_s: float = 0.5,
@@ -115,6 +120,11 @@ class InferenceService:
         self.queue_size = queue_size
         self.max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000.0
+        # None: settle on the CPU provider, where the event loop's work shares the cores with ORT's
+        # threads; not where ORT runs elsewhere (a GPU), which the wait would leave idle.
+        if batch_settle_ms is None:
+            batch_settle_ms = DEFAULT_SETTLE_MS if runtime.provider == CPU else 0.0
+        self.settle = Settle(batch_settle_ms / 1000.0)
         self._workers_count = inference_workers
         self._executor = ThreadPoolExecutor(max_workers=inference_workers, thread_name_prefix="eed-ort")
         self._graphs = {g.name: g for g in runtime.graphs}
@@ -165,6 +175,7 @@ class InferenceService:
             answers=answers,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
+            batch_settle_ms=settings.batch_settle_ms,
             queue_size=settings.queue_size,
             inference_workers=settings.inference_workers,
             estimate_half_life_s=settings.estimate_half_life_s,
@@ -192,11 +203,12 @@ class InferenceService:
             self._executor,
             self.max_batch_size,
             self._max_wait_s,
-            more_coming=lambda: self._preparing > 0,
+            more_coming=lambda: self._preparing > 0 or self.arrived > 0,
             on_batch=on_batch,
             answers=self._answers,
             lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
             pad_to=self.max_batch_size if graph.pads_batches() else None,
+            settle=self.settle,
         )
         # Read when scraped, not set on every enqueue and batch (event-loop CPU per request).
         self.metrics.queue_depth.labels(exit_label, kind).set_function(worker.queue.qsize)
@@ -212,8 +224,9 @@ class InferenceService:
         )
 
     def _alone(self) -> bool:
-        """Whether the one admitted request is all there is: nothing else read, queued, running or probing."""
-        return not self._probing and self._quiet(1)
+        """Whether the one admitted request is all there is: nothing else read, queued, running or
+        probing, and no client just answered expected back (batching.Settle)."""
+        return not self._probing and self._quiet(1) and not self.settle.wait_s()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -496,11 +509,13 @@ class InferenceService:
             ticket.started()
         self._in_run += 1
         self._last_active = time.monotonic()
+        self.settle.arrived()
         try:
             return await self._run(x, plan, deadline, ticket is not None and ticket.arrival_counted)
         finally:
             self._in_run -= 1
             self._last_active = time.monotonic()
+            self.settle.answered()
 
     async def _run(self, x: np.ndarray, plan: Plan, deadline: float | None, counted: bool) -> Outcome:
         started = time.perf_counter()

@@ -29,11 +29,20 @@ class ServerSettings(BaseSettings):
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch sent to one graph")
     max_wait_ms: float = Field(
-        2.0,
+        10.0,
         ge=0,
         le=1000,
         description="how long a batch may wait for more requests while others are still being "
-        "decoded; a lone request never waits",
+        "read or decoded, or clients just answered are expected back (batch_settle_ms); a lone request "
+        "never waits",
+    )
+    batch_settle_ms: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="how long clients just answered are expected back: meanwhile a batch waits for them (up "
+        "to max_batch_size or max_wait_ms) and no request is taken to be alone, so on a CPU the event loop's "
+        "work for them is not done beside a batch's run. Unset: 2 on the CPU provider, 0 on a GPU; 0 = never",
     )
     queue_size: int = Field(
         256, ge=1, description="requests admitted at once (queued or running); more get 503 + Retry-After"

@@ -400,3 +400,62 @@ def test_hundreds_of_connections_trickling_headers_are_cut_off_and_lock_out_no_o
         finally:
             for s in tricklers:
                 s.close()
+
+
+def _closed_loop_batches(model_dir, settle_ms: float) -> tuple[list[int], int]:
+    """Four clients, each sending its next request 0/2/4/6 ms after its answer, on a service whose
+    main-exit graph takes 20 ms: the batch sizes that graph ran, and how many requests ran alone."""
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+    batches: list[int] = []
+    lone = [0]
+    graph = runtime.exits[-1]
+    run_batch, run_alone = graph.run, graph.run_alone
+
+    def slow_batch(batch):
+        batches.append(len(batch))
+        time.sleep(0.02)
+        return run_batch(batch)
+
+    def slow_alone(batch):
+        lone[0] += 1
+        time.sleep(0.02)
+        return run_alone(batch)
+
+    graph.run, graph.run_alone = slow_batch, slow_alone
+    svc = InferenceService(
+        runtime, ServingMetrics(), max_batch_size=4, max_wait_ms=200, batch_settle_ms=settle_ms, probe_interval_s=0
+    )
+    svc.seed_latency(runtime.calibrate(runs=2, batch_sizes=(1, 4)))
+    batches.clear()
+    lone[0] = 0
+
+    async def main():
+        await svc.start()
+        plan = svc.plan(PolicyParams(exit=NUM_EXITS))
+
+        async def client(i: int) -> None:
+            for _ in range(6):
+                with svc.admit() as ticket:
+                    await svc.run(_x(svc), plan, ticket)
+                await asyncio.sleep(0.002 * i)
+
+        try:
+            await asyncio.gather(*(client(i) for i in range(4)))
+        finally:
+            await svc.stop()
+
+    asyncio.run(main())
+    return batches, lone[0]
+
+
+def test_clients_answered_together_are_served_together_again(model_dir):
+    # Clients that send their next request as soon as they are answered (wrk; any client keeping a
+    # fixed number of requests in flight). Without waiting for them, the first one back found the
+    # server idle and ran alone, or was cut into a batch of its own, and the rest queued behind it:
+    # the clients split into groups served in turn, each group's answers and next requests handled
+    # by the event loop beside the other's run. Expected back (batching.Settle), they stay together.
+    batches, lone = _closed_loop_batches(model_dir, settle_ms=50)
+    assert sum(batches) + lone == 24
+    assert lone <= 1 and batches[-4:] == [4, 4, 4, 4]
+    batches, lone = _closed_loop_batches(model_dir, settle_ms=0)
+    assert sum(batches) + lone == 24 and max(batches[-4:]) < 4

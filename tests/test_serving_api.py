@@ -126,6 +126,8 @@ def test_model_endpoint_has_manifest_provider_and_live_estimates(client):
     graphs = [f"exit{e}" for e in range(1, NUM_EXITS + 1)] + [f"stage{e}" for e in range(1, NUM_EXITS + 1)]
     assert info["batching"]["lone_on_event_loop"] == graphs and info["batching"]["inline_max_ms"] == 10.0
     assert info["batching"]["padded_to"] is None  # CPU: batches run at their own size
+    # CPU: a batch waits for the clients just answered (serving.batching.Settle).
+    assert info["batching"]["settle_ms"] == 2.0
 
 
 def test_unknown_route_is_json_404(client):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.batching import GraphWorker, LoneRun, collect_batch
+from serving.batching import GraphWorker, LoneRun, Settle, collect_batch
 
 
 def run(coro):
@@ -86,6 +86,49 @@ def test_waits_while_more_are_coming():
     assert run(main()) == [0, 1]
 
 
+def test_a_batch_waits_for_the_clients_just_answered_and_no_longer():
+    # Nothing queued and nothing being decoded, but two clients were just answered: the batch waits
+    # until both are back and is cut then, not at the window's end; clients answered longer ago
+    # than the window are not waited for; and no wait passes the deadline.
+    async def main():
+        loop = asyncio.get_running_loop()
+        q = asyncio.Queue()
+        settle = Settle(0.3)
+
+        def back(item):
+            settle.arrived()
+            q.put_nowait(item)
+
+        settle.answered()
+        settle.answered()
+        q.put_nowait(0)
+        loop.call_later(0.02, back, 1)
+        loop.call_later(0.04, back, 2)
+        t0 = time.perf_counter()
+        both_back = await collect_batch(q, 8, 5.0, more_coming=lambda: False, settle=settle)
+        both_back_s = time.perf_counter() - t0
+
+        settle.answered()
+        await asyncio.sleep(0.35)  # longer than the window
+        q.put_nowait(3)
+        t0 = time.perf_counter()
+        lapsed = await collect_batch(q, 8, 5.0, more_coming=lambda: False, settle=settle)
+        lapsed_s = time.perf_counter() - t0
+        expected = settle.expected
+
+        settle.answered()
+        q.put_nowait(4)
+        t0 = time.perf_counter()
+        capped = await collect_batch(q, 8, 0.1, more_coming=lambda: False, settle=settle)
+        capped_s = time.perf_counter() - t0
+        return both_back, both_back_s, lapsed, lapsed_s, expected, capped, capped_s
+
+    both_back, both_back_s, lapsed, lapsed_s, expected, capped, capped_s = run(main())
+    assert both_back == [0, 1, 2] and 0.035 <= both_back_s < 0.25
+    assert lapsed == [3] and lapsed_s < 0.02 and expected == 0
+    assert capped == [4] and 0.09 <= capped_s < 0.25
+
+
 def test_blocks_until_the_first_item():
     async def main():
         q = asyncio.Queue()
@@ -150,6 +193,68 @@ def test_worker_batches_concurrent_requests_and_returns_each_its_own_result():
     for x, (doubled, total) in zip(inputs, results):
         assert np.array_equal(doubled, x * 2) and total == x.sum()
     assert sum(batches) == 20 and max(batches) > 1 and max(batches) <= 8
+
+
+def _closed_loop(settle_window_s: float, rounds: int = 5, clients: int = 6, queued_beside: bool = False) -> list[int]:
+    """Batch sizes when ``clients`` each send their next request 2*i ms after their answer (as wrk
+    does, and any client that keeps a fixed number of requests in flight), every entry and answer
+    counted in ``Settle`` (as InferenceService.run does). ``queued_beside``: a second
+    group of as many clients is already queued whenever a batch is handed out."""
+
+    def slow(batch):
+        time.sleep(0.03)
+        return [batch]
+
+    async def main():
+        settle = Settle(settle_window_s)
+        batches: list[int] = []
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(
+                slow,
+                pool,
+                batches,
+                max_batch_size=clients * (2 if queued_beside else 1),
+                max_wait_s=0.5,
+                more_coming=lambda: False,
+                settle=settle,
+            )
+            worker.start()
+
+            async def client(i: int, start_s: float = 0.0) -> None:
+                await asyncio.sleep(start_s)
+                for _ in range(rounds):
+                    settle.arrived()
+                    await worker.submit(np.full(2, i, dtype=np.float32))
+                    settle.answered()
+                    await asyncio.sleep(0.002 * i)
+
+            groups = [client(i) for i in range(clients)]
+            if queued_beside:  # arrives while the first batch runs; queued from then on
+                groups += [client(i, start_s=0.02) for i in range(clients)]
+            await asyncio.gather(*groups)
+            await worker.stop()
+        return batches
+
+    return run(main())
+
+
+def test_clients_answered_together_come_back_into_one_batch_after_a_settle():
+    # Cut as soon as nothing is queued, the first client back is a batch of its own and the rest
+    # queue behind it: the clients split into groups whose answers and next requests the event
+    # loop handles beside the other group's run (on a CPU, slowing it). With a settle window the
+    # batch waits until they are all back, and each batch holds every client.
+    settled = _closed_loop(settle_window_s=0.02)
+    assert settled == [6] * 5
+    unsettled = _closed_loop(settle_window_s=0.0)
+    assert sum(unsettled) == 30 and max(unsettled[1:]) < 6
+
+
+def test_a_batch_handed_out_is_answered_before_a_queued_one_is_cut():
+    # A second group is queued when a batch's results are handed out. Its clients' handlers run in
+    # the loop's next turn, so the batcher looks after them before judging the quiet: the queued
+    # group then waits for the group just answered, and both run as one batch.
+    # (The queued group's last request came 25 ms before the hand-out, more than the window.)
+    assert _closed_loop(settle_window_s=0.015, rounds=3, clients=3, queued_beside=True) == [3, 6, 6, 3]
 
 
 def test_worker_failure_fails_that_batch_only():
