@@ -104,6 +104,7 @@ async def collect_batch(
     max_wait_s: float,
     more_coming: Callable[[], bool] | None = None,
     settle: Settle | None = None,
+    into: list | None = None,
 ) -> list[Any]:
     """Wait for one item, then gather up to ``max_size`` items within ``max_wait_s``.
 
@@ -111,9 +112,11 @@ async def collect_batch(
     waits for more only while the deadline has not passed and ``more_coming()``
     (if given) says other requests are still on their way or, with ``settle``, clients
     just answered are expected back. Never loses an item: a get that completes as the
-    deadline passes is kept.
+    deadline passes is kept. ``into``: the list to gather in, so that what a batch holds
+    while it waits can be seen (GraphWorker.waiting).
     """
-    batch = [await queue.get()]
+    batch = into if into is not None else []
+    batch.append(await queue.get())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait_s
     turned = False
@@ -267,9 +270,15 @@ class GraphWorker:
         self.lone = lone
         self.pad_to = pad_to
         self._task: asyncio.Task | None = None
+        # Items taken from the queue for the batch being gathered: still waiting, like the queue's.
+        self.collecting: list[WorkItem] = []
         # (rows, perf_counter at hand-off to ORT) of every batch in ORT now (a lone
         # request's run may overlap the loop's), read by the service to estimate queueing.
         self.running: list[tuple[int, float]] = []
+
+    def waiting(self) -> int:
+        """Items not yet in ORT: queued, or in the batch being gathered."""
+        return self.queue.qsize() + len(self.collecting)
 
     def rows(self, requests: int) -> int:
         """The rows ORT runs for a queued batch of ``requests`` (padding included)."""
@@ -288,8 +297,10 @@ class GraphWorker:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        pending, self.collecting = self.collecting, []  # a batch being gathered when stopped
         while not self.queue.empty():
-            item = self.queue.get_nowait()
+            pending.append(self.queue.get_nowait())
+        for item in pending:
             if not item.future.done():
                 item.future.cancel()
 
@@ -348,9 +359,11 @@ class GraphWorker:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self.collecting = []
             batch = await collect_batch(
-                self.queue, self._max_batch_size, self._max_wait_s, self._more_coming, self._settle
+                self.queue, self._max_batch_size, self._max_wait_s, self._more_coming, self._settle, self.collecting
             )
+            self.collecting = []
             # Clients that went away (cancelled futures) are not worth computing.
             batch = [item for item in batch if not item.future.done()]
             if not batch:

@@ -45,6 +45,11 @@ from .sessions import CPU
 
 log = logging.getLogger("serving.service")
 
+
+def _nothing_more() -> bool:
+    return False
+
+
 # Lone requests' one-thread sessions are re-timed against the all-core ones, one main-exit run of
 # one way at a time, every this many probe intervals of an idle server (ModelRuntime.time_lone_way).
 LONE_RECHECK_PROBE_INTERVALS = 5
@@ -149,7 +154,7 @@ class InferenceService:
         self._plans: Memo[PolicyParams, Plan] = Memo()  # plans without a deadline depend on the costs only
         self._preparing = 0
         self.exit_workers = [self._worker(g) for g in runtime.exits]
-        self.stage_workers = [self._worker(g) for g in runtime.stages]
+        self.stage_workers = [self._worker(g, starts_requests=i == 0) for i, g in enumerate(runtime.stages)]
         # Confidence cascades run in one ORT call when the model has a fused cascade graph
         # (serving/fused.py chose it by measurement at load); with a deadline, when predicted in time.
         self.fused_worker = self._worker(runtime.fused) if runtime.fused is not None else None
@@ -184,7 +189,13 @@ class InferenceService:
             inline_max_ms=settings.inline_max_ms,
         )
 
-    def _worker(self, graph: Graph) -> GraphWorker:
+    def _worker(self, graph: Graph, starts_requests: bool = True) -> GraphWorker:
+        """The batcher of ``graph``. ``starts_requests``: requests enter the model there (every graph
+        but a cascade's later stages), so its batches wait for requests being read or decoded and for
+        the clients just answered (Settle): they come there. A later stage's batch is the survivors of
+        the stage before it, all queued in the loop turn its batch was handed out, and nothing else is
+        on its way to it: it never waits (with a 10 ms max_wait and requests always being decoded,
+        deadline requests under a 64-connection burst met 82-84 % of deadlines instead of 96 %)."""
         exit_label, kind = str(graph.exit), graph.kind
         batch_size = self.metrics.batch_size.labels(exit_label, kind)
         inference = self.metrics.inference_latency.labels(exit_label, kind)
@@ -203,16 +214,20 @@ class InferenceService:
             self._executor,
             self.max_batch_size,
             self._max_wait_s,
-            more_coming=lambda: self._preparing > 0 or self.arrived > 0,
+            more_coming=self._more_coming if starts_requests else _nothing_more,
             on_batch=on_batch,
             answers=self._answers,
             lone=LoneRun(graph.run_alone, self._alone),  # inline or not: decided in seed_latency
             pad_to=self.max_batch_size if graph.pads_batches() else None,
-            settle=self.settle,
+            settle=self.settle if starts_requests else None,
         )
         # Read when scraped, not set on every enqueue and batch (event-loop CPU per request).
-        self.metrics.queue_depth.labels(exit_label, kind).set_function(worker.queue.qsize)
+        self.metrics.queue_depth.labels(exit_label, kind).set_function(worker.waiting)
         return worker
+
+    def _more_coming(self) -> bool:
+        """Requests read or being decoded, not yet in a queue."""
+        return self._preparing > 0 or self.arrived > 0
 
     def _quiet(self, admitted: int) -> bool:
         """At most ``admitted`` requests admitted, none read and waiting for admission, nothing
@@ -220,7 +235,7 @@ class InferenceService:
         return (
             self._inflight <= admitted
             and not self.arrived
-            and not any(w.running or w.queue.qsize() for w in self._all_workers)
+            and not any(w.running or w.waiting() for w in self._all_workers)
         )
 
     def _alone(self) -> bool:
@@ -328,7 +343,7 @@ class InferenceService:
             model = self.service_models[worker.name]
             for size, since in worker.running:
                 backlog += max(0.0, model.estimate(size) - (now - since))
-            queued = worker.queue.qsize()
+            queued = worker.waiting()
             if worker is target:
                 backlog += (queued // self.max_batch_size) * model.estimate(self.max_batch_size)
             elif queued:
@@ -337,7 +352,7 @@ class InferenceService:
 
     def predicted_finish_s(self, worker: GraphWorker) -> float:
         """Seconds from now until an item submitted to ``worker`` now would have its result."""
-        own_batch = worker.queue.qsize() % self.max_batch_size + 1
+        own_batch = worker.waiting() % self.max_batch_size + 1
         service = self.service_models[worker.name].estimate(worker.rows(own_batch))
         return self.queue_delay_s(worker) + service + max(0.0, self.prediction_gap.value())
 
