@@ -150,7 +150,7 @@ async def collect_batch(
             # The get may have completed between the timeout and the cancel.
             await asyncio.wait({getter})
             if getter.cancelled():
-                continue  # the deadline, what is on its way and the quiet are checked again
+                continue  # the deadline, what is on its way and who is expected back: checked again
         batch.append(getter.result())
     return batch
 
