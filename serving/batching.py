@@ -22,8 +22,9 @@ the loop's CPU (every intrusion stalls one ORT thread and the other waits for it
 operator's end). Waiting for them lets that work run first and the batch run on free cores
 with everyone in it: with 32 connections the server ran two groups of 16 in turn, each
 group's answers and next requests handled beside the other's run (full-width export: ORT
-387 → 476 images/s within the server at exit 1; docs/request-path-profile.md, fourteenth
-session). Where ORT does not run on the loop's cores (a GPU) the window is 0.
+within the server 0.815 → 0.902 of raw at exit 1, paid back mostly by the loop's work now
+done between batches; docs/request-path-profile.md, fourteenth session). Where ORT does not
+run on the loop's cores (a GPU) the window is 0.
 
 A request that finds the server otherwise idle (``LoneRun.alone()``)
 skips the queue: it runs at once (``Graph.run_alone``), and for short graphs on the
