@@ -75,10 +75,11 @@ class Settle:
         self.expected = 0
         self._last_answer = 0.0
 
-    def answered(self) -> None:
+    def answered(self, now: float) -> None:
+        """One client answered at ``now`` (``time.monotonic()``)."""
         if self.window_s > 0:
             self.expected += 1
-            self._last_answer = time.monotonic()
+            self._last_answer = now
 
     def arrived(self) -> None:
         if self.expected:
@@ -360,11 +361,10 @@ class GraphWorker:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self.collecting = []
             batch = await collect_batch(
                 self.queue, self._max_batch_size, self._max_wait_s, self._more_coming, self._settle, self.collecting
             )
-            self.collecting = []
+            self.collecting = []  # the batch is ORT's now (``running``)
             # Clients that went away (cancelled futures) are not worth computing.
             batch = [item for item in batch if not item.future.done()]
             if not batch:

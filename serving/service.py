@@ -46,10 +46,6 @@ from .sessions import CPU
 log = logging.getLogger("serving.service")
 
 
-def _nothing_more() -> bool:
-    return False
-
-
 # Lone requests' one-thread sessions are re-timed against the all-core ones, one main-exit run of
 # one way at a time, every this many probe intervals of an idle server (ModelRuntime.time_lone_way).
 LONE_RECHECK_PROBE_INTERVALS = 5
@@ -58,6 +54,11 @@ MAX_IDLE_PROBE_INTERVAL_S = 60.0
 # How long clients just answered are expected back (CPU provider; batching.Settle): a client that
 # keeps requests in flight sends its next one within a loopback round trip and a parse.
 DEFAULT_SETTLE_MS = 2.0
+
+
+def _nothing_more() -> bool:
+    """``more_coming`` of a cascade's later stages: no request enters the model there."""
+    return False
 
 
 @dataclass
@@ -530,7 +531,7 @@ class InferenceService:
         finally:
             self._in_run -= 1
             self._last_active = time.monotonic()
-            self.settle.answered()
+            self.settle.answered(self._last_active)
 
     async def _run(self, x: np.ndarray, plan: Plan, deadline: float | None, counted: bool) -> Outcome:
         started = time.perf_counter()

@@ -99,8 +99,8 @@ def test_a_batch_waits_for_the_clients_just_answered_and_no_longer():
             settle.arrived()
             q.put_nowait(item)
 
-        settle.answered()
-        settle.answered()
+        settle.answered(time.monotonic())
+        settle.answered(time.monotonic())
         q.put_nowait(0)
         loop.call_later(0.02, back, 1)
         loop.call_later(0.04, back, 2)
@@ -108,7 +108,7 @@ def test_a_batch_waits_for_the_clients_just_answered_and_no_longer():
         both_back = await collect_batch(q, 8, 5.0, more_coming=lambda: False, settle=settle)
         both_back_s = time.perf_counter() - t0
 
-        settle.answered()
+        settle.answered(time.monotonic())
         await asyncio.sleep(0.35)  # longer than the window
         q.put_nowait(3)
         t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def test_a_batch_waits_for_the_clients_just_answered_and_no_longer():
         lapsed_s = time.perf_counter() - t0
         expected = settle.expected
 
-        settle.answered()
+        settle.answered(time.monotonic())
         q.put_nowait(4)
         t0 = time.perf_counter()
         capped = await collect_batch(q, 8, 0.1, more_coming=lambda: False, settle=settle)
@@ -225,7 +225,7 @@ def _closed_loop(settle_window_s: float, rounds: int = 5, clients: int = 6, queu
                 for _ in range(rounds):
                     settle.arrived()
                     await worker.submit(np.full(2, i, dtype=np.float32))
-                    settle.answered()
+                    settle.answered(time.monotonic())
                     await asyncio.sleep(0.002 * i)
 
             groups = [client(i) for i in range(clients)]
@@ -490,7 +490,7 @@ def test_a_batch_being_gathered_still_counts_as_waiting_and_is_cancelled_on_stop
         with ThreadPoolExecutor(1) as pool:
             worker = _worker(lambda b: [b], pool, [], max_wait_s=5.0, more_coming=lambda: False, settle=settle)
             worker.start()
-            settle.answered()  # a client expected back: the batch waits
+            settle.answered(time.monotonic())  # a client expected back: the batch waits
             futures = [asyncio.ensure_future(worker.submit(np.zeros(2, dtype=np.float32))) for _ in range(3)]
             await asyncio.sleep(0.05)
             gathering = (worker.queue.qsize(), worker.waiting(), [f.done() for f in futures])
