@@ -53,10 +53,15 @@ def ranked(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     top = max(values)
     exps = [math.exp(v - top) for v in values]
     total = sum(exps)
+    if k == 1:
+        # The most probable class is the first of the largest logits (index() takes the first of
+        # equal maxima, as the stable sort below does), and its exp is exp(0.0) = 1.0 exactly, so
+        # its probability is 1 / total, the same float as below: no list of every probability
+        # (hot, 100 classes: 14.8 -> 9.6 us of the event loop's work per top-1 answer). Only two
+        # logits closer than 1e-16 (float32 ones below ~1e-9) could round to equal probabilities
+        # and rank in index order below while this takes the larger.
+        return [(values.index(top), 1.0 / total)]
     probs = [e / total for e in exps]
-    if k == 1:  # index() takes the first of equal maxima, as the stable sort below does
-        best = probs.index(max(probs))
-        return [(best, probs[best])]
     # Python's sort is stable, and reverse=True keeps equal items in their original order.
     order = sorted(range(n), key=probs.__getitem__, reverse=True)[:k]
     return [(i, probs[i]) for i in order]
