@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import ExpiredFeedbackId, FeedbackConflict, ForgedFeedbackId
+from .randomhex import RandomHex
 
 log = logging.getLogger("serving.feedback")
 
@@ -40,10 +41,6 @@ MIN_SECRET_BYTES = 16
 # A token longer than this was not issued by us (model names are short); refuse it
 # before decoding anything.
 MAX_TOKEN_CHARS = 1024
-# Nonces drawn from the OS in one call per this many answers: one getrandom(2) system call per
-# answer was ~4 % of the event loop's samples at saturation (py-spy; the call gives the scheduler a
-# place to preempt the loop for ORT's threads), and the same CSPRNG bytes serve either way.
-NONCES_PER_DRAW = 512
 
 
 @dataclass(frozen=True)
@@ -86,13 +83,7 @@ class AnswerSigner:
         self._keyed = hmac.new(secret, digestmod=hashlib.sha256)  # the key's HMAC state, computed once
         self.max_age_s = max_age_s
         self._names: dict[str, str] = {}  # model name -> its JSON string
-        self._nonces: list[str] = []  # unused nonces, 16 hex digits each
-
-    def _nonce(self) -> str:
-        if not self._nonces:
-            raw = secrets.token_hex(8 * NONCES_PER_DRAW)
-            self._nonces = [raw[i : i + 16] for i in range(0, len(raw), 16)]
-        return self._nonces.pop()
+        self._nonces = RandomHex(16)  # 64 random bits per answer, drawn from the OS in bulk
 
     def _mac(self, signed_part: bytes) -> bytes:
         # A copy of the keyed state, not hmac.digest(): OpenSSL 3's one-shot HMAC looks the digest
@@ -110,7 +101,7 @@ class AnswerSigner:
         if name is None:
             name = self._names[model] = json.dumps(model)
         issued = round(time.time() if now is None else now, 3)
-        claims = f'{{"m":{name},"e":{int(exit_number)},"l":{int(label)},"t":{issued!r},"n":"{self._nonce()}"}}'
+        claims = f'{{"m":{name},"e":{int(exit_number)},"l":{int(label)},"t":{issued!r},"n":"{self._nonces.take()}"}}'
         signed_part = _VERSION_DOT + _b64encode(claims.encode())
         return (signed_part + b"." + _b64encode(self._mac(signed_part))).decode("ascii")
 
