@@ -101,7 +101,7 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_the_benchmark_decides_each_target_on_the_unrounded_figure():
+def test_the_benchmark_decides_each_target_on_the_unrounded_figure_and_counts_the_rounds_that_met_it():
     # A main-exit median of 0.9456 once printed as "0.95x (>= 0.95)": the verdict must say not met.
     from benchmarks.serve_bench import summary
 
@@ -112,8 +112,12 @@ def test_the_benchmark_decides_each_target_on_the_unrounded_figure():
         "throughput": {
             "cases": {
                 "saturation_main": servers(ratio_vs_raw_default=0.9456),
-                "saturation_exit1": servers(ratio_vs_raw_default=0.85),
-                "overhead_main": servers(p50_overhead_ms_vs_raw_default=0.5004),
+                "saturation_exit1": servers(
+                    ratio_vs_raw_default=0.85, ratio_vs_raw_default_per_round=[0.80, 0.85, 0.91, 0.84, 0.86]
+                ),
+                "overhead_main": servers(
+                    p50_overhead_ms_vs_raw_default=0.5004, p50_overhead_ms_vs_raw_default_per_round=[0.49, 0.5004, 0.7]
+                ),
             }
         },
         "cascade": [
@@ -128,8 +132,8 @@ def test_the_benchmark_decides_each_target_on_the_unrounded_figure():
     }
     throughput, cascade = summary(report)
     assert "0.946x (>= 0.95: not met)" in throughput
-    assert "0.850x (>= 0.85: met)" in throughput
-    assert "+0.50 ms (<= 0.5: not met)" in throughput
+    assert "0.850x (>= 0.85: met, in 3 of 5 rounds)" in throughput  # how often, where rounds are known
+    assert "+0.50 ms (<= 0.5: not met, in 1 of 3 rounds)" in throughput
     assert "cascade efficiency n/a (>= 0.8: n/a" in cascade
 
 
