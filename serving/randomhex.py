@@ -26,6 +26,8 @@ class RandomHex:
     def __init__(self, chars: int, per_draw: int = 512) -> None:
         if chars <= 0 or chars % 2:
             raise ValueError(f"chars={chars}: a positive even number of hex digits (whole random bytes)")
+        if per_draw < 1:
+            raise ValueError(f"per_draw={per_draw}: at least one string per draw")
         self.chars, self.per_draw = chars, per_draw
         self._pool: list[str] = []
         _POOLS.add(self)
