@@ -23,6 +23,9 @@ def test_strings_are_hex_of_the_asked_length_and_never_repeat_across_draws():
 def test_an_odd_or_empty_length_is_refused(chars):
     with pytest.raises(ValueError, match="even number of hex digits"):
         RandomHex(chars)
+
+
+def test_an_empty_draw_is_refused_at_construction_not_at_the_first_take():
     with pytest.raises(ValueError, match="at least one string per draw"):
         RandomHex(16, per_draw=0)
 
