@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .errors import INTERNAL_ERROR_BODY, BadRequest, InvalidParameters, ServingError
+from .errors import INTERNAL_ERROR_BODY, BadRequest, InvalidParameters, ServingError, describe_validation_errors
 from .oip import router as oip_router
 from .openapi import install as install_openapi
 from .requestlog import install as install_request_ids
@@ -129,12 +129,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
-            problems.append(f"{where or 'request'}: {err.get('msg', 'invalid')}{got}")
-        return JSONResponse({"error": InvalidParameters.code, "detail": "; ".join(problems)}, status_code=422)
+        detail = describe_validation_errors(exc.errors())
+        return JSONResponse({"error": InvalidParameters.code, "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -124,7 +124,13 @@ async def _multipart_file(request: Request, body: bytes, max_bytes: int) -> tupl
     except Exception as exc:  # python-multipart raises its own errors on garbage
         raise BadRequest(f"malformed multipart body: {exc}") from None
     try:
-        part = form.get("file")
+        parts = form.getlist("file")
+        if len(parts) > 1:
+            raise BadRequest(
+                f"multipart body has {len(parts)} fields named 'file'; /classify answers one image per request "
+                "(send several at once to POST /v2/models/NAME/infer as BYTES input 'image')"
+            )
+        part = parts[0] if parts else None
         if part is None:
             fields = sorted(form.keys())
             raise BadRequest(

@@ -9,6 +9,7 @@ ever surface as a 500.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The body of a 500: what the client may know of an unexpected failure (the traceback is logged).
@@ -87,6 +88,17 @@ class InvalidParameters(ServingError):
 
     status_code = 422
     code = "invalid_parameters"
+
+
+def describe_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
+    """Pydantic's error list as one line a client can act on: ``top_k: Input should be a valid
+    integer, unable to parse string as an integer (got 'abc')``."""
+    problems = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+        problems.append(f"{where or 'request'}: {err.get('msg', 'invalid')}{got}")
+    return "; ".join(problems)
 
 
 class ImpossibleBudget(ServingError):

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ class AnswerSigner:
             )
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise forged from None
+        if not math.isfinite(claim.issued_at):  # NaN would pass the age check below
+            raise forged
         age = (time.time() if now is None else now) - claim.issued_at
         if age > self.max_age_s:
             raise ExpiredFeedbackId(

@@ -74,6 +74,14 @@ def _ready_or_raise(state: AppState) -> None:
         raise NotReady("the server is draining before it shuts down")
 
 
+def _not_ready(exc: ServingError) -> JSONResponse:
+    """A readiness answer of false: the protocol's health calls say true with 200 and false with a
+    4xx (Triton's 400), where every other route's NotReady is a 503."""
+    if isinstance(exc, NotReady):
+        return JSONResponse({"error": exc.detail}, status_code=400)
+    return oip_error(exc)
+
+
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": buildinfo.package_version(), "extensions": EXTENSIONS}
@@ -90,7 +98,7 @@ async def server_ready(state: State) -> Response:
         _ready_or_raise(state)
         state.require_service()
     except ServingError as exc:
-        return oip_error(exc)
+        return _not_ready(exc)
     return JSONResponse({"ready": True})
 
 
@@ -178,7 +186,7 @@ async def model_ready(name: str, state: State) -> Response:
         _ready_or_raise(state)
         _served(state, name)
     except ServingError as exc:
-        return oip_error(exc)
+        return _not_ready(exc)
     return JSONResponse({"name": name, "ready": True})
 
 

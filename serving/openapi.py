@@ -52,13 +52,13 @@ STATUSES = {
     ("get", "/metrics"): (),
     ("get", "/v2"): (),
     ("get", "/v2/health/live"): (),
-    ("get", "/v2/health/ready"): (503,),
+    ("get", "/v2/health/ready"): (400,),  # the protocol's "false" is a 4xx
     ("get", "/v2/models/{name}"): (404, 503),
-    ("get", "/v2/models/{name}/ready"): (404, 503),
+    ("get", "/v2/models/{name}/ready"): (400, 404),
     ("get", "/v2/models/{name}/config"): (404, 503),
     ("post", "/v2/models/{name}/infer"): (400, 404, 408, 413, 503),
     ("get", "/v2/models/{name}/versions/{version}"): (404, 503),
-    ("get", "/v2/models/{name}/versions/{version}/ready"): (404, 503),
+    ("get", "/v2/models/{name}/versions/{version}/ready"): (400, 404),
     ("get", "/v2/models/{name}/versions/{version}/config"): (404, 503),
     ("post", "/v2/models/{name}/versions/{version}/infer"): (400, 404, 408, 413, 503),
 }
@@ -125,7 +125,8 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
                 del responses[code]  # FastAPI's generic 422 where nothing can be invalid
         oip = path.startswith("/v2")
         for code in codes:
-            entry = responses.setdefault(str(code), {"description": _describe(code)})
+            described = "not ready: loading, warming up or draining" if path.endswith("/ready") else _describe(code)
+            entry = responses.setdefault(str(code), {"description": described})
             entry["content"] = {"application/json": {"schema": OIP_ERROR if oip else ERROR}}
             if code == 503:
                 entry["headers"] = dict(RETRY_AFTER)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 
 import numpy as np
@@ -139,6 +140,15 @@ def calibrated_policies(thresholds: Thresholds | None, num_exits: int) -> dict[s
     }
 
 
+def rounded_up(value: float, digits: int) -> float:
+    """``value`` rounded *up* to ``digits`` significant digits: a floor a 422 can quote that the
+    client may send back and be accepted (``f"{0.020651008:g}"`` is 0.020651, which is refused)."""
+    if not (value > 0 and math.isfinite(value)):
+        return value
+    exact = Decimal(repr(value))
+    return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_CEILING))
+
+
 def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     """``0.9`` or ``"0.65,0.43,0.33"`` → a tuple of finite floats (ranges checked later)."""
     if isinstance(raw, (int, float)):
@@ -150,7 +160,8 @@ def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     values = []
     for part in parts:
         try:
-            value = float(part)
+            # ASCII, as the query's other numbers (pydantic's): float() would also read '０.５'.
+            value = float(part) if not isinstance(part, str) or part.isascii() else math.nan
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
@@ -233,6 +244,8 @@ def params_from_request(values: Mapping[str, object]) -> PolicyParams:
             exit_value = "last"
         else:
             try:
+                if not text.isascii():  # int() would also read '２'
+                    raise ValueError(text)
                 exit_value = int(text)
             except ValueError:
                 raise InvalidParameters(
@@ -276,11 +289,18 @@ def plan_request(params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequen
     """
     try:
         return _plan(params, costs, idle_cascade_ms)
-    except InvalidParameters as exc:  # DESIGN §4: every 422 names the cheapest cost
-        cheapest = int(np.argmin(costs.gflops))
-        exc.extra.setdefault("cheapest_gflops", float(costs.gflops[cheapest]))
-        exc.extra.setdefault("cheapest_exit", cheapest + 1)
+    except InvalidParameters as exc:
+        name_cheapest(exc, costs)
         raise
+
+
+def name_cheapest(exc: InvalidParameters, costs: CostTable) -> InvalidParameters:
+    """``exc`` naming the cheapest exit and its cost (DESIGN §4: every 422 of /classify names them),
+    unless it already does."""
+    cheapest = int(np.argmin(costs.gflops))
+    exc.extra.setdefault("cheapest_gflops", float(costs.gflops[cheapest]))
+    exc.extra.setdefault("cheapest_exit", cheapest + 1)
+    return exc
 
 
 def _thresholds(params: PolicyParams, costs: CostTable) -> tuple[float, ...] | None:
@@ -349,7 +369,7 @@ def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms) -> Plan:
             what = "the first stage of a cascade" if cascade_mode else "the cheapest exit"
             raise ImpossibleBudget(
                 f"budget_gflops={params.budget_gflops:g} is below {what} "
-                f"(exit {cheapest} costs {cost:g} GFLOPs); accepted: budget_gflops >= {cost:g}",
+                f"(exit {cheapest} costs {cost!r} GFLOPs); accepted: budget_gflops >= {rounded_up(cost, 6):g}",
                 cheapest_gflops=cost,
                 cheapest_exit=cheapest,
             )
@@ -362,9 +382,10 @@ def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms) -> Plan:
             idle_ms = float(idle_cascade_ms[0])
             raise ImpossibleBudget(
                 f"budget_ms={params.budget_ms:g} is below exit 1's service time on an idle server "
-                f"({idle_ms:.4g} ms), so no answer can be ready in time; accepted: budget_ms >= {idle_ms:.4g} "
-                f"(exit 1 costs {gflops[0]:g} GFLOPs; current estimates: GET /v1/model)",
-                idle_exit1_ms=round(idle_ms, 4),
+                f"({idle_ms:.4g} ms), so no answer can be ready in time; accepted: budget_ms >= "
+                f"{rounded_up(idle_ms, 4):.4g} (exit 1 costs {float(gflops[0])!r} GFLOPs; "
+                "current estimates: GET /v1/model)",
+                idle_exit1_ms=rounded_up(idle_ms, 4),
                 cheapest_gflops=float(gflops[0]),
                 cheapest_exit=1,
             )

@@ -17,13 +17,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .body import read_body_within
 from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
-from .policy import PolicyParams, effective_params, params_from_request
+from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
 from .service import Outcome
 from .state import AppState, State, state_of
@@ -63,6 +63,15 @@ class FeedbackRequest(BaseModel):
     id: str = Field(description="the id returned by POST /classify")
     label: int | str = Field(description="true class, as index or class name")
 
+    @field_validator("label", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # JSON true/false are not integers (JSON Schema says so too), but pydantic would take them as
+        # class 1/0 and use up the id. 1.0 is an integer to JSON Schema, and stays one.
+        if isinstance(value, bool):
+            raise ValueError("a boolean is not a class; give a class index or a class name")
+        return value
+
 
 class ErrorBody(BaseModel):
     error: str
@@ -100,8 +109,6 @@ async def classify(request: Request) -> Response:
     arrived = time.perf_counter()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     remembered = state.parsed_queries.get(request.scope["query_string"])
-    # A 422 from the parser is not counted, as FastAPI's own were not.
-    query = None if remembered else classify_query(request.query_params)
     settings = state.settings
 
     def note(policy: str, exit_label: str) -> None:  # for the request log
@@ -109,7 +116,7 @@ async def classify(request: Request) -> Response:
 
     payload = await answer_classify(
         state,
-        lambda: remembered or _params_and_top_k(state, request, query),
+        lambda: remembered or _params_and_top_k(state, request),
         # The whole body arrives before the request takes an admission slot, so slow
         # uploads wait outside capacity; the read deadline bounds how long they may take.
         lambda: read_body_within(request, settings.max_body_bytes, settings.body_timeout_s),
@@ -138,7 +145,12 @@ async def answer_classify(
     metrics = state.metrics
     exit_label, policy_label, status = "none", "none", 500
     try:
-        params, k = parse()
+        try:
+            params, k = parse()
+        except InvalidParameters as exc:  # a value not of its type, unknown or repeated, top_k < 1, ...
+            if state.service is not None:
+                name_cheapest(exc, state.service.costs)
+            raise
         service, preprocess = state.require_model()
         plan = service.plan(params)
         # Labelled only once the plan is valid: a refused policy name is the client's text, and a
@@ -178,6 +190,13 @@ async def feedback(item: FeedbackRequest, state: State) -> dict[str, Any]:
     claim = state.signer.verify(item.id)
     if claim.model != manifest.name:
         raise UnknownRequestId(f"this id was issued for model {claim.model!r}; this server serves {manifest.name!r}")
+    if not (1 <= claim.exit <= manifest.num_exits and 0 <= claim.label < len(manifest.classes)):
+        # Signed with the shared secret, so issued by a replica, but for a model of another shape under
+        # the same name: counting it would add an exit="9" series or a label no class has.
+        raise UnknownRequestId(
+            f"this id names exit {claim.exit} and class {claim.label}; model {manifest.name!r} here has exits "
+            f"1..{manifest.num_exits} and classes 0..{len(manifest.classes) - 1} (an id from another version of it?)"
+        )
     true_label = class_index(item.label, manifest.classes)
     correct, accuracy = state.feedback.record(claim, true_label)
     state.metrics.record_feedback(claim.exit, correct)
@@ -261,11 +280,11 @@ async def metrics_endpoint(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _params_and_top_k(state: AppState, request: Request, query: dict[str, Any] | None) -> tuple[PolicyParams, int]:
-    """The policy parameters and ``top_k`` of a /classify query (``query``: as parsed), refused with
-    422 when invalid; valid ones are remembered by query string (``AppState.parsed_queries``)."""
-    assert query is not None  # parsed whenever the query string was not remembered
+def _params_and_top_k(state: AppState, request: Request) -> tuple[PolicyParams, int]:
+    """The policy parameters and ``top_k`` of a /classify query, refused with 422 when invalid;
+    valid ones are remembered by query string (``AppState.parsed_queries``)."""
     settings = state.settings
+    query = classify_query(request.query_params)
     refuse_unknown(request.query_params)
     params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)
     k = settings.default_top_k if query["top_k"] is None else query["top_k"]
@@ -322,8 +341,10 @@ def class_index(label: int | str, classes: list[str]) -> int:
         raise InvalidParameters(f"label={label} is out of range; accepted: 0..{len(classes) - 1} or a class name")
     if label in classes:
         return classes.index(label)
-    if label.strip().isdigit():
-        return class_index(int(label.strip()), classes)
+    digits = label.strip()
+    # ASCII digits only, as the OpenAPI pattern says: str.isdigit() is also true of '³', which int() refuses.
+    if digits.isascii() and digits.isdigit():
+        return class_index(int(digits), classes)
     raise InvalidParameters(
         f"label {label!r} is not a class of this model; accepted: 0..{len(classes) - 1} or one of {classes}"
     )

@@ -236,13 +236,36 @@ def test_cascade_threshold_extremes(client, manifest):
         ({"budget_gflops": "lots"}, "budget_gflops"),
         ({"top_k": 0}, "top_k"),
         ({"budget": 1}, "unknown query parameter"),
+        ({"top_k": "abc"}, "top_k: Input should be a valid integer"),
+        ({"exit": ["abc", "2"]}, "exit (2 times)"),  # was exit 2's answer, the first value never read
+        ({"top_k": ["1", "1"]}, "top_k (2 times)"),
+        ({"exit": "２"}, "not an exit number"),  # full-width digits: int() reads them, the schema does not
+        ({"confidence": "０.５"}, "confidence"),
     ],
 )
 def test_bad_parameters_are_422_with_a_clear_detail(client, params, fragment):
+    before = metric_values(client, "eed_requests_total").get('{exit="none",policy="none",status="422"}', 0)
     for _ in range(2):  # parsed queries are remembered: only valid ones, so the second is refused too
         r = classify(client, png(1), **params)
         assert r.status_code == 422, r.text
-        assert r.json()["error"] == "invalid_parameters" and fragment in r.json()["detail"]
+        body = r.json()
+        assert body["error"] == "invalid_parameters" and fragment in body["detail"], body
+        # DESIGN §4: a 422 names the cheapest cost; every refusal is counted (a value not of its type was not).
+        assert body["cheapest_exit"] == 1 and body["cheapest_gflops"] > 0, body
+    assert metric_values(client, "eed_requests_total")['{exit="none",policy="none",status="422"}'] == before + 2
+
+
+@pytest.mark.parametrize("name", ["budget_gflops", "budget_ms"])
+def test_the_floor_a_422_quotes_is_accepted_when_sent_back(client, name):
+    """The figure after "accepted: NAME >=" is one a client can copy: rounded up, never down (the cost
+    0.020651008 was quoted as 0.020651, itself refused)."""
+    r = classify(client, png(1), **{name: 1e-9})
+    assert r.status_code == 422 and r.json()["error"] == "impossible_budget", r.text
+    quoted = re.search(rf"accepted: {name} >= ([0-9.e+-]+)", r.json()["detail"]).group(1)
+    r = classify(client, png(1), **{name: quoted})
+    assert r.status_code == 200, (quoted, r.text)
+    if name == "budget_gflops":
+        assert float(quoted) >= r.json()["gflops"]
 
 
 def test_a_repeated_query_gets_the_same_answer_as_the_first_time(client, manifest):
@@ -321,6 +344,10 @@ def test_bad_multipart_bodies(client):
     assert 400 <= r.status_code < 500
     r = client.post("/classify", data={"file": "not an image"})
     assert r.status_code in (400, 415)
+    # Two images in one request: one answer would silently ignore the other (it took the last).
+    two = [("file", ("a.png", png(1), "image/png")), ("file", ("b.png", png(2), "image/png"))]
+    r = client.post("/classify", files=two)
+    assert r.status_code == 400 and "2 fields named 'file'" in r.json()["detail"], r.text
 
 
 def test_server_stays_healthy_after_bad_input(client):

@@ -122,6 +122,12 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
                 time.sleep(0.05)
             r = httpx.get(server.url + "/healthz", timeout=5)
             assert r.status_code == 200, "the process is still up while draining"
+            # The Open Inference Protocol's readiness says false with a 4xx (Triton's 400), not a 503.
+            model = httpx.get(server.url + "/v1/model", timeout=5).json()["manifest"]["name"]
+            for path in ("/v2/health/ready", f"/v2/models/{model}/ready", f"/v2/models/{model}/versions/1/ready"):
+                r = httpx.get(server.url + path, timeout=5)
+                assert r.status_code == 400 and "draining" in r.json()["error"], (path, r.status_code, r.text)
+            assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
         finally:
             stop_load.set()
             for w in workers:

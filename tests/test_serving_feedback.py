@@ -19,7 +19,16 @@ import time
 
 import httpx
 import pytest
-from serving_model import NUM_EXITS, ROOT, ServerProcess, build_model_folder, encode, expected_label, uniform_image
+from serving_model import (
+    NUM_CLASSES,
+    NUM_EXITS,
+    ROOT,
+    ServerProcess,
+    build_model_folder,
+    encode,
+    expected_label,
+    uniform_image,
+)
 
 from serving.errors import ExpiredFeedbackId, ForgedFeedbackId
 from serving.feedback import AnswerSigner
@@ -149,6 +158,39 @@ def test_forged_ids_are_refused_and_count_nothing(replicas):
     assert feedback(b.url, answer["id"], expected_label(4, 1)).json()["correct"] is True
 
 
+def test_labels_that_are_not_a_class_are_refused_without_using_up_the_id(replicas):
+    a, b, _ = replicas
+    answer = classify(a.url, 6, exit=2)
+    before = feedback_counts(b.url)
+    # '³' passes str.isdigit() but not int() (was a 500); '３' and '٣' are digits outside ASCII, which the
+    # OpenAPI pattern refuses (were taken as 3); JSON true was taken as class 1 (and used up the id).
+    for label in ("³", "３", "٣", True, False, 1.5, "1.0", -1, 999, "no-such-class", None, [1]):
+        r = feedback(b.url, answer["id"], label)
+        assert r.status_code == 422, (label, r.status_code, r.text)
+        assert r.json()["error"] and r.json()["detail"], r.text
+    assert feedback_counts(b.url) == before
+    # The id was not used up by any of them; a label as text with spaces and zeros is an index, and so is
+    # 3.0 (an integer to JSON Schema).
+    r = feedback(b.url, answer["id"], " 03 ")
+    assert r.status_code == 200 and r.json()["label"] == 3, r.text
+    r = feedback(b.url, classify(a.url, 6, exit=2)["id"], 3.0)
+    assert r.status_code == 200 and r.json()["label"] == 3, r.text
+
+
+def test_ids_signed_for_a_model_of_another_shape_are_refused(replicas):
+    """Replicas of two versions of a model under one name and one secret: an id naming an exit or a
+    class this model lacks is refused (404), not counted as a new exit series or an unknown class."""
+    _, b, _ = replicas
+    signer = AnswerSigner(SECRET.encode(), max_age_s=60)  # the deployment's secret: a genuine signature
+    before = feedback_counts(b.url)
+    for exit_number, label in ((NUM_EXITS + 5, 1), (0, 1), (1, NUM_CLASSES), (1, -1)):
+        r = feedback(b.url, signer.issue("tiny-test", exit_number, label), 0)
+        assert r.status_code == 404, (exit_number, label, r.text)
+        assert "another version" in r.json()["detail"], r.text
+    assert feedback_counts(b.url) == before
+    assert feedback(b.url, signer.issue("tiny-test", NUM_EXITS, 0), 0).json()["correct"] is True
+
+
 def test_without_a_secret_each_process_signs_with_its_own_key(model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EED_FEEDBACK_SECRET"}
     with ServerProcess(model_dir, "--intra-op-threads", "1", tmp_dir=tmp_path, env=env) as solo:
@@ -196,6 +238,12 @@ def test_signer_round_trip_and_refusals():
         AnswerSigner(b"x" * 16, max_age_s=60).verify(token, now=1030.0)
     with pytest.raises(ValueError):
         AnswerSigner(b"short", max_age_s=60)
+    # A time that is not a number (signed all the same) would pass any age check.
+    claims = json.dumps({"m": "m", "e": 2, "l": 7, "t": float("nan"), "n": "00"}).encode()
+    signed = b"v1." + base64.urlsafe_b64encode(claims).rstrip(b"=")
+    tag = hmac.new(SECRET.encode(), signed, hashlib.sha256).digest()[:16]
+    with pytest.raises(ForgedFeedbackId):
+        signer.verify((signed + b"." + base64.urlsafe_b64encode(tag).rstrip(b"=")).decode(), now=1030.0)
 
 
 def test_the_tag_is_hmac_sha256_of_the_signed_part():
