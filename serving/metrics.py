@@ -7,7 +7,7 @@ name                                      type       labels
 ========================================  =========  ====================================
 eed_requests_total                        counter    exit, policy, status (HTTP code)
 eed_request_latency_seconds               histogram  exit — whole /classify handling
-eed_inference_latency_seconds             histogram  exit, graph (exit|stage) — one ORT batch run
+eed_inference_latency_seconds             histogram  exit, graph (exit|stage|cascade) — one ORT batch run
 eed_queue_wait_seconds                    histogram  exit, graph — oldest item's wait per batch
 eed_gflops_spent_total                    counter    exit — GFLOPs actually computed
 eed_request_gflops                        histogram  exit, policy — GFLOPs per request

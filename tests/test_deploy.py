@@ -410,8 +410,8 @@ COMPOSE_VARS = (
     "GRAFANA_ADMIN_USER",
     "GRAFANA_ADMIN_PASSWORD",
     "GRAFANA_ANONYMOUS",
-    "UID",
-    "GID",
+    "HOST_UID",
+    "HOST_GID",
 )
 
 
@@ -556,8 +556,8 @@ def test_compose_variables_override_model_ports_and_settings():
         SERVER_PORT="18000",
         GRAFANA_PORT="13000",
         EED_DEFAULT_POLICY="confidence:0.9",
-        UID="1234",
-        GID="99",
+        HOST_UID="1234",
+        HOST_GID="99",
     )
     services = config["services"]
     server = services["server"]

@@ -148,6 +148,37 @@ def test_the_validator_rejects_an_unknown_field(tmp_path):
     assert validate(path).returncode != 0
 
 
+@needs_kubectl
+def test_overlays_keep_their_images_once_pointed_at_a_registry(tmp_path):
+    """The README's steps: `kustomize edit set image` in the base, in the GPU overlay and in the KServe
+    overlay. The GPU pods must still run the GPU image (they ran the CPU one, which refuses
+    EED_PROVIDERS=cuda, once the base's image had a registry)."""
+    import shutil
+
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+
+    def point(folder: str, name: str, new_name: str) -> None:
+        path = copy / folder / "kustomization.yaml"
+        doc = yaml.safe_load(path.read_text())
+        (entry,) = [i for i in doc["images"] if i["name"] == name]
+        entry.update(newName=new_name, newTag="v7")
+        path.write_text(yaml.safe_dump(doc))
+
+    point("base", "eed-anytime-server", "registry.example/eed-anytime-server")
+    point("overlays/gpu", "eed-anytime-server-gpu", "registry.example/eed-anytime-server-gpu")
+    point("overlays/kserve", "eed-anytime-server", "registry.example/eed-anytime-server")
+
+    def images(overlay: str) -> set[str]:
+        r = subprocess.run([KUBECTL, "kustomize", str(copy / overlay)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return set(re.findall(r"image: (\S+)", r.stdout))
+
+    assert images("base") == {"registry.example/eed-anytime-server:v7"}
+    assert images("overlays/gpu") == {"registry.example/eed-anytime-server-gpu:v7"}
+    assert images("overlays/kserve") == {"registry.example/eed-anytime-server:v7"}
+
+
 # --------------------------------------------------------------------------------------
 # The base Deployment against the image and the app
 # --------------------------------------------------------------------------------------
@@ -276,10 +307,10 @@ def test_kserve_overlay_serves_the_model_from_storage_uri(tmp_path):
         assert probe["path"] in routes and probe["port"] == port
     assert container["securityContext"]["runAsUser"] == dockerfile_uid("docker/Dockerfile")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert (
-        isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
-        > float(env["EED_DRAIN_SECONDS"]) + SHUTDOWN_TIMEOUT_S
-    )
+    # Knative (KServe's Serverless mode) refuses the field and waits the revision timeout (300 s);
+    # in RawDeployment mode Kubernetes' default of 30 s must cover the drain and requests in flight.
+    assert "terminationGracePeriodSeconds" not in isvc["spec"]["predictor"]
+    assert 30 > float(env["EED_DRAIN_SECONDS"]) + SHUTDOWN_TIMEOUT_S
 
     # The container (a core Container inside the CRD) validates as one, with its volumes.
     if VALIDATE is not None:
