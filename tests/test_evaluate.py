@@ -201,6 +201,29 @@ def test_cli_writes_results_and_plots(tiny_run, capsys):
     assert json.loads((out / "val" / "results.json").read_text())["images"] == 32
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "--batch-size: 0 is below 1"),  # was a ZeroDivisionError
+        (["--subset", "-5"], "--subset: -5 is below 1"),  # evaluated all but the last 5 images
+        (["--device", "bogus"], "not a device this code runs on"),  # a RuntimeError traceback
+        (["--device", "mps"], "not a device this code runs on"),
+        (["--out", "{file}"], "is a file; give a folder"),  # a FileExistsError after the whole evaluation
+    ],
+)
+def test_cli_refuses_bad_flags_with_a_message(tiny_run, tmp_path, capsys, flags, message):
+    run, data = tiny_run
+    (tmp_path / "a-file").write_text("x")
+    flags = [f.replace("{file}", str(tmp_path / "a-file")) for f in flags]
+    try:
+        rc = main([str(run), "--data-dir", str(data), "--no-download", *flags])
+    except SystemExit as exc:  # argparse's own refusal
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
 def test_cli_clear_errors(tiny_run, tmp_path, capsys):
     run, data = tiny_run
     assert main([str(tmp_path / "missing.pt")]) == 2

@@ -263,6 +263,12 @@ def test_cli_calibrates_the_policies_it_is_asked_for(tmp_path, fmnist):
 
 
 def test_clear_errors(tmp_path, capsys):
+    # A name that cannot be a URL path segment (/v2/models/NAME/infer), before any work.
+    assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m"), "--name", "a/b c"]) == 2
+    assert "cannot name a model in a URL" in capsys.readouterr().err
+    # --samples needs the test images that --skip-eval leaves unloaded (it wrote none, silently).
+    assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m"), "--samples", "3", "--skip-eval"]) == 2
+    assert "--samples writes test images" in capsys.readouterr().err
     assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

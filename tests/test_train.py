@@ -123,6 +123,49 @@ def test_resume_continues_exactly(fmnist, tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
 
 
+def test_resume_keeps_the_command_the_log_and_the_epoch_count_honest(fmnist, tmp_path, capsys):
+    common = [*SMALL, "--data-dir", str(fmnist), "--output-dir", str(tmp_path), "--subset", "64"]
+    assert cli([*common, "--epochs", "1", "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    started = json.loads((run / "config.json").read_text())["command"]
+    # A run stopped after logging epoch 2 but before its checkpoint: the resume trains epoch 2 again.
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": 2, "lr": 0.1}) + "\n" + '{"epoch": 3, "l')  # and a torn line
+    assert cli(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+    config = json.loads((run / "config.json").read_text())
+    # The manifest's provenance copies the command that started the run; resumes are listed beside it.
+    assert config["command"] == started and len(config["resumed_with"]) == 1 and "--resume" in config["resumed_with"][0]
+    # Fewer epochs than the checkpoint has: the final report would have called epoch 2 "epoch 1".
+    assert cli(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 2
+    assert "below the 2 epochs this checkpoint has trained" in capsys.readouterr().err
+
+
+def test_resume_continues_an_imagefolder_run_exactly(tmp_path):
+    """Random crops and flips draw from torch's generator, which the checkpoint carries: without it a
+    resumed run replayed epoch 1's augmentations (weights 0.09 apart after 3 epochs)."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (40, 40, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.png")
+    common = [
+        "--arch", "resnet18", "--dataset", "imagefolder", "--width-mult", "0.0625", "--batch-size", "8",
+        "--workers", "0", "--threads", "1", "--no-progress", "--data-dir", str(tmp_path / "data"),
+        "--milestones", "2", "--output-dir", str(tmp_path), "--seed", "3",
+    ]  # fmt: skip
+    assert cli([*common, "--epochs", "3", "--run-name", "straight"]) == 0
+    assert cli([*common, "--epochs", "2", "--run-name", "split"]) == 0
+    assert cli(["--resume", str(tmp_path / "split"), "--epochs", "3", "--no-progress"]) == 0
+    a, b = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "split" / "checkpoint.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
     common = [*SMALL, "--data-dir", str(fmnist), "--output-dir", str(tmp_path), "--subset", "64"]
     assert cli([*common, "--epochs", "1", "--run-name", "x"]) == 0
@@ -146,12 +189,27 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
             "CUDA is not available" if not torch.cuda.is_available() else "--epochs must be at least 1",
         ),
         (["--dataset", "fashion-mnist", "--teacher-exits", "9", "--subset", "8"], "--teacher-exits [9] do not exist"),
+        # DESIGN §1: the ensemble teacher must include the main output (it trained without it).
+        (["--dataset", "fashion-mnist", "--teacher-exits", "1", "2", "--subset", "8"], "leaves out the main output"),
+        (["--teacher-exits", "4", "4"], "names an exit twice"),
+        (["--device", "bogus"], "not a device this code runs on"),  # torch's RuntimeError before
+        (["--device", "mps"], "not a device this code runs on"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--width-mult", "inf"], "--width-mult must be a positive finite number"),  # an OverflowError
+        (["--temperature", "nan"], "--temperature must be a positive finite number"),  # a NaN loss mid-epoch
+        (["--alpha", "nan"], "--alpha must be a finite number >= 0"),
+        (["--lr-gamma", "-1"], "--lr-gamma must be a positive finite factor"),
+        (["--milestones", "0", "5"], "--milestones are epochs"),
+        (["--workers", "-1"], "--workers must be 0"),
+        (["--dataset", "fashion-mnist", "--subset", "8", "--output-dir", "{tmp}/a-file"], "is a file, not a folder"),
     ],
 )
 def test_clear_errors(args, message, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    assert cli([*args, "--output-dir", str(tmp_path), "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
+    assert cli(["--output-dir", str(tmp_path), *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
 
 
 def test_cifar100_default_fails_clearly_without_network(tmp_path):

@@ -31,6 +31,7 @@ import numpy as np
 
 from training import cascade
 from training.accuracy import topk_accuracy
+from training.options import UsageError, at_least, check_device
 from training.plots import plot_accuracy_vs_gflops, plot_disagreement, plot_training_curves, read_log
 
 DEFAULT_BUDGET_FRACTIONS = (0.5, 0.75)  # of the main exit's GFLOPs
@@ -308,8 +309,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval-SPLIT)")
     add_data_args(p)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_calibration_args(p)
     return p
 
@@ -318,7 +319,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     """Where a checkpoint's data set comes from (``python -m training.evaluate`` and ``training.export``)."""
     p.add_argument("--data-dir", default=None, help="where the data set lives (default: the run's)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
-    p.add_argument("--subset", type=int, default=None, help="only the first N images of each split (quick look)")
+    p.add_argument(
+        "--subset", type=at_least(1), default=None, help="only the first N images of each split (quick look)"
+    )
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -357,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     try:
+        check_device(args.device, allow_auto=False)
+        run_dir = resolve_checkpoint_path(args.checkpoint).parent
+        out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
+        if out.exists() and not out.is_dir():  # found before minutes of evaluation, not after
+            raise EvaluationError(f"--out {out} is a file; give a folder (it receives results.json and plots)")
         results, _ = evaluate_checkpoint(
             args.checkpoint,
             args.split,
@@ -367,11 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             **calibration_targets(args),
         )
-    except (CheckpointError, DatasetNotFoundError, EvaluationError) as exc:
+    except (CheckpointError, DatasetNotFoundError, EvaluationError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_dir = resolve_checkpoint_path(args.checkpoint).parent
-    out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{results['arch']} x{results['width_mult']} {results['method']} on {results['dataset']}"
     plots: dict[str, Path | None] = {

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from training.evaluate import EvaluationError, add_calibration_args, add_data_ar
 from training.manifest_builder import build_manifest, provenance_entry
 from training.onnx_checks import DEFAULT_ATOL, check_parity, evaluate_onnx
 from training.onnx_graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportError, export_graphs
+from training.options import at_least
 
 __all__ = ["ExportError", "export_checkpoint", "get_args_parser", "main", "write_samples"]
 
@@ -157,6 +159,9 @@ def _replace(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export every exit and stage of a checkpoint to ONNX, with a manifest")
     p.add_argument("checkpoint", help="checkpoint.pt (or its run folder) written by training/train.py")
@@ -168,7 +173,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-eval", action="store_true", help="no data set: no accuracy, no calibrated thresholds")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |ORT - PyTorch| on logits")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--samples", type=int, default=0, help="also write the first N test images as PNG in samples/")
+    p.add_argument(
+        "--samples", type=at_least(0), default=0, help="also write the first N test images as PNG in samples/"
+    )
     add_calibration_args(p)
     return p
 
@@ -179,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
+    name = args.name if args.name is not None else Path(args.out).name
+    if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        # The name is a path segment of the server's routes (/v2/models/NAME/infer) and a metric label.
+        print(
+            f"error: model name {name!r} cannot name a model in a URL; use letters, digits and . _ - "
+            "(--name, or the --out folder's name)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.samples and args.skip_eval:
+        print("error: --samples writes test images, which --skip-eval does not load; drop one", file=sys.stderr)
+        return 2
     if args.opset not in SUPPORTED_OPSETS:
         print(
             f"error: --opset {args.opset} is outside what this exporter supports "

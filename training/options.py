@@ -9,6 +9,8 @@ the run name) and refuses contradictory flags with a message saying what to chan
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import time
 
 from training.data import DATASETS
@@ -40,6 +42,41 @@ RESUME_MUTABLE = {
 
 class UsageError(ValueError):
     """Flags that contradict each other or the checkpoint being resumed."""
+
+
+DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: str, allow_auto: bool = True) -> None:
+    """UsageError unless ``device`` is one this code runs on here (torch's own errors for
+    ``bogus`` or ``mps`` are tracebacks that name none of the choices)."""
+    choices = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
+    if not DEVICE_FORMAT.fullmatch(device) or (device == "auto" and not allow_auto):
+        raise UsageError(f"--device {device!r} is not a device this code runs on; use {choices}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: an integer of at least ``minimum`` (argparse then names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,10 +206,23 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         raise UsageError("--batch-size must be at least 1")
     if args.val_split < 0:
         raise UsageError("--val-split must be 0 (no validation split) or a positive number of images")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {args.temperature}")
-    if args.width_mult <= 0:
-        raise UsageError(f"--width-mult must be positive, got {args.width_mult}")
+    # NaN passes any "<= 0" test and surfaces mid-epoch as a NaN loss blamed on the learning rate.
+    for flag, value in (("temperature", args.temperature), ("width_mult", args.width_mult), ("lr", args.lr)):
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive finite number, got {value}")
+    for flag, value in (("alpha", args.alpha), ("beta", args.beta), ("weight_decay", args.weight_decay)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.momentum < 1:
+        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (args.lr_gamma > 0 and math.isfinite(args.lr_gamma)):
+        raise UsageError(f"--lr-gamma must be a positive finite factor, got {args.lr_gamma}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 (load in the training process) or more, got {args.workers}")
+    if args.teacher_exits is not None and len(set(args.teacher_exits)) != len(args.teacher_exits):
+        raise UsageError(f"--teacher-exits {args.teacher_exits} names an exit twice; name each once")
     if args.eval_every < 1:
         raise UsageError("--eval-every must be at least 1")
     if args.train_size is not None and args.train_size < 2:
@@ -182,6 +232,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     if args.milestones is None:
         scale = args.epochs / PAPER_EPOCHS
         args.milestones = sorted({max(1, round(m * scale)) for m in PAPER_MILESTONES})
+    elif min(args.milestones) < 1:
+        raise UsageError(f"--milestones are epochs (1 or more), got {args.milestones}")
     if "milestones" in explicit and args.lr_schedule == "cosine":
         raise UsageError("--milestones belongs to --lr-schedule multistep, not cosine")
     if args.run_name is None:

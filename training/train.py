@@ -33,6 +33,7 @@ from training.models.multi_exit import MultiExitNetwork
 from training.options import (
     RESUME_MUTABLE,
     UsageError,
+    check_device,
     check_resume_matches,
     explicit_flags,
     get_args_parser,
@@ -47,10 +48,9 @@ def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_device(device_arg)
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device_arg} requested but CUDA is not available; use --device cpu")
     if world_size > 1:
         backend = "nccl" if device_arg.startswith("cuda") else "gloo"
         if device_arg.startswith("cuda"):
@@ -134,15 +134,19 @@ class Run:
     revision: str | None
     start_epoch: int = 0
     best: dict = field(default_factory=lambda: {"epoch": None, "val_acc_main": -1.0})
+    command: list[str] = field(default_factory=lambda: list(sys.argv))  # as typed, for config.json
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def main(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
-    """Train as ``args`` says; returns the final test metrics (rank 0) or {} (other ranks)."""
+def main(args: argparse.Namespace, explicit: set[str] | None = None, command: list[str] | None = None) -> dict:
+    """Train as ``args`` says; returns the final test metrics (rank 0) or {} (other ranks).
+    ``command``: the command line to record (default ``sys.argv``)."""
     run = setup(args, explicit if explicit is not None else set())
+    if command is not None:
+        run.command = command
     if run.is_main:
         write_run_records(run)
     train_epochs(run)
@@ -190,6 +194,11 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
         bad = [e for e in args.teacher_exits if not 1 <= e <= model.num_exits]
         if bad:
             raise UsageError(f"--teacher-exits {bad} do not exist; {args.arch} has exits 1..{model.num_exits}")
+        if model.num_exits not in args.teacher_exits:  # DESIGN §1, the paper's ablation
+            raise UsageError(
+                f"--teacher-exits {args.teacher_exits} leaves out the main output; the ensemble teacher "
+                f"must include it (e.g. --teacher-exits 1 {model.num_exits})"
+            )
 
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov
@@ -209,6 +218,11 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
             scaler.load_state_dict(resume_payload["scaler"])
         start_epoch = resume_payload["epoch"]
         best = resume_payload.get("best", best)
+        if args.epochs < start_epoch:
+            raise UsageError(
+                f"--epochs {args.epochs} is below the {start_epoch} epochs this checkpoint has trained; give "
+                f"--epochs {start_epoch} (only the final evaluation) or more"
+            )
 
     # The code the run started with (computed once: a commit made mid-run must not relabel it).
     revision = resume_payload.get("git_revision") if resume_payload else git_revision()
@@ -232,6 +246,15 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
         raise UsageError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-name"
         )
+    for folder in (run_dir.parent, run_dir):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file, not a folder; give --output-dir / --run-name a folder")
+    if resume_payload is not None and resume_payload.get("rng") is not None:
+        # Last: model creation above drew from the same generator. ImageFolder augmentation and
+        # DataLoader workers' seeds draw from it, so without this a resumed run replayed epoch 1's crops.
+        torch.set_rng_state(resume_payload["rng"]["torch"])
+        if device.type == "cuda" and resume_payload["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(resume_payload["rng"]["cuda"])
     return Run(
         args,
         rank,
@@ -261,9 +284,26 @@ def write_run_records(run: Run) -> None:
     """The run folder and its config.json (rank 0), and the run's one-line summary."""
     args, run_dir, model = run.args, run.run_dir, run.model
     run_dir.mkdir(parents=True, exist_ok=True)
+    command = " ".join(repo_relative(a) if os.path.isabs(a) else a for a in run.command)
+    resumed_with: list[str] = []
     if run.start_epoch == 0:  # records of an interrupted attempt that left no checkpoint
         for stale in ("log.jsonl", "final.json", "best.pt"):
             (run_dir / stale).unlink(missing_ok=True)
+    else:
+        # The command that started the run stays the run's (the manifest's provenance copies it);
+        # each resume is added beside it.
+        try:
+            earlier = json.loads((run_dir / "config.json").read_text())
+            resumed_with = [*earlier.get("resumed_with", []), command]
+            command = earlier.get("command", command)
+        except (OSError, ValueError):
+            resumed_with = [command]
+        # Epochs logged after the checkpoint (a run stopped between its log line and its checkpoint)
+        # are trained again: their old lines go, so the log has each epoch once.
+        log_path = run_dir / "log.jsonl"
+        if log_path.is_file():
+            kept = [line for line in log_path.read_text().splitlines() if _logged_epoch(line) <= run.start_epoch]
+            log_path.write_text("".join(line + "\n" for line in kept))
     (run_dir / "config.json").write_text(
         json.dumps(
             {
@@ -273,7 +313,8 @@ def write_run_records(run: Run) -> None:
                 "exit_costs": [asdict(c) for c in run.costs],
                 "git_revision": run.revision,
                 "world_size": run.world_size,
-                "command": " ".join(repo_relative(a) if os.path.isabs(a) else a for a in sys.argv),
+                "command": command,
+                **({"resumed_with": resumed_with} if resumed_with else {}),
             },
             indent=2,
         )
@@ -289,6 +330,13 @@ def write_run_records(run: Run) -> None:
     )
     if run.start_epoch:
         print(f"resuming from epoch {run.start_epoch}")
+
+
+def _logged_epoch(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line: dropped
 
 
 def train_epochs(run: Run) -> None:
@@ -347,6 +395,11 @@ def train_epochs(run: Run) -> None:
                 "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                 "metrics": record,
                 "git_revision": run.revision,
+                # The generator's state where the next epoch starts, for an exact --resume.
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None,
+                },
             }
             if improved:
                 save_checkpoint({**payload, "best": run.best}, run.run_dir / "best.pt")
@@ -390,7 +443,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        main(args, explicit_flags(parser, argv))
+        main(args, explicit_flags(parser, argv), [repo_relative(__file__), *argv])
     except (UsageError, UnknownModelError, DatasetNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
