@@ -237,6 +237,7 @@ def test_cascade_threshold_extremes(client, manifest):
         ({"top_k": 0}, "top_k"),
         ({"budget": 1}, "unknown query parameter"),
         ({"top_k": "abc"}, "top_k: Input should be a valid integer"),
+        ({"budget_gflops": "inf"}, "must be a finite number"),  # named no cheapest cost before
         ({"exit": ["abc", "2"]}, "exit (2 times)"),  # was exit 2's answer, the first value never read
         ({"top_k": ["1", "1"]}, "top_k (2 times)"),
         ({"exit": "２"}, "not an exit number"),  # full-width digits: int() reads them, the schema does not
