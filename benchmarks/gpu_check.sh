@@ -49,8 +49,17 @@ EOF
 fi
 OUT=${1:?usage: gpu_check.sh OUT_DIR [--cpu-smoke] | --prepare}
 MODE=${2:-gpu}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+# A flag in OUT_DIR's place (OUT_DIR forgotten) would become a folder named "--cpu-smoke"; and if the
+# folder cannot be made, $OUT must not fall back to "" (the steps would write into /).
+if [[ "$OUT" == -* ]]; then
+    echo "usage: gpu_check.sh OUT_DIR [--cpu-smoke] | --prepare   (OUT_DIR first, got $OUT)" >&2
+    exit 2
+fi
+if [[ "$MODE" != gpu && "$MODE" != --cpu-smoke ]]; then
+    echo "gpu_check.sh: unknown mode $MODE; the second argument may only be --cpu-smoke" >&2
+    exit 2
+fi
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "gpu_check.sh: cannot write to $1" >&2; exit 2; }
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi

@@ -104,6 +104,10 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> Interval:
     values = list(values)
     if not values:
         raise ValueError("no values to summarize")
+    if not 0.0 < confidence < 1.0:  # -0.5 gave an inverted interval that "excluded zero"
+        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"values must be finite numbers, got {values}")
     n, mean = len(values), statistics.fmean(values)
     if n == 1:
         return Interval(1, mean, 0.0, mean, mean, confidence)

@@ -25,12 +25,14 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from benchmarks import plots
-from benchmarks.paired_stats import mean_interval
+from benchmarks.paired_stats import paired_interval
+from training.options import at_least
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,19 +117,99 @@ def needs_beta(method_flags: list[str]) -> bool:
     return any(m in method_flags for m in ("byot", "eed"))
 
 
+# Flags train.py refuses for a method (they weight terms it does not have), dropped from the
+# preset's and --extra's flags for that method's runs.
+NOT_FOR_METHOD = {
+    "baseline": {"--alpha", "--temperature", "--distill", "--beta", "--teacher-exits"},
+    "branchynet": {"--alpha", "--temperature", "--distill", "--beta", "--teacher-exits"},
+    "kd": {"--beta", "--teacher-exits"},
+    "byot": {"--teacher-exits"},
+    "eed": set(),
+}
+
+
+# train.py flags that do not change what a run trains (where it runs, how it reports).
+NOT_COMPARED = {"resume", "device", "workers", "progress", "threads", "output_dir", "run_name", "data_dir", "download"}
+
+
+def planned_command(name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], threads: int) -> list[str]:
+    """train.py's command line for a new (method, seed) run of ``preset``; --extra's flags come last,
+    so they win over the preset's and the β default (argparse keeps a flag's last value)."""
+    method_flags = METHODS[name]
+    cmd = [
+        sys.executable,
+        "training/train.py",
+        *COMMON,
+        *PRESETS[preset]["flags"],
+        *method_flags,
+        *(["--beta", "1"] if needs_beta(method_flags) else []),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(_relative(runs_dir)),
+        "--run-name",
+        f"{name}-s{seed}",
+        "--no-progress",
+        "--threads",
+        str(threads),
+        *extra,
+    ]
+    return _drop(cmd, NOT_FOR_METHOD[method_flags[1]])
+
+
+def check_settings(run_dir: Path, cmd: list[str]) -> None:
+    """RuntimeError unless the run in ``run_dir`` was trained with the flags ``cmd`` would give it:
+    a finished run of another preset or other --extra flags must not be reported (or resumed) as
+    this one. Every flag ``cmd`` types is compared except those that do not change what is trained;
+    a setting the run's config.json lacks (a flag added since) counts as that flag's default."""
+    from training.options import explicit_flags, get_args_parser
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(f"{run_dir} has no readable config.json ({exc}); move the folder away or delete it") from exc
+    parser = get_args_parser()
+    argv = cmd[2:]
+    planned, defaults = parser.parse_args(argv), parser.parse_args([])
+    differ = [
+        f"--{k.replace('_', '-')} {getattr(planned, k)!r} (the run: {saved.get(k, getattr(defaults, k))!r})"
+        for k in sorted(explicit_flags(parser, argv) - NOT_COMPARED)
+        if saved.get(k, getattr(defaults, k)) != getattr(planned, k)
+    ]
+    if differ:
+        raise RuntimeError(
+            f"{run_dir} was trained with other settings than this benchmark would give it: {'; '.join(differ)}. "
+            "Give another --runs-dir, or the --preset/--extra it was run with"
+        )
+
+
 def run_one(
-    name: str, seed: int, preset: str, runs_dir: Path, extra: list[str], log, threads: int, stop_at: float | None = None
+    name: str,
+    seed: int,
+    preset: str,
+    runs_dir: Path,
+    extra: list[str],
+    log,
+    threads: int,
+    stop_at: float | None = None,
+    halt: threading.Event | None = None,
 ) -> Path | None:
     """Train one (method, seed) run, resuming it if it was interrupted; returns its folder, or
-    None when ``stop_at`` (a time.time()) has passed before the run could start."""
+    None when ``stop_at`` (a time.time()) has passed or ``halt`` is set before the run could start.
+    A run that fails sets ``halt``: the benchmark starts nothing more."""
     run_dir = runs_dir / f"{name}-s{seed}"
+    planned = planned_command(name, seed, preset, runs_dir, extra, threads)
+    if (run_dir / "final.json").is_file() or (run_dir / "checkpoint.pt").is_file():
+        check_settings(run_dir, planned)
     if (run_dir / "final.json").is_file():
         log(f"{name} seed {seed}: done already, skipped")
         return run_dir
     if stop_at is not None and time.time() >= stop_at:
         log(f"{name} seed {seed}: not started (past --stop-launching-at); run the same command to continue")
         return None
-    method_flags = METHODS[name]
+    if halt is not None and halt.is_set():
+        log(f"{name} seed {seed}: not started (a run failed)")
+        return None
     if (run_dir / "checkpoint.pt").is_file():
         cmd = [
             sys.executable,
@@ -140,27 +222,7 @@ def run_one(
         ]
         log(f"{name} seed {seed}: resuming")
     else:
-        cmd = [
-            sys.executable,
-            "training/train.py",
-            *COMMON,
-            *PRESETS[preset]["flags"],
-            *method_flags,
-            "--seed",
-            str(seed),
-            "--output-dir",
-            str(_relative(runs_dir)),
-            "--run-name",
-            run_dir.name,
-            "--no-progress",
-            "--threads",
-            str(threads),
-            *extra,
-        ]
-        if method_flags[1] in ("baseline", "branchynet"):
-            cmd = _drop(cmd)
-        elif needs_beta(method_flags):
-            cmd += ["--beta", "1"]
+        cmd = planned
         log(f"{name} seed {seed}: training")
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -168,6 +230,8 @@ def run_one(
     with open(runs_dir / f"{run_dir.name}.log", "a") as fh:  # appended: a resumed run keeps every attempt
         fh.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
+        if halt is not None:
+            halt.set()
         raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     log(f"{name} seed {seed}: finished in {time.perf_counter() - start:.0f}s")
     return run_dir
@@ -182,18 +246,36 @@ def _relative(path: Path) -> Path:
         return path
 
 
-def _drop(cmd: list[str]) -> list[str]:
-    """Remove the distillation flags that train.py rejects for methods without distillation."""
-    out, skip = [], 0
+def _drop(cmd: list[str], flags: set[str]) -> list[str]:
+    """``cmd`` without ``flags`` and their values (every value up to the next flag: --teacher-exits
+    takes several)."""
+    out, dropping = [], False
     for c in cmd:
-        if skip:
-            skip -= 1
-            continue
-        if c in ("--alpha", "--temperature", "--distill"):
-            skip = 1
-            continue
-        out.append(c)
+        if c.startswith("--"):
+            dropping = c in flags
+        if not dropping:
+            out.append(c)
     return out
+
+
+def _loss_weights(run_dir: Path) -> dict:
+    """The distillation settings a run trained with (its config.json), for the report to state:
+    a preset may differ from train.py's defaults (the cpu preset's α = 1 with KL)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    if config.get("method") in ("baseline", "branchynet"):
+        return {}
+    return {k: config.get(k) for k in ("distill", "alpha", "beta", "temperature") if config.get(k) is not None}
+
+
+def _seed_of(run_dir: Path) -> int:
+    """The seed a run folder was trained with (its config.json; the folder's -sN suffix otherwise)."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text())["config"]["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(run_dir.name.rpartition("-s")[2])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -215,6 +297,8 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
             m, s = _mean_std([100 * r["test_acc_ensemble"] for r in selected])
             row["ensemble"] = {"mean": m, "std": s}
         row["main_per_seed"] = [100 * r[f"test_acc_exit{exits[-1]}"] for r in selected]
+        row["seed_ids"] = [_seed_of(d) for d in dirs]  # what the differences below pair on
+        row["loss_weights"] = _loss_weights(dirs[0])
         m, s = _mean_std([100 * f["final_epoch"][f"test_acc_exit{exits[-1]}"] for f in finals])
         row["main_final_epoch"] = {"mean": m, "std": s}
         row["selected_epochs"] = [r.get("epoch") for r in selected]
@@ -255,14 +339,27 @@ def to_markdown(table: dict, meta: dict) -> str:
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     gflops = next(r["gflops"] for r in table.values() if len(r["gflops"]) == k)
     lines += ["", "GFLOPs per exit (full path): " + ", ".join(f"exit {i + 1}: {g:.4f}" for i, g in enumerate(gflops))]
+    weights = [
+        f"{name} {w['distill']} α {w['alpha']:g}"
+        + (f" β {w['beta']:g}" if name != "kd" else "")
+        + f" T {w['temperature']:g}"
+        for name, row in table.items()
+        if (w := row.get("loss_weights")) and {"distill", "alpha", "beta", "temperature"} <= set(w)
+    ]
+    if weights:  # what the runs trained with (their config.json), whatever the preset says today
+        lines += ["", "Distillation settings of the runs: " + "; ".join(weights) + "."]
     lines.append("")
     for eed, other in (("eed-kl", "branchynet"), ("eed-mse", "branchynet"), ("eed-kl", "kd"), ("eed-kl", "byot")):
         if eed in table and other in table:
-            pairs = list(zip(table[eed]["main_per_seed"], table[other]["main_per_seed"]))
-            iv = mean_interval([a - b for a, b in pairs])
+            # Paired by seed, not by position: with a run missing, positions pair different seeds.
+            by_seed = [dict(zip(table[m]["seed_ids"], table[m]["main_per_seed"])) for m in (eed, other)]
+            try:
+                iv = paired_interval(*by_seed)
+            except ValueError:  # no seed in common
+                continue
             lines.append(
                 f"{eed} − {other}, main output: {iv.mean:+.2f} points, std of the paired differences "
-                f"{iv.std:.2f}, 95 % t-interval [{iv.low:+.2f}, {iv.high:+.2f}] ({len(pairs)} seeds).  "
+                f"{iv.std:.2f}, 95 % t-interval [{iv.low:+.2f}, {iv.high:+.2f}] ({iv.n} seeds).  "
             )
     lines += [
         "",
@@ -310,18 +407,30 @@ def run_order(preset: str, methods: list[str] | None = None, seeds: list[int] | 
     return list(dict.fromkeys((name, seed) for ms, ss in phases for seed in ss for name in ms))
 
 
-def _parse_stop_time(text: str) -> float:
-    """HH:MM (UTC) as a time.time() value: the occurrence nearest to now (so "01:00" said at
-    23:00 means tomorrow, and "06:24" said at 06:30 means six minutes ago: stop now)."""
+# A --stop-launching-at time that passed less than this long ago means "stop now"; one that passed
+# longer ago means its next occurrence.
+RECENTLY_PASSED_S = 3600.0
+
+
+def _parse_stop_time(text: str, now: float | None = None) -> float:
+    """HH:MM (UTC) as a time.time() value: its next occurrence ("01:00" said at 23:00 means
+    tomorrow, "21:57" said at 08:57 tonight), unless it passed within the last hour ("06:24" said
+    at 06:30 means six minutes ago: stop now)."""
     import datetime as dt
 
+    now = time.time() if now is None else now
     try:
         hour, minute = (int(x) for x in text.split(":"))
-        when = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
+        today = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(
+            hour=hour, minute=minute, second=0, microsecond=0
+        )
     except ValueError as exc:
         raise SystemExit(f"--stop-launching-at wants HH:MM (UTC), got {text!r}") from exc
-    candidates = [(when + dt.timedelta(days=d)).timestamp() for d in (-1, 0, 1)]
-    return min(candidates, key=lambda t: abs(t - time.time()))
+    for days in (-1, 0, 1):
+        when = (today + dt.timedelta(days=days)).timestamp()
+        if when > now - RECENTLY_PASSED_S:
+            return when
+    raise AssertionError("unreachable: tomorrow's occurrence is in the future")
 
 
 def main(argv=None) -> int:
@@ -346,7 +455,7 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=at_least(1),
         default=max(1, min(2, os.cpu_count() or 1)),
         help="runs trained at once, each with cpu_count/jobs threads (default 2: this CPU preset's setup)",
     )
@@ -380,25 +489,42 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     start = time.perf_counter()
+    failures: list[str] = []
     if not args.report_only:
         # Small models use 2 cores better as 2 one-thread runs than as one 2-thread run
         # (per-op overhead dominates their thread-parallel speed-up).
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        # A failed run stops the launching (the rest would likely fail alike, or train for hours before
+        # anyone sees the error); the runs in progress finish, and the report below covers what finished.
+        halt = threading.Event()
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {
-                key: pool.submit(run_one, *key, args.preset, runs_dir, args.extra, log, threads, stop_at)
+            futures = [
+                pool.submit(run_one, *key, args.preset, runs_dir, args.extra, log, threads, stop_at, halt)
                 for key in order
-            }
-            for future in futures.values():
-                future.result()  # a failed run raises here
+            ]
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except RuntimeError as exc:
+                    failures.append(str(exc))
+                    log(f"stopping: {str(exc).splitlines()[0]}")
     finished = {key: runs_dir / f"{key[0]}-s{key[1]}" for key in report_order}
     finished = {key: d for key, d in finished.items() if (d / "final.json").is_file()}
+    try:  # a report of this preset covers only runs trained as this preset (and --extra) trains them
+        for (name, seed), run_dir in finished.items():
+            check_settings(run_dir, planned_command(name, seed, args.preset, runs_dir, args.extra, threads=1))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     runs: dict[str, list[Path]] = {name: [] for name in methods}
     for (name, _), run_dir in sorted(finished.items(), key=lambda kv: report_order.index(kv[0])):
         runs[name].append(run_dir)
     runs = {name: dirs for name, dirs in runs.items() if dirs}
+    for message in failures:
+        print(f"error: {message}", file=sys.stderr)
     if not runs:
-        print(f"no finished runs under {runs_dir}; run without --report-only first", file=sys.stderr)
+        hint = "run without --report-only first" if args.report_only else "none finished in this invocation"
+        print(f"no finished runs under {runs_dir}; {hint}", file=sys.stderr)
         return 2
     flags = PRESETS[args.preset]["flags"]
     meta = {
@@ -417,7 +543,7 @@ def main(argv=None) -> int:
 
         meta["regime"] = preset["regime"]
         print(write_report(runs, out_dir, meta))
-        return 0
+        return 1 if failures else 0
     table = summarize(runs)
     (out_dir / f"reproduce_{args.preset}.json").write_text(json.dumps({"meta": meta, "methods": table}, indent=2))
     md = to_markdown(table, meta)
@@ -425,7 +551,7 @@ def main(argv=None) -> int:
     print(md)
     for path in plot(table, out_dir, args.preset):
         print(f"wrote {path}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

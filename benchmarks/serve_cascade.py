@@ -204,13 +204,13 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
     conf, pred, x = offline_cascade(runtime, bodies)
     policies = manifest.thresholds.policies if manifest.thresholds is not None else {}
     if args.policy and args.policy in policies:
-        query, how = f"policy={args.policy}", f"calibrated policy {args.policy}"
+        query, chosen = f"policy={args.policy}", f"calibrated policy {args.policy}"
         thresholds = cascade.as_thresholds(policies[args.policy].thresholds, k)
     else:  # an untrained or uncalibrated model: each early exit keeps the images above its median confidence
         thresholds = np.asarray([float(np.median(conf[:, i])) for i in range(k - 1)])
         query = "confidence=" + ",".join(f"{t:.9g}" for t in thresholds)
         thresholds = np.asarray([float(f"{t:.9g}") for t in thresholds])
-        how = "per-exit thresholds at the median top probability of each early exit on these images"
+        chosen = "per-exit thresholds at the median top probability of each early exit on these images"
     simulated = cascade.simulate(conf, pred, thresholds, [e.stage_gflops for e in manifest.exits])
     servers = start_servers(model_dir, variants, workdir, args.providers)
     runs: dict = {s.name: {"main": [], "cascade": []} for s in servers}
@@ -278,7 +278,7 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             "cascade_ort_ms": ort_casc,
             "efficiency_of_ort_runs": ort_saved / gflops_saved if gflops_saved > 0 else None,
             "cascade_ran": how[name],
-            "exit_fractions": np.bincount(served_exit, minlength=k + 1)[1:].tolist(),
+            "exit_counts": np.bincount(served_exit, minlength=k + 1)[1:].tolist(),  # images per exit (of "images")
             "agreement_with_offline_rule": float(
                 np.mean((served_exit == simulated.exit) & (served_label == simulated.prediction))
             ),
@@ -307,6 +307,8 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
         "in_process": bare,
         "source": str(source),
         "query": query,
-        "thresholds": how,
+        # Which thresholds (a calibrated policy, or the medians); how each server ran the cascade is
+        # the variant's "cascade_ran". Until 2026-12-02 this key held the latter by mistake.
+        "thresholds": chosen,
         "variants": per_variant,
     }

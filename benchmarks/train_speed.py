@@ -35,6 +35,7 @@ from training.engine import train_one_epoch
 from training.losses import MultiExitLoss
 from training.models import create_model
 from training.models.multi_exit import scaled
+from training.options import at_least
 from training.train import amp_setup
 
 # --------------------------------------------------------------------- the reference shape
@@ -206,8 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--width-mult", type=float, default=0.25)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per side")
+    p.add_argument("--batch-size", type=at_least(1), default=128)
+    p.add_argument("--steps", type=at_least(1), default=30, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     p.add_argument("--ref-workers", type=int, default=2, help="DataLoader workers of the reference loop")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="skip the bf16 autocast measurement")

@@ -64,3 +64,15 @@ def test_a_failing_step_is_reported_and_fails_the_run(tmp_path):
     assert result.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
     assert [s["passed"] for s in summary["steps"]] == [False, False, False]
+
+
+def test_a_forgotten_out_dir_is_refused_before_anything_is_written(tmp_path):
+    # "--cpu-smoke" in OUT_DIR's place: it went on in GPU mode and, with no folder, wrote into /.
+    before = set(Path(ROOT).iterdir())
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "OUT_DIR first" in r.stderr, r.stderr
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "o"), "--gpu"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "unknown mode" in r.stderr, r.stderr
+    assert set(Path(ROOT).iterdir()) == before

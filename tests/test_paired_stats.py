@@ -37,6 +37,15 @@ def test_mean_interval_by_hand():
         mean_interval([])
 
 
+@pytest.mark.parametrize("confidence", [0.0, -0.5, 1.0, 1.5, float("nan")])
+def test_a_confidence_outside_0_1_is_refused(confidence):
+    # -0.5 gave an inverted interval that "excluded zero".
+    with pytest.raises(ValueError, match="confidence"):
+        mean_interval([1.0, 2.0, 3.0], confidence)
+    with pytest.raises(ValueError, match="finite"):
+        mean_interval([1.0, float("nan")])
+
+
 def test_paired_interval_pairs_by_seed_and_ignores_unpaired_seeds():
     eed = {1: 10.0, 2: 12.0, 3: 11.0}
     branchy = {1: 9.0, 2: 10.0, 3: 11.0, 4: 5.0}  # seed 4 has no partner
@@ -49,14 +58,20 @@ def test_paired_interval_pairs_by_seed_and_ignores_unpaired_seeds():
         paired_interval({1: 1.0}, {2: 1.0})
 
 
-def _fake_run(root, method, seed, test, ensemble, train_main, val_main, val_ensemble):
-    """A run folder as train.py writes it (only the keys the report reads)."""
+def _fake_run(root, method, seed, test, ensemble, train_main, val_main, val_ensemble, preset="small-data"):
+    """A run folder as train.py writes it (only the keys the report reads), its config.json what
+    ``preset``'s command for it gives (benchmarks/reproduce.py checks that)."""
     import json
+
+    from benchmarks.reproduce import planned_command
+    from training.options import get_args_parser
 
     k = len(test)
     run = root / f"{method}-s{seed}"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"config": {"seed": seed, "alpha": 1.0}}))
+    config = vars(get_args_parser().parse_args(planned_command(method, seed, preset, root, [], 1)[2:]))
+    config["alpha"] = 1.0 if config["alpha"] is None else config["alpha"]
+    (run / "config.json").write_text(json.dumps({"config": config}))
     final = {f"test_acc_exit{e + 1}": a / 100 for e, a in enumerate(test)}
     if ensemble is not None:
         final["test_acc_ensemble"] = ensemble / 100
