@@ -166,6 +166,10 @@ async def answer_classify(
         request_id = state.signer.issue(manifest.name, outcome.exit, ranked[0][0])
         exit_label, status = str(outcome.exit), 200
         elapsed = time.perf_counter() - arrived
+        if outcome.deadline_met and deadline is not None and arrived + elapsed > deadline:
+            # Ready in time at the model, late by the answer's own work: the answer's latency_ms says
+            # so, and deadline_met (and eed_deadline_total) must not contradict it.
+            outcome.deadline_met = False
         # The metrics after the answer is written: nothing between here and the socket write
         # yields to the event loop, so the loop runs them right after it, before any later
         # request (a scrape included). A lone request's p50 no longer carries them.

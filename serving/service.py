@@ -351,11 +351,16 @@ class InferenceService:
                 backlog += model.estimate(worker.rows(min(queued, self.max_batch_size)))
         return backlog / self._workers_count
 
-    def predicted_finish_s(self, worker: GraphWorker) -> float:
-        """Seconds from now until an item submitted to ``worker`` now would have its result."""
+    def predicted_finish_s(self, worker: GraphWorker, with_gap: bool = True) -> float:
+        """Seconds from now until an item submitted to ``worker`` now would have its result; without
+        the prediction gap (``with_gap`` False), what the gap itself learns against."""
         own_batch = worker.waiting() % self.max_batch_size + 1
         service = self.service_models[worker.name].estimate(worker.rows(own_batch))
-        return self.queue_delay_s(worker) + service + max(0.0, self.prediction_gap.value())
+        return self.queue_delay_s(worker) + service + (self.gap_s() if with_gap else 0.0)
+
+    def gap_s(self) -> float:
+        """The recently observed lateness of predictions that leave it out (never negative)."""
+        return max(0.0, self.prediction_gap.value())
 
     def whole_path_in_time(self, plan: Plan, deadline: float) -> tuple[str, float] | None:
         """For a deadline, whether one ORT call can answer in time: ``("single", predicted
@@ -386,12 +391,16 @@ class InferenceService:
         chain_s = sum(self.service_models[w.name].estimate(1) for w in self.stage_workers[: plan.exit])
         others = (self._in_run - 1) * max(single_s, chain_s)
         if pure:
-            how, predicted = "single", self.predicted_finish_s(exit_worker)
+            # Returned without the gap: the gap learns the lateness of predictions that leave it out
+            # (learning against predictions that include it, it settled at half the true lateness).
+            how, predicted = "single", self.predicted_finish_s(exit_worker, with_gap=False)
+            expected = predicted + self.gap_s()
         else:
             how, predicted = "fused", self.cascade_finish_s(plan.exit)
+            expected = predicted
         # Returned without the others' allowance: it is a bound, and the prediction gap learns from
         # the estimate alone (a bound would teach it that predictions run late less than they do).
-        in_time = time.perf_counter() + predicted + others + self._margin_s <= deadline
+        in_time = time.perf_counter() + expected + others + self._margin_s <= deadline
         return (how, predicted) if in_time else None
 
     def idle_service_ms(self) -> tuple[list[float], list[float]]:
@@ -403,7 +412,7 @@ class InferenceService:
     def cascade_finish_s(self, exit_number: int) -> float:
         """Seconds until a cascade of stages 1..``exit_number`` submitted now would answer: stage 1
         behind the queues now, each further stage at its batch-1 time plus the prediction gap."""
-        gap = max(0.0, self.prediction_gap.value())
+        gap = self.gap_s()
         later = self.stage_workers[1:exit_number]
         return self.predicted_finish_s(self.stage_workers[0]) + sum(
             self.service_models[w.name].estimate(1) + gap for w in later
@@ -559,9 +568,9 @@ class InferenceService:
             for number in range(1, plan.exit + 1):
                 worker = self.stage_workers[number - 1]
                 if deadline is not None:
-                    predicted = self.predicted_finish_s(worker)
+                    predicted = self.predicted_finish_s(worker, with_gap=False)
                     now = time.perf_counter()
-                    if number > 1 and now + predicted + self._margin_s > deadline:
+                    if number > 1 and now + predicted + self.gap_s() + self._margin_s > deadline:
                         degraded = True
                         break
                     outputs = await worker.submit(features, arrivals_counted=counted)

@@ -79,6 +79,46 @@ def test_prediction_gap_fades_without_new_observations():
 # --- the service under load, on a slowed real model --------------------------------------------
 
 
+class _Underestimate(ServiceTimeModel):
+    """A time model that keeps saying a stage takes ``seconds`` (it learns nothing): the stages run
+    later than predicted by a known amount, which is what the prediction gap is there to learn."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self._seconds = seconds
+
+    def estimate(self, batch: int = 1) -> float:
+        return self._seconds
+
+    def observe(self, batch: int, seconds: float) -> None:
+        pass
+
+
+def test_the_prediction_gap_learns_the_whole_lateness_of_stage_predictions(model_dir):
+    """Stages take ~11 ms where the time model says 5: the gap must learn ~6 ms. It learned against
+    predictions that already included it, and settled at half the lateness (predictions stayed late)."""
+    service = _slowed_service(model_dir, probe_interval_s=60.0)
+    for worker in service.stage_workers:
+        service.service_models[worker.name] = _Underestimate(0.005)
+
+    async def main():
+        await service.start()
+        try:
+            plan = service.plan(PolicyParams(budget_ms=10_000, confidence=(1.0,)))  # stage by stage, every exit
+            late = []
+            for _ in range(12):
+                out = await service.run(_x(service), plan, deadline=time.perf_counter() + 10)
+                assert out.exits_evaluated == list(range(1, NUM_EXITS + 1))
+                late.append(out.seconds / NUM_EXITS - 0.005)  # per stage, beyond the model's 5 ms
+            return sorted(late)[len(late) // 2]
+        finally:
+            await service.stop()
+
+    lateness = asyncio.run(main())
+    assert lateness > 0.004
+    assert service.prediction_gap.value() == pytest.approx(lateness, rel=0.25)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_model_folder(tmp_path_factory.mktemp("model"))

@@ -180,6 +180,23 @@ def test_budget_below_cheapest_exit_is_422_naming_the_cheapest_cost(client, mani
     assert f"{cheapest:g}" in body["detail"]
 
 
+def test_deadline_met_agrees_with_the_answers_own_latency(client):
+    """deadline_met says whether the answer was ready within budget_ms of arrival, which latency_ms
+    measures: it was judged when the model finished, so answers late by their own ranking, signing
+    and JSON said met with a latency past the budget."""
+    typical = sorted(classify(client, png(2), exit=1).json()["latency_ms"] for _ in range(20))[10]
+    both = set()
+    for i in range(60):
+        budget = typical * (0.9 + 0.2 * (i % 3) / 2)  # around the usual latency: some met, some missed
+        r = classify(client, png(2), budget_ms=budget)
+        if r.status_code == 422:  # below exit 1's idle service time
+            continue
+        body = r.json()
+        both.add(body["deadline_met"])
+        assert body["deadline_met"] == (body["latency_ms"] <= budget + 5e-4), (budget, body)
+    assert both, "no deadline answer at all"
+
+
 def test_budget_ms_is_a_deadline_answered_with_deadline_met(client):
     body = classify(client, png(1), budget_ms=60_000).json()
     assert body["exit"] == NUM_EXITS and body["deadline_met"] is True and body["policy"] == "budget_ms"
