@@ -175,10 +175,16 @@ class Preprocessor:
     def _high_depth(self, image: Image.Image, target: str) -> np.ndarray:
         """16/32-bit single-channel images: scale to 0..255 in float, resize in float."""
         values = np.asarray(image, dtype=np.float32)
+        key = image.info.get("transparency")
+        # A 16-bit gray PNG's tRNS names one sample value as transparent: composited onto the
+        # background like every other transparency (to_mode does it for 8-bit images).
+        transparent = values == key if isinstance(key, int) and image.mode != "F" else None
         if image.mode == "F":
             values = np.clip(np.nan_to_num(values), 0.0, 1.0) * 255.0
         else:
             values = np.clip(values, 0, 65535) * (255.0 / 65535.0)
+        if transparent is not None:
+            values[transparent] = float(self.background)
         gray = self._geometry(Image.fromarray(values.astype(np.float32), mode="F"))
         array = np.asarray(gray, dtype=np.float32)
         if target == "RGB":

@@ -104,6 +104,9 @@ def log_request(
     started: float,
 ) -> None:
     """The request's access-log line (``serving.access``): every way a request arrives logs the same fields."""
+    if path is not None and not path.isprintable():
+        # The path is percent-decoded: /x%0AFAKE would write a forged line into a text log.
+        path = path.encode("unicode_escape").decode("ascii")
     access_log.log(
         level,
         "%s %s %s",

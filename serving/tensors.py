@@ -92,6 +92,8 @@ def _shape(raw: Any, where: str) -> list[int]:
         raise _fail(f"{where}: 'shape' must be a list of integers, got {raw!r}")
     if any(d < 0 for d in raw):
         raise _fail(f"{where}: 'shape' {raw} has a negative dimension")
+    if any(d > MAX_ELEMENTS for d in raw):  # [2**63, 0] has 0 elements but no array can have that shape
+        raise _fail(f"{where}: 'shape' {raw} has a dimension above {MAX_ELEMENTS}")
     if math.prod(raw) > MAX_ELEMENTS:
         raise _fail(f"{where}: 'shape' {raw} has more than {MAX_ELEMENTS} elements")
     return raw
@@ -213,8 +215,11 @@ def _json_numbers(elements: list, datatype: str, where: str) -> np.ndarray:
         if elements and (min(elements) < info.min or max(elements) > info.max):
             raise _fail(f"{where}: a value is outside the range of {datatype}")
         return np.asarray(elements, dtype=dtype)
-    with np.errstate(over="ignore"):
-        array = np.asarray(elements, dtype=dtype)
+    try:
+        with np.errstate(over="ignore"):
+            array = np.asarray(elements, dtype=dtype)
+    except OverflowError:  # a JSON integer beyond any float (10**400): as a non-finite value
+        raise _fail(f"{where}: a value is not finite in {datatype} (too large for the type?)") from None
     if not np.all(np.isfinite(array)):
         raise _fail(f"{where}: a value is not finite in {datatype} (too large for the type?)")
     return array

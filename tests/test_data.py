@@ -154,6 +154,31 @@ def test_imagefolder_layout(tmp_path):
         build_datasets("imagefolder", tmp_path / "only")
 
 
+def test_an_imagefolder_training_split_smaller_than_a_batch_still_trains(tmp_path):
+    """The ragged batch is dropped unless it is the only one, as in memory: with 6 images and a batch
+    of 16 an epoch had no batch at all, and train.py then failed on the missing loss."""
+    from PIL import Image
+
+    from training.engine import collect_logits
+    from training.models import create_model
+
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 40), (40 * i,) * 3).save(tmp_path / split / cls / f"{i}.png")
+    data = build_datasets("imagefolder", tmp_path, seed=0)
+    loader = make_loader(data.train, data.spec, 16, train=True, workers=0)
+    assert [len(y) for _, y in loader] == [6]
+    loader = make_loader(data.train, data.spec, 4, train=True, workers=0)
+    assert [len(y) for _, y in loader] == [4]  # more than a batch: the ragged rest is dropped, as before
+    # A DDP rank whose evaluation shard is empty (a split smaller than the world) returns no rows, in the
+    # shapes the accuracy counts need, and joins the all-reduce (torch.cat([]) failed).
+    model = create_model("resnet18", 2, 3, 0.0625)
+    logits, _, labels = collect_logits(model, [], torch.device("cpu"))
+    assert logits.shape == (0, model.num_exits, 2) and labels.shape == (0,)
+
+
 def test_train_size_shrinks_only_the_training_split(tmp_path):
     """--train-size: a seeded subset of the training split; the test split stays whole, the
     subset does not depend on --val-split and never overlaps the validation images."""

@@ -70,6 +70,32 @@ def test_transparent_pixels_are_composited_on_the_manifest_background(background
     assert np.allclose(pre(encode(la, "PNG")), expected)
 
 
+@pytest.mark.parametrize("depth", [8, 16])
+def test_a_gray_png_transparency_key_is_composited_at_any_bit_depth(depth):
+    """tRNS names one gray value as transparent; at 16 bits it was ignored (the same picture gave
+    white where its 8-bit twin gave the background)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    pixels = np.full((2, 2), 100, np.uint8)
+    pixels[:, 0] = 255  # the key: transparent
+    top = 255 if depth == 8 else 65535
+    rows = pixels.astype(np.uint16) * 257 if depth == 16 else pixels
+    data = b"".join(b"\x00" + row.astype(">u2" if depth == 16 else "u1").tobytes() for row in rows)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, depth, 0, 0, 0, 0))
+        + chunk(b"tRNS", struct.pack(">H", top))
+        + chunk(b"IDAT", zlib.compress(data))
+        + chunk(b"IEND", b"")
+    )
+    pre = Preprocessor(channels=1, height=2, width=2, mean=(0.0,), std=(1.0,), background=0)
+    x = pre(png)
+    assert np.allclose(x[0, :, 0], 0.0), x  # the background
+    assert np.allclose(x[0, :, 1], 100 / 255, atol=1 / 255), x
+
+
 def test_palette_images_with_and_without_transparency():
     p = Image.new("P", (28, 28), 1)
     p.putpalette([0, 0, 0, 60, 60, 60] + [0] * 762)

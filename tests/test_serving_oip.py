@@ -349,6 +349,22 @@ def test_bad_requests_are_400_with_the_reason(client):
             {},
             "expected exactly one input",
         ),
+        # No elements, but a shape no array can have: it was a 500 from numpy's reshape.
+        (
+            json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2**63, 0], "data": []}]}).encode(),
+            {},
+            "has a dimension above",
+        ),
+        # A JSON integer beyond any float: a 500 (OverflowError) before the non-finite check.
+        (
+            b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [1'
+            + b"0" * 400
+            + b", "
+            + b", ".join([b"0"] * 783)
+            + b"]}]}",
+            {},
+            "not finite",
+        ),
     ],
 )
 def test_malformed_bodies_are_400_json_errors(server, body, headers, fragment):

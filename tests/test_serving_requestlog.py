@@ -167,6 +167,29 @@ def test_even_an_unhandled_error_answers_with_the_request_id():
     assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-1"
 
 
+def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
+    import logging
+
+    from serving.requestlog import access_log, log_request
+
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Capture()
+    access_log.addHandler(handler)
+    level = access_log.level
+    access_log.setLevel(logging.INFO)
+    try:  # the path arrives percent-decoded: /healthz%0AFAKE is "/healthz\nFAKE"
+        log_request(logging.INFO, "id", "GET", "/healthz\nINFO forged line", None, {}, 404, time.perf_counter())
+    finally:
+        access_log.removeHandler(handler)
+        access_log.setLevel(level)
+    assert lines == ["GET /healthz\\nINFO forged line 404"]
+
+
 def test_correlation_id_rules():
     assert correlation_id("abc-DEF_1.2:3+4=5/6") == "abc-DEF_1.2:3+4=5/6"
     assert correlation_id("x" * MAX_ID_CHARS) == "x" * MAX_ID_CHARS

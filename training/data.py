@@ -426,7 +426,9 @@ class _DatasetLoader:
             batch_size,
             sampler=self.sampler,
             num_workers=workers,
-            drop_last=train,
+            # As the in-memory loader: the ragged last batch is dropped unless it is the only one
+            # (a split smaller than a batch trained on nothing, and the epoch's metrics had no loss).
+            drop_last=train and len(self.sampler) >= batch_size,
             pin_memory=torch.cuda.is_available(),
         )
         self.seed = seed

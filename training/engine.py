@@ -109,6 +109,11 @@ def collect_logits(
         all_logits.append(torch.stack(out.logits, 1).float().cpu())
         all_features.append(torch.stack(out.features, 1).float().cpu())
         all_labels.append(labels)
+    if not all_logits:
+        # An empty shard (a split smaller than the DDP world): no rows, but the shapes the counts
+        # need, so this rank still joins the all-reduce instead of failing and hanging the others.
+        k, classes = getattr(model, "num_exits", 1), getattr(model, "num_classes", 1)
+        return torch.zeros(0, k, classes), torch.zeros(0, k, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(all_logits), torch.cat(all_features), torch.cat(all_labels)
 
 
