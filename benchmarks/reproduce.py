@@ -164,10 +164,9 @@ def check_settings(run_dir: Path, cmd: list[str]) -> None:
     a setting the run's config.json lacks (a flag added since) counts as that flag's default."""
     from training.options import explicit_flags, get_args_parser
 
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise RuntimeError(f"{run_dir} has no readable config.json ({exc}); move the folder away or delete it") from exc
+    saved = _run_config(run_dir)
+    if saved is None:
+        raise RuntimeError(f"{run_dir} has no readable config.json; move the folder away or delete it")
     parser = get_args_parser()
     argv = cmd[2:]
     planned, defaults = parser.parse_args(argv), parser.parse_args([])
@@ -258,24 +257,28 @@ def _drop(cmd: list[str], flags: set[str]) -> list[str]:
     return out
 
 
-def _loss_weights(run_dir: Path) -> dict:
-    """The distillation settings a run trained with (its config.json), for the report to state:
-    a preset may differ from train.py's defaults (the cpu preset's α = 1 with KL)."""
+def _run_config(run_dir: Path) -> dict | None:
+    """The resolved flags a run trained with (``config`` of its config.json), or None if unreadable."""
     try:
         config = json.loads((run_dir / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    if config.get("method") in ("baseline", "branchynet"):
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _loss_weights(config: dict | None) -> dict:
+    """The distillation settings of a run's config, for the report to state: a preset may differ
+    from train.py's defaults (the cpu preset's α = 1 with KL)."""
+    if config is None or config.get("method") in ("baseline", "branchynet"):
         return {}
     return {k: config.get(k) for k in ("distill", "alpha", "beta", "temperature") if config.get(k) is not None}
 
 
-def _seed_of(run_dir: Path) -> int:
-    """The seed a run folder was trained with (its config.json; the folder's -sN suffix otherwise)."""
-    try:
-        return int(json.loads((run_dir / "config.json").read_text())["config"]["seed"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return int(run_dir.name.rpartition("-s")[2])
+def _seed_of(run_dir: Path, config: dict | None) -> int:
+    """The seed a run folder was trained with (its config; the folder's -sN suffix otherwise)."""
+    if config is not None and isinstance(config.get("seed"), int):
+        return config["seed"]
+    return int(run_dir.name.rpartition("-s")[2])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -297,8 +300,9 @@ def summarize(runs: dict[str, list[Path]]) -> dict:
             m, s = _mean_std([100 * r["test_acc_ensemble"] for r in selected])
             row["ensemble"] = {"mean": m, "std": s}
         row["main_per_seed"] = [100 * r[f"test_acc_exit{exits[-1]}"] for r in selected]
-        row["seed_ids"] = [_seed_of(d) for d in dirs]  # what the differences below pair on
-        row["loss_weights"] = _loss_weights(dirs[0])
+        configs = [_run_config(d) for d in dirs]
+        row["seed_ids"] = [_seed_of(d, c) for d, c in zip(dirs, configs)]  # what the differences below pair on
+        row["loss_weights"] = _loss_weights(configs[0])
         m, s = _mean_std([100 * f["final_epoch"][f"test_acc_exit{exits[-1]}"] for f in finals])
         row["main_final_epoch"] = {"mean": m, "std": s}
         row["selected_epochs"] = [r.get("epoch") for r in selected]

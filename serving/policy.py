@@ -294,13 +294,12 @@ def plan_request(params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequen
         raise
 
 
-def name_cheapest(exc: InvalidParameters, costs: CostTable) -> InvalidParameters:
-    """``exc`` naming the cheapest exit and its cost (DESIGN §4: every 422 of /classify names them),
-    unless it already does."""
+def name_cheapest(exc: InvalidParameters, costs: CostTable) -> None:
+    """Make ``exc`` name the cheapest exit and its cost (DESIGN §4: every 422 of /classify names
+    them), unless it already does."""
     cheapest = int(np.argmin(costs.gflops))
     exc.extra.setdefault("cheapest_gflops", float(costs.gflops[cheapest]))
     exc.extra.setdefault("cheapest_exit", cheapest + 1)
-    return exc
 
 
 def _thresholds(params: PolicyParams, costs: CostTable) -> tuple[float, ...] | None:
