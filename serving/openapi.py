@@ -125,7 +125,8 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
                 del responses[code]  # FastAPI's generic 422 where nothing can be invalid
         oip = path.startswith("/v2")
         for code in codes:
-            described = "not ready: loading, warming up or draining" if path.endswith("/ready") else _describe(code)
+            readiness_false = code == 400 and path.endswith("/ready")  # the protocol's "false", not a bad request
+            described = "not ready: loading, warming up or draining" if readiness_false else _describe(code)
             entry = responses.setdefault(str(code), {"description": described})
             entry["content"] = {"application/json": {"schema": OIP_ERROR if oip else ERROR}}
             if code == 503:

@@ -96,6 +96,9 @@ def test_every_operation_documents_its_statuses_and_the_request_id(spec):
         "/v2/models/{name}/infer",
     }
     assert oip <= set(spec["paths"])
+    # Readiness says false with 400 (the protocol's 4xx); an unknown model stays a 404 described as one.
+    ready = spec["paths"]["/v2/models/{name}/ready"]["get"]["responses"]
+    assert ready["400"]["description"].startswith("not ready") and ready["404"]["description"] == "unknown id or model"
 
 
 def test_classify_parameters_carry_the_models_bounds(spec, server):
