@@ -24,9 +24,17 @@ import numpy as np
 # Any threshold above 1 means "never stop at this exit"; 2.0 keeps JSON finite.
 NEVER = 2.0
 
+# A score this close below a threshold (relative) counts as reaching it. The same top
+# probability computed by numpy (here), by ONNX Runtime's Exp and ReduceSum (the fused
+# cascade graph) or by the answer's ranking (serving.outputs) differs in its last bits;
+# without the slack a client that sends back the probability an answer reported, or a
+# calibrated threshold that is itself a validation image's score, stops on one path and
+# runs on along the other. 1e-12 is thousands of ulps, far below any meaningful threshold.
+TIE_RTOL = 1e-12
+
 RULE = (
     "evaluate exits in order; stop at the first exit i < k whose top softmax probability "
-    ">= thresholds[i-1]; the last exit always answers. A threshold > 1 never stops."
+    ">= thresholds[i-1] (within a relative 1e-12); the last exit always answers. A threshold > 1 never stops."
 )
 
 
@@ -41,6 +49,13 @@ def as_thresholds(thresholds: ThresholdsLike, num_exits: int) -> np.ndarray:
     if t.shape != (num_exits - 1,):
         raise ValueError(f"need one threshold per early exit ({num_exits - 1}), got {t.shape[0]}")
     return t
+
+
+def reach(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """The scores that count as reaching ``thresholds``: each lowered by :data:`TIE_RTOL`, but
+    one above 1 kept as it is, so that it still never stops (a probability is at most 1)."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    return np.where(t > 1.0, t, t * (1.0 - TIE_RTOL))
 
 
 def top_probability(logits: np.ndarray) -> np.ndarray:
@@ -61,7 +76,10 @@ def stops_at(top_prob: float, thresholds: np.ndarray, exit_number: int) -> bool:
     """
     if exit_number > len(thresholds):
         return True
-    return bool(top_prob >= thresholds[exit_number - 1])
+    # "not below", so a NaN score (a model overflowing on an extreme input) stops here, as in
+    # the fused graph, rather than spending every later stage on it.
+    t = float(thresholds[exit_number - 1])  # reach() in plain Python: this runs per stage per request
+    return not top_prob < (t if t > 1.0 else t * (1.0 - TIE_RTOL))
 
 
 def exits_taken(conf: np.ndarray, thresholds: ThresholdsLike) -> np.ndarray:
@@ -72,7 +90,7 @@ def exits_taken(conf: np.ndarray, thresholds: ThresholdsLike) -> np.ndarray:
     n, k = conf.shape
     t = as_thresholds(thresholds, k)
     stop = np.zeros((n, k), dtype=bool)
-    stop[:, : k - 1] = conf[:, : k - 1] >= t
+    stop[:, : k - 1] = ~(conf[:, : k - 1] < reach(t))
     stop[:, k - 1] = True  # the main output always answers
     return stop.argmax(1) + 1  # argmax finds the first True
 

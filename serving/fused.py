@@ -12,7 +12,8 @@ folder's stage graphs, one graph that runs the whole cascade per sample:
 Stage i runs on the samples still going; each sample's top softmax probability is
 computed in float64 exactly as :func:`serving.cascade.top_probability` does
 (``1 / sum(exp(z - max z))``) and compared with its own threshold for that exit
-(:func:`serving.cascade.stops_at`: ``>=``); the survivors are gathered (``Compress``)
+(:func:`serving.cascade.stops_at`: not below it, within the tie slack, so a NaN score
+stops); the survivors are gathered (``Compress``)
 and, only if there are any, fed to the next stage inside an ``If``; their answers are
 scattered back (``ScatterND``). Thresholds are per sample, so one batch can mix
 policies; a plan that may go no deeper than exit e sets thresholds e.. to 0 (every
@@ -131,8 +132,9 @@ def build_fused_cascade(
             helper.make_node("ReduceSum", [p + "e", axis_last], [p + "s"], keepdims=0),
             helper.make_node("Div", [one, p + "s"], [p + "top"]),
             helper.make_node("Gather", [thresholds, const(p + "col", i - 1, TensorProto.INT64)], [p + "t"], axis=1),
-            helper.make_node("GreaterOrEqual", [p + "top", p + "t"], [p + "stop"]),
-            helper.make_node("Not", [p + "stop"], [p + "go"]),
+            # go on only where the score is below the threshold: a NaN score stops (as
+            # cascade.stops_at), so a capped row never runs past its deepest exit
+            helper.make_node("Less", [p + "top", p + "t"], [p + "go"]),
             helper.make_node("Cast", [p + "go"], [p + "go_i"], to=TensorProto.INT64),
             helper.make_node("ReduceSum", [p + "go_i"], [p + "n_go"], keepdims=0),
             helper.make_node("Greater", [p + "n_go", zero_i], [p + "any"]),
@@ -197,9 +199,11 @@ def build_fused_cascade(
 
 
 def cap_thresholds(thresholds: Sequence[float], deepest: int) -> np.ndarray:
-    """One sample's threshold row for the fused graph: ``thresholds`` (one per early exit),
-    with every exit from ``deepest`` on set to 0 so no sample goes past ``deepest``."""
-    row = np.asarray(thresholds, dtype=np.float64).copy()
+    """One sample's threshold row for the fused graph: ``thresholds`` (one per early exit)
+    lowered by the tie slack (:func:`serving.cascade.reach`, which the graph's plain
+    comparison does not apply itself), with every exit from ``deepest`` on set to 0 so no
+    sample goes past ``deepest``."""
+    row = cascade.reach(thresholds).copy()
     row[deepest - 1 :] = 0.0
     return row
 
@@ -308,10 +312,13 @@ def _check(runtime: ModelRuntime, graph: FusedCascadeGraph, batch: int = 16) -> 
         feats = outputs[-1]
     conf_arr = np.stack(conf, 1)
     k = runtime.manifest.num_exits
-    rows = np.tile([float(np.median(conf_arr[:, i])) for i in range(k - 1)], (batch, 1))
-    rows[::3] = cap_thresholds(rows[0], max(1, k - 1))  # some rows capped below the main exit
+    thresholds = [float(np.median(conf_arr[:, i])) for i in range(k - 1)]
+    deepest = [max(1, k - 1) if j % 3 == 0 else k for j in range(batch)]  # some rows capped below the main exit
+    rows = np.stack([cap_thresholds(thresholds, d) for d in deepest])
     got_logits, got_exit = graph.run((x, rows))
-    want_exit = np.array([cascade.exits_taken(conf_arr[j : j + 1], rows[j])[0] for j in range(batch)])
+    want_exit = np.array(
+        [min(int(cascade.exits_taken(conf_arr[j : j + 1], thresholds)[0]), d) for j, d in enumerate(deepest)]
+    )
     if not np.array_equal(got_exit, want_exit):
         return f"exits {got_exit.tolist()} vs {want_exit.tolist()}"
     want_logits = np.stack([logits[e - 1][j] for j, e in enumerate(want_exit)])

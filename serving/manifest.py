@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,6 +242,17 @@ class Manifest(_Strict):
             for name in (e.path, e.stage):
                 if name not in self.files:
                     raise ValueError(f"exit {e.exit} names {name!r}, which has no checksum in 'files'")
+        # A policy the rule cannot apply would only fail when the server builds its plans
+        # (with a message naming neither the policy nor this file): refuse it here.
+        for name, policy in (self.thresholds.policies if self.thresholds else {}).items():
+            where = f"thresholds.policies.{name}.thresholds"
+            if len(policy.thresholds) != len(self.exits) - 1:
+                raise ValueError(
+                    f"{where} has {len(policy.thresholds)} values; the rule needs one per early exit "
+                    f"({len(self.exits) - 1})"
+                )
+            if not all(math.isfinite(t) and t >= 0 for t in policy.thresholds):
+                raise ValueError(f"{where} must be finite and >= 0 (> 1 never stops), got {policy.thresholds}")
         return self
 
     @property

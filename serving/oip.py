@@ -217,6 +217,14 @@ async def infer(name: str, request: Request) -> Response:
             tickets = [stack.enter_context(service.admit()) for _ in xs]
             outcomes = await asyncio.gather(*(service.run(x, plan, t, deadline) for x, t in zip(xs, tickets)))
         elapsed = time.perf_counter() - arrived
+        overflowed = [i for i, o in enumerate(outcomes) if not np.all(np.isfinite(o.logits))]
+        if overflowed:  # only FP32 input can do this: decoded images lie in the training range
+            raise BadRequest(
+                f"the model's output for input row(s) {overflowed} is not finite (NaN or infinity): "
+                f"its values overflow float32 inside the network; send {FP32_INPUT!r} preprocessed "
+                "like the training images (pixels scaled to [0, 1], then normalized with the "
+                "manifest's mean and std)"
+            )
         manifest = service.runtime.manifest
         labels = [int(np.argmax(o.probs)) for o in outcomes]
         values: dict[str, np.ndarray | list[bytes]] = {

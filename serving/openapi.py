@@ -25,13 +25,11 @@ cached, so a client that fetches the schema early and again later gets the exact
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from . import policy as policy_module
 from .openapi_oip import describe_oip
 from .requestlog import MAX_ID_CHARS
 
@@ -164,22 +162,6 @@ def _describe(code: int) -> str:
 # -- /classify ---------------------------------------------------------------------------
 
 
-def lowest_budget(cost: float) -> float:
-    """The smallest float budget the planner accepts for an exit of this cost.
-
-    The planner compares ``cost <= budget * (1 + eps)`` (so that a cost copied through
-    JSON is never refused by rounding); the schema's minimum must be that exact float,
-    or schema and server disagree about the values next to it.
-    """
-    eps = policy_module._EPS
-    budget = cost / (1 + eps)
-    while not cost <= budget * (1 + eps):
-        budget = math.nextafter(budget, math.inf)
-    while cost <= math.nextafter(budget, -math.inf) * (1 + eps):
-        budget = math.nextafter(budget, -math.inf)
-    return budget
-
-
 # A threshold in [0, 1] as the server reads it (float() after strip): decimals, with
 # leading zeros, an optional plus sign, and signed zeros.
 _THRESHOLD = r"\s*(?:\+?(?:0+(?:\.[0-9]*)?|\.[0-9]+|0*1(?:\.0*)?)|-(?:0+(?:\.0*)?|\.0+))\s*"
@@ -210,8 +192,9 @@ def _classify(operation: dict, schemas: dict, settings, service) -> None:
         properties["confidence"]["pattern"] = _threshold_pattern(k)
         names = sorted(costs.policies)
         properties["policy"] = {"type": "string", "enum": names} if names else {"not": {}}
-        single_min = lowest_budget(min(costs.gflops))
-        cascade_min = lowest_budget(min(costs.cascade_gflops))
+        # The planner compares budgets with costs exactly (serving/policy.py): the cheapest cost is the minimum.
+        single_min = min(costs.gflops)
+        cascade_min = min(costs.cascade_gflops)
         # A cascade (confidence, policy or a deadline) is bounded by what it spends, from stage 1 on.
         cascade_when: list[dict[str, Any]] = [
             {"required": ["confidence"]},
@@ -222,7 +205,7 @@ def _classify(operation: dict, schemas: dict, settings, service) -> None:
             cascade_when.append({"not": {"required": ["exit"]}})
         properties["budget_gflops"] = {"type": "number", "minimum": min(single_min, cascade_min)}
         if service.deadline_floor_ms is not None:  # fixed at start-up (serving/service.py)
-            properties["budget_ms"] = {"type": "number", "minimum": lowest_budget(service.deadline_floor_ms)}
+            properties["budget_ms"] = {"type": "number", "minimum": service.deadline_floor_ms}
         if cascade_min != single_min:
             rules.append(
                 {

@@ -44,10 +44,6 @@ from . import cascade
 from .errors import ImpossibleBudget, InvalidParameters
 from .manifest import Thresholds
 
-# Relative slack when comparing a budget with a cost, so a client who copies a cost
-# from /v1/model (float → JSON → float) is never refused by rounding.
-_EPS = 1e-9
-
 POLICY_KEYS = ("exit", "budget_gflops", "budget_ms", "confidence", "policy")
 
 
@@ -408,6 +404,8 @@ def _deepest_within(values: Sequence[float], budget: float) -> int:
     """
     deepest = 0
     for i, value in enumerate(values, start=1):
-        if value <= budget * (1 + _EPS):
+        # Exact: a cost copied from /v1/model (float → JSON → float) round-trips to the same
+        # float, and any slack would let a budget just below a cost spend more than it.
+        if value <= budget:
             deepest = i
     return deepest

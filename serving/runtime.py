@@ -151,6 +151,11 @@ class Graph:
         return x if self.kind == "exit" else stage_inputs[self.exit - 1]
 
 
+# Stage chain against full path: providers and kernels differ by far less than this share of
+# the logits' scale (a CUDA provider's TF32 convolutions by ~1e-3); graphs of another export or
+# another exit differ by the logits themselves.
+MIXED_EXPORT_RTOL = 0.05
+
 # How many of its latest idle-time timings each way the judge of lone requests' threads keeps.
 LONE_TIMINGS_REMEMBERED = 8
 
@@ -414,7 +419,10 @@ class ModelRuntime:
         """Max |logits(stage chain) − logits(full path)| per exit on a random batch.
 
         The exporter guarantees these agree; a large value means the folder mixes
-        graphs from different exports. Logged, and reported by GET /v1/model.
+        graphs from different exports (or names them under the wrong exits). Logged, and
+        reported by GET /v1/model; a disagreement no numerical difference between
+        providers explains (above :data:`MIXED_EXPORT_RTOL` of the logits' scale) refuses
+        the model: answers would report one exit's cost and accuracy for another's logits.
         """
         x = self.example_input(batch, seed=2)
         inputs = self.stage_inputs(x)
@@ -426,6 +434,14 @@ class ModelRuntime:
             scale = max(scale, float(np.max(np.abs(full))))
         if max(result.values()) > 1e-3 * scale:
             log.warning("stage chain and full-path graphs disagree (max |diff| per exit: %s)", result)
+        mixed = [name for name, diff in result.items() if diff > MIXED_EXPORT_RTOL * scale]
+        if mixed:
+            raise ModelLoadError(
+                f"{self.manifest.name}: the stage chain and the full-path graph of {', '.join(mixed)} give "
+                f"different logits (max |diff| per exit: { {k: round(v, 4) for k, v in result.items()} }, "
+                f"logits up to {scale:.3g}): the folder mixes graphs of different exports or names them "
+                "under the wrong exits; export the checkpoint again into an empty folder"
+            )
         self.consistency = result
         return result
 

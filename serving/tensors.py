@@ -316,7 +316,8 @@ def encode_response(
         else:
             entry["data"] = data
         entries.append(entry)
-    head = json.dumps({**header, "outputs": entries}, separators=(",", ":")).encode()
+    # allow_nan=False: a bare NaN token is not JSON; the route refuses non-finite outputs first
+    head = json.dumps({**header, "outputs": entries}, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

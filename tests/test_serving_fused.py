@@ -94,8 +94,31 @@ def test_stages_mode_keeps_the_stage_path(model_dir):
 
 
 def test_cap_thresholds_stops_every_sample_at_the_deepest_exit_allowed():
-    assert cap_thresholds([0.9, 0.8, 0.7], 2).tolist() == [0.9, 0.0, 0.0]
-    assert cap_thresholds([0.9, 0.8, 0.7], 4).tolist() == [0.9, 0.8, 0.7]
+    assert cap_thresholds([0.9, 0.8, 0.7], 2).tolist() == [cascade.reach(0.9), 0.0, 0.0]
+    assert cap_thresholds([0.9, 0.8, 0.7], 4).tolist() == cascade.reach([0.9, 0.8, 0.7]).tolist()
+
+
+def test_a_score_sent_back_as_its_threshold_stops_on_both_paths(fused_runtime):
+    # A client that sends back the probability an answer reported, and a calibrated threshold
+    # that is a validation image's own score: ONNX Runtime's Exp/ReduceSum and numpy differ in
+    # the last bits, so without the tie slack the fused graph let some of these run on.
+    x = np.random.default_rng(3).standard_normal((256, 1, 28, 28)).astype(np.float32) * 2
+    conf, _ = _stage_chain(fused_runtime, x)
+    rows = np.stack([cap_thresholds([conf[j, 0], cascade.NEVER], NUM_EXITS) for j in range(len(x))])
+    _, got_exit = fused_runtime.fused.run((x, rows))
+    assert got_exit.tolist() == [1] * len(x)
+    assert all(cascade.stops_at(float(conf[j, 0]), np.array([conf[j, 0], cascade.NEVER]), 1) for j in range(len(x)))
+
+
+def test_a_non_finite_score_never_runs_past_the_plans_deepest_exit(fused_runtime):
+    # Finite FP32 input that overflows inside the network (OIP takes such tensors): the score is
+    # NaN, which no threshold comparison reaches; a budget-capped row must still stop at its cap.
+    x = np.full((4, 1, 28, 28), 3e38, dtype=np.float32)
+    conf, _ = _stage_chain(fused_runtime, x)
+    assert np.isnan(conf).all()
+    _, got_exit = fused_runtime.fused.run((x, np.stack([cap_thresholds([0.5, 0.5], 1)] * 4)))
+    assert got_exit.tolist() == [1] * 4
+    assert cascade.stops_at(float("nan"), np.array([0.5, 0.5]), 1)
 
 
 def test_without_onnx_auto_falls_back_and_fused_is_an_error(model_dir, monkeypatch):

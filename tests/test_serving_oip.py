@@ -280,6 +280,8 @@ def test_bad_requests_are_400_with_the_reason(client):
         (dict(inputs=[fp32_input(np.zeros((2, 1, 28, 27), np.float32), False)]), "[N, 1, 28, 28]"),
         (dict(inputs=[image], outputs=[triton.InferRequestedOutput("logits")]), "unknown output"),
         (dict(inputs=[image_input([pngs([1])[0], b"not an image"])]), "image 1:"),
+        # finite input that overflows inside the network: a bare NaN in the answer is not JSON
+        (dict(inputs=[fp32_input(np.full((2, 1, 28, 28), 3e38, np.float32), False)]), "row(s) [0, 1] is not finite"),
     ]
     for kwargs, fragment in cases:
         err = infer_error(client, **kwargs)

@@ -35,7 +35,8 @@ def plan(**kw):
 
 @pytest.mark.parametrize(
     "budget, expected",
-    [(0.1, 1), (0.29, 1), (0.3, 2), (0.59999, 2), (0.6, 3), (100.0, 3)],
+    # exact: a budget one float below a cost does not buy that exit
+    [(0.1, 1), (0.29, 1), (math.nextafter(0.3, 0), 1), (0.3, 2), (0.59999, 2), (0.6, 3), (100.0, 3)],
 )
 def test_budget_gflops_picks_deepest_exit_within_budget(budget, expected):
     p = plan(budget_gflops=budget)

@@ -75,6 +75,43 @@ def test_manifest_that_does_not_match_graphs_fails_warm_up(tmp_path):
         rt.warm_up(max_batch_size=1, runs=1)
 
 
+def test_a_folder_whose_exits_name_each_others_graphs_is_refused(tmp_path):
+    # Valid checksums, every graph loads: only the stage chain against the full paths shows that
+    # exit 2 would answer with exit 3's logits while reporting exit 2's cost and accuracy.
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["exits"][1]["path"], manifest["exits"][2]["path"] = (
+        manifest["exits"][2]["path"],
+        manifest["exits"][1]["path"],
+    )
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rt = ModelRuntime.load(folder, SessionOptions(providers="cpu", intra_op_threads=1))
+    rt.warm_up(max_batch_size=2, runs=1)
+    with pytest.raises(ModelLoadError, match="full-path graph of exit2, exit3 give different logits.*export"):
+        rt.check_consistency()
+
+
+def _policy(thresholds):
+    score = {"accuracy": 0.5, "mean_gflops": 0.01, "exit_fractions": [0.5, 0.3, 0.2]}
+    return {"target": {"accuracy": 0.5}, "thresholds": thresholds, "family": "shared", "val": score}
+
+
+@pytest.mark.parametrize(
+    "thresholds, fragment",
+    [
+        ([0.5], "has 1 values; the rule needs one per early exit \\(2\\)"),
+        ([0.5, float("nan")], "must be finite and >= 0"),
+    ],
+)
+def test_a_calibrated_policy_the_rule_cannot_apply_is_refused_with_its_name(tmp_path, thresholds, fragment):
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["thresholds"] = {"rule": "r", "policies": {"cheap": _policy(thresholds)}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=f"thresholds.policies.cheap.thresholds {fragment}"):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+
+
 def test_wrong_io_names_fail_at_load(tmp_path):
     folder = build_model_folder(tmp_path / "m")
     manifest = json.loads((folder / "manifest.json").read_text())
