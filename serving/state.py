@@ -22,7 +22,7 @@ from .fused import attach_fused_cascade
 from .images import Preprocessor
 from .memo import Memo
 from .metrics import ServingMetrics
-from .policy import PolicyParams
+from .policy import PolicyParams, effective_params
 from .runtime import ModelRuntime, SessionOptions
 from .service import InferenceService
 from .settings import ServerSettings
@@ -117,11 +117,12 @@ async def load_model(state: AppState) -> None:
         # A default policy the model cannot satisfy (exit:7 on 3 exits, a budget below
         # exit 1) is a configuration error: fail now, not on the first request.
         try:
-            service.plan(state.default_params)
+            service.plan(effective_params(PolicyParams(), state.default_params, settings.default_budget_ms))
         except ServingError as exc:
-            raise ValueError(
-                f"default_policy {settings.default_policy!r} does not fit this model: {exc.detail}"
-            ) from None
+            what = f"default_policy {settings.default_policy!r}"
+            if settings.default_budget_ms is not None:  # a plain request runs under both
+                what += f" with default_budget_ms={settings.default_budget_ms:g}"
+            raise ValueError(f"{what} does not fit this model: {exc.detail}") from None
         await service.start()
         state.metrics.describe_model(runtime.manifest, runtime.provider)
         state.metrics.describe_build(runtime.manifest, admitted=lambda: service.inflight, limit=settings.queue_size)
@@ -136,7 +137,7 @@ async def load_model(state: AppState) -> None:
         gc.freeze()
         state.phase = "ready"
         state.ready_at = time.time()
-        state.metrics.ready.set(1)
+        state.metrics.ready.set(0 if state.draining else 1)  # a SIGTERM during the load came first
         log.info(
             "model %s ready: %d exits on %s, %.1f s after start",
             runtime.manifest.name,

@@ -776,7 +776,7 @@ def container_server(tmp_path_factory):
 
 
 def _traffic(url: str) -> None:
-    """Requests through every exit, single graphs and the cascade, and some feedback."""
+    """Requests through every exit, single graphs, the cascade and a deadline, and some feedback."""
     import io
 
     from PIL import Image
@@ -789,7 +789,8 @@ def _traffic(url: str) -> None:
             buf = io.BytesIO()
             Image.new("L", (28, 28), gray).save(buf, format="PNG")
             body = buf.getvalue()
-            for params in [{"exit": e} for e in exits] + [{"confidence": 0.999}, {}]:
+            # a deadline too: the SLO panels' deadline share has no value without one (not NaN)
+            for params in [{"exit": e} for e in exits] + [{"confidence": 0.999}, {"budget_ms": 1000}, {}]:
                 r = client.post("/classify", content=body, headers={"Content-Type": "image/png"}, params=params)
                 assert r.status_code == 200, r.text
                 ids.append(r.json()["id"])
@@ -937,6 +938,9 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
             while True:
                 if prom.poll() is not None:
                     pytest.fail(f"prometheus exited:\n{log_path.read_text()}")
+                # Traffic while Prometheus scrapes: ratios of rates have no value on an idle server
+                # (their denominators are > 0-guarded: no NaN), so they need rates that are not 0.
+                _traffic(container_server["url"])
                 try:
                     still = []
                     for where, expr in pending:

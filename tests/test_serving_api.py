@@ -492,6 +492,26 @@ def test_metrics_expose_every_documented_series(client, manifest):
     assert metric_values(client, "eed_gflops_spent_total")['{exit="2"}'] > 0
 
 
+def test_each_exits_cost_is_a_bucket_of_the_per_request_gflops_histogram(client, manifest):
+    # So that quantiles of GFLOPs per request tell exits apart instead of interpolating inside one
+    # generic bucket (the shipped model's exits 1-3 all fell in (0.01, 0.05]).
+    for e in manifest["exits"]:
+        assert classify(client, png(5), exit=e["exit"]).status_code == 200
+    buckets = metric_values(client, "eed_request_gflops_bucket")
+    for e in manifest["exits"]:
+        mine = {k: v for k, v in buckets.items() if f'exit="{e["exit"]}"' in k and 'policy="exit"' in k}
+        by_bound = {float(re.search(r'le="([^"]+)"', k).group(1)): v for k, v in mine.items()}
+        assert by_bound[e["gflops"]] >= 1, e  # the exit's cost is a bound: its answers counted at it
+        assert all(v == 0 for bound, v in by_bound.items() if bound < e["gflops"]), (e, by_bound)
+
+
+def test_a_request_run_at_once_waits_in_the_zero_bucket(client):
+    # An idle server's waits are exactly 0: quantiles of them must say 0, not 95 µs.
+    classify(client, png(5), exit=1)
+    waits = metric_values(client, "eed_queue_wait_seconds_bucket")
+    assert sum(v for k, v in waits.items() if 'le="0.0"' in k) >= 1
+
+
 # --- limits ---------------------------------------------------------------------------------------
 
 

@@ -277,6 +277,14 @@ def test_cli_exits_when_default_policy_does_not_fit_the_model(model_dir):
     assert result.returncode == 1 and "exit:9" in result.stderr
 
 
+def test_cli_exits_when_the_default_deadline_is_below_exit_1(model_dir):
+    # Every plain request runs under it: started, the server would answer each with a 422 about a
+    # budget_ms its client never sent.
+    result = _serve(["--model-dir", str(model_dir), "--default-budget-ms", "0.0001"])
+    assert result.returncode == 1
+    assert "default_budget_ms=0.0001 does not fit this model" in result.stderr and "exit 1" in result.stderr
+
+
 def test_cli_help_lists_every_setting():
     result = subprocess.run(
         [sys.executable, "-m", "serving", "--help"],
@@ -344,6 +352,31 @@ def test_a_loaded_server_keeps_its_long_lived_objects_out_of_the_collector(model
             gc.unfreeze()
 
     assert asyncio.run(main()) > 10_000
+
+
+def test_a_sigterm_during_the_load_leaves_the_ready_gauge_at_0(model_dir):
+    # The drain set eed_model_ready to 0 while the model was still warming up; the end of the
+    # load must not set it back to 1 while /readyz answers 503.
+    import asyncio
+    import gc
+
+    from serving.app import create_app, load_model
+
+    async def main():
+        app = create_app(ServerSettings(model_dir=model_dir, warmup_runs=1, calibration_runs=2))
+        state = app.state.eed
+        state.draining = True  # what the SIGTERM handler does (serving.__main__.mark_draining)
+        state.metrics.ready.set(0)
+        await load_model(state)
+        try:
+            async with _asgi_client(app) as client:
+                assert (await client.get("/readyz")).status_code == 503
+                assert "eed_model_ready 0.0" in (await client.get("/metrics")).text
+        finally:
+            await state.service.stop()
+            gc.unfreeze()
+
+    asyncio.run(main())
 
 
 def test_load_failure_is_reported_by_readyz(model_dir):
