@@ -147,4 +147,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(INTERNAL_ERROR_BODY, status_code=500)
+        # Starlette re-raises the error after this answer and uvicorn then closes the connection:
+        # say so, or a client reusing it meets a reset on its next request.
+        return JSONResponse(INTERNAL_ERROR_BODY, status_code=500, headers={"Connection": "close"})

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from .errors import BadRequest, BodyTimeout, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, BodyTimeout, ClientDisconnected, PayloadTooLarge, UnsupportedMediaType
 from .images import ACCEPTED_CONTENT_TYPES, ACCEPTED_DESCRIPTION
 
 MULTIPART = "multipart/form-data"
@@ -71,14 +71,14 @@ async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str 
     return await _multipart_file(request, body, max_bytes)
 
 
-async def read_limited(request: Request, max_bytes: int) -> bytes:
-    """The raw body, refused with 413 as soon as it passes ``max_bytes``."""
+async def read_limited(
+    request: Request, max_bytes: int, advice: str = "send a smaller image (the model resizes it anyway)"
+) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``max_bytes`` (the 413 says ``advice``)."""
 
     def too_large() -> PayloadTooLarge:  # made only when raised: every request passes here
         return PayloadTooLarge(
-            f"request body is larger than the limit of {max_bytes} bytes; send a smaller image "
-            "(the model resizes it anyway)",
-            max_bytes=max_bytes,
+            f"request body is larger than the limit of {max_bytes} bytes; {advice}", max_bytes=max_bytes
         )
 
     length = request.headers.get("content-length")
@@ -95,7 +95,7 @@ async def read_limited(request: Request, max_bytes: int) -> bytes:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            raise BadRequest("client disconnected before the body was complete")
+            raise ClientDisconnected("client disconnected before the body was complete")
         chunk = message.get("body", b"")
         more = message.get("more_body", False)
         if chunks is None:

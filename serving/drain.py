@@ -12,7 +12,8 @@ requests into connection errors. So on the first SIGTERM:
    finish (up to ``SHUTDOWN_TIMEOUT_S``), the model is unloaded, and the process exits
    with status 0.
 
-A second SIGTERM, or SIGINT (Ctrl-C), skips what is left of the window.
+A second SIGTERM, or SIGINT (Ctrl-C), skips what is left of the window; the process still
+exits with status 0.
 """
 
 from __future__ import annotations
@@ -54,13 +55,17 @@ class DrainingServer(uvicorn.Server):
         self._announced = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # No signal is recorded as captured, as uvicorn's own handler does: it re-raises them after
+        # the shutdown, and a second SIGTERM or a Ctrl-C then ended the process by that signal
+        # (status 143 / 130, a traceback for SIGINT) — a graceful shutdown, however asked for,
+        # exits with status 0.
         self._mark_draining()
         if sig == signal.SIGTERM and self._drain_deadline is None and not self.should_exit:
-            # Not recorded as a captured signal (uvicorn would re-raise it after shutdown):
-            # a drained server exits normally, with status 0. on_tick ends the window.
-            self._drain_deadline = time.monotonic() + self.drain_seconds
-            return
-        super().handle_exit(sig, frame)
+            self._drain_deadline = time.monotonic() + self.drain_seconds  # on_tick ends the window
+        elif self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # uvicorn's rule: Ctrl-C again stops waiting for requests in flight
+        else:
+            self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         # uvicorn calls this every 0.1 s on the event loop.

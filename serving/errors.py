@@ -55,6 +55,22 @@ class HeaderTimeout(ServingError):
     code = "header_timeout"
 
 
+class HeadersTooLarge(ServingError):
+    """The request line and headers passed the server's limit (sent by the HTTP protocol itself,
+    serving/keepalive.py: no route has seen the request)."""
+
+    status_code = 431
+    code = "headers_too_large"
+
+
+class ClientDisconnected(ServingError):
+    """The client closed its connection before the request was complete. Nobody reads the answer:
+    the status is nginx's 499, for the access log and ``eed_requests_total``."""
+
+    status_code = 499
+    code = "client_disconnected"
+
+
 class InvalidImage(ServingError):
     """The body is not a decodable image (corrupt, truncated, empty, not an image)."""
 
@@ -161,6 +177,11 @@ class NotReady(ServingError):
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail, headers={"Retry-After": "1"}, **extra)
+
+
+# What a request still unfinished when a graceful shutdown gives up on it is answered with (where
+# the server writes the answer itself, serving/fastpath.py) and counted as.
+SHUT_DOWN = NotReady("the server shut down before this request was complete; send it to another replica")
 
 
 class ModelLoadError(RuntimeError):

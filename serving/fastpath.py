@@ -29,7 +29,8 @@ from typing import Any
 import httptools
 
 from .body import RAW_TYPES, media_type, within
-from .errors import INTERNAL_ERROR_BODY, BadRequest, ServingError
+from .errors import INTERNAL_ERROR_BODY, SHUT_DOWN, ClientDisconnected, ServingError
+from .keepalive import head_limit
 from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
 from .routes import JSON_ENCODER, answer_classify
 from .service import InferenceService
@@ -42,6 +43,7 @@ log = logging.getLogger("serving")
 FAST_MAX_BODY_BYTES = 1 << 20
 _INTERNAL_ERROR = JSON_ENCODER.encode(INTERNAL_ERROR_BODY).encode()
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+_STATUS_LINES[499] = b"HTTP/1.1 499 Client Closed Request\r\n"  # nginx's: a ClientDisconnected, for the log
 
 
 class _InFlight:
@@ -75,7 +77,7 @@ class _InFlight:
 
     def set(self) -> None:
         if not self.body.done():
-            self.body.set_exception(BadRequest("client disconnected before the body was complete"))
+            self.body.set_exception(ClientDisconnected("client disconnected before the body was complete"))
 
     def arrive(self, service: InferenceService | None) -> None:
         """Counted among the service's requests read but not yet admitted, so that a request
@@ -208,8 +210,9 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 status, payload, headers = exc.status_code, JSON_ENCODER.encode(exc.body()).encode(), exc.headers
             except Exception:
                 log.exception("internal error on POST /classify")
-            except asyncio.CancelledError:  # shutdown gave up waiting: a 500 and close, as uvicorn's ASGI way
-                headers = {"Connection": "close"}
+            except asyncio.CancelledError:  # shutdown gave up waiting (a body still arriving): retry elsewhere
+                status, payload = SHUT_DOWN.status_code, JSON_ENCODER.encode(SHUT_DOWN.body()).encode()
+                headers = {**SHUT_DOWN.headers, "Connection": "close"}
                 raise
             finally:
                 try:
@@ -245,8 +248,9 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
 def server_protocol(state: AppState) -> type[Any]:
     """The HTTP protocol the server runs for ``state``'s app: uvicorn's (httptools when installed)
     with one timer per connection (serving/keepalive.py), one write per response and a batch's
-    answers held until its last handler has run (serving/transport.py), and ``POST /classify``
-    answered past ASGI (:func:`with_fast_classify`)."""
+    answers held until its last handler has run (serving/transport.py), ``POST /classify``
+    answered past ASGI (:func:`with_fast_classify`), and a request's line and headers limited in
+    size (serving/keepalive.py's :func:`head_limit`)."""
     settings = state.settings
     protocol = http_protocol(settings.header_timeout_s, settings.body_timeout_s, state.write_hold)
-    return with_fast_classify(protocol, state, settings.log_format)
+    return head_limit(with_fast_classify(protocol, state, settings.log_format))

@@ -16,8 +16,11 @@ import urllib.request
 
 def main() -> int:
     url = f"http://127.0.0.1:{os.environ.get('EED_PORT', '8000')}/readyz"
+    # No proxy: urlopen would send even 127.0.0.1 through an HTTP_PROXY in the container's
+    # environment (without a NO_PROXY for it), and a ready server would stay "unhealthy".
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=4) as response:  # raises on non-2xx
+        with direct.open(url, timeout=4) as response:  # raises on non-2xx
             return 0 if response.status == 200 else 1
     except Exception as exc:  # refused, 503 (loading, draining), timeout: all mean "not ready"
         print(f"{url}: not ready: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ import math
 import textwrap
 from typing import Any
 
-from .errors import HeaderTimeout
+from .errors import HeadersTooLarge, HeaderTimeout, ServingError
 
 log = logging.getLogger("serving")
 
@@ -73,8 +73,14 @@ def header_timeout_response(header_timeout_s: float, default_headers: list[tuple
         f"the request line and headers did not arrive within {header_timeout_s:g} s of the request's first "
         "byte; send them at once (the limit is the server's header_timeout_s)"
     )
+    return protocol_error_response(error, b"Request Timeout", default_headers)
+
+
+def protocol_error_response(error: ServingError, reason: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A response the HTTP protocol sends itself, before any route saw the request: the server's
+    usual error body, and ``connection: close``."""
     body = json.dumps(error.body(), separators=(",", ":")).encode()
-    head = [b"HTTP/1.1 %d Request Timeout\r\n" % error.status_code]
+    head = [b"HTTP/1.1 %d %s\r\n" % (error.status_code, reason)]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
     return b"".join(head) + body
@@ -213,3 +219,86 @@ def connection_timeouts(
 
     ConnectionTimeouts.__name__ = ConnectionTimeouts.__qualname__ = f"ConnectionTimeouts{protocol.__name__}"
     return ConnectionTimeouts
+
+
+# The most bytes a request's line and headers may take (URL, names and values as parsed). httptools
+# has no limit of its own, and uvicorn appends each fragment of a URL to what came before: a client
+# streaming one header for the header deadline had 85 MiB accepted, at seconds of CPU that every
+# other client waited through. nginx's default is 32 KiB (4 buffers of 8 KiB); h11 refuses 16 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any]:
+    """``protocol`` (uvicorn's httptools protocol, or a subclass: the outermost one, so that a
+    request over the limit reaches none of its routes, the fast path included) answering 431 and
+    closing once a request's line and headers pass ``max_bytes``. Any other protocol class (h11,
+    which has a limit of its own) is returned as it is."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return protocol
+    if not issubclass(protocol, HttpToolsProtocol):
+        return protocol
+
+    class HeadLimit(protocol):
+        # Two measures, the larger one counts: what the parser handed over (the URL's fragments and
+        # each complete header), exact, and the raw bytes of reads after which the head is still
+        # incomplete — httptools hands a header over only once it ends, and keeps its fragments
+        # until then, so a header that never ends shows only there.
+        _in_head = False
+        _parsed = 0
+        _raw = 0
+
+        def _over(self) -> bool:
+            return max(self._parsed, self._raw) > max_bytes
+
+        def on_message_begin(self) -> None:
+            self._in_head, self._parsed, self._raw = True, 0, 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._parsed += len(url)
+            if not self._over():  # past the limit, keep nothing more of it
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._parsed += len(name) + len(value)
+            if not self._over():
+                super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            if self._over():
+                self._refuse()  # no route sees it; the rest of the read (its body) is not used
+            else:
+                super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._over():  # a refused request has no cycle to take it
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._over():
+                super().on_message_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head:  # the head still incomplete after this read
+                self._raw += len(data)
+                if self._over():
+                    self._refuse()
+
+        def _refuse(self) -> None:
+            if self.transport.is_closing():
+                return
+            error = HeadersTooLarge(
+                f"the request line and headers are larger than the server's limit of {max_bytes} bytes; "
+                "send a shorter URL and fewer or smaller headers"
+            )
+            self.transport.write(
+                protocol_error_response(error, b"Request Header Fields Too Large", self.server_state.default_headers)
+            )
+            self.transport.close()
+
+    HeadLimit.__name__ = HeadLimit.__qualname__ = f"HeadLimit{protocol.__name__}"
+    return HeadLimit

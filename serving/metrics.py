@@ -77,7 +77,7 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # up to max_batch_size's bound
 GFLOPS_BUCKETS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0)
 
 
@@ -105,7 +105,8 @@ class ServingMetrics:
         )
         self.requests = Counter(
             "eed_requests",
-            "Classification requests by answering exit, policy and HTTP status",
+            "Classification requests by answering exit, policy and HTTP status (an Open Inference "
+            "Protocol call counts once per image it carries, answered or refused)",
             ["exit", "policy", "status"],
             registry=r,
         )

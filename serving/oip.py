@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from . import buildinfo
 from .body import read_limited, within
-from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel
+from .errors import SHUT_DOWN, BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
 from .service import InferenceService
@@ -195,7 +195,10 @@ async def infer(name: str, request: Request) -> Response:
     arrived = time.perf_counter()
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     metrics = state.metrics
-    policy_label, status, exits = "none", 500, []
+    # Counted per image, answered or not, so that error ratios over eed_requests_total weigh a
+    # failed call of N images as N (successes were counted N times, failures once); a call that
+    # fails before its images are read counts once.
+    policy_label, status, exits, images = "none", 500, [], 1
     try:
         service = _served(state, name)
         settings = state.settings
@@ -207,6 +210,7 @@ async def infer(name: str, request: Request) -> Response:
         requested = _requested_outputs(req)
         _, preprocess = state.require_model()
         xs = await _samples(req, preprocess, service.runtime.manifest.input)
+        images = len(xs)
         if len(xs) > service.queue_size:
             raise BadRequest(
                 f"a batch of {len(xs)} is more than this server admits at once "
@@ -217,6 +221,12 @@ async def infer(name: str, request: Request) -> Response:
             tickets = [stack.enter_context(service.admit()) for _ in xs]
             outcomes = await asyncio.gather(*(service.run(x, plan, t, deadline) for x, t in zip(xs, tickets)))
         elapsed = time.perf_counter() - arrived
+        if deadline is not None and arrived + elapsed > deadline:
+            # Ready in time at the model, late by the call's own work (the other samples, decoding):
+            # as /classify (routes.answer_classify), deadline_met must not say otherwise.
+            for outcome in outcomes:
+                if outcome.deadline_met:
+                    outcome.deadline_met = False
         overflowed = [i for i, o in enumerate(outcomes) if not np.all(np.isfinite(o.logits))]
         if overflowed:  # only FP32 input can do this: decoded images lie in the training range
             raise BadRequest(
@@ -255,14 +265,15 @@ async def infer(name: str, request: Request) -> Response:
         status = exc.status_code
         return oip_error(exc)
     except asyncio.CancelledError:
-        status = 499
+        status = SHUT_DOWN.status_code  # shutdown gave up waiting for it
         raise
     finally:
         if exits:
             for number in exits:
                 metrics.count_request(str(number), policy_label, str(status))
         else:
-            metrics.count_request("none", policy_label, str(status))
+            for _ in range(images):
+                metrics.count_request("none", policy_label, str(status))
         request.state.policy = policy_label
         request.state.exit = ",".join(map(str, exits)) if exits else "none"
 

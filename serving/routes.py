@@ -11,16 +11,17 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
-from .body import read_body_within
-from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId
+from .body import read_body_within, read_limited, within
+from .errors import SHUT_DOWN, InvalidParameters, NotReady, ServingError, UnknownRequestId
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
@@ -32,6 +33,27 @@ from .state import AppState, State, state_of
 JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 router = APIRouter()
+
+# POST /feedback's JSON: an id (serving.feedback: at most ~1 KiB) and a label. FastAPI reads a
+# route's body whole and without a deadline (a 300 MB body was read into memory; a stalled one
+# held the connection with no answer); read first under these bounds, FastAPI parses what is cached.
+FEEDBACK_MAX_BYTES = 64 * 1024
+
+
+class BoundedBodyRoute(APIRoute):
+    """A route whose body is read within :data:`FEEDBACK_MAX_BYTES` (413) and the server's
+    ``body_timeout_s`` (408) before FastAPI parses it."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def read_then_handle(request: Request) -> Response:
+            timeout_s = state_of(request).settings.body_timeout_s
+            advice = "a feedback body is an id and a label"
+            request._body = await within(read_limited(request, FEEDBACK_MAX_BYTES, advice), timeout_s)
+            return await handler(request)
+
+        return read_then_handle
 
 
 class TopKEntry(BaseModel):
@@ -179,14 +201,13 @@ async def answer_classify(
         status = exc.status_code
         raise
     except asyncio.CancelledError:
-        status = 499  # the client went away (nginx's convention); not a server error
+        status = SHUT_DOWN.status_code  # shutdown gave up waiting for it (a body still arriving)
         raise
     finally:
         loop.call_soon(metrics.count_request, exit_label, policy_label, str(status))
         note(policy_label, exit_label)
 
 
-@router.post("/feedback", responses=_errors(403, 404, 409, 410, 422, 503))
 async def feedback(item: FeedbackRequest, state: State) -> dict[str, Any]:
     """Record the true label of an earlier answer (any replica sharing EED_FEEDBACK_SECRET accepts its id);
     counts it in eed_feedback_total{exit, correct}."""
@@ -212,6 +233,15 @@ async def feedback(item: FeedbackRequest, state: State) -> dict[str, Any]:
         "correct": correct,
         "live_accuracy": accuracy,
     }
+
+
+router.add_api_route(
+    "/feedback",
+    feedback,
+    methods=["POST"],
+    responses=_errors(403, 404, 408, 409, 410, 413, 422, 503),
+    route_class_override=BoundedBodyRoute,
+)
 
 
 @router.get("/v1/model")
@@ -348,7 +378,16 @@ def class_index(label: int | str, classes: list[str]) -> int:
     digits = label.strip()
     # ASCII digits only, as the OpenAPI pattern says: str.isdigit() is also true of '³', which int() refuses.
     if digits.isascii() and digits.isdigit():
+        if len(digits.lstrip("0")) > len(str(len(classes))):  # out of range; int() refuses > 4,300 digits
+            raise InvalidParameters(
+                f"label {_shown(label)} is out of range; accepted: 0..{len(classes) - 1} or a class name"
+            )
         return class_index(int(digits), classes)
     raise InvalidParameters(
-        f"label {label!r} is not a class of this model; accepted: 0..{len(classes) - 1} or one of {classes}"
+        f"label {_shown(label)} is not a class of this model; accepted: 0..{len(classes) - 1} or one of {classes}"
     )
+
+
+def _shown(text: str, most: int = 64) -> str:
+    """``text`` quoted for an error message, cut short: a label may be most of a 64 KiB body."""
+    return repr(text) if len(text) <= most else repr(text[:most]) + f"... ({len(text)} characters)"

@@ -817,6 +817,9 @@ def test_the_healthcheck_probe_passes_on_a_ready_server_and_fails_without_one(co
 
     assert run(container_server["port"]) == 0
     assert run(free_port()) != 0
+    # A proxy in the container's environment (a corporate default) is not asked for 127.0.0.1.
+    proxied = {**env, "EED_PORT": str(container_server["port"]), "http_proxy": "http://127.0.0.1:9"}
+    assert subprocess.run(probe, env={**proxied, "HTTP_PROXY": "http://127.0.0.1:9"}, timeout=30).returncode == 0
 
 
 def test_readme_makefile_and_image_run_the_same_command():

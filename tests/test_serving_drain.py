@@ -164,3 +164,21 @@ def test_without_a_drain_window_sigterm_still_exits_cleanly(model_dir, tmp_path)
         assert r.status_code == 200
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=60) == 0, server.log()
+
+
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT,)], ids=["SIGTERM twice", "Ctrl-C"]
+)
+def test_a_second_sigterm_or_ctrl_c_cuts_the_window_short_and_still_exits_0(model_dir, tmp_path, signals):
+    # uvicorn re-raised the signals it caught after the shutdown: the process ended by SIGTERM (143) or
+    # with a KeyboardInterrupt traceback, which a supervisor reads as a failure.
+    with ServerProcess(model_dir, "--drain-seconds", "30", tmp_dir=tmp_path) as server:
+        started = time.monotonic()
+        for sig in signals:
+            server.proc.send_signal(sig)
+            time.sleep(0.3)
+        rc = server.proc.wait(timeout=60)
+        log = server.log()
+    assert rc == 0, log
+    assert time.monotonic() - started < 20  # not the 30 s window
+    assert "Traceback" not in log, log

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -284,3 +285,40 @@ def test_a_large_image_and_a_body_in_a_later_packet_are_answered(served):
         status, _, body = read_response(sock)
         assert status == 200 and json.loads(body)["label"] == expected_label(3, 2)
     assert app.state.eed.service.arrived == 0
+
+
+def _count(port: int, series: str) -> float:
+    metrics = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[0][2].decode()
+    found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_499_not_as_a_bad_request(served):
+    # nginx's 499: the client went away, nobody reads an answer; not the client's malformed request.
+    _, port = served
+    exchange(port, post())  # remembered: answered on the protocol's own path from now on
+    series = 'eed_requests_total{exit="none",policy="exit",status="499"}'
+    before = _count(port, series)
+    # the protocol's own path, then the ASGI one (a query not seen before)
+    for request in (post(), post("/classify?exit=2&top_k=2")):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request[: len(request) - 10])
+            time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while _count(port, series) < before + 2:
+        assert time.monotonic() < deadline, "the departures were not counted as 499"
+        time.sleep(0.05)
+
+
+def test_feedback_bodies_are_bounded_in_size_and_time(served):
+    _, port = served
+    big = b'{"id": "' + b"a" * 70_000 + b'", "label": 1}'
+    request = b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    status, _, body = exchange(port, request % len(big) + big)[0]
+    assert status == 413 and json.loads(body)["error"] == "payload_too_large", body
+    # A body that stops coming: a 408 at the body deadline (0.5 s here), not a connection dropped later.
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request % 100 + b'{"id": "abc')
+        started = time.monotonic()
+        status, headers, body = read_response(sock)
+        assert status == 408 and json.loads(body)["error"] == "body_timeout" and time.monotonic() - started < 3

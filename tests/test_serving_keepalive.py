@@ -14,6 +14,7 @@ import time
 import pytest
 from serving_model import uvicorn_in_thread
 
+from serving.keepalive import head_limit
 from serving.transport import http_protocol
 
 KEEP_ALIVE_S = 1.0
@@ -238,3 +239,61 @@ def test_requests_do_not_arm_a_timer_each(server):
         sock.sendall(b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\n")
         data = answer(sock, "/p2")
         assert data.index(b"/p1") < data.index(b"/p2")
+
+
+# --- the size of a request's line and headers (keepalive.head_limit) -------------------------------
+
+HEAD_LIMIT = 16 * 1024
+
+
+@pytest.fixture(scope="module")
+def limited():
+    protocol = head_limit(http_protocol(HEADER_TIMEOUT_S, BODY_TIMEOUT_S), HEAD_LIMIT)
+    with uvicorn_in_thread(app, http=protocol, timeout_keep_alive=KEEP_ALIVE_S) as server:
+        yield server
+
+
+def assert_431(reply: bytes, seconds: float) -> None:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), reply[:200]
+    assert b"\r\nconnection: close" in head
+    error = json.loads(body)
+    assert error["error"] == "headers_too_large" and f"limit of {HEAD_LIMIT} bytes" in error["detail"], error
+    assert seconds < HEADER_TIMEOUT_S  # at once: not at the header deadline
+
+
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_a_request_head_over_the_limit_gets_431_at_once(limited, where):
+    big = "a" * (HEAD_LIMIT + 1)
+    request = f"GET /{big} HTTP/1.1\r\nHost: x\r\n\r\n" if where == "url" else f"GET / HTTP/1.1\r\nX-Big: {big}\r\n\r\n"
+    with connection(limited) as sock:
+        sock.sendall(request.encode())
+        assert_431(*read_until_closed(sock))
+
+
+def test_a_header_streamed_past_the_limit_is_cut_off_before_it_ends(limited):
+    # One header that never ends, sent in small pieces (each piece re-copied the whole URL or header
+    # so far: a client had 85 MiB accepted in the header deadline, at seconds of CPU).
+    with connection(limited) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nX-Big: ")
+        started, sent = time.monotonic(), 0
+        try:
+            while sent <= 2 * HEAD_LIMIT:
+                sock.sendall(b"a" * 1024)
+                sent += 1024
+                time.sleep(0.002)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply, _ = read_until_closed(sock)
+        assert_431(reply, time.monotonic() - started)
+
+
+def test_heads_within_the_limit_and_large_bodies_are_served(limited):
+    with connection(limited) as sock:
+        header = "b" * (HEAD_LIMIT - 200)
+        sock.sendall(f"GET /big-header HTTP/1.1\r\nHost: x\r\nX-Big: {header}\r\n\r\n".encode())
+        assert answer(sock, "/big-header").startswith(b"HTTP/1.1 200 ")
+        body = b"c" * (4 * HEAD_LIMIT)  # a body does not count
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert answer(sock, "/upload").startswith(b"HTTP/1.1 200 ")
+        assert get(sock, "/next").startswith(b"HTTP/1.1 200 ")

@@ -257,6 +257,12 @@ def test_samples_of_one_call_share_the_batcher_and_the_metrics(client, server):
     assert metric_sum(server.url, "eed_requests_total", exit="1", policy="exit", status="200") == requests_before + n
     assert metric_sum(server.url, "eed_batch_size_sum", exit="1", graph="exit") == items_before + n
     assert metric_sum(server.url, "eed_batch_size_count", exit="1", graph="exit") - batches_before < n
+    # A call of n images refused after they were read counts n too, so error ratios weigh it as its
+    # successes would (it counted once).
+    failed_before = metric_sum(server.url, "eed_requests_total", exit="none", status="400")
+    overflow = np.full((n, 1, 28, 28), 3e38, np.float32)  # finite input the network overflows on: a 400
+    infer_error(client, [fp32_input(overflow, True)], parameters={"exit": 1})
+    assert metric_sum(server.url, "eed_requests_total", exit="none", status="400") == failed_before + n
 
 
 # --- errors ----------------------------------------------------------------------------------

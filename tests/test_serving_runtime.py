@@ -525,6 +525,7 @@ def test_an_unexpected_error_in_classify_is_a_json_500_with_the_request_id(model
     with caplog.at_level(logging.ERROR, logger="serving"):
         r = asyncio.run(main())
     assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-2"
+    assert r.headers["Connection"] == "close"  # uvicorn closes it after a 500: the client is told
     assert r.json() == {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
     assert any("a bug in preprocessing" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records)
 
