@@ -179,9 +179,12 @@ class NotReady(ServingError):
         super().__init__(detail, headers={"Retry-After": "1"}, **extra)
 
 
-# What a request still unfinished when a graceful shutdown gives up on it is answered with (where
-# the server writes the answer itself, serving/fastpath.py) and counted as.
-SHUT_DOWN = NotReady("the server shut down before this request was complete; send it to another replica")
+def shut_down() -> NotReady:
+    """What a request still unfinished when uvicorn's graceful shutdown gives up on it (cancels its
+    task: a body still arriving) is answered with, on every path, instead of uvicorn's bare 500."""
+    error = NotReady("the server shut down before this request was complete; send it to another replica")
+    error.headers["Connection"] = "close"
+    return error
 
 
 class ModelLoadError(RuntimeError):

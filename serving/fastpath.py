@@ -29,7 +29,7 @@ from typing import Any
 import httptools
 
 from .body import RAW_TYPES, media_type, within
-from .errors import INTERNAL_ERROR_BODY, SHUT_DOWN, ClientDisconnected, ServingError
+from .errors import INTERNAL_ERROR_BODY, ClientDisconnected, ServingError, shut_down
 from .keepalive import head_limit
 from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
 from .routes import JSON_ENCODER, answer_classify
@@ -211,8 +211,8 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             except Exception:
                 log.exception("internal error on POST /classify")
             except asyncio.CancelledError:  # shutdown gave up waiting (a body still arriving): retry elsewhere
-                status, payload = SHUT_DOWN.status_code, JSON_ENCODER.encode(SHUT_DOWN.body()).encode()
-                headers = {**SHUT_DOWN.headers, "Connection": "close"}
+                error = shut_down()  # (answer_classify turns its own cancellation into this error)
+                status, payload, headers = error.status_code, JSON_ENCODER.encode(error.body()).encode(), error.headers
                 raise
             finally:
                 try:

@@ -241,11 +241,14 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
         return protocol
 
     class HeadLimit(protocol):
-        # Two measures, the larger one counts: what the parser handed over (the URL's fragments and
-        # each complete header), exact, and the raw bytes of reads after which the head is still
-        # incomplete — httptools hands a header over only once it ends, and keeps its fragments
-        # until then, so a header that never ends shows only there.
+        # Two measures, the larger one counts, each at most the head's true size: what the parser
+        # handed over (the URL's fragments and each complete header), and the raw bytes of reads
+        # that began and ended inside the head — httptools hands a header over only once it ends
+        # and keeps its fragments until then, so a header that never ends shows only there. The
+        # read in which a head begins is not counted raw: it may also hold earlier pipelined
+        # requests and their bodies (at most one read of the head is missed).
         _in_head = False
+        _heads = 0  # requests begun on the connection
         _parsed = 0
         _raw = 0
 
@@ -254,6 +257,7 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
 
         def on_message_begin(self) -> None:
             self._in_head, self._parsed, self._raw = True, 0, 0
+            self._heads += 1
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
@@ -282,8 +286,9 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
                 super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
+            inside, heads = self._in_head, self._heads
             super().data_received(data)
-            if self._in_head:  # the head still incomplete after this read
+            if inside and self._in_head and self._heads == heads:  # a read wholly inside one head
                 self._raw += len(data)
                 if self._over():
                     self._refuse()

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from . import buildinfo
 from .body import read_limited, within
-from .errors import SHUT_DOWN, BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel
+from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel, shut_down
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
 from .service import InferenceService
@@ -264,9 +264,10 @@ async def infer(name: str, request: Request) -> Response:
     except ServingError as exc:
         status = exc.status_code
         return oip_error(exc)
-    except asyncio.CancelledError:
-        status = SHUT_DOWN.status_code  # shutdown gave up waiting for it
-        raise
+    except asyncio.CancelledError:  # the graceful shutdown gave up on it: a 503, not uvicorn's bare 500
+        error = shut_down()
+        status = error.status_code
+        return oip_error(error)
     finally:
         if exits:
             for number in exits:

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
 from .body import read_body_within, read_limited, within
-from .errors import SHUT_DOWN, InvalidParameters, NotReady, ServingError, UnknownRequestId
+from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId, shut_down
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
@@ -201,8 +201,11 @@ async def answer_classify(
         status = exc.status_code
         raise
     except asyncio.CancelledError:
-        status = SHUT_DOWN.status_code  # shutdown gave up waiting for it (a body still arriving)
-        raise
+        # The graceful shutdown gave up on it (a body still arriving): answered as 503 on both paths
+        # (the app's handler, the protocol's own), not with uvicorn's bare 500.
+        error = shut_down()
+        status = error.status_code
+        raise error from None
     finally:
         loop.call_soon(metrics.count_request, exit_label, policy_label, str(status))
         note(policy_label, exit_label)

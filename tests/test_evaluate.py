@@ -72,6 +72,15 @@ def test_quantile_thresholds_split_samples_as_asked():
     assert got == pytest.approx(shares, abs=0.003)
 
 
+def test_quantile_thresholds_count_survivors_by_the_served_rule():
+    # A score one ulp below the first exit's threshold stops there when served (the tie slack): the
+    # fit must count it as stopped too, or later thresholds are fitted on samples that never reach them.
+    conf = np.array([[0.9, 0.5, 1], [np.nextafter(0.9, 0), 0.99, 1], [0.2, 0.6, 1], [0.1, 0.5, 1]])
+    thresholds = cascade.fit_quantile_thresholds(conf, [0.25, 0.25, 0.5])
+    assert thresholds.tolist() == [0.9, 0.6]  # exit 2's from the samples that reach it (not 0.99)
+    assert cascade.exits_taken(conf, thresholds).tolist() == [1, 1, 2, 3]
+
+
 def _separable(n, k=3, c=5, seed=0):
     """Logits where deeper exits are more accurate and confidence tracks correctness."""
     rng = np.random.default_rng(seed)

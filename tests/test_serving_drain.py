@@ -182,3 +182,32 @@ def test_a_second_sigterm_or_ctrl_c_cuts_the_window_short_and_still_exits_0(mode
     assert rc == 0, log
     assert time.monotonic() - started < 20  # not the 30 s window
     assert "Traceback" not in log, log
+
+
+def test_an_upload_a_shutdown_gives_up_on_is_told_503_on_both_paths(model_dir, tmp_path):
+    # A body still arriving when uvicorn's graceful shutdown stops waiting (SHUTDOWN_TIMEOUT_S): the
+    # client is told to go elsewhere (503, Retry-After, close) — on the app's path uvicorn answered a
+    # bare 500, and the protocol's own path counted a 499 while sending a 500.
+    body = png(gray_for_bin(5))
+    with ServerProcess(model_dir, "--drain-seconds", "0", "--body-timeout-s", "120", tmp_dir=tmp_path) as server:
+        remembered = "/classify?exit=2"  # answered once: the protocol's own path from now on
+        r = httpx.post(server.url + remembered, content=body, headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200
+        uploads = []
+        for path in (remembered, "/classify?exit=2&top_k=2"):  # the second: a query not seen, the app's path
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+            sock.sendall(head.encode() + body[: len(body) // 2])
+            uploads.append(sock)
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        answers = [http_response(sock) for sock in uploads]
+        for sock in uploads:
+            sock.close()
+        rc = server.proc.wait(timeout=60)
+        log = server.log()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503 "), (answer[:300], log)
+        assert b"retry-after: 1" in answer.lower() and b"connection: close" in answer.lower()
+        assert b"shut down before this request was complete" in answer
+    assert rc == 0, log

@@ -322,3 +322,6 @@ def test_feedback_bodies_are_bounded_in_size_and_time(served):
         started = time.monotonic()
         status, headers, body = read_response(sock)
         assert status == 408 and json.loads(body)["error"] == "body_timeout" and time.monotonic() - started < 3
+    # and the schema says both can happen
+    schema = json.loads(exchange(port, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")[0][2])
+    assert {"408", "413"} <= set(schema["paths"]["/feedback"]["post"]["responses"])

@@ -297,3 +297,24 @@ def test_heads_within_the_limit_and_large_bodies_are_served(limited):
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         assert answer(sock, "/upload").startswith(b"HTTP/1.1 200 ")
         assert get(sock, "/next").startswith(b"HTTP/1.1 200 ")
+
+
+def test_pipelined_requests_and_bodies_before_a_head_do_not_count_toward_it(limited):
+    # One write may hold many pipelined requests, or a large body and the start of the next head:
+    # only the head itself is measured (the whole write was, and 431 lost the answers owed).
+    with connection(limited) as sock:
+        n = 3 * HEAD_LIMIT // len(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * n)
+        replies = b""
+        while replies.count(b"\r\n\r\n/p") < n:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {replies.count(b'HTTP/1.1 200 ')} answers of {n}: {replies[-300:]!r}"
+            replies += chunk
+        assert replies.count(b"HTTP/1.1 200 ") == n
+        body = b"c" * (4 * HEAD_LIMIT)
+        upload = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        sock.sendall(upload + b"GET /after HTTP/1.1\r\nHo")
+        time.sleep(0.2)
+        sock.sendall(b"st: x\r\n\r\n")
+        assert answer(sock, "/upload").startswith(b"HTTP/1.1 200 ")
+        assert answer(sock, "/after").startswith(b"HTTP/1.1 200 ")

@@ -36,6 +36,7 @@ from serving.cascade import (  # noqa: F401  (re-exported: callers import them f
     ThresholdsLike,
     cumulative_gflops,
     exits_taken,
+    reach,
     simulate,
     top_probability,
 )
@@ -152,7 +153,7 @@ def fit_quantile_thresholds(conf: np.ndarray, exit_shares: Sequence[float] | np.
         candidates = np.sort(conf[remaining, i])[::-1]
         if want > 0 and len(candidates):
             thresholds[i] = candidates[min(want, len(candidates)) - 1]
-        remaining &= ~(conf[:, i] >= thresholds[i])
+        remaining &= conf[:, i] < reach(thresholds[i])  # those the rule does not stop, tie slack included
     return thresholds
 
 
