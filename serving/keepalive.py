@@ -228,6 +228,23 @@ def connection_timeouts(
 MAX_HEAD_BYTES = 64 * 1024
 
 
+class _Refused:
+    """The ``cycle`` of a connection whose request was refused before any route saw it: complete,
+    so uvicorn's callbacks drop the rest of the request; nothing waits on its message event."""
+
+    response_complete = True
+    more_body = False
+
+    def __init__(self) -> None:
+        self.message_event = self  # uvicorn sets it when the connection is lost
+
+    def set(self) -> None:
+        pass
+
+
+_REFUSED = _Refused()
+
+
 def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any]:
     """``protocol`` (uvicorn's httptools protocol, or a subclass: the outermost one, so that a
     request over the limit reaches none of its routes, the fast path included) answering 431 and
@@ -241,59 +258,42 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
         return protocol
 
     class HeadLimit(protocol):
-        # Two measures, the larger one counts, each at most the head's true size: what the parser
-        # handed over (the URL's fragments and each complete header), and the raw bytes of reads
-        # that began and ended inside the head — httptools hands a header over only once it ends
-        # and keeps its fragments until then, so a header that never ends shows only there. The
-        # read in which a head begins is not counted raw: it may also hold earlier pipelined
-        # requests and their bodies (at most one read of the head is missed).
+        # Two measures, the larger one counts, each at most the head's true size: at its end, the
+        # URL and headers the parser handed over; while it arrives, the raw bytes of reads that
+        # began and ended inside it — httptools hands a header over only once it ends and keeps
+        # its fragments until then, so a header that never ends shows only there. The read in
+        # which a head begins is not counted raw: it may also hold earlier pipelined requests and
+        # their bodies (at most one read of the head is missed). Three calls per request (begin,
+        # headers complete, a read): on the hot path, so no per-header or per-fragment hooks.
         _in_head = False
         _heads = 0  # requests begun on the connection
-        _parsed = 0
         _raw = 0
 
-        def _over(self) -> bool:
-            return max(self._parsed, self._raw) > max_bytes
-
         def on_message_begin(self) -> None:
-            self._in_head, self._parsed, self._raw = True, 0, 0
+            self._in_head, self._raw = True, 0
             self._heads += 1
             super().on_message_begin()
 
-        def on_url(self, url: bytes) -> None:
-            self._parsed += len(url)
-            if not self._over():  # past the limit, keep nothing more of it
-                super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._parsed += len(name) + len(value)
-            if not self._over():
-                super().on_header(name, value)
-
         def on_headers_complete(self) -> None:
             self._in_head = False
-            if self._over():
-                self._refuse()  # no route sees it; the rest of the read (its body) is not used
+            parsed = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
+            if max(parsed, self._raw) > max_bytes or self.cycle is _REFUSED:
+                self._refuse()  # no route sees it, nor a request pipelined behind one refused
             else:
                 super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if not self._over():  # a refused request has no cycle to take it
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if not self._over():
-                super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
             inside, heads = self._in_head, self._heads
             super().data_received(data)
             if inside and self._in_head and self._heads == heads:  # a read wholly inside one head
                 self._raw += len(data)
-                if self._over():
+                if self._raw > max_bytes:
                     self._refuse()
 
         def _refuse(self) -> None:
+            # The rest of the read (its body) still reaches the parser's callbacks: a cycle that
+            # is complete makes uvicorn's drop it.
+            self.cycle = _REFUSED
             if self.transport.is_closing():
                 return
             error = HeadersTooLarge(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 
@@ -263,12 +264,15 @@ def assert_431(reply: bytes, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("where", ["header", "url"])
-def test_a_request_head_over_the_limit_gets_431_at_once(limited, where):
+def test_a_request_head_over_the_limit_gets_431_at_once(limited, where, caplog, capfd):
     big = "a" * (HEAD_LIMIT + 1)
     request = f"GET /{big} HTTP/1.1\r\nHost: x\r\n\r\n" if where == "url" else f"GET / HTTP/1.1\r\nX-Big: {big}\r\n\r\n"
-    with connection(limited) as sock:
-        sock.sendall(request.encode())
+    with caplog.at_level(logging.ERROR), connection(limited) as sock:
+        sock.sendall(request.encode() + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # nothing more is served
         assert_431(*read_until_closed(sock))
+    time.sleep(0.2)  # the connection's loss, handled on the server's loop
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors and "Traceback" not in capfd.readouterr().err, caplog.text
 
 
 def test_a_header_streamed_past_the_limit_is_cut_off_before_it_ends(limited):
