@@ -125,7 +125,13 @@ def test_the_benchmark_decides_each_target_on_the_unrounded_figure_and_counts_th
                 "model": "m",
                 "in_process": {"efficiency": 0.5},
                 "variants": {
-                    "server": {"efficiency": None, "efficiency_of_ort_runs": 0.4, "agreement_with_offline_rule": 1.0}
+                    "server": {
+                        "efficiency": None,
+                        "efficiency_of_ort_runs": 0.4,
+                        "agreement_with_offline_rule": 1.0,
+                        "accuracy_main": 0.9415,
+                        "accuracy_cascade": 0.941,
+                    }
                 },
             }
         ],
@@ -134,7 +140,22 @@ def test_the_benchmark_decides_each_target_on_the_unrounded_figure_and_counts_th
     assert "0.946x (>= 0.95: not met)" in throughput
     assert "0.850x (>= 0.85: met, in 3 of 5 rounds)" in throughput  # how often, where rounds are known
     assert "+0.50 ms (<= 0.5: not met, in 1 of 3 rounds)" in throughput
+    assert "NOT VALID" not in throughput
     assert "cascade efficiency n/a (>= 0.8: n/a" in cascade
+    assert "main 94.15 % / cascade 94.10 %" in cascade
+
+    # Rounds are counted on their unrounded figures (0.94996 was stored as 0.95 and counted as met),
+    # a run with error answers is not a measurement, and a cascade whose answers are not the offline
+    # rule's does not meet the target however fast.
+    report["throughput"]["cases"]["saturation_main"] = servers(
+        ratio_vs_raw_default=0.94996, ratio_vs_raw_default_per_round=[0.94996, 0.94996, 0.96], errors=3
+    )
+    variant = report["cascade"][0]["variants"]["server"]
+    variant.update(efficiency=0.85, agreement_with_offline_rule=0.5)
+    throughput, cascade = summary(report)
+    assert "0.950x (>= 0.95: not met, in 1 of 3 rounds)" in throughput
+    assert "NOT VALID: 3 error answers" in throughput
+    assert "cascade efficiency 0.85 (not met: answers differ" in cascade
 
 
 def test_servers_run_the_code_as_it_was_when_the_run_started(tmp_path):
@@ -156,3 +177,58 @@ def test_servers_run_the_code_as_it_was_when_the_run_started(tmp_path):
     if (ROOT / ".git").exists():  # what the run's report records of the code
         revision = code_revision(ROOT)
         assert len(str(revision["revision"])) == 40 and isinstance(revision["modified"], bool)
+
+
+@pytest.mark.skipif(__import__("shutil").which("wrk") is None, reason="wrk not installed (Debian package wrk)")
+def test_refused_answers_are_not_counted_as_throughput(tmp_path):
+    # wrk's request count includes non-2xx answers: a server refusing half its load read as twice its
+    # real rate. The load's rate counts successes only (as the Python generator does).
+    import asyncio
+    import socket
+    import threading
+
+    from benchmarks.serve_bench import run_load
+
+    answered = [0]
+
+    class HalfRefused(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buffer = transport, b""
+
+        def data_received(self, data):
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                head = self.buffer[:end].decode("latin-1").lower().split("\r\n")
+                length = next((int(h.split(":")[1]) for h in head if h.startswith("content-length:")), 0)
+                if len(self.buffer) < end + 4 + length:
+                    return
+                self.buffer = self.buffer[end + 4 + length :]
+                answered[0] += 1
+                status = b"200 OK" if answered[0] % 2 else b"503 Service Unavailable"
+                self.transport.write(b"HTTP/1.1 %s\r\ncontent-length: 2\r\n\r\n{}" % status)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = loop.create_future()
+
+    async def serve():
+        server = await loop.create_server(HalfRefused, "127.0.0.1", port)
+        ready.set()
+        async with server:
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    body = tmp_path / "body.png"
+    body.write_bytes(b"x" * 100)
+    r = run_load(f"http://127.0.0.1:{port}", "/classify", 1, 1.0, body)
+    successes_per_s = (r["requests"] - r["errors"]) / 1.0
+    loop.call_soon_threadsafe(stop.set_result, None)
+    thread.join(10)
+    loop.close()
+    assert r["errors"] > 0 and r["requests"] > 20
+    assert r["rps"] == pytest.approx(successes_per_s, rel=0.2), r
