@@ -34,8 +34,9 @@ end
 def run_wrk(url: str, connections: int, seconds: float, body: Path, threads: int = 1) -> dict:
     """POST the PNG file ``body`` to ``url`` (path and query included) for ``seconds``.
 
-    Returns wrk's summary: ``requests``, ``duration_us``, ``non2xx``, ``socket_errors``,
-    ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms`` and ``requests_per_s``.
+    Returns wrk's summary: ``requests`` (non-2xx answers included), ``duration_us``, ``non2xx``,
+    ``socket_errors``, ``p50_ms``, ``p90_ms``, ``p99_ms``, ``max_ms`` (latencies of every answer),
+    and ``requests_per_s``: successful (2xx) answers per second.
     """
     script = body.parent / "wrk-post.lua"
     if not script.exists():
@@ -57,5 +58,6 @@ def run_wrk(url: str, connections: int, seconds: float, body: Path, threads: int
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     result = json.loads(line[len("EED_JSON ") :])
-    result["requests_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
+    # Successful answers only: wrk's ``requests`` include non-2xx ones (its latencies do too).
+    result["requests_per_s"] = (result["requests"] - result["non2xx"]) / (result["duration_us"] / 1e6)
     return result
