@@ -25,16 +25,18 @@ import numpy as np
 NEVER = 2.0
 
 # A score this close below a threshold (relative) counts as reaching it. The same top
-# probability computed by numpy (here), by ONNX Runtime's Exp and ReduceSum (the fused
-# cascade graph) or by the answer's ranking (serving.outputs) differs in its last bits;
-# without the slack a client that sends back the probability an answer reported, or a
-# calibrated threshold that is itself a validation image's score, stops on one path and
-# runs on along the other. 1e-12 is thousands of ulps, far below any meaningful threshold.
-TIE_RTOL = 1e-12
+# probability differs between the ways it is computed: the fused cascade graph's float32
+# convolutions differ from the stage graphs' (ORT picks kernels per graph), by up to ~1e-6
+# relative on the shipped model (tests/test_default_model.py measures it), and its float64
+# Exp/ReduceSum from numpy's in the last bits. Without the slack a client that sends back the
+# probability an answer reported, or a calibrated threshold that is itself a validation
+# image's score, stops on one path and runs on along the other. 1e-5 is ten times that
+# spread and far below any meaningful difference between thresholds.
+TIE_RTOL = 1e-5
 
 RULE = (
     "evaluate exits in order; stop at the first exit i < k whose top softmax probability "
-    ">= thresholds[i-1] (within a relative 1e-12); the last exit always answers. A threshold > 1 never stops."
+    ">= thresholds[i-1] (within a relative 1e-5); the last exit always answers. A threshold > 1 never stops."
 )
 
 

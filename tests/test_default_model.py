@@ -190,3 +190,37 @@ def test_shipped_samples_are_the_test_images_their_names_say():
         x = preprocess(path.read_bytes(), "image/png")
         expected = (images[index].astype(np.float32) / 255.0 - spec.mean[0]) / spec.std[0]
         assert x.shape == (1, 28, 28) and np.allclose(x[0], expected, atol=1e-5), path.name
+
+
+def test_the_cascade_tie_slack_covers_how_far_the_fused_graph_and_the_stages_differ():
+    # The fused cascade graph computes the stages' function with other float32 kernels: a probability
+    # an answer reported (from one graph), sent back as a threshold, must stop on every path
+    # (serving.cascade.TIE_RTOL). Keep the measured spread a tenth of the slack.
+    from serving import cascade
+    from serving.fused import attach_fused_cascade, cap_thresholds
+    from serving.runtime import ModelRuntime, SessionOptions
+
+    images, _ = _test_images(200)
+    manifest = load_manifest(MODEL_DIR, verify=False)
+    spec = manifest.input
+    x = images.astype(np.float32)[:, None] / 255.0
+    x = ((x - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None]).astype(
+        np.float32
+    )
+    options = SessionOptions(providers="cpu")
+    runtime = ModelRuntime.load(MODEL_DIR, options)
+    attach_fused_cascade(runtime, "fused", options, max_batch_size=32)
+    k = manifest.num_exits
+    spread = 0.0
+    for batch in (1, 32):
+        for start in range(0, 64, batch):
+            xb = x[start : start + batch]
+            features = xb
+            for number, stage in enumerate(runtime.stages[: k - 1], start=1):
+                outputs = stage.run(features)
+                features = outputs[-1]
+                rows = np.stack([cap_thresholds([cascade.NEVER] * (k - 1), number)] * len(xb))
+                fused_logits, _ = runtime.fused.run((xb, rows))
+                want = cascade.top_probability(outputs[0])
+                spread = max(spread, float(np.max(np.abs(cascade.top_probability(fused_logits) - want) / want)))
+    assert spread < cascade.TIE_RTOL / 10, spread
