@@ -43,7 +43,7 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 # What each operation can answer besides 200 (every one of these codes is reachable).
 STATUSES = {
     ("post", "/classify"): (400, 408, 413, 415, 422, 503),
-    ("post", "/feedback"): (400, 403, 404, 408, 409, 410, 413, 422, 503),
+    ("post", "/feedback"): (400, 403, 404, 408, 409, 410, 413, 415, 422, 503),
     ("get", "/v1/model"): (503,),
     ("get", "/healthz"): (),
     ("get", "/readyz"): (503,),

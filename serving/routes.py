@@ -20,8 +20,8 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
-from .body import read_body_within, read_limited, within
-from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId, shut_down
+from .body import media_type, read_body_within, read_limited, within
+from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId, UnsupportedMediaType, shut_down
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
@@ -48,6 +48,14 @@ class BoundedBodyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def read_then_handle(request: Request) -> Response:
+            declared = media_type(request.headers.get("content-type"))
+            if declared and declared != "application/json" and not declared.endswith("+json"):
+                # curl -d sends application/x-www-form-urlencoded: FastAPI's 422 then quoted the body
+                raise UnsupportedMediaType(
+                    f"Content-Type {declared} is not accepted; send the body as JSON "
+                    "(-H 'Content-Type: application/json')",
+                    accepted=["application/json"],
+                )
             timeout_s = state_of(request).settings.body_timeout_s
             advice = "a feedback body is an id and a label"
             request._body = await within(read_limited(request, FEEDBACK_MAX_BYTES, advice), timeout_s)
@@ -242,7 +250,7 @@ router.add_api_route(
     "/feedback",
     feedback,
     methods=["POST"],
-    responses=_errors(403, 404, 408, 409, 410, 413, 422, 503),
+    responses=_errors(403, 404, 408, 409, 410, 413, 415, 422, 503),
     route_class_override=BoundedBodyRoute,
 )
 

@@ -558,6 +558,7 @@ def test_compose_variables_override_model_ports_and_settings():
         EED_DEFAULT_POLICY="confidence:0.9",
         HOST_UID="1234",
         HOST_GID="99",
+        GIT_REVISION="0123abc",
     )
     services = config["services"]
     server = services["server"]
@@ -567,6 +568,9 @@ def test_compose_variables_override_model_ports_and_settings():
     assert environment(server)["EED_DEFAULT_POLICY"] == "confidence:0.9"
     assert environment(services["server-gpu"])["EED_DEFAULT_POLICY"] == "confidence:0.9"
     assert services["train"]["user"] == "1234:99"
+    # the revision eed_build_info reports: .git is not in the build context
+    for name in ("server", "server-gpu"):
+        assert services[name]["build"]["args"]["GIT_REVISION"] == "0123abc"
 
 
 # --------------------------------------------------------------------------------------

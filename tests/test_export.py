@@ -212,7 +212,7 @@ class _OffByALittle:
         return [out[0] + 1e-3, *out[1:]]
 
 
-def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
+def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 1, WIDTH, with_exits=False)  # one exit: two graphs, fast
     ckpt = tmp_path / "ckpt.pt"
@@ -244,6 +244,8 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch):
     assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 0
     manifest = load_manifest(out)
     assert manifest.num_exits == 1 and manifest.thresholds is None and manifest.evaluation.split is None
+    # policy=NAME would answer 422 for any name: the export says so where it can still be fixed
+    assert "no calibrated cascade policies" in capsys.readouterr().out
     assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 2
     assert main([str(ckpt), "--out", str(out), "--skip-eval", "--force", "--name", "renamed"]) == 0
     assert load_manifest(out).name == "renamed"

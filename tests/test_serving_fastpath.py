@@ -324,4 +324,9 @@ def test_feedback_bodies_are_bounded_in_size_and_time(served):
         assert status == 408 and json.loads(body)["error"] == "body_timeout" and time.monotonic() - started < 3
     # and the schema says both can happen
     schema = json.loads(exchange(port, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")[0][2])
-    assert {"408", "413"} <= set(schema["paths"]["/feedback"]["post"]["responses"])
+    assert {"408", "413", "415"} <= set(schema["paths"]["/feedback"]["post"]["responses"])
+    # curl -d without a JSON type sends a form type: say what to send, not a 422 quoting the body
+    form = b'{"id": "x", "label": 1}'
+    head = b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    status, _, body = exchange(port, head + b"Content-Length: %d\r\n\r\n" % len(form) + form)[0]
+    assert status == 415 and "application/json" in json.loads(body)["detail"], body

@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  cascade {policy}: {100 * p.test.accuracy:.2f}% at {p.test.mean_gflops:.4f} GFLOPs "
                 f"(thresholds from val: {[round(t, 6) for t in p.thresholds]})"
             )
+    if not (manifest.thresholds and manifest.thresholds.policies):
+        # policy=NAME will answer 422 for every name: say so here, where it can still be fixed
+        why = manifest.thresholds.reason if manifest.thresholds and manifest.thresholds.reason else "none calibrated"
+        print(f"  no calibrated cascade policies ({why}); train with --val-split N to serve policy=NAME")
     return 0
 
 
