@@ -565,13 +565,18 @@ def summary(report: dict) -> list[str]:
             # offline rule's (agreement), whose accuracy the line states beside the main exit's.
             agreed = v["agreement_with_offline_rule"] == 1.0
             judged = verdict(v["efficiency"], TARGETS["cascade_efficiency"]) if agreed else "not met: answers differ"
+            accuracy = (
+                f"main {100 * v['accuracy_main']:.2f} % / cascade {100 * v['accuracy_cascade']:.2f} %"
+                if c.get("accuracy_meaningful", True)
+                else "n/a (the images are not the model's data set)"
+            )
             lines.append(
                 f"[{name}] {c['model']}: cascade efficiency {ratio_text(v['efficiency'])} "
                 f"({judged}; its ORT runs alone "
                 f"{ratio_text(v['efficiency_of_ort_runs'])}, the same graphs without HTTP "
                 f"{ratio_text(c['in_process']['efficiency'])}), "
                 f"agreement with the offline rule {100 * v['agreement_with_offline_rule']:.1f} %, top-1 accuracy "
-                f"main {100 * v['accuracy_main']:.2f} % / cascade {100 * v['accuracy_cascade']:.2f} %"
+                f"{accuracy}"
             )
     return lines
 

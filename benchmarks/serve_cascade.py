@@ -306,6 +306,9 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
         "images": len(bodies),
         "in_process": bare,
         "source": str(source),
+        # Fashion-MNIST test images: their labels score only a Fashion-MNIST model (the untrained
+        # full-width CIFAR export is timed on them, not scored)
+        "accuracy_meaningful": manifest.dataset == "fashion-mnist",
         "query": query,
         # Which thresholds (a calibrated policy, or the medians); how each server ran the cascade is
         # the variant's "cascade_ran". Until 2026-12-02 this key held the latter by mistake.

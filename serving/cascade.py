@@ -36,7 +36,7 @@ TIE_RTOL = 1e-5
 
 RULE = (
     "evaluate exits in order; stop at the first exit i < k whose top softmax probability "
-    ">= thresholds[i-1] (within a relative 1e-5); the last exit always answers. A threshold > 1 never stops."
+    ">= thresholds[i-1] (within a relative 1e-5 below 1); the last exit always answers. A threshold > 1 never stops."
 )
 
 
@@ -54,10 +54,12 @@ def as_thresholds(thresholds: ThresholdsLike, num_exits: int) -> np.ndarray:
 
 
 def reach(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
-    """The scores that count as reaching ``thresholds``: each lowered by :data:`TIE_RTOL`, but
-    one above 1 kept as it is, so that it still never stops (a probability is at most 1)."""
+    """The scores that count as reaching ``thresholds``: each below 1 lowered by :data:`TIE_RTOL`;
+    1 and above kept as they are, so that 1 still stops only a saturated softmax and above 1
+    never stops (``confidence=1`` is "never stop early" in practice; lowered, it stopped 1.5 % of
+    the shipped model's test images at an early exit)."""
     t = np.asarray(thresholds, dtype=np.float64)
-    return np.where(t > 1.0, t, t * (1.0 - TIE_RTOL))
+    return np.where(t >= 1.0, t, t * (1.0 - TIE_RTOL))
 
 
 def top_probability(logits: np.ndarray) -> np.ndarray:
@@ -81,7 +83,7 @@ def stops_at(top_prob: float, thresholds: np.ndarray, exit_number: int) -> bool:
     # "not below", so a NaN score (a model overflowing on an extreme input) stops here, as in
     # the fused graph, rather than spending every later stage on it.
     t = float(thresholds[exit_number - 1])  # reach() in plain Python: this runs per stage per request
-    return not top_prob < (t if t > 1.0 else t * (1.0 - TIE_RTOL))
+    return not top_prob < (t if t >= 1.0 else t * (1.0 - TIE_RTOL))
 
 
 def exits_taken(conf: np.ndarray, thresholds: ThresholdsLike) -> np.ndarray:

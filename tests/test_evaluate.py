@@ -7,6 +7,7 @@ import pytest
 import torch
 from datagen import make_fashion_mnist
 
+from serving import cascade as serving_cascade
 from training import cascade
 from training.accuracy import topk_accuracy
 from training.evaluate import analyze, disagreement, main
@@ -50,6 +51,11 @@ def test_saturated_softmax_stops_at_threshold_one():
     logits[0, :, 2] = 1000.0  # softmax top probability is exactly 1.0
     assert cascade.run_cascade(logits, 1.0, [1, 1, 1]).exit.tolist() == [1]
     assert cascade.run_cascade(logits, 1.0 + 1e-12, [1, 1, 1]).exit.tolist() == [3]
+    # 1 means "only a saturated softmax": the tie slack applies below 1 (it stopped 1.5 % of the
+    # shipped model's test images at an early exit under confidence=1)
+    conf = np.array([[1 - 1e-7, 1 - 1e-7, 0.5]])
+    assert cascade.exits_taken(conf, [1.0, 1.0]).tolist() == [3]
+    assert not serving_cascade.stops_at(1 - 1e-7, np.array([1.0, 1.0]), 1)
 
 
 def test_per_exit_thresholds_and_accounting():

@@ -238,8 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not (manifest.thresholds and manifest.thresholds.policies):
         # policy=NAME will answer 422 for every name: say so here, where it can still be fixed
-        why = manifest.thresholds.reason if manifest.thresholds and manifest.thresholds.reason else "none calibrated"
-        print(f"  no calibrated cascade policies ({why}); train with --val-split N to serve policy=NAME")
+        t = manifest.thresholds
+        if t is None:
+            why = "exported with --skip-eval; export without it to calibrate them"
+        elif t.reason:  # e.g. the run has no validation split (the reason says what to do)
+            why = t.reason
+        else:
+            why = "; ".join(f"{u.name}: {u.reason}" for u in t.not_calibrated) or "no target could be met"
+        print(f"  no calibrated cascade policies, so policy=NAME has nothing to serve: {why}")
     return 0
 
 
