@@ -223,7 +223,7 @@ def connection_timeouts(
 
 # The most bytes a request's line and headers may take (URL, names and values as parsed). httptools
 # has no limit of its own, and uvicorn appends each fragment of a URL to what came before: a client
-# streaming one header for the header deadline had 85 MiB accepted, at seconds of CPU that every
+# streaming one header for the header deadline had 88 MiB accepted (a review's script), at seconds of CPU that every
 # other client waited through. nginx's default is 32 KiB (4 buffers of 8 KiB); h11 refuses 16 KiB.
 MAX_HEAD_BYTES = 64 * 1024
 

@@ -266,13 +266,14 @@ class ServingMetrics:
         if outcome.degraded:
             degraded.inc()
 
-    def count_request(self, exit_label: str, policy: str, status: str) -> None:
-        """``eed_requests_total{exit, policy, status}`` + 1: every /classify and OIP infer request."""
+    def count_request(self, exit_label: str, policy: str, status: str, images: int = 1) -> None:
+        """``eed_requests_total{exit, policy, status}`` + ``images``: every /classify request, every
+        image of an OIP infer call."""
         key = (exit_label, policy, status)
         counter = self._request_counts.get(key)
         if counter is None:
             counter = self._request_counts[key] = self.requests.labels(*key)
-        counter.inc()
+        counter.inc(images)
 
     def describe_build(self, manifest, admitted: Callable[[], float], limit: int) -> None:
         """Publish build/model identity, and admission (``admitted`` is read at every scrape, for both

@@ -273,8 +273,7 @@ async def infer(name: str, request: Request) -> Response:
             for number in exits:
                 metrics.count_request(str(number), policy_label, str(status))
         else:
-            for _ in range(images):
-                metrics.count_request("none", policy_label, str(status))
+            metrics.count_request("none", policy_label, str(status), images)
         request.state.policy = policy_label
         request.state.exit = ",".join(map(str, exits)) if exits else "none"
 

@@ -301,6 +301,10 @@ def test_kserve_overlay_serves_the_model_from_storage_uri(tmp_path):
     assert env["EED_MODEL_DIR"] == "/mnt/models", "where KServe's storage initializer puts storageUri"
     port = int(env["EED_PORT"])
     assert [p["containerPort"] for p in container["ports"]] == [port] == [8080]
+    # KServe reads its own metrics annotations (prometheus.kserve.io/*), not prometheus.io/*
+    notes = isvc["metadata"]["annotations"]
+    assert notes["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert notes["prometheus.kserve.io/port"] == str(port) and notes["prometheus.kserve.io/path"] == "/metrics"
     routes = app_routes()
     for kind in ("readiness", "liveness"):
         probe = container[f"{kind}Probe"]["httpGet"]
