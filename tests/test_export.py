@@ -245,8 +245,8 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch, c
     manifest = load_manifest(out)
     assert manifest.num_exits == 1 and manifest.thresholds is None and manifest.evaluation.split is None
     # policy=NAME would answer 422 for any name: the export says so where it can still be fixed
-    out = capsys.readouterr().out
-    assert "no calibrated cascade policies" in out and "exported with --skip-eval; export without it" in out
+    printed = capsys.readouterr().out
+    assert "no calibrated cascade policies" in printed and "exported with --skip-eval; export without it" in printed
     assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 2
     assert main([str(ckpt), "--out", str(out), "--skip-eval", "--force", "--name", "renamed"]) == 0
     assert load_manifest(out).name == "renamed"
