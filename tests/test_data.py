@@ -96,6 +96,34 @@ def _gray_levels(images: torch.Tensor, spec, y: int = 0, x: int = 0) -> list[flo
     return [(float(v) * spec.std[0] + spec.mean[0]) * 255 for v in images[:, 0, y, x]]
 
 
+def test_ddp_ranks_draw_their_own_crops_and_flips():
+    """Identical images on every rank: what differs between two ranks' batches is augmentation.
+
+    From one shared generator, batch position k got the same crop and flip on every rank, so a
+    global batch saw only a rank's worth of distinct draws.
+    """
+    from training.data import DATASETS, ArraySplit
+
+    n = 64
+    images = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 5:9, 3:6] = 255  # an asymmetric patch: every shift and flip moves it somewhere else
+    split = ArraySplit(images, torch.zeros(n, dtype=torch.int64))
+    spec = DATASETS["fashion-mnist"]
+    batches = []
+    for rank in range(2):
+        loader = make_loader(split, spec, 32, train=True, seed=7, rank=rank, world_size=2)
+        loader.set_epoch(3)
+        batches.append(next(iter(loader))[0])
+        loader.set_epoch(3)  # still a function of (seed, epoch, rank): resumes stay exact
+        assert torch.equal(next(iter(loader))[0], batches[-1])
+    same_position = [torch.equal(a, b) for a, b in zip(batches[0], batches[1])]
+    assert sum(same_position) < 8, f"{sum(same_position)} of 32 positions drew the same crop on both ranks"
+    one_process = make_loader(split, spec, 32, train=True, seed=7)
+    one_process.set_epoch(3)
+    distinct = {tuple(x.flatten().tolist()) for x in next(iter(one_process))[0]}
+    assert len(distinct) > 8  # one process still augments per image
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ddp_evaluation_shards_are_disjoint_and_complete_in_memory(world_size):
     from training.data import DATASETS, ArraySplit
@@ -131,6 +159,32 @@ def test_ddp_evaluation_shards_are_disjoint_and_complete_imagefolder(tmp_path, w
         images = torch.cat([x for x, _ in loader])
         seen += [round((g - 5) / 10) for g in _gray_levels(images, data.spec, 112, 112)]
     assert sorted(seen) == list(range(10))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ddp_ranks_draw_their_own_imagefolder_augmentation(tmp_path, workers):
+    """torchvision's transforms draw from torch's global generator, which every DDP process seeds
+    alike (``torch.manual_seed(args.seed)``): each rank must still crop and flip on its own."""
+    from PIL import Image
+
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))  # left-right asymmetric: flips show
+    for split in ("train", "val"):
+        folder = tmp_path / split / "only"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.stack([ramp, ramp.T, ramp], axis=2)).save(folder / f"{i}.png")
+    data = build_datasets("imagefolder", tmp_path, seed=0)
+    batches = []
+    for rank in range(2):
+        torch.manual_seed(0)  # as each DDP process does at start
+        loader = make_loader(data.train, data.spec, 4, train=True, seed=0, rank=rank, world_size=2, workers=workers)
+        loader.set_epoch(1)
+        batches.append(next(iter(loader))[0])
+    assert not any(torch.equal(a, b) for a, b in zip(batches[0], batches[1]))
+    torch.manual_seed(123)  # whatever else drew from the global generator, an epoch replays exactly
+    again = make_loader(data.train, data.spec, 4, train=True, seed=0, rank=1, world_size=2, workers=workers)
+    again.set_epoch(1)
+    assert torch.equal(next(iter(again))[0], batches[1])
 
 
 def test_imagefolder_layout(tmp_path):

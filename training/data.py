@@ -3,8 +3,9 @@
 Small datasets (CIFAR, Fashion-MNIST) are held in memory as uint8 tensors and batched by
 ``InMemoryLoader``, which augments whole batches at once (random crop with 4 px padding +
 horizontal flip) — far cheaper on a CPU than per-image PIL transforms — and draws every
-random number from a generator seeded by (seed, epoch), so a resumed run sees exactly the
-batches an uninterrupted run would. ImageFolder (ImageNet layout) goes through a regular
+random number from a generator seeded by (seed, epoch) — each DDP rank's crops and flips from
+one seeded by (seed, epoch, rank) — so a resumed run sees exactly the batches an uninterrupted
+run would. ImageFolder (ImageNet layout) goes through a regular
 DataLoader with torchvision transforms.
 """
 
@@ -310,6 +311,11 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None)
 # --------------------------------------------------------------------------- loading
 
 
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's augmentation in one epoch (distinct from the shared order's seed)."""
+    return (seed * 1_000_003 + epoch) * 4_099 + rank + 1
+
+
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Batched random crop (after zero padding) and horizontal flip of (N, C, H, W) images."""
     n, _, h, w = images.shape
@@ -377,12 +383,20 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = self._indices(generator)
+        order = self._indices(generator)  # the same on every rank: the shards must partition it
+        # Each DDP rank draws its own crops and flips: from the shared generator, a rank's batch
+        # position k got the same crop as every other rank's (a global batch of 128 on two ranks
+        # saw 64 distinct draws). One process keeps the shared generator, so its runs reproduce.
+        augment = (
+            generator
+            if self.world_size == 1
+            else torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, self.rank))
+        )
         for b in range(self._num_batches(len(order))):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.split.images[idx]
             if self.train and self.spec.crop_padding >= 0:
-                images = random_crop_flip(images, self.spec.crop_padding, generator)
+                images = random_crop_flip(images, self.spec.crop_padding, augment)
             images = (images.float().div_(255) - self.mean) / self.std
             yield images, self.split.labels[idx]
 
@@ -421,11 +435,19 @@ class _DatasetLoader:
         else:
             self.sampler = SequentialSampler(dataset)
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        # torchvision's random transforms draw from torch's global generator: in the workers,
+        # seeded from this loader's generator; without workers, in this process. Both are seeded
+        # per (seed, epoch, rank) when an epoch starts, so each DDP rank augments on its own
+        # (from the globally seeded defaults, every rank drew the same crops) and a resumed run
+        # replays the epochs an uninterrupted run would.
+        self.augment = torch.Generator()
+        self.train, self.rank, self.workers, self.epoch = train, rank, workers, 0
         self.loader = DataLoader(
             dataset,
             batch_size,
             sampler=self.sampler,
             num_workers=workers,
+            generator=self.augment,
             # As the in-memory loader: the ragged last batch is dropped unless it is the only one
             # (a split smaller than a batch trained on nothing, and the epoch's metrics had no loss).
             drop_last=train and len(self.sampler) >= batch_size,
@@ -434,6 +456,7 @@ class _DatasetLoader:
         self.seed = seed
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         elif hasattr(self.sampler, "generator"):
@@ -443,4 +466,9 @@ class _DatasetLoader:
         return len(self.loader)
 
     def __iter__(self):
+        if self.train:
+            seed = augmentation_seed(self.seed, self.epoch, self.rank)
+            self.augment.manual_seed(seed)
+            if self.workers == 0:
+                torch.manual_seed(seed)
         return iter(self.loader)

@@ -250,8 +250,9 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder} is a file, not a folder; give --output-dir / --run-name a folder")
     if resume_payload is not None and resume_payload.get("rng") is not None:
-        # Last: model creation above drew from the same generator. ImageFolder augmentation and
-        # DataLoader workers' seeds draw from it, so without this a resumed run replayed epoch 1's crops.
+        # Last: model creation above drew from the same generator. The loaders reseed augmentation
+        # per (seed, epoch, rank) themselves; this keeps anything else drawing from the global
+        # generator on the uninterrupted run's sequence too.
         torch.set_rng_state(resume_payload["rng"]["torch"])
         if device.type == "cuda" and resume_payload["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(resume_payload["rng"]["cuda"])
