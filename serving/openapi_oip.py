@@ -115,7 +115,10 @@ def describe_oip(paths: dict, schemas: dict, service) -> None:
             "datatype": {"type": "string", "enum": datatypes},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
-            "data": {"type": "array", "description": "row-major, flat or nested; BYTES as base64 strings"},
+            "data": {
+                "type": "array",
+                "description": "flat in row-major order, or nested exactly as the shape; BYTES as base64 strings",
+            },
         },
         "description": f"'{FP32_INPUT}': FP32 [N, C, H, W] preprocessed as the manifest says; '{IMAGE_INPUT}': "
         "BYTES [N] encoded image files. Data as JSON 'data' or binary (binary_data_size).",

@@ -99,20 +99,36 @@ def _shape(raw: Any, where: str) -> list[int]:
     return raw
 
 
-def _flatten(data: Any, where: str) -> list:
-    """Row-major elements of a flat or nested JSON list."""
+def _flatten(data: Any, shape: list[int], where: str) -> list:
+    """Row-major elements of a flat JSON list, or of nested lists that match ``shape`` exactly.
+
+    Nested data is the shape spelled out; lists of uneven length ([[1, 2, 3], [4]] for [2, 2])
+    or of another depth are refused rather than read as the flat list they happen to hold.
+    """
     if not isinstance(data, list):
         raise _fail(f"{where}: 'data' must be a JSON list")
+    if not any(isinstance(item, list) for item in data):
+        return data
     out: list = []
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            out.append(item)
-        else:
-            stack.pop()
+    innermost = len(shape) - 1
+
+    def walk(node: Any, depth: int, path: str) -> None:
+        if not isinstance(node, list) or depth > innermost or len(node) != shape[depth]:
+            found = f"{len(node)} elements" if isinstance(node, list) else "a scalar"
+            wanted = f"{shape[depth]} elements" if depth <= innermost else "a scalar"
+            raise _fail(
+                f"{where}: nested 'data' does not match shape {shape}: data{path} is {found}, the shape "
+                f"says {wanted} (nest it exactly as the shape, or send it flat in row-major order)"
+            )
+        if depth == innermost:
+            if any(isinstance(item, list) for item in node):
+                raise _fail(f"{where}: nested 'data' is deeper than shape {shape} at data{path}")
+            out.extend(node)
+            return
+        for i, child in enumerate(node):
+            walk(child, depth + 1, f"{path}[{i}]")
+
+    walk(data, 0, "")
     return out
 
 
@@ -190,7 +206,7 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
     else:
         if "data" not in raw:
             raise _fail(f"{where}: no 'data' and no parameters.binary_data_size")
-        elements = _flatten(raw["data"], where)
+        elements = _flatten(raw["data"], shape, where)
         if len(elements) != count:
             raise _fail(f"{where}: shape {shape} has {count} elements, 'data' has {len(elements)}")
         if datatype == BYTES:

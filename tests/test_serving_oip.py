@@ -239,6 +239,28 @@ def test_a_plain_json_client_with_nested_data(server):
     assert {o["name"]: o["data"] for o in answer["outputs"]} == {"label": [expected_label(6, 1)], "exit": [1]}
 
 
+def test_nested_data_must_match_the_shape(server):
+    """Nested 'data' spells out the shape: ragged rows holding the right total are not a tensor."""
+    rows = preprocessed([6])[0, 0].tolist()  # 28 rows of 28
+    ragged = [rows[0] + rows[1][:1], rows[1][1:], *rows[2:]]  # 29 + 27 + 26 * 28 = 784 values
+
+    def infer(data, shape=(1, 1, 28, 28)):
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(shape), "data": data}]}
+        return httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=60)
+
+    r = infer([[ragged]])
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        "input 'input': nested 'data' does not match shape [1, 1, 28, 28]: data[0][0][0] is 29 "
+        "elements, the shape says 28 elements (nest it exactly as the shape, or send it flat in "
+        "row-major order)"
+    )
+    assert infer([rows]).status_code == 400  # a level short
+    assert "data[0][0][27] is a scalar" in infer([[[*rows[:-1], 0.0]]]).json()["error"]
+    assert infer([[rows]]).status_code == 200  # nested exactly
+    assert infer([v for row in rows for v in row]).status_code == 200  # flat
+
+
 def test_feedback_ids_from_oip_answers_are_accepted(client, server):
     result = client.infer(MODEL, [image_input(pngs([2]))], parameters={"exit": 1})
     (feedback_id,) = result.as_numpy("feedback_id")
