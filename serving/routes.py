@@ -49,11 +49,13 @@ class BoundedBodyRoute(APIRoute):
 
         async def read_then_handle(request: Request) -> Response:
             declared = media_type(request.headers.get("content-type"))
-            if declared and declared != "application/json" and not declared.endswith("+json"):
-                # curl -d sends application/x-www-form-urlencoded: FastAPI's 422 then quoted the body
+            if not _is_json(declared):
+                # FastAPI parses only application/json and application/*+json; anything else (curl -d
+                # sends application/x-www-form-urlencoded, httpx content= sends no type) got its 422
+                # quoting the body as "not a valid dictionary".
+                said = f"Content-Type {declared} is not accepted" if declared else "the request has no Content-Type"
                 raise UnsupportedMediaType(
-                    f"Content-Type {declared} is not accepted; send the body as JSON "
-                    "(-H 'Content-Type: application/json')",
+                    f"{said}; send the body as JSON (-H 'Content-Type: application/json')",
                     accepted=["application/json"],
                 )
             timeout_s = state_of(request).settings.body_timeout_s
@@ -62,6 +64,12 @@ class BoundedBodyRoute(APIRoute):
             return await handler(request)
 
         return read_then_handle
+
+
+def _is_json(media: str) -> bool:
+    """Whether FastAPI reads a body of this media type as JSON (application/json, application/*+json)."""
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 class TopKEntry(BaseModel):
