@@ -42,6 +42,10 @@ MIN_SECRET_BYTES = 16
 # A token longer than this was not issued by us (model names are short); refuse it
 # before decoding anything.
 MAX_TOKEN_CHARS = 1024
+# How far ahead of this replica's clock an id's issue time may be: replicas' clocks differ a
+# little (NTP keeps them within milliseconds), but an id dated further ahead — a replica with a
+# wrong clock — would stay acceptable for MAX_AGE_S beyond its real age, replays included.
+MAX_CLOCK_AHEAD_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,11 @@ class AnswerSigner:
         if not math.isfinite(claim.issued_at):  # NaN would pass the age check below
             raise forged
         age = (time.time() if now is None else now) - claim.issued_at
+        if -age > MAX_CLOCK_AHEAD_S:
+            raise ForgedFeedbackId(
+                f"this id is dated {-age:.0f} s ahead of this server's clock (at most {MAX_CLOCK_AHEAD_S:g} s "
+                "accepted); the clocks of this deployment's replicas disagree — synchronise them (NTP)"
+            )
         if age > self.max_age_s:
             raise ExpiredFeedbackId(
                 f"this id was issued {age:.0f} s ago; feedback is accepted for {self.max_age_s:g} s after an "

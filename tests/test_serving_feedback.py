@@ -31,7 +31,7 @@ from serving_model import (
 )
 
 from serving.errors import ExpiredFeedbackId, ForgedFeedbackId
-from serving.feedback import AnswerSigner
+from serving.feedback import MAX_CLOCK_AHEAD_S, AnswerSigner
 
 SECRET = "a-shared-secret-for-tests-0123456789"
 RULES = ROOT / "docker/prometheus/rules/feedback.yml"
@@ -235,6 +235,10 @@ def test_signer_round_trip_and_refusals():
     assert (claim.model, claim.exit, claim.label, claim.issued_at) == ("m", 2, 7, 1000.0)
     with pytest.raises(ExpiredFeedbackId):
         signer.verify(token, now=1061.0)
+    # a replica's clock a little ahead is fine; one far ahead would make its ids outlive the max age
+    assert signer.verify(token, now=1000.0 - MAX_CLOCK_AHEAD_S).label == 7
+    with pytest.raises(ForgedFeedbackId, match="ahead of this server's clock"):
+        signer.verify(signer.issue("m", 2, 7, now=1000.0 + 3600), now=1000.0)
     with pytest.raises(ForgedFeedbackId):
         AnswerSigner(b"x" * 16, max_age_s=60).verify(token, now=1030.0)
     with pytest.raises(ValueError):
