@@ -122,7 +122,27 @@ class DirectRoutes:
         await response(scope, receive, send)
 
 
+class _LoggedOnce(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for an error the app's 500 handler logged.
+
+    Starlette re-raises an error after its handler has answered, and uvicorn logs it again: one bug
+    gave two tracebacks, the second without the request id (its context has ended by then).
+    An error that never reached the handler keeps uvicorn's record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not getattr(error, "__eed_logged__", False)
+
+
+_LOGGED_ONCE = _LoggedOnce()
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if _LOGGED_ONCE not in uvicorn_errors.filters:
+        uvicorn_errors.addFilter(_LOGGED_ONCE)
+
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
@@ -147,6 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
+        exc.__eed_logged__ = True  # type: ignore[attr-defined]  # see _LoggedOnce
         # Starlette re-raises the error after this answer and uvicorn then closes the connection:
         # say so, or a client reusing it meets a reset on its next request.
         return JSONResponse(INTERNAL_ERROR_BODY, status_code=500, headers={"Connection": "close"})

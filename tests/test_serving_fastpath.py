@@ -4,6 +4,7 @@ answers in order on a keep-alive connection. A real uvicorn with the server's pr
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -152,6 +153,42 @@ def test_errors_are_json_with_the_request_id_and_counted(served):
     metrics = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[0][2].decode()
     assert 'eed_requests_total{exit="none",policy="exit",status="400"}' in metrics
     assert 'eed_requests_total{exit="none",policy="exit",status="500"}' in metrics
+
+
+def test_a_500_is_logged_once_with_its_traceback(served, caplog):
+    """Starlette re-raises an error after the app's 500 handler answered, and uvicorn logged it a
+    second time ("Exception in ASGI application"): one bug, two tracebacks in the log."""
+    import logging
+
+    app, port = served
+    state = app.state.eed
+    real = state.preprocess
+
+    def broken(data, content_type):
+        raise RuntimeError("a bug in preprocessing")
+
+    state.preprocess = broken
+    try:
+        with caplog.at_level(logging.ERROR):
+            # the protocol's own path, the direct route's (a query the fast path has not seen), and
+            # a route down Starlette's whole stack (OIP v2)
+            for path in ("/classify?exit=2", "/classify?exit=1&top_k=3"):
+                assert exchange(port, post(path))[0][0] == 500
+            name = state.service.runtime.manifest.name
+            oip = json.dumps(
+                {
+                    "inputs": [
+                        {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(IMAGE).decode()]}
+                    ]
+                }
+            ).encode()
+            head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            assert exchange(port, head.encode() + b"Content-Length: %d\r\n\r\n" % len(oip) + oip)[0][0] == 500
+            time.sleep(0.2)  # uvicorn logs after the response is sent
+    finally:
+        state.preprocess = real
+    tracebacks = [r for r in caplog.records if r.exc_info and "a bug in preprocessing" in str(r.exc_info[1])]
+    assert len(tracebacks) == 3, [(r.name, r.getMessage()) for r in tracebacks]
 
 
 def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes(served):
