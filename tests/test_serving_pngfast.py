@@ -165,3 +165,61 @@ def test_without_libspng_every_png_goes_to_pillow(monkeypatch):
         monkeypatch.undo()
         importlib.reload(pngfast)
     assert pngfast.decode(data, LIMIT) is not None
+
+
+# libspng is laxer than Pillow: what Pillow refuses must reach Pillow.
+
+
+def with_chunk(data: bytes, kind: bytes, body: bytes, after_idat: bool = False) -> bytes:
+    parts = chunks(data)
+    at = max(i for i, (k, _) in enumerate(parts) if k == b"IDAT") + 1 if after_idat else 1
+    return build(parts[:at] + [(kind, body)] + parts[at:])
+
+
+SHORT = {"pHYs": 8, "cHRM": 31, "gAMA": 3, "sRGB": 0}
+
+
+@pytest.mark.parametrize("after_idat", [False, True], ids=["before IDAT", "after IDAT"])
+@pytest.mark.parametrize("kind", list(SHORT))
+def test_truncated_metadata_chunks_go_to_pillow_which_refuses_them(kind, after_idat):
+    # libspng skips a short pHYs/cHRM/gAMA/sRGB; Pillow raises "Truncated pHYs chunk" (400).
+    data = with_chunk(png(noise("RGB", (32, 32), 21)), kind.encode(), bytes(range(1, SHORT[kind] + 1)), after_idat)
+    assert pngfast.decode(data, LIMIT) is None
+    with pytest.raises(InvalidImage, match=f"Truncated {kind} chunk"):
+        RGB(data)
+
+
+@pytest.mark.parametrize("kind", list(SHORT))
+def test_longer_metadata_chunks_keep_the_fast_path(kind):
+    # Pillow reads only the first bytes of a longer chunk and decodes the image: so does the fast path.
+    good = png(noise("RGB", (32, 32), 22))
+    data = with_chunk(good, kind.encode(), bytes(SHORT[kind] + 2))
+    assert np.array_equal(pngfast.decode(data, LIMIT), pngfast.decode(good, LIMIT))
+    assert np.array_equal(RGB(data), RGB(good))
+
+
+def iccp(body: bytes) -> bytes:
+    return with_chunk(png(noise("RGB", (32, 32), 23)), b"iCCP", body)
+
+
+REFUSED_PROFILES = {
+    "compression method 1": b"icc\0\1" + zlib.compress(b"x" * 200),
+    "no room for a method": b"icc\0",
+    "empty": b"",
+    "over MAX_TEXT_CHUNK inflated": b"icc\0\0" + zlib.compress(bytes(2 << 20)),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_PROFILES))
+def test_iccp_chunks_pillow_refuses_go_to_pillow(name):
+    data = iccp(REFUSED_PROFILES[name])
+    assert pngfast.decode(data, LIMIT) is None
+    with pytest.raises(InvalidImage):
+        RGB(data)
+
+
+def test_an_iccp_profile_pillow_cannot_inflate_keeps_the_fast_path():
+    # Pillow drops such a profile (info["icc_profile"] is None) and decodes the image.
+    data = iccp(b"icc\0\0not zlib at all")
+    assert pngfast.decode(data, LIMIT) is not None
+    assert np.array_equal(RGB(data), RGB(png(noise("RGB", (32, 32), 23))))
