@@ -223,3 +223,23 @@ def test_an_iccp_profile_pillow_cannot_inflate_keeps_the_fast_path():
     data = iccp(b"icc\0\0not zlib at all")
     assert pngfast.decode(data, LIMIT) is not None
     assert np.array_equal(RGB(data), RGB(png(noise("RGB", (32, 32), 23))))
+
+
+def test_image_data_damaged_on_the_way_is_refused_not_decoded_to_other_pixels():
+    # libspng reads neither the image data's CRC nor the zlib Adler-32: a flipped bit in a
+    # noise image's data decoded to wrong pixels. Its CRC no longer matches: Pillow decides, and refuses.
+    good = png(noise("RGB", (32, 32), 26))
+    at = good.index(b"IDAT") + 4 + 300  # a byte inside the image data; its chunk CRC left as it was
+    damaged = good[:at] + bytes([good[at] ^ 0x04]) + good[at + 1 :]
+    assert pngfast.decode(damaged, LIMIT) is None
+    with pytest.raises(InvalidImage):
+        RGB(damaged)
+
+
+def test_a_wrong_image_data_crc_alone_goes_to_pillow_which_decodes_it():
+    good = png(noise("RGB", (32, 32), 27))
+    at = good.index(b"IDAT")
+    crc = at + 4 + int.from_bytes(good[at - 4 : at], "big")
+    stale = good[:crc] + bytes(b ^ 0xFF for b in good[crc : crc + 4]) + good[crc + 4 :]
+    assert pngfast.decode(stale, LIMIT) is None
+    assert np.array_equal(RGB(stale), RGB(good))  # Pillow does not read that CRC (it checks the Adler-32)
