@@ -231,6 +231,8 @@ def test_deployment_matches_the_image_and_the_app(overlay):
         assert probe["path"] in routes, f"{kind} probe {probe['path']} is not a route of the app"
         assert answers(probe["path"]) != 404 and probe["port"] in (http["name"], port)
     assert answers("/healthz") == 200 and answers("/readyz") == 503, "model not loaded: live, not ready"
+    # One slow /readyz must not take a busy pod out of the endpoints (a terminating one leaves them anyway)
+    assert container["readinessProbe"].get("failureThreshold", 3) >= 2
     # The HEALTHCHECK of the image probes the same route.
     assert healthcheck_cmd(parse_dockerfile(ROOT / dockerfile)) == ["python", "-m", "serving.healthcheck"]
     assert "/readyz" in (ROOT / "serving" / "healthcheck.py").read_text()
@@ -309,6 +311,7 @@ def test_kserve_overlay_serves_the_model_from_storage_uri(tmp_path):
     for kind in ("readiness", "liveness"):
         probe = container[f"{kind}Probe"]["httpGet"]
         assert probe["path"] in routes and probe["port"] == port
+    assert container["readinessProbe"].get("failureThreshold", 3) >= 2
     assert container["securityContext"]["runAsUser"] == dockerfile_uid("docker/Dockerfile")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     # Knative (KServe's Serverless mode) refuses the field and waits the revision timeout (300 s);
