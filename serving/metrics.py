@@ -53,6 +53,7 @@ from prometheus_client import (
 )
 
 from . import buildinfo
+from .policy import policy_labels
 
 # The ``*_created`` timestamp series double the exposition size and no dashboard here
 # uses them. Process-wide switch; the server process owns its metrics.
@@ -236,6 +237,13 @@ class ServingMetrics:
             for outcome in ("true", "false"):
                 self.feedback.labels(e, outcome)
             self.request_latency.labels(e)
+        # The server's own failures, per policy, from zero: a series that first appears at 1 has no
+        # earlier sample for rate() or increase(), so a lone first 5xx never reached the error ratio
+        # or its alert. (Such failures answer before an exit is chosen: exit="none".)
+        policies = manifest.thresholds.policies if manifest.thresholds else {}
+        for policy in policy_labels(policies):
+            for status in ("500", "503"):
+                self.count_request("none", policy, status, images=0)
         # eed_queue_depth{exit, graph}: every graph's series exists already, read from its queue at
         # each scrape (InferenceService._worker).
 

@@ -63,7 +63,7 @@ class PolicyParams:
 
     @property
     def name(self) -> str:
-        """Policy label for responses and metrics (a small, fixed set of values)."""
+        """Policy label for responses and metrics (a small, fixed set of values: :func:`policy_labels`)."""
         if self.exit is not None:
             return "exit"
         if self.policy is not None:
@@ -288,6 +288,13 @@ def plan_request(params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequen
     except InvalidParameters as exc:
         name_cheapest(exc, costs)
         raise
+
+
+def policy_labels(policy_names) -> list[str]:
+    """Every value :attr:`PolicyParams.name` can take for a model with these calibrated policies."""
+    return ["none", "exit", "confidence", "budget", "budget_gflops", "budget_ms"] + [
+        f"policy:{name}" for name in policy_names
+    ]
 
 
 def name_cheapest(exc: InvalidParameters, costs: CostTable) -> None:

@@ -85,3 +85,21 @@ def test_revision_comes_from_the_checkout_without_git_revision(model_dir, tmp_pa
 def test_admission_gauges(metrics_text):
     assert samples(metrics_text, "eed_admission_limit") == [({}, 7.0)]
     assert samples(metrics_text, "eed_admitted_requests") == [({}, 0.0)], "idle: nothing admitted"
+
+
+def test_the_servers_own_failures_are_counted_from_zero(metrics_text, tmp_path):
+    """A counter series born at 1 has no earlier sample: rate() and increase() miss its first
+    5xx, and the error-ratio alert with it. Every policy's 500 and 503 exist before any request."""
+    series = {(s["exit"], s["policy"], s["status"]): v for s, v in samples(metrics_text, "eed_requests_total")}
+    policies = ["none", "exit", "confidence", "budget", "budget_gflops", "budget_ms"]
+    assert series == {("none", p, status): 0.0 for p in policies for status in ("500", "503")}
+    # and a calibrated policy's label too
+    from serving_model import with_calibrated_policy
+
+    from serving.manifest import load_manifest
+    from serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    metrics.describe_model(load_manifest(with_calibrated_policy(build_model_folder(tmp_path))), "cpu")
+    text = metrics.render().decode()
+    assert 'eed_requests_total{exit="none",policy="policy:half",status="500"} 0.0' in text
