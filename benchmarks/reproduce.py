@@ -154,7 +154,16 @@ def planned_command(name: str, seed: int, preset: str, runs_dir: Path, extra: li
         str(threads),
         *extra,
     ]
-    return _drop(cmd, NOT_FOR_METHOD[method_flags[1]])
+    unused = NOT_FOR_METHOD[method_flags[1]]
+    if _last_value(cmd, "--distill") == "mse":  # the KL term's temperature (refused then)
+        unused = unused | {"--temperature"}
+    return _drop(cmd, unused)
+
+
+def _last_value(cmd: list[str], flag: str) -> str | None:
+    """The value argparse keeps for ``flag`` in ``cmd`` (its last occurrence's), or None."""
+    values = [cmd[i + 1] for i, c in enumerate(cmd[:-1]) if c == flag]
+    return values[-1] if values else None
 
 
 def check_settings(run_dir: Path, cmd: list[str]) -> None:
@@ -346,7 +355,7 @@ def to_markdown(table: dict, meta: dict) -> str:
     weights = [
         f"{name} {w['distill']} α {w['alpha']:g}"
         + (f" β {w['beta']:g}" if name != "kd" else "")
-        + f" T {w['temperature']:g}"
+        + (f" T {w['temperature']:g}" if w["distill"] == "kl" else "")  # T is the KL term's only
         for name, row in table.items()
         if (w := row.get("loss_weights")) and {"distill", "alpha", "beta", "temperature"} <= set(w)
     ]

@@ -89,6 +89,9 @@ def test_extra_flags_win_and_flags_a_method_refuses_are_dropped(tmp_path):
         cmd = planned_command(name, 1, "cpu", tmp_path, extra, 1)
         assert not {"--alpha", "--beta", "--temperature", "--distill", "--teacher-exits"} & set(cmd)
         _parsed(cmd)  # accepted
+    # the preset's temperature is the KL term's: an MSE run is planned without it (train.py refuses it)
+    mse = planned_command("eed-mse", 1, "cpu", tmp_path, [], 1)
+    assert "--temperature" not in mse and _parsed(mse).distill == "mse"
 
 
 def test_the_cpu_report_pairs_differences_by_seed_and_states_the_weights(tmp_path):

@@ -197,6 +197,9 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
         (["--threads", "0"], "--threads must be at least 1"),
         (["--width-mult", "inf"], "--width-mult must be a positive finite number"),  # an OverflowError
         (["--temperature", "nan"], "--temperature must be a positive finite number"),  # a NaN loss mid-epoch
+        # recorded in config.json as if it had shaped the run
+        (["--distill", "mse", "--temperature", "10"], "--distill mse does not use it"),
+        (["--method", "branchynet", "--temperature", "2"], "--temperature has no effect with --method branchynet"),
         (["--alpha", "nan"], "--alpha must be a finite number >= 0"),
         (["--lr-gamma", "-1"], "--lr-gamma must be a positive finite factor"),
         (["--milestones", "0", "5"], "--milestones are epochs"),

@@ -76,6 +76,11 @@ def multi_exit_loss(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    # In float32 whatever the network's outputs are: CPU autocast leaves softmax/log_softmax (and
+    # the teachers' means) in bfloat16 for bfloat16 logits — 13 % off in the KL term's gradient
+    # near convergence, by a review script — where CUDA autocast would have moved them to float32.
+    logits = [z.float() for z in logits]
+    features = None if features is None else [f.float() for f in features]
     k = len(logits)
     zero = logits[-1].new_zeros(())
     ce_terms = [F.cross_entropy(z, target) for z in logits]

@@ -197,6 +197,10 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         raise UsageError("--teacher-exits selects the EED ensemble teacher; it needs --method eed")
     if "distill" in explicit and args.method in ("baseline", "branchynet"):
         raise UsageError(f"--distill has no effect with --method {args.method}")
+    if "temperature" in explicit and args.method in ("baseline", "branchynet"):
+        raise UsageError(f"--temperature has no effect with --method {args.method} (it has no distillation term)")
+    if "temperature" in explicit and args.distill != "kl":
+        raise UsageError(f"--temperature is the KL term's; --distill {args.distill} does not use it: drop it")
     if args.alpha is None:
         args.alpha = DEFAULT_ALPHA[args.distill]
     args.beta = 1.0 if args.beta is None else args.beta
