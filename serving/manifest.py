@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,6 +200,8 @@ class Provenance(_Strict):
     onnxruntime: str | None = None
     opset: int | None = None
     parity: Parity | None = None
+    # python -m training.calibrate: the policies and figures re-measured on these graphs since the export
+    recalibrated: dict[str, Any] | None = None
 
 
 class Manifest(_Strict):
@@ -312,5 +315,12 @@ def verify_files(manifest: Manifest, model_dir: str | Path) -> None:
 def write_manifest(manifest: Manifest, model_dir: str | Path) -> Path:
     """Write the manifest as pretty JSON (stable key order so diffs stay readable)."""
     path = Path(model_dir) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    # Beside it, then renamed over it: a server starting meanwhile never reads half a manifest.
+    tmp = path.with_name(f".{MANIFEST_NAME}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -16,6 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from . import cascade
 from .errors import NotReady, ServingError
 from .feedback import AnswerSigner, FeedbackStore
 from .fused import attach_fused_cascade
@@ -101,6 +102,17 @@ async def load_model(state: AppState) -> None:
     try:
         state.phase = "loading graphs"
         runtime = await loop.run_in_executor(None, ModelRuntime.load, settings.model_dir, options)
+        calibrated = runtime.manifest.thresholds
+        if calibrated is not None and calibrated.policies and calibrated.rule != cascade.RULE:
+            # The server applies its own rule; the manifest's figures describe the one it was calibrated under.
+            log.warning(
+                "%s was calibrated under another cascade rule (%r); this server applies %r, so the policies' "
+                "recorded figures may differ slightly from its answers: python -m training.calibrate %s",
+                settings.model_dir,
+                calibrated.rule,
+                cascade.RULE,
+                settings.model_dir,
+            )
         state.phase = "warming up"
         await loop.run_in_executor(None, runtime.warm_up, settings.max_batch_size, settings.warmup_runs)
         await loop.run_in_executor(None, runtime.check_consistency)

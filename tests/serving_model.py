@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from serving.cascade import RULE
 from serving.manifest import ExitSpec, InputSpec, Manifest, sha256_file, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,8 +252,7 @@ def with_calibrated_policy(model_dir):
     manifest = json.loads(path.read_text())
     score = {"accuracy": 0.9, "mean_gflops": 0.0005, "exit_fractions": [0.3, 0.3, 0.4]}
     manifest["thresholds"] = {
-        "rule": "evaluate exits in order; stop at the first exit i < k whose top softmax probability >= "
-        "thresholds[i-1]; the last exit always answers",
+        "rule": RULE,
         "policies": {
             "half": {"target": {"mean_gflops": 0.0005}, "thresholds": [0.99, 0.5], "family": "geometric", "val": score}
         },

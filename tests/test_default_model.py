@@ -224,3 +224,26 @@ def test_the_cascade_tie_slack_covers_how_far_the_fused_graph_and_the_stages_dif
                 want = cascade.top_probability(outputs[0])
                 spread = max(spread, float(np.max(np.abs(cascade.top_probability(fused_logits) - want) / want)))
     assert spread < cascade.TIE_RTOL / 10, spread
+
+
+def test_the_recorded_figures_reproduce_exactly_under_the_servers_rule(tmp_path):
+    """Every figure the manifest records — per-exit accuracy, each policy's thresholds and its
+    validation and test figures, the cascade curve — re-measured on the shipped graphs with the
+    rule the server applies: exactly equal. (The shipped model was first calibrated under the
+    1e-12 tie slack; one test image of 10,000 then counted an exit later than the server answers.)"""
+    import shutil
+
+    from serving import cascade
+    from training.calibrate import recalibrate
+
+    if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"no Fashion-MNIST files under {FMNIST_DIR} (apt-get install dataset-fashion-mnist)")
+    shipped = load_manifest(MODEL_DIR, verify=False)
+    if shipped.dataset != "fashion-mnist" or shipped.thresholds is None:
+        pytest.skip("the shipped model is not a Fashion-MNIST model with calibrated policies")
+    assert shipped.thresholds.rule == cascade.RULE, "calibrated under another rule: python -m training.calibrate"
+    copy = shutil.copytree(MODEL_DIR, tmp_path / "model")
+    redone = recalibrate(copy, data_dir=str(FMNIST_DIR), download=False)
+    assert redone.thresholds == shipped.thresholds
+    assert redone.evaluation == shipped.evaluation
+    assert [e.accuracy for e in redone.exits] == [e.accuracy for e in shipped.exits]

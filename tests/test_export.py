@@ -246,7 +246,8 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch, c
     assert manifest.num_exits == 1 and manifest.thresholds is None and manifest.evaluation.split is None
     # policy=NAME would answer 422 for any name: the export says so where it can still be fixed
     printed = capsys.readouterr().out
-    assert "no calibrated cascade policies" in printed and "exported with --skip-eval; export without it" in printed
+    assert "no calibrated cascade policies" in printed and "one exit, so there is nothing to cascade" in printed
+    assert "--skip-eval" not in printed  # exporting without it would calibrate nothing either
     assert main([str(ckpt), "--out", str(out), "--skip-eval"]) == 2
     assert main([str(ckpt), "--out", str(out), "--skip-eval", "--force", "--name", "renamed"]) == 0
     assert load_manifest(out).name == "renamed"
@@ -277,6 +278,11 @@ def test_clear_errors(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main([str(tmp_path / "junk.pt"), "--out", str(tmp_path / "m")]) == 2
     assert "could not be read" in capsys.readouterr().err
+    # two targets named alike (%g): the later policy replaced the earlier without a word
+    assert (
+        main([str(tmp_path / "junk.pt"), "--out", str(tmp_path / "m"), "--budget-gflops", "0.0250000001", "0.025"]) == 2
+    )
+    assert "would both be named budget_0.025_gflops" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
 
@@ -284,3 +290,47 @@ def manifest_accuracy_from_spot_check(manifest, exit_number):
     """With 64 test images the spot check (every image) must equal the exit's accuracy."""
     assert manifest.evaluation.spot_check.stride == 1
     return manifest.evaluation.spot_check.accuracy[exit_number - 1]
+
+
+def test_the_summary_says_why_a_model_has_no_policies(vgg_export, capsys):
+    from training.export import print_summary
+
+    _, manifest, _ = vgg_export  # several exits, exported with --skip-eval
+    print_summary(manifest)
+    assert "exported with --skip-eval; export without it to calibrate them" in capsys.readouterr().out
+
+
+def test_calibrate_rewrites_an_exported_folders_policies_from_its_own_graphs(resnet_export, tmp_path, capsys):
+    """An export calibrated under an older rule (or for other targets) is re-measured on its graphs,
+    without the checkpoint: the figures match what export measures now, the graphs are untouched."""
+    from serving import cascade
+    from training.calibrate import main as calibrate
+
+    _, exported, folder = resnet_export
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    path = copy / "manifest.json"
+    stale = json.loads(path.read_text())
+    stale["thresholds"]["rule"] = "an older rule"
+    name = next(iter(stale["thresholds"]["policies"]))
+    stale["thresholds"]["policies"][name]["test"]["accuracy"] = 0.5
+    path.write_text(json.dumps(stale))
+    graphs = {f: (copy / f).read_bytes() for f in exported.files}
+
+    assert calibrate([str(copy)]) == 0
+    redone = load_manifest(copy, verify=True)
+    assert redone.thresholds.rule == cascade.RULE
+    assert redone.thresholds.policies == exported.thresholds.policies  # the same data, the same rule
+    assert redone.evaluation == exported.evaluation and redone.exits == exported.exits
+    assert redone.provenance.recalibrated["command"] == f"python -m training.calibrate {copy}"
+    assert {f: (copy / f).read_bytes() for f in exported.files} == graphs
+    assert f"cascade {name}:" in capsys.readouterr().out
+
+    # new targets replace the policies
+    assert calibrate([str(copy), "--budget-fractions", "0.6", "--accuracy-drops"]) == 0
+    assert list(load_manifest(copy).thresholds.policies) == ["budget_0.6x_main"]
+    # a folder whose graphs changed is refused before anything is measured, and left as it was
+    (copy / exported.exits[0].path).write_bytes(b"not the graph")
+    before = path.read_bytes()
+    assert calibrate([str(copy)]) == 2
+    assert "checksum" in capsys.readouterr().err and path.read_bytes() == before

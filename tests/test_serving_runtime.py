@@ -498,6 +498,39 @@ def test_one_slow_calibration_run_does_not_send_lone_requests_off_the_event_loop
     assert service.lone_on_event_loop() == []  # never within it: the inference thread
 
 
+def test_a_model_calibrated_under_another_rule_is_named_at_start(model_dir, tmp_path, caplog):
+    """The server applies its own cascade rule; figures recorded under an older one may not match its
+    answers (the shipped model's 1e-12 tie slack): the log says so and what refreshes them."""
+    import asyncio
+    import json
+    import shutil
+
+    from serving_model import with_calibrated_policy
+
+    from serving.app import create_app, load_model
+
+    folder = with_calibrated_policy(shutil.copytree(model_dir, tmp_path / "model"))
+
+    def start() -> list[str]:
+        caplog.clear()
+
+        async def main():
+            app = create_app(ServerSettings(model_dir=folder, intra_op_threads=1))
+            await load_model(app.state.eed)
+            await app.state.eed.service.stop()
+
+        with caplog.at_level(logging.WARNING, logger="serving"):
+            asyncio.run(main())
+        return [r.getMessage() for r in caplog.records if "another cascade rule" in r.getMessage()]
+
+    assert start() == []
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["thresholds"]["rule"] = "an older rule"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (warning,) = start()
+    assert "'an older rule'" in warning and f"python -m training.calibrate {folder}" in warning
+
+
 def test_an_unexpected_error_in_classify_is_a_json_500_with_the_request_id(model_dir, caplog):
     # /classify runs past Starlette's error middleware (serving.app.DirectRoutes): a bug there must
     # still answer like every other route — the app's JSON 500, the request id, the traceback logged.

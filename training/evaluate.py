@@ -135,6 +135,23 @@ def analyze(
     return results
 
 
+def policy_names(budget_fractions=(), budgets_gflops=(), accuracy_drops=(), target_accuracies=()) -> list[str]:
+    """The manifest names of the policies these targets calibrate, in that order; EvaluationError when
+    two targets would share a name (``%g`` of 0.0250000001 and of 0.025: the later policy replaced
+    the earlier in the manifest without a word)."""
+    names = [f"budget_{f:g}x_main" for f in budget_fractions]
+    names += [f"budget_{g:g}_gflops" for g in budgets_gflops]
+    names += [f"accuracy_main_minus_{d:g}pt" for d in accuracy_drops]
+    names += [f"accuracy_{a:g}" for a in target_accuracies]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EvaluationError(
+            f"two calibration targets would both be named {', '.join(repeated)} (names keep 6 significant "
+            "digits); give each target once, differing within those digits"
+        )
+    return names
+
+
 def _cascade_section(
     logits, labels, stage, split, val, main_gflops, budget_fractions, budgets_gflops, accuracy_drops, target_accuracies
 ) -> dict:
@@ -155,10 +172,11 @@ def _cascade_section(
         return section
     val_logits, val_labels = np.asarray(val[0]), np.asarray(val[1])
     main_val_acc = topk_accuracy(val_logits[:, -1], val_labels, 1)
-    budgets = [(f"budget_{f:g}x_main", {"fraction_of_main": f}, f * main_gflops) for f in budget_fractions]
-    budgets += [(f"budget_{g:g}_gflops", {"fraction_of_main": g / main_gflops}, g) for g in budgets_gflops]
-    targets = [(f"accuracy_main_minus_{d:g}pt", {"drop_points": d}, main_val_acc - d / 100) for d in accuracy_drops]
-    targets += [(f"accuracy_{a:g}", {}, a) for a in target_accuracies]
+    names = iter(policy_names(budget_fractions, budgets_gflops, accuracy_drops, target_accuracies))
+    budgets = [(next(names), {"fraction_of_main": f}, f * main_gflops) for f in budget_fractions]
+    budgets += [(next(names), {"fraction_of_main": g / main_gflops}, g) for g in budgets_gflops]
+    targets = [(next(names), {"drop_points": d}, main_val_acc - d / 100) for d in accuracy_drops]
+    targets += [(next(names), {}, a) for a in target_accuracies]
     cals = cascade.calibrate(
         val_logits, val_labels, stage, [b[2] for b in budgets], [t[2] for t in targets], {split: (scores, labels)}
     )
@@ -345,13 +363,16 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_targets(args: argparse.Namespace) -> dict:
-    """:func:`analyze`'s calibration keywords from :func:`add_calibration_args`' flags."""
-    return {
+    """:func:`analyze`'s calibration keywords from :func:`add_calibration_args`' flags; EvaluationError
+    now, before any work, for targets whose policies would share a name."""
+    targets = {
         "budget_fractions": args.budget_fractions,
         "budgets_gflops": args.budget_gflops,
         "accuracy_drops": args.accuracy_drops,
         "target_accuracies": args.target_accuracy,
     }
+    policy_names(**targets)
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = sum((Path(args.out) / f).stat().st_size for f in manifest.files) / 1e6
     print(f"wrote {args.out}: {len(manifest.files)} ONNX files ({size:.1f} MB) + manifest.json")
+    print_summary(manifest)
+    return 0
+
+
+def print_summary(manifest: Manifest) -> None:
+    """Per-exit cost and accuracy, the calibrated policies' test figures, or why there are none."""
     for e in manifest.exits:
         acc = f"{100 * e.accuracy:.2f}%" if e.accuracy is not None else "n/a"
         print(f"  exit {e.exit}: {e.gflops:.4f} GFLOPs, {e.params:,} params, accuracy {acc}")
@@ -239,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (manifest.thresholds and manifest.thresholds.policies):
         # policy=NAME will answer 422 for every name: say so here, where it can still be fixed
         t = manifest.thresholds
-        if t is None:
+        if manifest.num_exits == 1:
+            why = "the model has one exit, so there is nothing to cascade"
+        elif t is None:
             why = "exported with --skip-eval; export without it to calibrate them"
         elif t.reason:  # e.g. the run has no validation split (the reason says what to do)
             why = t.reason
         else:
             why = "; ".join(f"{u.name}: {u.reason}" for u in t.not_calibrated) or "no target could be met"
         print(f"  no calibrated cascade policies, so policy=NAME has nothing to serve: {why}")
-    return 0
 
 
 if __name__ == "__main__":

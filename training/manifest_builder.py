@@ -56,6 +56,30 @@ def thresholds_entry(results: dict) -> dict:
     return entry
 
 
+def evaluation_entry(results: dict | None, dataset_name: str, subset: int | None) -> dict:
+    """The manifest's ``evaluation``: what was measured on the exported graphs, and on what."""
+    if not results:
+        return {"split": None, "reason": "export ran with --skip-eval"}
+    evaluation = {
+        "split": results["split"],
+        "dataset": dataset_name,
+        "images": results["images"],
+        "subset": subset,
+        "backend": "onnxruntime (exported stage graphs, CPU)",
+        "accuracy": "top-1, fraction",
+    }
+    if "spot_check" in results:
+        evaluation["spot_check"] = results["spot_check"]
+    if "ensemble" in results:
+        evaluation["ensemble"] = results["ensemble"]
+        evaluation["disagreement"] = results["disagreement"]
+        front = cascade.pareto_front([cascade.CascadePoint(**p) for p in results["cascade"]["curve"]])
+        evaluation["cascade_curve"] = [
+            {"threshold": p.parameter, "accuracy": p.accuracy, "mean_gflops": p.mean_gflops} for p in front
+        ]
+    return evaluation
+
+
 def build_manifest(
     name: str,
     payload: dict,
@@ -86,25 +110,7 @@ def build_manifest(
                 cascade_gflops=float(chain[c.exit - 1]),
             )
         )
-    evaluation: dict = {"split": None, "reason": "export ran with --skip-eval"}
-    if results:
-        evaluation = {
-            "split": results["split"],
-            "dataset": dataset["name"],
-            "images": results["images"],
-            "subset": provenance.get("eval_subset"),
-            "backend": "onnxruntime (exported stage graphs, CPU)",
-            "accuracy": "top-1, fraction",
-        }
-        if "spot_check" in results:
-            evaluation["spot_check"] = results["spot_check"]
-        if "ensemble" in results:
-            evaluation["ensemble"] = results["ensemble"]
-            evaluation["disagreement"] = results["disagreement"]
-            front = cascade.pareto_front([cascade.CascadePoint(**p) for p in results["cascade"]["curve"]])
-            evaluation["cascade_curve"] = [
-                {"threshold": p.parameter, "accuracy": p.accuracy, "mean_gflops": p.mean_gflops} for p in front
-            ]
+    evaluation = evaluation_entry(results, dataset["name"], provenance.get("eval_subset"))
     hashes = {f: sha256_file(folder / f) for pair in files for f in pair}
     manifest = Manifest(
         name=name,

@@ -10,7 +10,6 @@ factory and stage chain (``serving.sessions``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +117,7 @@ def evaluate_onnx(folder: Path, files, io_names: GraphIO, bundle, split: str, co
     if bundle.val is not None:
         val_loader = make_loader(bundle.val, bundle.spec, 256, train=False)
         val = (logits, labels) if split == "val" else chain.split_logits(val_loader)
-    results = analyze(logits, labels, [asdict(c) for c in costs], split, val, **targets)
+    results = analyze(logits, labels, costs, split, val, **targets)
     # Per-exit accuracy on a systematic sample of SPOT_CHECK images (every len/SPOT_CHECK-th
     # image), so a check that can afford only those images compares exactly, not within
     # sampling noise. A spread sample, not the first images: test sets are not shuffled
