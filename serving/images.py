@@ -27,9 +27,12 @@ error, goes through Pillow.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
+import os
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,10 +48,16 @@ from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 # Restricting the set keeps plugins that shell out or parse risky containers
 # (EPS → Ghostscript, ...) out of reach of client bytes.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
-# Bodies above this are decoded in a worker thread: a camera-sized JPEG takes tens of ms to
-# decode, which would stall every other request on the event loop; tiny images decode faster
-# than a thread hop.
+# Images are decoded on the event loop only when small in bytes *and* in the pixels their header
+# declares (serving.imageheader; a 702-byte WebP can declare 4096x4096): decoding those is faster
+# than a thread hop. Anything else — a camera-sized JPEG takes tens of ms — goes to a worker thread,
+# at most one per usable CPU at a time: decoding is CPU-bound, and each large decode holds several
+# full-size copies of the image (six 81 kB images declaring 4096x4096 at once took the process
+# from 0.66 to 1.86 GiB).
 INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 512 * 512
+MAX_JPEG_SCANS = 100  # see decode_image
+_DECODE_THREADS = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
 ACCEPTED_CONTENT_TYPES = (
     "image/png",
     "image/jpeg",
@@ -256,6 +265,16 @@ def decode_image(
             width=width,
             height=height,
         )
+    if image.format in ("JPEG", "MPO"):
+        # libjpeg decodes every scan of a progressive JPEG, however many: 5,000 copies of one 33-byte
+        # scan in a 264 kB file took 6 s of CPU. Encoders write about ten; an SOS marker cannot occur
+        # inside entropy-coded data (0xFF is followed by 0x00 or a restart marker there).
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImage(
+                f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (encoders write about 10)",
+                format=image.format,
+            )
     try:
         if draft_size and image.format in ("JPEG", "MPO"):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller:
@@ -331,8 +350,19 @@ def _describe(exc: Exception) -> str:
 T = TypeVar("T")
 
 
-async def decode_off_loop(nbytes: int, decode: Callable[[], T]) -> T:
-    """Run ``decode`` (of ``nbytes`` of image data) inline when small, in a worker thread when large."""
-    if nbytes > INLINE_DECODE_BYTES:
-        return await anyio.to_thread.run_sync(decode)
-    return decode()
+# One per event loop (a limiter's waiters belong to the loop that made them; tests run several).
+_decode_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def decode_off_loop(nbytes: int, decode: Callable[[], T], pixels: int | None = 0) -> T:
+    """Run ``decode`` (of ``nbytes`` of data, images declaring ``pixels`` in all; ``None``: not
+    known) inline when small on both counts, else in a worker thread (see INLINE_DECODE_BYTES)."""
+    if nbytes <= INLINE_DECODE_BYTES and pixels is not None and pixels <= INLINE_DECODE_PIXELS:
+        return decode()
+    loop = asyncio.get_running_loop()
+    limiter = _decode_limiters.get(loop)
+    if limiter is None:
+        limiter = _decode_limiters[loop] = anyio.CapacityLimiter(_DECODE_THREADS)
+    return await anyio.to_thread.run_sync(decode, limiter=limiter)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from .body import media_type, read_body_within, read_limited, within
 from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId, UnsupportedMediaType, shut_down
+from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
@@ -196,7 +197,7 @@ async def answer_classify(
         policy_label = params.name
         data, content_type = await read_body()
         with service.admit(arrival_counted) as ticket:
-            x = await decode_off_loop(len(data), lambda: preprocess(data, content_type))
+            x = await decode_off_loop(len(data), lambda: preprocess(data, content_type), declared_pixels(data))
             deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
             outcome = await service.run(x, plan, ticket, deadline)
         ranked = ranked_classes(outcome.logits, k)

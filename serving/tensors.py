@@ -50,6 +50,11 @@ BYTES = "BYTES"
 # A request may hold at most this many elements per tensor: bounds what a tiny JSON body
 # like {"shape": [1e9]} could make the server allocate (the body limit bounds the rest).
 MAX_ELEMENTS = 1 << 28
+# numpy refuses arrays of more than 64 dimensions (a 500 before this limit); no model input has 16.
+MAX_DIMENSIONS = 16
+# Tensors per request: a model takes a few. 250,000 inputs were parsed one by one on the event loop
+# and their names listed in the error.
+MAX_TENSORS = 64
 
 
 @dataclass
@@ -90,6 +95,8 @@ def _object(value: Any, what: str) -> dict:
 def _shape(raw: Any, where: str) -> list[int]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
         raise _fail(f"{where}: 'shape' must be a list of integers, got {raw!r}")
+    if len(raw) > MAX_DIMENSIONS:
+        raise _fail(f"{where}: 'shape' has {len(raw)} dimensions; at most {MAX_DIMENSIONS} are accepted")
     if any(d < 0 for d in raw):
         raise _fail(f"{where}: 'shape' {raw} has a negative dimension")
     if any(d > MAX_ELEMENTS for d in raw):  # [2**63, 0] has 0 elements but no array can have that shape
@@ -134,8 +141,11 @@ def _flatten(data: Any, shape: list[int], where: str) -> list:
 
 def _split_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
     """BYTES binary layout: each element is a 4-byte little-endian length and the bytes."""
-    items, offset = [], 0
+    items: list[bytes] = []
+    offset = 0
     while offset < len(raw):
+        if len(items) == count:  # more than the shape says: no need to split millions of them first
+            raise _fail(f"{where}: shape has {count} elements but the BYTES data holds more")
         if offset + 4 > len(raw):
             raise _fail(f"{where}: BYTES data ends inside an element's 4-byte length")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -269,6 +279,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     inputs_raw = raw.get("inputs")
     if not isinstance(inputs_raw, list) or not inputs_raw:
         raise _fail("'inputs' must be a non-empty list of tensors")
+    if len(inputs_raw) > MAX_TENSORS:
+        raise _fail(f"'inputs' holds {len(inputs_raw)} tensors; at most {MAX_TENSORS} are accepted")
     inputs, offset = [], 0
     for i, item in enumerate(inputs_raw):
         tensor, offset = _decode_input(item, i, binary, offset)
@@ -282,6 +294,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if raw.get("outputs") is not None:
         if not isinstance(raw["outputs"], list):
             raise _fail("'outputs' must be a list")
+        if len(raw["outputs"]) > MAX_TENSORS:
+            raise _fail(f"'outputs' requests {len(raw['outputs'])} tensors; at most {MAX_TENSORS} are accepted")
         outputs = []
         for i, item in enumerate(raw["outputs"]):
             item = _object(item, f"outputs[{i}]")

@@ -238,3 +238,69 @@ def test_refused_pillow_format_is_not_opened():
         GRAY(ppm)
     with pytest.raises(UnsupportedMediaType):
         GRAY(ppm, content_type="image/x-portable-graymap")
+
+
+# --- what a body costs to decode, known before decoding it
+
+
+@pytest.mark.parametrize(
+    "fmt, kw",
+    [
+        ("PNG", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("WEBP", {"lossless": True}),
+        ("WEBP", {"quality": 80}),
+        ("WEBP", {"lossless": True, "exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"}),  # VP8X
+    ],
+)
+def test_the_header_declares_the_pixel_count(fmt, kw):
+    from serving.imageheader import declared_pixels
+
+    buf = io.BytesIO()
+    Image.new("RGB", (37, 23), (90, 20, 200)).save(buf, fmt, **kw)
+    data = buf.getvalue()
+    assert declared_pixels(data) == 37 * 23
+    assert declared_pixels(data[:8]) is None  # cut short: not known, so not decoded on the event loop
+
+
+def test_a_small_body_declaring_a_huge_image_is_decoded_off_the_event_loop():
+    """A 702-byte lossless WebP of 4096x4096 took 0.42 s and 450 MiB to decode, on the event loop,
+    because it was small in bytes. What decides is what the header declares."""
+    import asyncio
+    import threading
+
+    from serving.imageheader import declared_pixels
+    from serving.images import INLINE_DECODE_BYTES, decode_off_loop
+
+    def encoded(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (7, 7, 7)).save(buf, "WEBP", lossless=True)
+        return buf.getvalue()
+
+    async def decoding_thread(data) -> int:
+        return await decode_off_loop(len(data), threading.get_ident, declared_pixels(data))
+
+    small, huge = encoded((28, 28)), encoded((2048, 2048))
+    assert len(huge) < INLINE_DECODE_BYTES
+    main = threading.get_ident()
+    assert asyncio.run(decoding_thread(small)) == main
+    assert asyncio.run(decoding_thread(huge)) != main
+    assert asyncio.run(decoding_thread(b"\x00" * 100)) != main  # nothing declared: not trusted either
+
+
+def test_a_jpeg_with_hundreds_of_scans_is_refused_before_decoding():
+    # libjpeg decodes every scan: 5,000 copies of one scan took 6 s of CPU for a 264 kB file
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buf, "JPEG", progressive=True)
+    good = buf.getvalue()
+    assert 1 < good.count(b"\xff\xda") <= 100
+    RGB(good)  # an ordinary progressive JPEG decodes
+    last_scan = good[good.rindex(b"\xff\xda") : -2]
+    many = good[:-2] + last_scan * 150 + good[-2:]
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=r"scans; at most 100 are accepted"):
+        RGB(many)
+    assert time.perf_counter() - started < 0.5

@@ -261,6 +261,30 @@ def test_nested_data_must_match_the_shape(server):
     assert infer([v for row in rows for v in row]).status_code == 200  # flat
 
 
+def test_requests_beyond_the_limits_are_refused_before_the_work(server):
+    """Each of these was parsed or decoded in full first: a 500 from numpy, seconds of the event loop,
+    or minutes decoding images the batch limit then refused."""
+    from serving.settings import ServerSettings
+
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+
+    def infer(body):
+        return httpx.post(url, json=body, timeout=60)
+
+    # numpy's 64-dimension limit was a 500
+    r = infer({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1] * 65, "data": [0.5]}]})
+    assert r.status_code == 400 and "at most 16 are accepted" in r.json()["error"], r.text
+    # a batch above the admission limit: refused without decoding its images (these are not images)
+    limit = ServerSettings.model_fields["queue_size"].default
+    junk = base64.b64encode(b"not an image").decode()
+    r = infer({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [limit + 1], "data": [junk] * (limit + 1)}]})
+    assert r.status_code == 400 and f"a batch of {limit + 1} is more than this server admits" in r.json()["error"]
+    # thousands of inputs: refused by count, not parsed one by one and listed by name
+    many = [{"name": f"x{i}", "datatype": "FP32", "shape": [1], "data": [0.0]} for i in range(5000)]
+    r = infer({"inputs": many})
+    assert r.status_code == 400 and r.json()["error"] == "'inputs' holds 5000 tensors; at most 64 are accepted"
+
+
 def test_feedback_ids_from_oip_answers_are_accepted(client, server):
     result = client.infer(MODEL, [image_input(pngs([2]))], parameters={"exit": 1})
     (feedback_id,) = result.as_numpy("feedback_id")
