@@ -3,10 +3,14 @@
 The server decodes small bodies on the event loop (a thread hop costs more than decoding a
 28×28 PNG), but a body's size says little about its decode cost: a 702-byte lossless WebP
 declaring 4096×4096 took 0.42 s and 450 MiB to decode, with every other request waiting. So
-whether a body may be decoded inline is decided by what it declares: PNG, GIF, WebP, BMP and
-JPEG headers are read here in a few struct reads (JPEG: a walk over the markers before its
-frame header). ``None`` means "not known" — another format, a header cut short, anything odd —
-and such a body is decoded off the event loop; Pillow still decides whether it is an image.
+whether a body may be decoded inline is decided by what it declares: PNG, WebP, BMP and JPEG
+headers are read here in a few struct reads (JPEG: a walk over the markers before its frame
+header). ``None`` means "not known" — another format (GIF too: Pillow grows the image to its
+first frame, which may exceed the screen size the header states), a header cut short, a size
+of zero or below — and such a body is decoded off the event loop; Pillow still decides whether
+it is an image.
+
+:func:`jpeg_scans` counts a JPEG's scans up to its end-of-image marker.
 """
 
 from __future__ import annotations
@@ -26,8 +30,6 @@ def declared_pixels(data: bytes) -> int | None:
     try:
         if data.startswith(_PNG) and data[12:16] == b"IHDR":
             width, height = struct.unpack_from(">II", data, 16)
-        elif data[:6] in (b"GIF87a", b"GIF89a"):
-            width, height = struct.unpack_from("<HH", data, 6)
         elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
             return _webp(data)
         elif data[:2] == b"BM":
@@ -39,7 +41,12 @@ def declared_pixels(data: bytes) -> int | None:
             return None
     except struct.error:  # shorter than its header
         return None
-    return width * height or None
+    return _area(width, height)
+
+
+def _area(width: int, height: int) -> int | None:
+    # A zero or negative size (a BMP's fields are signed) is not a size to trust, nor to add up.
+    return width * height if width > 0 and height > 0 else None
 
 
 def _webp(data: bytes) -> int | None:
@@ -47,13 +54,13 @@ def _webp(data: bytes) -> int | None:
     if kind == b"VP8X":  # extended: canvas size, 24 bits each, minus one
         width = int.from_bytes(data[24:27], "little") + 1
         height = int.from_bytes(data[27:30], "little") + 1
-        return width * height
+        return _area(width, height)
     if kind == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:  # lossless: 14 bits each, minus one
         bits = int.from_bytes(data[21:25], "little")
-        return ((bits & 0x3FFF) + 1) * (((bits >> 14) & 0x3FFF) + 1)
+        return _area((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
     if kind == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":  # lossy key frame
         width, height = struct.unpack_from("<HH", data, 26)
-        return (width & 0x3FFF) * (height & 0x3FFF)
+        return _area(width & 0x3FFF, height & 0x3FFF)
     return None
 
 
@@ -74,8 +81,45 @@ def _jpeg(data: bytes) -> int | None:
             if pos + 9 > len(data):
                 return None
             height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width * height or None  # height 0: defined later (DNL)
+            return _area(width, height)  # height 0: defined later (DNL)
         if marker == 0xDA:  # scan data before any frame header: not a JPEG to guess about
             return None
         pos += 2 + length
     return None
+
+
+def jpeg_scans(data: bytes, enough: int) -> int:
+    """Start-of-scan markers of the JPEG in ``data`` before its end-of-image marker, counted up to
+    ``enough`` (data appended after the image, e.g. a motion photo's video, is not the image's).
+
+    Entropy-coded data follows each scan header; a 0xFF inside it is followed by 0x00 (stuffing)
+    or a restart marker, so the next other marker ends it.
+    """
+    scans, pos, end = 0, 2, len(data)
+    while pos + 4 <= end and scans < enough:
+        if data[pos] != 0xFF:
+            return scans
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return scans
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while True:  # past the scan's entropy-coded data, to the next marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= end:
+                return scans
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                pos += 1 if following == 0xFF else 2
+                continue
+            break
+    return scans

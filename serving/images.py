@@ -43,6 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import pngfast
 from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from .imageheader import jpeg_scans
 
 # Pillow format names we open (multi-picture JPEGs open through "JPEG" as MPO).
 # Restricting the set keeps plugins that shell out or parse risky containers
@@ -269,10 +270,15 @@ def decode_image(
         # libjpeg decodes every scan of a progressive JPEG, however many: 5,000 copies of one 33-byte
         # scan in a 264 kB file took 6 s of CPU. Encoders write about ten; an SOS marker cannot occur
         # inside entropy-coded data (0xFF is followed by 0x00 or a restart marker there).
+        # A count in C first; the marker walk (which stops at the image's end: a motion photo's
+        # appended video holds FF DA by chance about once per 64 kB) only when that is above the limit.
         scans = data.count(b"\xff\xda")
         if scans > MAX_JPEG_SCANS:
+            scans = jpeg_scans(data, MAX_JPEG_SCANS + 1)
+        if scans > MAX_JPEG_SCANS:
             raise InvalidImage(
-                f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (encoders write about 10)",
+                f"the JPEG has more than {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are accepted "
+                "(encoders write about 10)",
                 format=image.format,
             )
     try:

@@ -161,6 +161,16 @@ def test_ddp_evaluation_shards_are_disjoint_and_complete_imagefolder(tmp_path, w
     assert sorted(seen) == list(range(10))
 
 
+def test_augmentation_seeds_are_apart_from_the_order_seeds():
+    # (seed * 1_000_003 + epoch) * 4_099 + rank + 1 made rank r's epoch 0 the order seed of epoch r + 1
+    from training.data import augmentation_seed
+
+    for seed in (0, 1, 7):
+        order = {seed * 1_000_003 + epoch for epoch in range(1000)}
+        augment = {augmentation_seed(seed, epoch, rank) for epoch in range(200) for rank in range(8)}
+        assert len(augment) == 200 * 8 and not augment & order
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_ddp_ranks_draw_their_own_imagefolder_augmentation(tmp_path, workers):
     """torchvision's transforms draw from torch's global generator, which every DDP process seeds

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.manifest import MANIFEST_NAME, GraphIO, Manifest, ManifestError, load_manifest, write_manifest
+from serving.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, write_manifest
 from training.evaluate import (
     EvaluationError,
     add_calibration_args,
@@ -67,7 +67,7 @@ def recalibrate(
         for e in manifest.exits
     ]
     files = [(e.path, e.stage) for e in manifest.exits]
-    results = evaluate_onnx(folder, files, GraphIO(), bundle, split, costs, **targets)
+    results = evaluate_onnx(folder, files, manifest.io, bundle, split, costs, **targets)
     exits = [
         e.model_copy(update={"accuracy": r["accuracy"], "top5_accuracy": r.get("top5_accuracy")})
         for e, r in zip(manifest.exits, results["exits"])

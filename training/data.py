@@ -312,8 +312,10 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None)
 
 
 def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one rank's augmentation in one epoch (distinct from the shared order's seed)."""
-    return (seed * 1_000_003 + epoch) * 4_099 + rank + 1
+    """The seed of one rank's augmentation in one epoch: hashed from (seed, epoch, rank) apart from
+    the shared order's ``seed * 1_000_003 + epoch`` (an affine formula made rank r's epoch 0 the order
+    seed of epoch r + 1)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 0xA06]).generate_state(1, np.uint64)[0])
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
