@@ -5,6 +5,7 @@ answers in order on a keep-alive connection. A real uvicorn with the server's pr
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -128,14 +129,9 @@ def test_request_ids_in_and_out(served):
     assert len(h2["x-request-id"]) == 32 and len(h3["x-request-id"]) == 32 and h2["x-request-id"] != h3["x-request-id"]
 
 
-def test_errors_are_json_with_the_request_id_and_counted(served):
-    app, port = served
-    exchange(port, post())  # remembered
-    series = 'eed_requests_total{exit="none",policy="exit",status="%s"}'
-    before = {code: _count(port, series % code) for code in ("400", "500")}
-    status, headers, body = exchange(port, post(body=b"\x89PNG not really", headers="X-Request-ID: bad-1\r\n"))[0]
-    assert status == 400 and headers["x-request-id"] == "bad-1"
-    assert json.loads(body)["error"] == "invalid_image"
+@contextlib.contextmanager
+def broken_preprocessing(app):
+    """A bug in the request's handling: preprocessing raises RuntimeError while the block runs."""
     state = app.state.eed
     real = state.preprocess
 
@@ -144,9 +140,21 @@ def test_errors_are_json_with_the_request_id_and_counted(served):
 
     state.preprocess = broken
     try:
-        status, headers, body = exchange(port, post(headers="X-Request-ID: bug-1\r\n"))[0]
+        yield
     finally:
         state.preprocess = real
+
+
+def test_errors_are_json_with_the_request_id_and_counted(served):
+    app, port = served
+    exchange(port, post())  # remembered
+    series = 'eed_requests_total{exit="none",policy="exit",status="%s"}'
+    before = {code: _count(port, series % code) for code in ("400", "500")}
+    status, headers, body = exchange(port, post(body=b"\x89PNG not really", headers="X-Request-ID: bad-1\r\n"))[0]
+    assert status == 400 and headers["x-request-id"] == "bad-1"
+    assert json.loads(body)["error"] == "invalid_image"
+    with broken_preprocessing(app):
+        status, headers, body = exchange(port, post(headers="X-Request-ID: bug-1\r\n"))[0]
     assert status == 500 and headers["x-request-id"] == "bug-1"
     assert json.loads(body) == {
         "error": "internal_error",
@@ -162,20 +170,13 @@ def test_a_500_is_logged_once_with_its_traceback(served, caplog):
     import logging
 
     app, port = served
-    state = app.state.eed
-    real = state.preprocess
-
-    def broken(data, content_type):
-        raise RuntimeError("a bug in preprocessing")
-
-    state.preprocess = broken
-    try:
+    with broken_preprocessing(app):
         with caplog.at_level(logging.ERROR):
             # the protocol's own path, the direct route's (a query the fast path has not seen), and
             # a route down Starlette's whole stack (OIP v2)
             for path in ("/classify?exit=2", "/classify?exit=1&top_k=3"):
                 assert exchange(port, post(path))[0][0] == 500
-            name = state.service.runtime.manifest.name
+            name = app.state.eed.service.runtime.manifest.name
             oip = json.dumps(
                 {
                     "inputs": [
@@ -186,8 +187,6 @@ def test_a_500_is_logged_once_with_its_traceback(served, caplog):
             head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             assert exchange(port, head.encode() + b"Content-Length: %d\r\n\r\n" % len(oip) + oip)[0][0] == 500
             time.sleep(0.2)  # uvicorn logs after the response is sent
-    finally:
-        state.preprocess = real
     tracebacks = [r for r in caplog.records if r.exc_info and "a bug in preprocessing" in str(r.exc_info[1])]
     assert len(tracebacks) == 3, [(r.name, r.getMessage()) for r in tracebacks]
 
