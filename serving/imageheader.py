@@ -123,3 +123,15 @@ def jpeg_scans(data: bytes, enough: int) -> int:
                 continue
             break
     return scans
+
+
+def png_chunks(data: bytes, kind: bytes) -> int:
+    """How many chunks of ``kind`` the PNG in ``data`` holds (its chunk headers walked to IEND)."""
+    count, pos, end = 0, len(_PNG), len(data)
+    while pos + 8 <= end:
+        length, name = struct.unpack_from(">I4s", data, pos)
+        count += name == kind
+        if name == b"IEND":
+            break
+        pos += 12 + length
+    return count

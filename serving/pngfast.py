@@ -70,6 +70,7 @@ def _plain(data: bytes, max_pixels: int) -> bool:
     if not 0 < width * height <= max_pixels:
         return False
     pos += 25
+    profiles = 0
     while pos + 12 <= end:
         length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         if kind not in _PLAIN_CHUNKS or pos + 12 + length > end:
@@ -84,8 +85,10 @@ def _plain(data: bytes, max_pixels: int) -> bool:
         if kind != b"IDAT":
             if length < _MIN_LENGTH.get(kind, 0):
                 return False
-            if kind == b"iCCP" and not _profile_ok(data[pos + 8 : pos + 8 + length]):
-                return False
+            if kind == b"iCCP":  # one allowed; a second goes to serving.images, which refuses it
+                if profiles or not _profile_ok(data[pos + 8 : pos + 8 + length]):
+                    return False
+                profiles += 1
         if kind == b"IEND":
             return True
         pos += 12 + length
