@@ -266,3 +266,13 @@ def test_subset_unlike_train_size_shrinks_the_test_split_too(tmp_path):
     make_fashion_mnist(tmp_path, n_train=100, n_test=40)
     data = build_datasets("fashion-mnist", tmp_path, subset=20, download=False)
     assert len(data.train) == 20 and len(data.test) == 20
+
+
+def test_an_explicit_data_dir_without_the_files_says_which_copy_is_read(tmp_path):
+    from training.data import FASHION_MNIST_SYSTEM_DIR, load_fashion_mnist
+
+    if not (FASHION_MNIST_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("no system copy of Fashion-MNIST to fall back on")
+    with pytest.warns(UserWarning, match="holds no Fashion-MNIST idx files; reading the system copy"):
+        *_, directory = load_fashion_mnist(tmp_path / "empty", download=False)
+    assert directory == FASHION_MNIST_SYSTEM_DIR

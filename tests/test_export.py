@@ -297,7 +297,9 @@ def test_the_summary_says_why_a_model_has_no_policies(vgg_export, capsys):
 
     _, manifest, _ = vgg_export  # several exits, exported with --skip-eval
     print_summary(manifest)
-    assert "exported with --skip-eval; export without it to calibrate them" in capsys.readouterr().out
+    assert (
+        "exported with --skip-eval; calibrate them with python -m training.calibrate FOLDER" in capsys.readouterr().out
+    )
 
 
 def test_calibrate_rewrites_an_exported_folders_policies_from_its_own_graphs(resnet_export, tmp_path, capsys):
@@ -326,9 +328,17 @@ def test_calibrate_rewrites_an_exported_folders_policies_from_its_own_graphs(res
     assert {f: (copy / f).read_bytes() for f in exported.files} == graphs
     assert f"cascade {name}:" in capsys.readouterr().out
 
-    # new targets replace the policies
-    assert calibrate([str(copy), "--budget-fractions", "0.6", "--accuracy-drops"]) == 0
+    # new targets replace the policies; one that cannot be met is said, with its reason
+    capsys.readouterr()
+    assert calibrate([str(copy), "--budget-fractions", "0.6", "--accuracy-drops", "--target-accuracy", "1"]) == 0
     assert list(load_manifest(copy).thresholds.policies) == ["budget_0.6x_main"]
+    assert "  not calibrated: accuracy_1: " in capsys.readouterr().out
+    # values out of range (a percentage for a fraction) are refused before any work
+    for flag, value in (("--budget-fractions", "60"), ("--target-accuracy", "93"), ("--accuracy-drops", "-1")):
+        assert calibrate([str(copy), flag, value]) == 2
+        assert f"{flag} {value}: give values" in capsys.readouterr().err
+    assert calibrate([str(tmp_path / "nowhere")]) == 2
+    assert "pass a folder written by python -m training.export" in capsys.readouterr().err
     # a folder whose graphs changed is refused before anything is measured, and left as it was
     (copy / exported.exits[0].path).write_bytes(b"not the graph")
     before = path.read_bytes()

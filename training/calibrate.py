@@ -45,6 +45,8 @@ def recalibrate(
     from training.checkpoint import git_revision
 
     folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise EvaluationError(f"{folder} holds no {MANIFEST_NAME}; pass a folder written by python -m training.export")
     manifest = load_manifest(folder, verify=True)  # the graphs are what the figures will describe
     config = dict(manifest.provenance.training_config)
     if not config:
@@ -92,7 +94,11 @@ def recalibrate(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Calibrate an exported model folder's cascade policies again")
+    p = argparse.ArgumentParser(
+        description="Calibrate an exported model folder's cascade policies again. The targets given are the "
+        "whole new set: the policies calibrated before are replaced, and a family of targets not given "
+        "(--budget-fractions, --accuracy-drops: 0.5 0.75 and 0.5 1 by default) takes its defaults."
+    )
     p.add_argument("folder", help="model folder written by training.export (its manifest.json is rewritten)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split whose accuracy goes in the manifest")
     add_data_args(p)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,14 @@ def load_fashion_mnist(data_dir: str | Path | None, download: bool) -> tuple[Arr
     for directory in candidates:
         files = {k: _find_idx(directory, v) for k, v in _FMNIST_FILES.items()}
         if all(files.values()):
+            if data_dir is not None and directory == FASHION_MNIST_SYSTEM_DIR:
+                # Said, not silent: the run's data is not where the user pointed (the same files, but
+                # a folder meant to hold another copy would otherwise go unnoticed).
+                warnings.warn(
+                    f"--data-dir {data_dir} holds no Fashion-MNIST idx files; reading the system copy in "
+                    f"{FASHION_MNIST_SYSTEM_DIR} instead",
+                    stacklevel=2,
+                )
             break
     else:
         if download and data_dir is not None:

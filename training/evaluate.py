@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -343,7 +344,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
-    """The cascade policies to calibrate on validation (evaluation and export alike)."""
+    """The cascade policies to calibrate on validation (evaluation and export alike). They are the
+    whole set: a family not given keeps its defaults, and nothing calibrated earlier is kept."""
     p.add_argument(
         "--budget-fractions",
         type=float,
@@ -371,6 +373,15 @@ def calibration_targets(args: argparse.Namespace) -> dict:
         "accuracy_drops": args.accuracy_drops,
         "target_accuracies": args.target_accuracy,
     }
+    for flag, values, ok, wanted in (
+        ("--budget-fractions", args.budget_fractions, lambda v: 0 < v <= 1, "in (0, 1] (0.5 = half the main exit's)"),
+        ("--budget-gflops", args.budget_gflops, lambda v: v > 0, "above 0"),
+        ("--accuracy-drops", args.accuracy_drops, lambda v: 0 <= v < 100, "points in [0, 100) (0.5 = half a point)"),
+        ("--target-accuracy", args.target_accuracy, lambda v: 0 < v <= 1, "fractions in (0, 1] (0.93, not 93)"),
+    ):
+        bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+        if bad:
+            raise EvaluationError(f"{flag} {' '.join(f'{v:g}' for v in bad)}: give values {wanted}")
     policy_names(**targets)
     return targets
 

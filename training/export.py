@@ -242,17 +242,19 @@ def print_summary(manifest: Manifest) -> None:
                 f"  cascade {policy}: {100 * p.test.accuracy:.2f}% at {p.test.mean_gflops:.4f} GFLOPs "
                 f"(thresholds from val: {[round(t, 6) for t in p.thresholds]})"
             )
+    for missed in manifest.thresholds.not_calibrated if manifest.thresholds else ():
+        print(f"  not calibrated: {missed.name}: {missed.reason}")
     if not (manifest.thresholds and manifest.thresholds.policies):
         # policy=NAME will answer 422 for every name: say so here, where it can still be fixed
         t = manifest.thresholds
         if manifest.num_exits == 1:
             why = "the model has one exit, so there is nothing to cascade"
         elif t is None:
-            why = "exported with --skip-eval; export without it to calibrate them"
+            why = "exported with --skip-eval; calibrate them with python -m training.calibrate FOLDER"
         elif t.reason:  # e.g. the run has no validation split (the reason says what to do)
             why = t.reason
         else:
-            why = "; ".join(f"{u.name}: {u.reason}" for u in t.not_calibrated) or "no target could be met"
+            why = "no target could be met (the reasons above)" if t.not_calibrated else "no target was given"
         print(f"  no calibrated cascade policies, so policy=NAME has nothing to serve: {why}")
 
 
