@@ -269,6 +269,8 @@ def test_subset_unlike_train_size_shrinks_the_test_split_too(tmp_path):
 
 
 def test_an_explicit_data_dir_without_the_files_says_which_copy_is_read(tmp_path):
+    import warnings
+
     from training.data import FASHION_MNIST_SYSTEM_DIR, load_fashion_mnist
 
     if not (FASHION_MNIST_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
@@ -276,3 +278,6 @@ def test_an_explicit_data_dir_without_the_files_says_which_copy_is_read(tmp_path
     with pytest.warns(UserWarning, match="holds no Fashion-MNIST idx files; reading the system copy"):
         *_, directory = load_fashion_mnist(tmp_path / "empty", download=False)
     assert directory == FASHION_MNIST_SYSTEM_DIR
+    with warnings.catch_warnings():  # pointed at the system copy itself: nothing to say
+        warnings.simplefilter("error")
+        load_fashion_mnist(FASHION_MNIST_SYSTEM_DIR, download=False)

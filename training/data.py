@@ -140,7 +140,7 @@ def load_fashion_mnist(data_dir: str | Path | None, download: bool) -> tuple[Arr
     for directory in candidates:
         files = {k: _find_idx(directory, v) for k, v in _FMNIST_FILES.items()}
         if all(files.values()):
-            if data_dir is not None and directory == FASHION_MNIST_SYSTEM_DIR:
+            if data_dir is not None and directory == FASHION_MNIST_SYSTEM_DIR and directory not in candidates[:-1]:
                 # Said, not silent: the run's data is not where the user pointed (the same files, but
                 # a folder meant to hold another copy would otherwise go unnoticed).
                 warnings.warn(
