@@ -10,14 +10,16 @@ first frame, which may exceed the screen size the header states), a header cut s
 of zero or below — and such a body is decoded off the event loop; Pillow still decides whether
 it is an image.
 
-:func:`jpeg_scans` counts a JPEG's scans up to its end-of-image marker.
+:func:`jpeg_scans` counts a JPEG's scans up to its end-of-image marker, with the same walk.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
-_PNG = b"\x89PNG\r\n\x1a\n"
+from .pngfast import SIGNATURE
+
 # JPEG start-of-frame markers: 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
@@ -28,7 +30,7 @@ _JPEG_WALK_LIMIT = 64  # segments before the frame header (APPn, DQT, DHT, COM, 
 def declared_pixels(data: bytes) -> int | None:
     """Width × height as the header states it, or ``None`` if not read here."""
     try:
-        if data.startswith(_PNG) and data[12:16] == b"IHDR":
+        if data.startswith(SIGNATURE) and data[12:16] == b"IHDR":
             width, height = struct.unpack_from(">II", data, 16)
         elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
             return _webp(data)
@@ -65,18 +67,9 @@ def _webp(data: bytes) -> int | None:
 
 
 def _jpeg(data: bytes) -> int | None:
-    pos = 2
-    for _ in range(_JPEG_WALK_LIMIT):
-        if pos + 4 > len(data) or data[pos] != 0xFF:
+    for count, (marker, pos) in enumerate(_jpeg_markers(data)):
+        if count == _JPEG_WALK_LIMIT:
             return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _STANDALONE:
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
         if marker in _SOF:
             if pos + 9 > len(data):
                 return None
@@ -84,54 +77,49 @@ def _jpeg(data: bytes) -> int | None:
             return _area(width, height)  # height 0: defined later (DNL)
         if marker == 0xDA:  # scan data before any frame header: not a JPEG to guess about
             return None
-        pos += 2 + length
     return None
 
 
 def jpeg_scans(data: bytes, enough: int) -> int:
     """Start-of-scan markers of the JPEG in ``data`` before its end-of-image marker, counted up to
-    ``enough`` (data appended after the image, e.g. a motion photo's video, is not the image's).
+    ``enough`` (data appended after the image, e.g. a motion photo's video, is not the image's)."""
+    scans = 0
+    for marker, _ in _jpeg_markers(data):
+        scans += marker == 0xDA
+        if scans == enough:
+            break
+    return scans
 
-    Entropy-coded data follows each scan header; a 0xFF inside it is followed by 0x00 (stuffing)
-    or a restart marker, so the next other marker ends it.
-    """
-    scans, pos, end = 0, 2, len(data)
-    while pos + 4 <= end and scans < enough:
+
+def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, position) of each marker of the JPEG in ``data`` after SOI, in order, up to and
+    including EOI; it stops at anything that is not a marker. Entropy-coded data follows each scan
+    header; a 0xFF inside it is followed by 0x00 (stuffing) or a restart marker, so the next other
+    marker ends it."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
         if data[pos] != 0xFF:
-            return scans
+            return
         marker = data[pos + 1]
-        if marker == 0xFF:
+        if marker == 0xFF:  # fill byte
             pos += 1
             continue
+        yield marker, pos
         if marker == 0xD9:  # end of image
-            return scans
+            return
         if marker in _STANDALONE:
             pos += 2
             continue
         (length,) = struct.unpack_from(">H", data, pos + 2)
         pos += 2 + length
-        if marker != 0xDA:
-            continue
-        scans += 1
-        while True:  # past the scan's entropy-coded data, to the next marker
+        while marker == 0xDA:  # past the scan's entropy-coded data, to the next marker
             pos = data.find(b"\xff", pos)
             if pos < 0 or pos + 1 >= end:
-                return scans
+                return
             following = data[pos + 1]
-            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
-                pos += 1 if following == 0xFF else 2
-                continue
-            break
-    return scans
-
-
-def png_chunks(data: bytes, kind: bytes) -> int:
-    """How many chunks of ``kind`` the PNG in ``data`` holds (its chunk headers walked to IEND)."""
-    count, pos, end = 0, len(_PNG), len(data)
-    while pos + 8 <= end:
-        length, name = struct.unpack_from(">I4s", data, pos)
-        count += name == kind
-        if name == b"IEND":
-            break
-        pos += 12 + length
-    return count
+            if following == 0xFF:
+                pos += 1
+            elif following == 0x00 or 0xD0 <= following <= 0xD7:
+                pos += 2
+            else:
+                break

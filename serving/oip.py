@@ -376,7 +376,7 @@ async def _samples(req: InferRequest, preprocess, spec, max_batch: int) -> list[
         return [_decode_one(preprocess, i, data) for i, data in enumerate(images)]
 
     declared = [declared_pixels(d) for d in images]
-    pixels = None if None in declared else sum(declared)  # type: ignore[arg-type]
+    pixels = None if None in declared else sum(p or 0 for p in declared)
     return await decode_off_loop(sum(len(d) for d in images), decode_all, pixels)
 
 

@@ -34,7 +34,7 @@ try:
 except ImportError:  # a platform without a wheel: every PNG takes Pillow's path
     pyspng = None
 
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks that do not change the pixels Pillow returns (colour-space and physical metadata
 # Pillow only stores in ``info``), besides the image data itself.
 _PLAIN_CHUNKS = frozenset((b"IDAT", b"IEND", b"sRGB", b"gAMA", b"cHRM", b"iCCP", b"pHYs", b"sBIT", b"tIME"))
@@ -47,7 +47,7 @@ _IHDR = struct.Struct(">IIBBBBB")
 
 def decode(data: bytes, max_pixels: int) -> np.ndarray | None:
     """The pixels of a plain 8-bit gray (H, W) or RGB (H, W, 3) PNG as uint8, else ``None``."""
-    if pyspng is None or not data.startswith(_SIGNATURE) or not _plain(data, max_pixels):
+    if pyspng is None or not data.startswith(SIGNATURE) or not _plain(data, max_pixels):
         return None
     try:
         return pyspng.load(data)
@@ -58,7 +58,7 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray | None:
 def _plain(data: bytes, max_pixels: int) -> bool:
     """Whether the chunk list is one :func:`decode` may take (see the module docstring)."""
     end = len(data)
-    pos = len(_SIGNATURE)
+    pos = len(SIGNATURE)
     if end < pos + 25:
         return False
     length, kind = _CHUNK_HEAD.unpack_from(data, pos)
@@ -108,6 +108,18 @@ def _profile_ok(body: bytes) -> bool:
     except zlib.error:
         return True  # Pillow drops a profile it cannot inflate and decodes the image
     return not inflate.unconsumed_tail  # "Decompressed data too large for … MAX_TEXT_CHUNK"
+
+
+def chunk_count(data: bytes, kind: bytes) -> int:
+    """How many chunks of ``kind`` the PNG in ``data`` holds (its chunk headers walked to IEND)."""
+    count, pos, end = 0, len(SIGNATURE), len(data)
+    while pos + 8 <= end:
+        length, name = _CHUNK_HEAD.unpack_from(data, pos)
+        count += name == kind
+        if name == b"IEND":
+            break
+        pos += 12 + length
+    return count
 
 
 def _crc_ok(data: bytes, pos: int, length: int) -> bool:

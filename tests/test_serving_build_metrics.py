@@ -90,8 +90,14 @@ def test_admission_gauges(metrics_text):
 def test_the_servers_own_failures_are_counted_from_zero(metrics_text, tmp_path):
     """A counter series born at 1 has no earlier sample: rate() and increase() miss its first
     5xx, and the error-ratio alert with it. Every policy's 500 and 503 exist before any request."""
+    from serving.policy import PolicyParams, policy_labels
+
     series = {(s["exit"], s["policy"], s["status"]): v for s, v in samples(metrics_text, "eed_requests_total")}
     policies = ["none", "exit", "confidence", "budget", "budget_gflops", "budget_ms"]
+    # the list is every label a request can carry (PolicyParams.name spells them out on its own)
+    kinds = [{}, {"exit": 1}, {"confidence": (0.5,)}, {"budget_gflops": 1.0}, {"budget_ms": 5.0}]
+    kinds += [{"budget_gflops": 1.0, "budget_ms": 5.0}, {"policy": "half"}]
+    assert {PolicyParams(**kw).name for kw in kinds} == set(policy_labels(["half"]))
     assert series == {("none", p, status): 0.0 for p in policies for status in ("500", "503")}
     # and a calibrated policy's label too
     from serving_model import with_calibrated_policy
