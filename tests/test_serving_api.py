@@ -193,7 +193,12 @@ def test_deadline_met_agrees_with_the_answers_own_latency(client):
             continue
         body = r.json()
         both.add(body["deadline_met"])
-        assert body["deadline_met"] == (body["latency_ms"] <= budget + 5e-4), (budget, body)
+        # latency_ms is rounded to the µs: met means within the budget, missed past it, up to that rounding
+        # (0.36081 ms against a 0.3608 ms budget is missed and reads 0.361)
+        if body["deadline_met"]:
+            assert body["latency_ms"] <= budget + 5e-4, (budget, body)
+        else:
+            assert body["latency_ms"] >= budget - 5e-4, (budget, body)
     assert both, "no deadline answer at all"
 
 
