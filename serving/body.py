@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from .errors import BadRequest, BodyTimeout, ClientDisconnected, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, BodyTimeout, ClientDisconnected, PayloadTooLarge, UnsupportedMediaType, shown
 from .images import ACCEPTED_CONTENT_TYPES, ACCEPTED_DESCRIPTION
 
 MULTIPART = "multipart/form-data"
@@ -87,7 +87,7 @@ async def read_limited(
             if int(length) > max_bytes:
                 raise too_large()
         except ValueError:
-            raise BadRequest(f"Content-Length {length!r} is not a number") from None
+            raise BadRequest(f"Content-Length {shown(length)} is not a number") from None
     # The server's ASGI messages as they come, not Starlette's stream generator: a small upload
     # has usually arrived whole when the handler runs, and then one receive() returns all of it,
     # with no generator to step through and no copy.

@@ -12,6 +12,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+# How much of a value a client sent an error message quotes: enough to recognise it, not an echo of
+# a 60 kB query value or a million-element shape back into the response and the log.
+SHOWN_CHARS = 80
+
+
+def shown(value: Any, *, bare: bool = False) -> str:
+    """``repr(value)`` (``bare``: a string as it is) for an error message, cut to SHOWN_CHARS with
+    the length of what was cut."""
+    text = value if bare and isinstance(value, str) else repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
+
+
 # The body of a 500: what the client may know of an unexpected failure (the traceback is logged).
 INTERNAL_ERROR_BODY = {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
 
@@ -112,7 +126,7 @@ def describe_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
     problems = []
     for err in errors:
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+        got = f" (got {shown(err['input'])})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
         problems.append(f"{where or 'request'}: {err.get('msg', 'invalid')}{got}")
     return "; ".join(problems)
 

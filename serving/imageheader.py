@@ -10,7 +10,8 @@ first frame, which may exceed the screen size the header states), a header cut s
 of zero or below — and such a body is decoded off the event loop; Pillow still decides whether
 it is an image.
 
-:func:`jpeg_scans` counts a JPEG's scans up to its end-of-image marker, with the same walk.
+:func:`jpeg_scans` counts a JPEG's scans up to its end-of-image marker, with the same walk, and
+:func:`container_blocks` the pieces of a file that Pillow would read one by one in Python.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .pngfast import SIGNATURE
+from .pngfast import SIGNATURE, chunk_count
 
 # JPEG start-of-frame markers: 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -89,6 +90,40 @@ def jpeg_scans(data: bytes, enough: int) -> int:
         if scans == enough:
             break
     return scans
+
+
+def container_blocks(data: bytes, enough: int) -> tuple[str, int]:
+    """The pieces of a PNG, JPEG or GIF file that Pillow reads one at a time in Python while opening
+    and loading it — what the format calls them, and how many there are, counted up to ``enough``;
+    ``("", 0)`` for other formats. PNG: every chunk. JPEG: the marker segments before the first
+    scan (libjpeg reads the rest in C). GIF: the extension blocks and their sub-blocks before the
+    first image."""
+    if data.startswith(SIGNATURE):
+        return "chunks", chunk_count(data, enough=enough)
+    if data[:2] == b"\xff\xd8":
+        count = 0
+        for marker, _ in _jpeg_markers(data):
+            if marker == 0xDA or count == enough:
+                break
+            count += 1
+        return "marker segments before its image data", count
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 13:
+        return "extension blocks before its image", _gif_blocks(data, enough)
+    return "", 0
+
+
+def _gif_blocks(data: bytes, enough: int) -> int:
+    pos, end, count = 13, len(data), 0
+    if data[10] & 0x80:  # a global colour table follows the screen descriptor
+        pos += 3 << ((data[10] & 7) + 1)
+    while pos + 1 < end and data[pos] == 0x21 and count < enough:  # an extension, not yet an image
+        pos += 2  # introducer and label
+        count += 1
+        while pos < end and data[pos] and count < enough:  # sub-blocks: a size byte, then the bytes
+            pos += 1 + data[pos]
+            count += 1
+        pos += 1  # the terminating empty sub-block
+    return count
 
 
 def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from . import buildinfo
 from .body import read_limited, within
-from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel, shut_down
+from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel, shown, shut_down
 from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
@@ -66,7 +66,7 @@ def _served(state: AppState, name: str) -> InferenceService:
     service = state.require_service()
     served = service.runtime.manifest.name
     if name != served:
-        raise UnknownModel(f"no model named {name!r}; this server serves {served!r}")
+        raise UnknownModel(f"no model named {shown(name)}; this server serves {served!r}")
     return service
 
 
@@ -284,7 +284,7 @@ def _wrong_version(version: str) -> Response | None:
     """The protocol's 404 for a version other than MODEL_VERSION; None for the served one."""
     if version == MODEL_VERSION:
         return None
-    return oip_error(UnknownModel(f"no version {version!r} of this model; the one served is {MODEL_VERSION!r}"))
+    return oip_error(UnknownModel(f"no version {shown(version)} of this model; the one served is {MODEL_VERSION!r}"))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned path)")
@@ -318,12 +318,13 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
 def _policy_params(parameters: dict[str, Any]):
     unknown = sorted(set(parameters) - set(POLICY_KEYS))
     if unknown:
+        names = ", ".join(shown(u, bare=True) for u in unknown)
         raise InvalidParameters(
-            f"unknown request parameter(s) {', '.join(unknown)}; accepted: {', '.join(POLICY_KEYS)}, binary_data_output"
+            f"unknown request parameter(s) {names}; accepted: {', '.join(POLICY_KEYS)}, binary_data_output"
         )
     for key, value in parameters.items():
         if isinstance(value, (bool, dict)) or value is None:
-            raise InvalidParameters(f"parameter {key}={value!r}: expected a number or a string")
+            raise InvalidParameters(f"parameter {key}={shown(value)}: expected a number or a string")
     return params_from_request(parameters)
 
 
@@ -334,7 +335,7 @@ def _requested_outputs(req: InferRequest) -> dict[str, bool]:
     requested: dict[str, bool] = {}
     for out in req.outputs:
         if out.name not in OUTPUTS:
-            raise BadRequest(f"unknown output {out.name!r}; this model has {', '.join(OUTPUTS)}")
+            raise BadRequest(f"unknown output {shown(out.name)}; this model has {', '.join(OUTPUTS)}")
         requested[out.name] = out.binary
     return requested
 

@@ -110,12 +110,13 @@ def _profile_ok(body: bytes) -> bool:
     return not inflate.unconsumed_tail  # "Decompressed data too large for … MAX_TEXT_CHUNK"
 
 
-def chunk_count(data: bytes, kind: bytes) -> int:
-    """How many chunks of ``kind`` the PNG in ``data`` holds (its chunk headers walked to IEND)."""
+def chunk_count(data: bytes, kind: bytes | None = None, enough: int | None = None) -> int:
+    """How many chunks of ``kind`` (None: of any kind) the PNG in ``data`` holds, its chunk headers
+    walked to IEND; the walk stops once ``enough`` are counted."""
     count, pos, end = 0, len(SIGNATURE), len(data)
-    while pos + 8 <= end:
+    while pos + 8 <= end and count != enough:
         length, name = _CHUNK_HEAD.unpack_from(data, pos)
-        count += name == kind
+        count += kind is None or name == kind
         if name == b"IEND":
             break
         pos += 12 + length

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 
 from . import cascade
-from .errors import ImpossibleBudget, InvalidParameters
+from .errors import ImpossibleBudget, InvalidParameters, shown
 from .manifest import Thresholds
 
 POLICY_KEYS = ("exit", "budget_gflops", "budget_ms", "confidence", "policy")
@@ -145,6 +145,22 @@ def rounded_up(value: float, digits: int) -> float:
     return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_CEILING))
 
 
+def plain_number(raw: object) -> float:
+    """``float(raw)`` for a number, or for a string written as JSON or a query writes one; ValueError
+    for anything else. ``float`` alone would also read digit separators ('0_5' as 5: a typo for 0.5
+    would run another exit), digits of other scripts ('０.５') and a bool (True as 1)."""
+    if isinstance(raw, bool) or (isinstance(raw, str) and ("_" in raw or not raw.isascii())):
+        raise ValueError(raw)
+    return float(raw)  # type: ignore[arg-type]
+
+
+def plain_integer(text: str) -> int:
+    """``int(text)`` under :func:`plain_number`'s rules: '1_0' and '２' are not integers."""
+    if "_" in text or not text.isascii():
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     """``0.9`` or ``"0.65,0.43,0.33"`` → a tuple of finite floats (ranges checked later)."""
     if isinstance(raw, (int, float)):
@@ -156,13 +172,12 @@ def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     values = []
     for part in parts:
         try:
-            # ASCII, as the query's other numbers (pydantic's): float() would also read '０.５'.
-            value = float(part) if not isinstance(part, str) or part.isascii() else math.nan
+            value = plain_number(part)
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):
             raise InvalidParameters(
-                f"confidence={raw!r} is not a number or a comma-separated list of numbers; "
+                f"confidence={shown(raw)} is not a number or a comma-separated list of numbers; "
                 "accepted: one threshold for every early exit (confidence=0.9) or one per early exit "
                 "(confidence=0.65,0.43,0.33)"
             )
@@ -186,27 +201,27 @@ def parse_policy_spec(spec: str) -> PolicyParams:
         key, raw = key.strip(), raw.strip()
         if not sep or key not in POLICY_KEYS:
             raise ValueError(
-                f"bad policy element {part!r}: expected comma-separated key:value pairs with keys "
+                f"bad policy element {shown(part)}: expected comma-separated key:value pairs with keys "
                 f"{', '.join(POLICY_KEYS)}; e.g. 'exit:last', 'confidence:0.9,budget_gflops:0.5', "
                 "'policy:budget_0.5x_main'"
             )
         if key in values:
-            raise ValueError(f"policy {spec!r} gives {key!r} twice")
+            raise ValueError(f"policy {shown(spec)} gives {key!r} twice")
         try:
             if key == "exit":
-                values[key] = "last" if raw == "last" else int(raw)
+                values[key] = "last" if raw == "last" else plain_integer(raw)
             elif key == "policy":
                 if not raw:
                     raise ValueError
                 values[key] = raw
             else:
-                value = float(raw)
+                value = plain_number(raw)
                 if not math.isfinite(value):
                     raise ValueError
                 values[key] = (value,) if key == "confidence" else value
         except ValueError:
             kind = {"exit": "an integer or 'last'", "policy": "a calibrated policy's name"}.get(key, "a finite number")
-            raise ValueError(f"policy element {part!r}: {key} must be {kind}") from None
+            raise ValueError(f"policy element {shown(part)}: {key} must be {kind}") from None
     params = PolicyParams(**values)  # type: ignore[arg-type]
     if params.is_empty():
         raise ValueError("empty policy; e.g. 'exit:last' or 'confidence:0.9'")
@@ -225,11 +240,11 @@ def params_from_request(values: Mapping[str, object]) -> PolicyParams:
         if raw is None:
             return None
         try:
-            value = float(raw)  # type: ignore[arg-type]
+            value = plain_number(raw)
         except (TypeError, ValueError):
-            raise InvalidParameters(f"{key}={raw!r} is not a number") from None
+            raise InvalidParameters(f"{key}={shown(raw)} is not a number") from None
         if not math.isfinite(value):
-            raise InvalidParameters(f"{key}={raw!r} must be a finite number")
+            raise InvalidParameters(f"{key}={shown(raw)} must be a finite number")
         return value
 
     raw_exit = values.get("exit")
@@ -240,12 +255,10 @@ def params_from_request(values: Mapping[str, object]) -> PolicyParams:
             exit_value = "last"
         else:
             try:
-                if not text.isascii():  # int() would also read '２'
-                    raise ValueError(text)
-                exit_value = int(text)
+                exit_value = plain_integer(text)
             except ValueError:
                 raise InvalidParameters(
-                    f"exit={raw_exit!r} is not an exit number; accepted: an integer 1..k or 'last'"
+                    f"exit={shown(raw_exit)} is not an exit number; accepted: an integer 1..k or 'last'"
                 ) from None
     raw_confidence = values.get("confidence")
     policy = values.get("policy")
@@ -316,7 +329,8 @@ def _thresholds(params: PolicyParams, costs: CostTable) -> tuple[float, ...] | N
         if params.policy not in costs.policies:
             names = ", ".join(sorted(costs.policies)) or "none (this model's manifest has no calibrated policies)"
             raise InvalidParameters(
-                f"unknown policy {params.policy!r}; this model's policies: {names}", accepted=sorted(costs.policies)
+                f"unknown policy {shown(params.policy)}; this model's policies: {names}",
+                accepted=sorted(costs.policies),
             )
         return costs.policies[params.policy]
     if params.confidence is None:

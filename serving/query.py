@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import InvalidParameters, describe_validation_errors
+from .errors import InvalidParameters, describe_validation_errors, shown
 
 # (name, type, description)
 CLASSIFY_QUERY: tuple[tuple[str, type, str], ...] = (
@@ -75,9 +75,11 @@ def classify_query(query: Mapping[str, str]) -> dict[str, Any]:
             values[name] = raw
             continue
         try:
+            if "_" in raw:  # pydantic reads digit separators: '0_5' would be 5, a typo's other exit
+                adapter.validate_python(f"{raw}?")  # the refusal its own words give a non-number
             values[name] = adapter.validate_python(raw)
         except ValidationError as exc:
-            errors += [{**err, "loc": ("query", name)} for err in exc.errors(include_url=False)]
+            errors += [{**err, "loc": ("query", name), "input": raw} for err in exc.errors(include_url=False)]
     if errors:
         raise InvalidParameters(describe_validation_errors(errors))
     return values
@@ -88,9 +90,8 @@ def refuse_unknown(query: Mapping[str, str]) -> None:
     given more than once (``?exit=abc&exit=2`` would run exit 2 without a word about the first)."""
     unknown = sorted(set(query) - CLASSIFY_PARAMS)
     if unknown:
-        raise InvalidParameters(
-            f"unknown query parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(CLASSIFY_PARAMS))}"
-        )
+        names = ", ".join(shown(u, bare=True) for u in unknown)
+        raise InvalidParameters(f"unknown query parameter(s) {names}; accepted: {', '.join(sorted(CLASSIFY_PARAMS))}")
     multi_items = getattr(query, "multi_items", None)  # Starlette's QueryParams keeps every repeat
     if multi_items is not None:
         counts = Counter(name for name, _ in multi_items())

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadRequest
+from .errors import BadRequest, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -94,7 +94,7 @@ def _object(value: Any, what: str) -> dict:
 
 def _shape(raw: Any, where: str) -> list[int]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
-        raise _fail(f"{where}: 'shape' must be a list of integers, got {raw!r}")
+        raise _fail(f"{where}: 'shape' must be a list of integers, got {shown(raw)}")
     if len(raw) > MAX_DIMENSIONS:
         raise _fail(f"{where}: 'shape' has {len(raw)} dimensions; at most {MAX_DIMENSIONS} are accepted")
     if any(d < 0 for d in raw):
@@ -179,12 +179,12 @@ def _json_bytes(elements: list, where: str) -> list[bytes]:
 def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
     raw = _object(raw, f"inputs[{index}]")
     name = raw.get("name")
-    where = f"input {name!r}" if isinstance(name, str) else f"inputs[{index}]"
+    where = f"input {shown(name)}" if isinstance(name, str) else f"inputs[{index}]"
     if not isinstance(name, str) or not name:
         raise _fail(f"{where}: 'name' must be a non-empty string")
     datatype = raw.get("datatype")
     if datatype != BYTES and datatype not in DTYPES:
-        raise _fail(f"{where}: datatype {datatype!r} is not one of {', '.join([*DTYPES, BYTES])}")
+        raise _fail(f"{where}: datatype {shown(datatype)} is not one of {', '.join([*DTYPES, BYTES])}")
     shape = _shape(raw.get("shape"), where)
     count = math.prod(shape)
     params = _object(raw.get("parameters") or {}, f"{where} parameters")
@@ -257,7 +257,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         try:
             length = int(header_length)
         except ValueError:
-            raise _fail(f"{HEADER_LENGTH} {header_length!r} is not an integer") from None
+            raise _fail(f"{HEADER_LENGTH} {shown(header_length)} is not an integer") from None
         if not 0 < length <= len(body):
             raise _fail(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
         head, binary = body[:length], memoryview(body)[length:]
@@ -302,17 +302,17 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             name = item.get("name")
             if not isinstance(name, str):
                 raise _fail(f"outputs[{i}]: 'name' must be a string")
-            params = _object(item.get("parameters") or {}, f"output {name!r} parameters")
+            params = _object(item.get("parameters") or {}, f"output {shown(name)} parameters")
             if params.get("classification"):
                 raise _fail(
-                    f"output {name!r}: the classification extension is not supported; request "
+                    f"output {shown(name)}: the classification extension is not supported; request "
                     "'probabilities' and 'label' instead"
                 )
             if "shared_memory_region" in params:
-                raise _fail(f"output {name!r}: shared memory is not supported by this server")
+                raise _fail(f"output {shown(name)}: shared memory is not supported by this server")
             binary_flag = params.get("binary_data", binary_default)
             if not isinstance(binary_flag, bool):
-                raise _fail(f"output {name!r}: binary_data must be true or false")
+                raise _fail(f"output {shown(name)}: binary_data must be true or false")
             outputs.append(RequestedOutput(name, binary_flag))
     return InferRequest(request_id, parameters, inputs, outputs, binary_default)
 

@@ -264,6 +264,15 @@ def test_cascade_threshold_extremes(client, manifest):
         ({"top_k": ["1", "1"]}, "top_k (2 times)"),
         ({"exit": "２"}, "not an exit number"),  # full-width digits: int() reads them, the schema does not
         ({"confidence": "０.５"}, "confidence"),
+        # Digit separators: Python and pydantic read '0_5' as 5, which would run another exit.
+        ({"budget_gflops": "0_5"}, "budget_gflops: Input should be a valid number"),
+        ({"budget_ms": "1_0"}, "(got '1_0')"),
+        ({"top_k": "1_0"}, "top_k: Input should be a valid integer"),
+        ({"exit": "1_0"}, "not an exit number"),
+        ({"confidence": "0_9"}, "not a number"),
+        # A long value is quoted, not echoed: enough to recognise, with its length.
+        ({"confidence": "9" * 5000}, "… (5002 characters)"),
+        ({"x" * 3000: 1}, "… (3000 characters)"),
     ],
 )
 def test_bad_parameters_are_422_with_a_clear_detail(client, params, fragment):

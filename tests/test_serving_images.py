@@ -324,3 +324,66 @@ def test_a_jpeg_with_hundreds_of_scans_is_refused_before_decoding():
     trailer = good + (b"\x00\xff\xda\x10" * 150)
     assert trailer.count(b"\xff\xda") > 100
     assert np.array_equal(RGB(trailer), RGB(good))
+
+
+def test_a_jpeg_with_thousands_of_header_segments_is_refused_before_pillow_reads_them():
+    # Pillow reads the segments before the first scan in Python: a million empty comments took 1.3 s
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(buf, "JPEG")
+    good = buf.getvalue()
+
+    def comments(n):
+        return good[:2] + b"\xff\xfe\x00\x02" * n + good[2:]
+
+    assert np.array_equal(RGB(comments(9_900)), RGB(good))  # a few thousand comments are still an image
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"more than 10000 marker segments before its image data"):
+        RGB(comments(1_000_000))
+    assert time.process_time() - started < 0.1
+
+
+def test_a_png_of_a_hundred_thousand_chunks_is_refused_before_pillow_reads_them():
+    # Pillow handles each chunk in Python: 330,000 empty ones took 1.3-1.6 s of CPU
+    import struct
+    import zlib
+
+    def chunk(kind, body=b""):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    buf = io.BytesIO()
+    Image.new("L", (20, 12), 77).save(buf, "PNG")
+    good = buf.getvalue()
+    header_end = 8 + 25  # signature and IHDR
+    # One image-data chunk per row, and a few thousand private chunks, are still an image.
+    rows = zlib.compress(b"".join(b"\x00" + bytes([77]) * 20 for _ in range(12)))
+    per_byte = good[:header_end] + b"".join(chunk(b"IDAT", rows[i : i + 1]) for i in range(len(rows))) + good[-12:]
+    assert np.array_equal(RGB(per_byte), RGB(good))
+    private = good[:header_end] + chunk(b"zzZz", b"12345678") * 9_900 + good[header_end:]
+    assert len(private) > 12 * 10_000  # large enough to be counted
+    assert np.array_equal(RGB(private), RGB(good))
+    for many in (
+        good[:header_end] + chunk(b"zzZz") * 330_000 + good[header_end:],  # before the image data
+        good[:-12] + chunk(b"zzZz") * 330_000 + good[-12:],  # after it, before the end
+    ):
+        started = time.process_time()
+        with pytest.raises(InvalidImage, match=r"the image has more than 10000 chunks; at most 10000 are accepted"):
+            RGB(many)
+        assert time.process_time() - started < 0.1
+
+
+def test_a_gif_of_a_million_comment_blocks_is_refused_before_pillow_reads_them():
+    # Pillow reads a GIF's extension blocks before its first image in Python: 800,000 took 0.65 s
+    buf = io.BytesIO()
+    Image.new("L", (30, 20), 90).save(buf, "GIF")
+    good = buf.getvalue()
+    image_at = good.index(b"\x2c")  # the image descriptor, after the screen descriptor and palette
+
+    def comments(n, size=1):
+        return good[:image_at] + (b"\x21\xfe" + bytes([size]) + b"x" * size + b"\x00") * n + good[image_at:]
+
+    assert np.array_equal(RGB(comments(4_000)), RGB(good))  # 8,000 blocks counted, still an image
+    assert np.array_equal(RGB(comments(50, size=255)), RGB(good))
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"more than 10000 extension blocks before its image"):
+        RGB(comments(800_000))
+    assert time.process_time() - started < 0.1

@@ -79,10 +79,22 @@ def at_least(minimum: int):
     return parse
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where it informs: not to a flag (``--no-download (default:
+    True)`` read as "downloading is off by default"), not to an option whose default is None (its
+    help says what happens without it), nor to a help text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.const is not None and isinstance(action.default, bool) or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a multi-exit CNN (EED and the methods it is compared with).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", help=f"one of: {', '.join(list_models())}")
