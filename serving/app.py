@@ -82,7 +82,7 @@ class DirectRoutes:
     The handlers take the ``Request`` and return a ``Response`` as they do under FastAPI (the
     route stays registered for the OpenAPI document and for other methods); their exceptions
     go to the app's own exception handlers, looked up by class as Starlette does, so errors
-    look the same either way. Every other request goes down the normal stack.
+    look the same either way. Every other request goes down the normal stack, a HEAD as a GET.
     """
 
     def __init__(self, router: APIRouter, routes: set[tuple[str, str]], handlers: dict) -> None:
@@ -105,6 +105,11 @@ class DirectRoutes:
         return self
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110 §9.3.2; uptime monitors send it to /healthz):
+            # the routes see a GET in a copy of the scope, and uvicorn, which parsed a HEAD, leaves
+            # the body out and keeps the GET's Content-Length.
+            scope = {**scope, "method": "GET"}
         route = None
         if scope["type"] == "http" and not scope.get("root_path"):
             route = self.routes.get((scope["method"], scope["path"]))

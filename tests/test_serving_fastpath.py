@@ -380,3 +380,31 @@ def test_feedback_bodies_are_bounded_in_size_and_time(served):
 
 def _typed(media: bytes) -> bytes:
     return b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: " + media + b"\r\n"
+
+
+def test_head_is_answered_as_get_without_the_body(served):
+    """Uptime monitors send HEAD; FastAPI's GET routes alone would answer it 405."""
+    _, port = served
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        for path in ("/healthz", "/readyz", "/v2/health/ready", "/metrics"):
+            sock.sendall(
+                f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            _leftover[sock] = rest  # the GET's answer follows at once: nothing of a body came between
+            assert head.startswith(b"HTTP/1.1 200"), (path, head)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            assert rest[:12] == b"HTTP/1.1 200" or not rest, (path, rest[:40])
+            status, headers, body = read_response(sock)
+            assert status == 200 and len(body) > 0
+            if path != "/metrics":  # the metrics change between the two requests
+                assert int(headers["content-length"]) == length
+        sock.sendall(b"HEAD /classify HTTP/1.1\r\nHost: x\r\n\r\n")  # a POST route stays a 405
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 405"), data[:60]
