@@ -6,12 +6,12 @@ declaring 4096×4096 took 0.42 s and 450 MiB to decode, with every other request
 whether a body may be decoded inline is decided by what it declares: PNG, WebP, BMP and JPEG
 headers are read here in a few struct reads (JPEG: a walk over the markers before its frame
 header). ``None`` means "not known" — another format (GIF too: Pillow grows the image to its
-first frame, which may exceed the screen size the header states), a header cut short, a size
+first frame, which may exceed the screen size the header states; a run-length BMP, which Pillow
+decodes a byte per Python call), a header cut short, a size
 of zero or below — and such a body is decoded off the event loop; Pillow still decides whether
 it is an image.
 
-:func:`jpeg_scans` counts a JPEG's scans up to its end-of-image marker, with the same walk, and
-:func:`container_blocks` the pieces of a file that Pillow would read one by one in Python.
+:func:`jpeg_markers` (the walk over a JPEG's markers) also serves :mod:`serving.imagecost`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from .pngfast import SIGNATURE, chunk_count
+from .pngfast import SIGNATURE
 
 # JPEG start-of-frame markers: 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -36,6 +36,8 @@ def declared_pixels(data: bytes) -> int | None:
         elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
             return _webp(data)
         elif data[:2] == b"BM":
+            if is_run_length_bmp(data):  # decoded a byte per Python call: never on the event loop
+                return None
             width, height = struct.unpack_from("<ii", data, 18)
             height = abs(height)  # negative: stored top-down
         elif data[:2] == b"\xff\xd8":
@@ -45,6 +47,18 @@ def declared_pixels(data: bytes) -> int | None:
     except struct.error:  # shorter than its header
         return None
     return _area(width, height)
+
+
+def is_run_length_bmp(data: bytes) -> bool:
+    """A BMP whose pixels are RLE8 or RLE4 (BITMAPINFOHEADER or later: compression 1 or 2)."""
+    return (
+        data[:2] == b"BM"
+        and len(data) >= 34
+        and data[14] >= 40
+        and data[15:18] == b"\0\0\0"
+        and data[30] in (1, 2)
+        and data[31:34] == b"\0\0\0"
+    )
 
 
 def _area(width: int, height: int) -> int | None:
@@ -68,7 +82,7 @@ def _webp(data: bytes) -> int | None:
 
 
 def _jpeg(data: bytes) -> int | None:
-    for count, (marker, pos) in enumerate(_jpeg_markers(data)):
+    for count, (marker, pos) in enumerate(jpeg_markers(data)):
         if count == _JPEG_WALK_LIMIT:
             return None
         if marker in _SOF:
@@ -81,52 +95,7 @@ def _jpeg(data: bytes) -> int | None:
     return None
 
 
-def jpeg_scans(data: bytes, enough: int) -> int:
-    """Start-of-scan markers of the JPEG in ``data`` before its end-of-image marker, counted up to
-    ``enough`` (data appended after the image, e.g. a motion photo's video, is not the image's)."""
-    scans = 0
-    for marker, _ in _jpeg_markers(data):
-        scans += marker == 0xDA
-        if scans == enough:
-            break
-    return scans
-
-
-def container_blocks(data: bytes, enough: int) -> tuple[str, int]:
-    """The pieces of a PNG, JPEG or GIF file that Pillow reads one at a time in Python while opening
-    and loading it — what the format calls them, and how many there are, counted up to ``enough``;
-    ``("", 0)`` for other formats. PNG: every chunk. JPEG: the marker segments before the first
-    scan (libjpeg reads the rest in C). GIF: the extension blocks and their sub-blocks before the
-    first image."""
-    if data.startswith(SIGNATURE):
-        return "chunks", chunk_count(data, enough=enough)
-    if data[:2] == b"\xff\xd8":
-        count = 0
-        for marker, _ in _jpeg_markers(data):
-            if marker == 0xDA or count == enough:
-                break
-            count += 1
-        return "marker segments before its image data", count
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 13:
-        return "extension blocks before its image", _gif_blocks(data, enough)
-    return "", 0
-
-
-def _gif_blocks(data: bytes, enough: int) -> int:
-    pos, end, count = 13, len(data), 0
-    if data[10] & 0x80:  # a global colour table follows the screen descriptor
-        pos += 3 << ((data[10] & 7) + 1)
-    while pos + 1 < end and data[pos] == 0x21 and count < enough:  # an extension, not yet an image
-        pos += 2  # introducer and label
-        count += 1
-        while pos < end and data[pos] and count < enough:  # sub-blocks: a size byte, then the bytes
-            pos += 1 + data[pos]
-            count += 1
-        pos += 1  # the terminating empty sub-block
-    return count
-
-
-def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+def jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
     """(marker, position) of each marker of the JPEG in ``data`` after SOI, in order, up to and
     including EOI; it stops at anything that is not a marker. Entropy-coded data follows each scan
     header; a 0xFF inside it is followed by 0x00 (stuffing) or a restart marker, so the next other

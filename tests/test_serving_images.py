@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import time
 import zlib
@@ -366,7 +367,7 @@ def test_a_png_of_a_hundred_thousand_chunks_is_refused_before_pillow_reads_them(
         good[:-12] + chunk(b"zzZz") * 330_000 + good[-12:],  # after it, before the end
     ):
         started = time.process_time()
-        with pytest.raises(InvalidImage, match=r"the image has more than 10000 chunks; at most 10000 are accepted"):
+        with pytest.raises(InvalidImage, match=r"the PNG has more than 10000 chunks; at most 10000 are accepted"):
             RGB(many)
         assert time.process_time() - started < 0.1
 
@@ -387,3 +388,105 @@ def test_a_gif_of_a_million_comment_blocks_is_refused_before_pillow_reads_them()
     with pytest.raises(InvalidImage, match=r"more than 10000 extension blocks before its image"):
         RGB(comments(800_000))
     assert time.process_time() - started < 0.1
+
+
+def tiff_bytes(width: int, height: int, rows_per_strip: int, extra_tags: int = 0) -> bytes:
+    """An uncompressed 8-bit gray classic TIFF, value 90, in strips of ``rows_per_strip`` rows, with
+    ``extra_tags`` private tags (ASCII "x") in its first directory."""
+    strips = -(-height // rows_per_strip)
+    pixels = bytes([90]) * (width * height)
+    counts = [width * min(rows_per_strip, height - i * rows_per_strip) for i in range(strips)]
+    entries = 8 + extra_tags
+    ifd_at = 8
+    arrays_at = ifd_at + 2 + 12 * entries + 4
+    offsets_at, counts_at = arrays_at, arrays_at + 4 * strips
+    pixels_at = arrays_at + (8 * strips if strips > 1 else 0)  # one strip's offset and count are inline
+    starts = [pixels_at + before for before in itertools.accumulate([0, *counts[:-1]])]
+
+    def entry(tag, kind, count, value):
+        return struct.pack("<HHII", tag, kind, count, value)
+
+    tags = [
+        entry(256, 4, 1, width),
+        entry(257, 4, 1, height),
+        entry(258, 3, 1, 8),
+        entry(259, 3, 1, 1),  # uncompressed
+        entry(262, 3, 1, 1),  # black is zero
+        entry(273, 4, strips, offsets_at if strips > 1 else starts[0]),
+        entry(278, 4, 1, rows_per_strip),
+        entry(279, 4, strips, counts_at if strips > 1 else counts[0]),
+    ] + [entry(40000 + i % 25000, 2, 2, ord("x")) for i in range(extra_tags)]
+    arrays = struct.pack(f"<{strips}I", *starts) + struct.pack(f"<{strips}I", *counts) if strips > 1 else b""
+    head = b"II*\x00" + struct.pack("<I", ifd_at) + struct.pack("<H", entries) + b"".join(tags) + b"\0\0\0\0"
+    return head + arrays + pixels
+
+
+def test_tiffs_of_many_tags_or_strips_are_refused_before_pillow_reads_them():
+    # Pillow reads every entry of the first directory in Python several times (40,000 took 0.38 s) and
+    # makes a Python tile and decoder per strip of an uncompressed image (a million: 5.9 s, +353 MiB).
+    assert np.allclose(GRAY(tiff_bytes(8, 8, 8)), 90 / 255, atol=1e-6)
+    assert np.allclose(GRAY(tiff_bytes(4, 4096, 1, extra_tags=200)), 90 / 255, atol=1e-6)  # a strip per row
+    for data, message in (
+        (tiff_bytes(8, 8, 8, extra_tags=40_000), r"first directory has 40008 entries; at most 1000"),
+        (tiff_bytes(1, 100_000, 1), r"stored in 100000 strips or tiles; at most 16384"),
+    ):
+        started = time.process_time()
+        with pytest.raises(InvalidImage, match=message):
+            GRAY(data)
+        assert time.process_time() - started < 0.1
+
+
+def rle8_bmp(width: int, rows: list[bytes]) -> bytes:
+    """An RLE8 BMP (gray palette) from each row's encoded runs, bottom row first."""
+    data = b"".join(row + b"\x00\x00" for row in rows) + b"\x00\x01"  # end of line; end of bitmap
+    palette = b"".join(bytes([g, g, g, 0]) for g in range(256))
+    pixels_at = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, len(rows), 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", pixels_at + len(data), 0, 0, pixels_at) + info + palette + data
+
+
+def test_run_length_bmps_decode_off_the_event_loop_and_large_ones_are_refused():
+    # Pillow's RLE decoder reads a byte per Python call: an 8 MB file of one-pixel runs took 2.1 s
+    from serving.imageheader import declared_pixels
+
+    small = rle8_bmp(16, [bytes([16, 60]) for _ in range(16)])  # 16 rows of one run of 16 pixels at 60
+    assert np.allclose(GRAY(small), 60 / 255, atol=1e-6)
+    assert declared_pixels(small) is None  # not trusted to be cheap: a worker thread decodes it
+    single_runs = rle8_bmp(2048, [bytes([1, 60]) * 2048 for _ in range(200)])
+    assert len(single_runs) > 512 * 1024
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"run-length encoded and \d+ bytes long; at most 524288"):
+        GRAY(single_runs)
+    assert time.process_time() - started < 0.1
+
+
+def exif_block(orientation: int, rationals: int) -> bytes:
+    """Big-endian EXIF: IFD0 with Orientation and a WhitePoint of ``rationals`` values."""
+    ifd = struct.pack(">H", 2) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    ifd += struct.pack(">HHII", 0x013E, 5, rationals, 8 + len(ifd) + 12 + 4) + b"\0\0\0\0"
+    return b"MM\x00*" + struct.pack(">I", 8) + ifd + struct.pack(">II", 1, 3) * rationals
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_image_as_pillow_does(orientation):
+    from PIL import ImageOps
+
+    stored = Image.fromarray(np.arange(6 * 10, dtype=np.uint8).reshape(6, 10) * 4)
+    data = encode(stored, "PNG", exif=exif_block(orientation, 1))
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert np.array_equal(np.asarray(decode_image(data, max_pixels=10_000)), np.asarray(expected))
+    xmp = f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'.encode()
+    from_xmp = decode_image(encode(stored, "WEBP", lossless=True, xmp=xmp), max_pixels=10_000)
+    assert np.array_equal(np.asarray(from_xmp.convert("L")), np.asarray(expected))  # WebP holds RGB
+
+
+def test_a_large_exif_block_costs_only_its_orientation():
+    # ImageOps.exif_transpose re-encoded every tag, a Fraction per rational: 1 MB of them took 1.25 s
+    stored = Image.new("L", (20, 10), 255)
+    stored.paste(0, (0, 0, 10, 10))
+    data = encode(stored, "PNG", exif=exif_block(6, 131_000))
+    assert len(data) > 1_000_000
+    started = time.process_time()
+    shown = np.asarray(decode_image(data, max_pixels=10_000))
+    assert time.process_time() - started < 0.1
+    assert shown.shape == (20, 10) and shown[:10].mean() < 30 and shown[10:].mean() > 225

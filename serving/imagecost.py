@@ -1,0 +1,154 @@
+"""Image files whose structure would make Pillow spend far more CPU than their size, refused first.
+
+Decoding costs about 0.005-0.05 s of CPU per MB of an ordinary file. Some structures cost one
+Python step per piece, however small the piece, and a 20 MiB body holds millions of them; each
+was measured with Pillow 13 (review scripts): a million empty JPEG comments before the image data
+took 1.3 s, 330,000 empty PNG chunks 1.3-1.6 s, 800,000 GIF comments 0.65 s, 100,000 strips of an
+uncompressed TIFF 0.63 s (a million: 5.9 s and +353 MiB), 40,000 TIFF directory entries 0.38 s,
+an 8 MB run-length BMP 2.1 s, 5,000 copies of one progressive JPEG scan 6 s. Encoders write tens
+of each, so the limits below leave every ordinary file alone and cost at most a few ms to check.
+
+:func:`refusal` reads the structure with a few struct reads and bounded walks, before Pillow opens
+the file, and says what is wrong; ``None`` leaves the file to Pillow, which decides whether it is an
+image at all (a structure cut short is Pillow's to word).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .imageheader import is_run_length_bmp, jpeg_markers
+from .pngfast import SIGNATURE, chunk_count
+
+# PNG chunks, JPEG segments before the first scan, GIF extension blocks and sub-blocks before the
+# first image: Pillow handles each in Python. One PNG image-data chunk per row of a 4096-row image
+# is 4,096. No such piece is under 2 bytes, so bodies of up to twice this many bytes are not walked.
+MAX_CONTAINER_BLOCKS = 10_000
+MAX_JPEG_SCANS = 100  # libjpeg decodes every scan of a progressive JPEG; encoders write about 10
+MAX_TIFF_ENTRIES = 1_000  # entries of the first directory (tags): files hold tens to a few hundred
+MAX_TIFF_PIECES = 16_384  # strips or tiles (one Python tile and decoder each): a strip per row of 4096 rows
+MAX_RLE_BMP_BYTES = 512 * 1024  # Pillow's BMP run-length decoder reads a byte per Python call (~0.25 s/MB)
+
+
+def refusal(data: bytes) -> str | None:
+    """Why Pillow should not be given ``data``, or ``None``."""
+    try:
+        if data.startswith(SIGNATURE):
+            return _png(data)
+        if data[:2] == b"\xff\xd8":
+            return _jpeg(data)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return _blocks(data, "GIF", "extension blocks before its image", _gif_blocks)
+        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return _tiff(data)
+        if data[:2] == b"BM":
+            return _bmp(data)
+    except (struct.error, IndexError):  # a structure cut short: Pillow's to refuse in its words
+        return None
+    return None
+
+
+def _png(data: bytes) -> str | None:
+    if data.count(b"iCCP") > 1 and chunk_count(data, b"iCCP") > 1:
+        # Pillow inflates every iCCP chunk (up to 1 MB each) while it opens the file: 900 of them in
+        # 949 kB took 2.2 s of CPU.
+        return "the PNG has more than one iCCP (colour profile) chunk; the PNG specification allows one"
+    return _blocks(data, "PNG", "chunks", lambda d, n: chunk_count(d, enough=n))
+
+
+def _jpeg(data: bytes) -> str | None:
+    too_many = _blocks(data, "JPEG", "marker segments before its image data", _jpeg_header_segments)
+    if too_many:
+        return too_many
+    # An SOS marker cannot occur inside entropy-coded data (0xFF is followed by 0x00 or a restart
+    # marker there), so a count in C first; the walk, which stops at the image's end (a motion
+    # photo's appended video holds FF DA by chance about once per 64 kB), only above the limit.
+    if data.count(b"\xff\xda") > MAX_JPEG_SCANS and _jpeg_scans(data, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
+        limit = MAX_JPEG_SCANS
+        return f"the JPEG has more than {limit} scans; at most {limit} are accepted (encoders write about 10)"
+    return None
+
+
+def _blocks(data: bytes, kind: str, what: str, count) -> str | None:
+    if len(data) <= 2 * MAX_CONTAINER_BLOCKS or count(data, MAX_CONTAINER_BLOCKS + 1) <= MAX_CONTAINER_BLOCKS:
+        return None
+    return (
+        f"the {kind} has more than {MAX_CONTAINER_BLOCKS} {what}; at most {MAX_CONTAINER_BLOCKS} are "
+        "accepted (encoders write tens)"
+    )
+
+
+def _jpeg_header_segments(data: bytes, enough: int) -> int:
+    """Marker segments before the first scan (libjpeg reads the rest in C), counted up to ``enough``."""
+    count = 0
+    for marker, _ in jpeg_markers(data):
+        if marker == 0xDA or count == enough:
+            break
+        count += 1
+    return count
+
+
+def _jpeg_scans(data: bytes, enough: int) -> int:
+    """Start-of-scan markers before the end-of-image marker, counted up to ``enough``."""
+    scans = 0
+    for marker, _ in jpeg_markers(data):
+        scans += marker == 0xDA
+        if scans == enough:
+            break
+    return scans
+
+
+def _gif_blocks(data: bytes, enough: int) -> int:
+    """Extension blocks and their sub-blocks before the first image, counted up to ``enough``."""
+    pos, end, count = 13, len(data), 0
+    if data[10] & 0x80:  # a global colour table follows the screen descriptor
+        pos += 3 << ((data[10] & 7) + 1)
+    while pos + 1 < end and data[pos] == 0x21 and count < enough:  # an extension, not yet an image
+        pos += 2  # introducer and label
+        count += 1
+        while pos < end and data[pos] and count < enough:  # sub-blocks: a size byte, then the bytes
+            pos += 1 + data[pos]
+            count += 1
+        pos += 1  # the terminating empty sub-block
+    return count
+
+
+def _tiff(data: bytes) -> str | None:
+    """The first directory's entry count (Pillow reads every entry in Python, several times) and its
+    strip or tile count (Pillow makes a Python tile and a decoder for each when uncompressed)."""
+    order = "<" if data[:2] == b"II" else ">"
+    if data[2:4] in (b"*\x00", b"\x00*"):  # classic TIFF: 32-bit offsets and counts
+        (offset,) = struct.unpack_from(order + "I", data, 4)
+        count_format, entry_size, value_format = "H", 12, "I"
+    else:  # BigTIFF: 64-bit
+        (offset,) = struct.unpack_from(order + "Q", data, 8)
+        count_format, entry_size, value_format = "Q", 20, "Q"
+    (entries,) = struct.unpack_from(order + count_format, data, offset)
+    if entries > MAX_TIFF_ENTRIES:
+        return (
+            f"the TIFF's first directory has {entries} entries; at most {MAX_TIFF_ENTRIES} are accepted "
+            "(files hold tens)"
+        )
+    pos = offset + struct.calcsize(count_format)
+    pieces = 0
+    for _ in range(entries):
+        (tag,) = struct.unpack_from(order + "H", data, pos)
+        if tag in (273, 324):  # StripOffsets, TileOffsets: one value per strip or tile
+            (count,) = struct.unpack_from(order + value_format, data, pos + 4)
+            pieces = max(pieces, count)
+        pos += entry_size
+    if pieces > MAX_TIFF_PIECES:
+        return (
+            f"the TIFF's image is stored in {pieces} strips or tiles; at most {MAX_TIFF_PIECES} are accepted "
+            "(files hold one to a few thousand)"
+        )
+    return None
+
+
+def _bmp(data: bytes) -> str | None:
+    if is_run_length_bmp(data) and len(data) > MAX_RLE_BMP_BYTES:
+        return (
+            f"the BMP is run-length encoded and {len(data)} bytes long; at most {MAX_RLE_BMP_BYTES} bytes "
+            "are accepted for RLE BMPs (send it uncompressed or as PNG)"
+        )
+    return None
