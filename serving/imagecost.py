@@ -16,6 +16,7 @@ image at all (a structure cut short is Pillow's to word).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from .imageheader import is_run_length_bmp, jpeg_markers
 from .pngfast import SIGNATURE, chunk_count
@@ -69,7 +70,7 @@ def _jpeg(data: bytes) -> str | None:
     return None
 
 
-def _blocks(data: bytes, kind: str, what: str, count) -> str | None:
+def _blocks(data: bytes, kind: str, what: str, count: Callable[[bytes, int], int]) -> str | None:
     if len(data) <= 2 * MAX_CONTAINER_BLOCKS or count(data, MAX_CONTAINER_BLOCKS + 1) <= MAX_CONTAINER_BLOCKS:
         return None
     return (

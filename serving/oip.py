@@ -32,13 +32,13 @@ from fastapi.responses import JSONResponse, Response
 
 from . import buildinfo
 from .body import read_limited, within
-from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel, shown, shut_down
+from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel, listed, shown, shut_down
 from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
 from .service import InferenceService
 from .state import AppState, State, state_of
-from .tensors import BYTES, HEADER_LENGTH, InferRequest, decode_request, encode_response
+from .tensors import BYTES, HEADER_LENGTH, InferRequest, batch_refusal, decode_request, encode_response
 
 SERVER_NAME = "eed-anytime"
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration"]
@@ -206,7 +206,12 @@ async def infer(name: str, request: Request) -> Response:
         body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         header_length = request.headers.get(HEADER_LENGTH)
         # A large body is parsed off the event loop (9 MB of JSON numbers held it for 1.5 s).
-        req = await decode_off_loop(len(body), lambda: decode_request(body, header_length))
+        spec = service.runtime.manifest.input
+        # Every value of the largest batch admitted, and room for the rest of the request.
+        max_values = service.queue_size * spec.channels * spec.height * spec.width + 4096
+        req = await decode_off_loop(
+            len(body), lambda: decode_request(body, header_length, service.queue_size, max_values)
+        )
         params = effective_params(_policy_params(req.parameters), state.default_params, settings.default_budget_ms)
         plan = service.plan(params)
         policy_label = params.name  # once valid: a refused policy name must not become a label value
@@ -316,9 +321,9 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
 
 
 def _policy_params(parameters: dict[str, Any]):
-    unknown = sorted(set(parameters) - set(POLICY_KEYS))
+    unknown = [key for key in parameters if key not in POLICY_KEYS]
     if unknown:
-        names = ", ".join(shown(u, bare=True) for u in unknown)
+        names = listed(unknown)
         raise InvalidParameters(
             f"unknown request parameter(s) {names}; accepted: {', '.join(POLICY_KEYS)}, binary_data_output"
         )
@@ -344,17 +349,14 @@ async def _samples(req: InferRequest, preprocess, spec, max_batch: int) -> list[
     """The N model inputs (C, H, W) of the request; N above ``max_batch`` is refused before any
     image is decoded (300 small images that each decode to 4096² ran for minutes first)."""
     if len(req.inputs) != 1 or req.inputs[0].name not in (FP32_INPUT, IMAGE_INPUT):
-        names = [t.name for t in req.inputs]
+        names = shown([t.name for t in req.inputs])
         raise BadRequest(
             f"expected exactly one input, {FP32_INPUT!r} (FP32 [N, C, H, W], preprocessed) or "
             f"{IMAGE_INPUT!r} (BYTES [N], encoded images); got {names}"
         )
     tensor = req.inputs[0]
-    if tensor.shape and tensor.shape[0] > max_batch:
-        raise BadRequest(
-            f"a batch of {tensor.shape[0]} is more than this server admits at once "
-            f"({max_batch}, EED_QUEUE_SIZE); send smaller batches"
-        )
+    if tensor.shape and tensor.shape[0] > max_batch:  # decode_request refuses it too, before the data
+        raise BadRequest(batch_refusal(tensor.shape[0], max_batch))
     if tensor.name == FP32_INPUT:
         expected = [spec.channels, spec.height, spec.width]
         if tensor.datatype != "FP32":

@@ -26,7 +26,7 @@ from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
-from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_unknown
+from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_crowded, refuse_unknown
 from .service import Outcome
 from .state import AppState, State, state_of
 
@@ -338,6 +338,7 @@ def _params_and_top_k(state: AppState, request: Request) -> tuple[PolicyParams, 
     """The policy parameters and ``top_k`` of a /classify query, refused with 422 when invalid;
     valid ones are remembered by query string (``AppState.parsed_queries``)."""
     settings = state.settings
+    refuse_crowded(request.scope["query_string"])
     query = classify_query(request.query_params)
     refuse_unknown(request.query_params)
     params = effective_params(params_from_request(query), state.default_params, settings.default_budget_ms)

@@ -273,6 +273,9 @@ def test_cascade_threshold_extremes(client, manifest):
         # A long value is quoted, not echoed: enough to recognise, with its length.
         ({"confidence": "9" * 5000}, "… (5002 characters)"),
         ({"x" * 3000: 1}, "… (3000 characters)"),
+        # A crowded query is refused before it is parsed; unknown names: ten listed, the rest counted.
+        ({f"u{i}": 1 for i in range(40)}, "the query has 40 parameters; /classify takes 6"),
+        ({f"u{i:02}": 1 for i in range(20)}, "u09 and 10 more; accepted:"),
     ],
 )
 def test_bad_parameters_are_422_with_a_clear_detail(client, params, fragment):

@@ -283,6 +283,31 @@ def test_requests_beyond_the_limits_are_refused_before_the_work(server):
     many = [{"name": f"x{i}", "datatype": "FP32", "shape": [1], "data": [0.0]} for i in range(5000)]
     r = infer({"inputs": many})
     assert r.status_code == 400 and r.json()["error"] == "'inputs' holds 5000 tensors; at most 64 are accepted"
+    # A batch above the limit is refused at its shape, before millions of elements are walked (5 million
+    # nested [0] took 6.4 s of CPU and 600 MiB; as many empty BYTES elements in binary, 2.8 s).
+    r = infer({"inputs": [{"name": "input", "datatype": "FP32", "shape": [200_000, 1], "data": [[0]] * 200_000}]})
+    assert r.status_code == 400 and "input 'input': a batch of 200000 is more than" in r.json()["error"], r.text
+    # More JSON values than the largest admitted batch holds: refused by a count of commas before
+    # json.loads, which holds the GIL (and so the event loop) even in a worker thread.
+    flat = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [' + b"0," * 300_000
+    r = httpx.post(url, content=flat + b"0]}]}", headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "JSON holds more than" in r.json()["error"], r.text
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [junk]}
+    # A threshold list is counted before it is read (10 million took 4 s of the event loop).
+    r = infer({"inputs": [image], "parameters": {"confidence": ",".join(["0.5"] * 100_000)}})
+    assert r.status_code == 400 and "confidence has 100000 values" in r.json()["error"], r.text
+    # A list where one value belongs is summarised in the error, not printed whole.
+    r = infer({"inputs": [image], "parameters": {"exit": [1] * 100_000}})
+    assert (
+        r.status_code == 400
+        and r.json()["error"] == "exit=[1, 1, 1, 1, ...] (100000 items) must be a string or an integer"
+    )
+    # Unknown parameters: ten named, the rest counted.
+    r = infer({"inputs": [image], "parameters": {f"p{i:05}": 1 for i in range(1000)}})
+    assert r.status_code == 400 and "p00009 and 990 more; accepted:" in r.json()["error"], r.text
+    # An integer of more than 4,300 digits (Python's int_max_str_digits) anywhere in the JSON was a 500.
+    r = httpx.post(url, content=b'{"id": ' + b"9" * 5000 + b', "inputs": []}', timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
 
 
 def test_feedback_ids_from_oip_answers_are_accepted(client, server):
