@@ -9,6 +9,7 @@ ever surface as a 500.
 
 from __future__ import annotations
 
+import heapq
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -28,7 +29,8 @@ def shown(value: Any, *, bare: bool = False) -> str:
     """``repr(value)`` (``bare``: a string as it is) for an error message, cut to SHOWN_CHARS with
     the length of what was cut; a list or dict as its first few items and its length."""
     if isinstance(value, (list, tuple, dict)):
-        summary = _SUMMARY.repr(value)[:SHOWN_CHARS]
+        summary = _SUMMARY.repr(value)
+        summary = summary if len(summary) <= SHOWN_CHARS else summary[:SHOWN_CHARS] + "…"
         return summary if len(value) <= 4 else f"{summary} ({len(value)} items)"
     text = value if bare and isinstance(value, str) else repr(value)
     if len(text) <= SHOWN_CHARS:
@@ -37,8 +39,8 @@ def shown(value: Any, *, bare: bool = False) -> str:
 
 
 def listed(names: Sequence[str], most: int = 10) -> str:
-    """Names for an error message, sorted: at most ``most`` of them, then how many more."""
-    head = ", ".join(shown(n, bare=True) for n in sorted(names[:most]))
+    """Names for an error message: the alphabetically first ``most`` of them, then how many more."""
+    head = ", ".join(shown(n, bare=True) for n in heapq.nsmallest(most, names))
     return head if len(names) <= most else f"{head} and {len(names) - most} more"
 
 

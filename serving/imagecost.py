@@ -6,10 +6,11 @@ was measured with Pillow 13 (review scripts): a million empty JPEG comments befo
 took 1.3 s, 330,000 empty PNG chunks 1.3-1.6 s, 800,000 GIF comments 0.65 s, 100,000 strips of an
 uncompressed TIFF 0.63 s (a million: 5.9 s and +353 MiB), 40,000 TIFF directory entries 0.38 s,
 an 8 MB run-length BMP 2.1 s, 5,000 copies of one progressive JPEG scan 6 s. Encoders write tens
-of each, so the limits below leave every ordinary file alone and cost at most a few ms to check.
+of each, so the limits below leave every ordinary file alone; every walk that checks them stops at
+its limit (at most ~10,000 steps, a few ms).
 
 :func:`refusal` reads the structure with a few struct reads and bounded walks, before Pillow opens
-the file, and says what is wrong; ``None`` leaves the file to Pillow, which decides whether it is an
+the file, and names the format and what is wrong; ``None`` leaves the file to Pillow, which decides whether it is an
 image at all (a structure cut short is Pillow's to word).
 """
 
@@ -31,30 +32,42 @@ MAX_TIFF_PIECES = 16_384  # strips or tiles (one Python tile and decoder each): 
 MAX_RLE_BMP_BYTES = 512 * 1024  # Pillow's BMP run-length decoder reads a byte per Python call (~0.25 s/MB)
 
 
-def refusal(data: bytes) -> str | None:
-    """Why Pillow should not be given ``data``, or ``None``."""
+# The first four bytes of a TIFF as Pillow accepts them (TiffImagePlugin.PREFIXES): either byte
+# order, 42 or 43 in either order of its bytes.
+_TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
+
+
+def refusal(data: bytes) -> tuple[str, str] | None:
+    """(the format, why Pillow should not be given ``data``), or ``None``."""
     try:
         if data.startswith(SIGNATURE):
-            return _png(data)
+            return _named("PNG", _png(data))
         if data[:2] == b"\xff\xd8":
-            return _jpeg(data)
+            return _named("JPEG", _jpeg(data))
         if data[:6] in (b"GIF87a", b"GIF89a"):
-            return _blocks(data, "GIF", "extension blocks before its image", _gif_blocks)
-        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-            return _tiff(data)
+            return _named("GIF", _blocks(data, "GIF", "extension blocks before its image", _gif_blocks))
+        if data[:4] in _TIFF_PREFIXES:
+            return _named("TIFF", _tiff(data))
         if data[:2] == b"BM":
-            return _bmp(data)
-    except (struct.error, IndexError):  # a structure cut short: Pillow's to refuse in its words
+            return _named("BMP", _bmp(data))
+    except (struct.error, IndexError, OverflowError):  # a structure cut short or absurd: Pillow's to word
         return None
     return None
 
 
+def _named(kind: str, problem: str | None) -> tuple[str, str] | None:
+    return None if problem is None else (kind, problem)
+
+
 def _png(data: bytes) -> str | None:
-    if data.count(b"iCCP") > 1 and chunk_count(data, b"iCCP") > 1:
-        # Pillow inflates every iCCP chunk (up to 1 MB each) while it opens the file: 900 of them in
-        # 949 kB took 2.2 s of CPU.
+    too_many = _blocks(data, "PNG", "chunks", lambda d, n: chunk_count(d, enough=n))
+    if too_many:
+        return too_many
+    # Pillow inflates every iCCP chunk (up to 1 MB each) while it opens the file: 900 of them in 949 kB
+    # took 2.2 s of CPU. The walk is bounded: past the chunk limit the file was refused above.
+    if data.count(b"iCCP") > 1 and chunk_count(data, b"iCCP", enough=2) > 1:
         return "the PNG has more than one iCCP (colour profile) chunk; the PNG specification allows one"
-    return _blocks(data, "PNG", "chunks", lambda d, n: chunk_count(d, enough=n))
+    return None
 
 
 def _jpeg(data: bytes) -> str | None:
@@ -64,10 +77,7 @@ def _jpeg(data: bytes) -> str | None:
     # An SOS marker cannot occur inside entropy-coded data (0xFF is followed by 0x00 or a restart
     # marker there), so a count in C first; the walk, which stops at the image's end (a motion
     # photo's appended video holds FF DA by chance about once per 64 kB), only above the limit.
-    if data.count(b"\xff\xda") > MAX_JPEG_SCANS and _jpeg_scans(data, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
-        limit = MAX_JPEG_SCANS
-        return f"the JPEG has more than {limit} scans; at most {limit} are accepted (encoders write about 10)"
-    return None
+    return _jpeg_walk(data) if data.count(b"\xff\xda") > MAX_JPEG_SCANS else None
 
 
 def _blocks(data: bytes, kind: str, what: str, count: Callable[[bytes, int], int]) -> str | None:
@@ -89,14 +99,22 @@ def _jpeg_header_segments(data: bytes, enough: int) -> int:
     return count
 
 
-def _jpeg_scans(data: bytes, enough: int) -> int:
-    """Start-of-scan markers before the end-of-image marker, counted up to ``enough``."""
+def _jpeg_walk(data: bytes) -> str | None:
+    """The scans before the end-of-image marker, more than MAX_JPEG_SCANS refused; the walk also stops
+    at MAX_CONTAINER_BLOCKS other markers (libjpeg reads those in C, but this walk would not: two
+    million comments after the scan took it 0.64 s)."""
     scans = 0
-    for marker, _ in jpeg_markers(data):
+    for seen, (marker, _) in enumerate(jpeg_markers(data)):
         scans += marker == 0xDA
-        if scans == enough:
-            break
-    return scans
+        if scans > MAX_JPEG_SCANS:
+            limit = MAX_JPEG_SCANS
+            return f"the JPEG has more than {limit} scans; at most {limit} are accepted (encoders write about 10)"
+        if seen - scans >= MAX_CONTAINER_BLOCKS:
+            return (
+                f"the JPEG has more than {MAX_CONTAINER_BLOCKS} marker segments; at most {MAX_CONTAINER_BLOCKS} "
+                "are accepted (encoders write tens)"
+            )
+    return None
 
 
 def _gif_blocks(data: bytes, enough: int) -> int:
@@ -116,14 +134,16 @@ def _gif_blocks(data: bytes, enough: int) -> int:
 
 def _tiff(data: bytes) -> str | None:
     """The first directory's entry count (Pillow reads every entry in Python, several times) and its
-    strip or tile count (Pillow makes a Python tile and a decoder for each when uncompressed)."""
+    strip or tile count (Pillow makes a Python tile and a decoder for each when uncompressed). The
+    header is read as Pillow reads it: byte order from the first two bytes, BigTIFF (64-bit offsets
+    and counts) only where the third byte is 43, 32-bit otherwise."""
     order = "<" if data[:2] == b"II" else ">"
-    if data[2:4] in (b"*\x00", b"\x00*"):  # classic TIFF: 32-bit offsets and counts
-        (offset,) = struct.unpack_from(order + "I", data, 4)
-        count_format, entry_size, value_format = "H", 12, "I"
-    else:  # BigTIFF: 64-bit
+    if data[2] == 43:
         (offset,) = struct.unpack_from(order + "Q", data, 8)
         count_format, entry_size, value_format = "Q", 20, "Q"
+    else:
+        (offset,) = struct.unpack_from(order + "I", data, 4)
+        count_format, entry_size, value_format = "H", 12, "I"
     (entries,) = struct.unpack_from(order + count_format, data, offset)
     if entries > MAX_TIFF_ENTRIES:
         return (

@@ -242,9 +242,10 @@ def decode_image(
     """
     if not data:
         raise InvalidImage(f"empty body; send the image bytes ({ACCEPTED_DESCRIPTION})")
-    problem = imagecost.refusal(data)  # structures that would cost Pillow far more than their size
-    if problem is not None:
-        raise InvalidImage(problem)
+    refused = imagecost.refusal(data)  # structures that would cost Pillow far more than their size
+    if refused is not None:
+        kind, problem = refused
+        raise InvalidImage(problem, format=kind)
     try:
         with warnings.catch_warnings():
             # Our own pixel limit applies; Pillow's warning would only add log noise.
@@ -301,7 +302,8 @@ def upright(image: Image.Image) -> Image.Image:
     there is nothing to turn. Only the orientation tag is read: ``ImageOps.exif_transpose`` would also
     re-encode every other tag to drop it from the EXIF it keeps, a ``Fraction`` per rational value —
     a 65 kB JPEG whose directories share one block of rationals took 0.85 s of CPU, on the event
-    loop (small bodies are decoded there), and a 5 MB PNG eXIf chunk 6.4 s and 195 MiB."""
+    loop (small bodies are decoded there), and a 5 MB PNG eXIf chunk 6.4 s and 195 MiB. The EXIF of
+    the image returned still says the original orientation: turn an image once."""
     method = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
     return image if method is None else image.transpose(method)
 

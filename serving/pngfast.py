@@ -111,11 +111,17 @@ def _profile_ok(body: bytes) -> bool:
 
 
 def chunk_count(data: bytes, kind: bytes | None = None, enough: int | None = None) -> int:
-    """How many chunks of ``kind`` (None: of any kind) the PNG in ``data`` holds, its chunk headers
-    walked to IEND; the walk stops once ``enough`` are counted."""
+    """How many chunks of ``kind`` (None: of any kind) the PNG in ``data`` holds in its first frame —
+    its chunk headers walked to IEND, or in an animated PNG to the second frame's control chunk, where
+    Pillow stops reading for the first frame; the walk stops once ``enough`` are counted."""
     count, pos, end = 0, len(SIGNATURE), len(data)
+    animated = image_seen = False
     while pos + 8 <= end and count != enough:
         length, name = _CHUNK_HEAD.unpack_from(data, pos)
+        if name == b"fcTL" and animated and image_seen:
+            break
+        animated |= name == b"acTL"
+        image_seen |= name == b"IDAT"
         count += kind is None or name == kind
         if name == b"IEND":
             break

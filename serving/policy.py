@@ -169,8 +169,9 @@ def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     given = raw.count(",") + 1 if isinstance(raw, str) else len(raw) if isinstance(raw, (list, tuple)) else 1
     if given > MAX_THRESHOLDS:
         raise InvalidParameters(
-            f"confidence has {given} values; give one threshold for every early exit or one per early exit "
-            f"(at most {MAX_THRESHOLDS})"
+            f"confidence has {given} values, more than any model has exits (at most {MAX_THRESHOLDS} are read); "
+            "accepted: one threshold for every early exit (confidence=0.9) or one per early exit "
+            "(confidence=0.65,0.43,0.33)"
         )
     if isinstance(raw, (int, float)):
         parts: Sequence = [raw]

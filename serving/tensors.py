@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadRequest, shown
+from .policy import plain_integer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -275,7 +276,7 @@ def decode_request(
     """
     if header_length is not None:
         try:
-            length = int(header_length)
+            length = plain_integer(header_length)
         except ValueError:
             raise _fail(f"{HEADER_LENGTH} {shown(header_length)} is not an integer") from None
         if not 0 < length <= len(body):

@@ -341,6 +341,22 @@ def test_a_jpeg_with_thousands_of_header_segments_is_refused_before_pillow_reads
     with pytest.raises(InvalidImage, match=r"more than 10000 marker segments before its image data"):
         RGB(comments(1_000_000))
     assert time.process_time() - started < 0.1
+    # After the scan libjpeg reads them in C, but the scan count's walk is bounded too: comments whose
+    # bodies hold FF DA (no scan) made it walk two million markers (0.64 s)
+    after_scan = good[:-2] + b"\xff\xfe\x00\x04\xff\xda" * 200_000 + good[-2:]
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"more than 10000 marker segments; at most 10000"):
+        RGB(after_scan)
+    assert time.process_time() - started < 0.1
+
+
+def test_an_animated_png_counts_only_the_chunks_pillow_reads_for_its_first_frame():
+    frames = [Image.new("L", (4, 4), 10), Image.new("L", (4, 4), 200)]
+    two = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    second = two.index(b"fcTL", two.index(b"IDAT")) - 4  # the second frame's control chunk
+    later = two[second : two.index(b"IEND") - 4]  # its control and data chunks
+    many_frames = two[:second] + later * 6_000 + two[second:]  # 12,000 chunks Pillow never reads
+    assert np.allclose(GRAY(many_frames), 10 / 255, atol=1e-6)
 
 
 def test_a_png_of_a_hundred_thousand_chunks_is_refused_before_pillow_reads_them():
@@ -426,14 +442,20 @@ def test_tiffs_of_many_tags_or_strips_are_refused_before_pillow_reads_them():
     # makes a Python tile and decoder per strip of an uncompressed image (a million: 5.9 s, +353 MiB).
     assert np.allclose(GRAY(tiff_bytes(8, 8, 8)), 90 / 255, atol=1e-6)
     assert np.allclose(GRAY(tiff_bytes(4, 4096, 1, extra_tags=200)), 90 / 255, atol=1e-6)  # a strip per row
+    strips = tiff_bytes(1, 100_000, 1)
     for data, message in (
         (tiff_bytes(8, 8, 8, extra_tags=40_000), r"first directory has 40008 entries; at most 1000"),
-        (tiff_bytes(1, 100_000, 1), r"stored in 100000 strips or tiles; at most 16384"),
+        (strips, r"stored in 100000 strips or tiles; at most 16384"),
+        # Pillow also opens 42 written in the other byte order: read as it reads the header
+        (b"II\x00*" + strips[4:], r"stored in 100000 strips or tiles"),
     ):
         started = time.process_time()
         with pytest.raises(InvalidImage, match=message):
             GRAY(data)
         assert time.process_time() - started < 0.1
+    # A BigTIFF directory offset beyond any file (2**64 - 1) was a 500 (OverflowError): Pillow's to refuse
+    with pytest.raises(InvalidImage, match=r"cannot read image header"):
+        GRAY(b"II+\x00\x08\x00\x00\x00" + b"\xff" * 8 + bytes(64))
 
 
 def rle8_bmp(width: int, rows: list[bytes]) -> bytes:
