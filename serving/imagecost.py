@@ -64,8 +64,10 @@ def _png(data: bytes) -> str | None:
     if too_many:
         return too_many
     # Pillow inflates every iCCP chunk (up to 1 MB each) while it opens the file: 900 of them in 949 kB
-    # took 2.2 s of CPU. The walk is bounded: past the chunk limit the file was refused above.
-    if data.count(b"iCCP") > 1 and chunk_count(data, b"iCCP", enough=2) > 1:
+    # took 2.2 s of CPU. The walk is bounded (past the chunk limit the file was refused above) and cheaper
+    # than a search of a large file for the name (224 chunks of a 14.5 MB PNG: 0.08 ms against 8 ms).
+    walked = len(data) > 2 * MAX_CONTAINER_BLOCKS  # a small file is searched first, in C
+    if (walked or data.count(b"iCCP") > 1) and chunk_count(data, b"iCCP", enough=2) > 1:
         return "the PNG has more than one iCCP (colour profile) chunk; the PNG specification allows one"
     return None
 

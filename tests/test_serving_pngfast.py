@@ -259,3 +259,7 @@ def test_a_png_with_more_than_one_colour_profile_is_refused_before_any_is_inflat
     with pytest.raises(InvalidImage, match="more than one iCCP"):
         RGB(many)
     assert time.perf_counter() - started < 0.5
+    two = build(parts[:2] + [(b"iCCP", profile)] * 2 + parts[2:])
+    assert len(two) < 20_000 < len(many)  # a small file is searched for the name first, a large one walked
+    with pytest.raises(InvalidImage, match="more than one iCCP"):
+        RGB(two)
