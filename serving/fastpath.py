@@ -201,10 +201,13 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
             def note(policy: str, exit_label: str) -> None:
                 labels["policy"], labels["exit"] = policy, exit_label
 
+            def gone() -> bool:  # uvicorn sets it when the connection is lost
+                return answer.disconnected
+
             # Whatever happens, an answer and its log line: a 500 unless the handler says otherwise.
             status, payload = 500, _INTERNAL_ERROR
             try:
-                payload = await answer_classify(state, lambda: remembered, read_body, started, note, True)
+                payload = await answer_classify(state, lambda: remembered, read_body, started, note, True, gone)
                 status = 200
             except ServingError as exc:
                 status, payload, headers = exc.status_code, JSON_ENCODER.encode(exc.body()).encode(), exc.headers

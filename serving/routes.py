@@ -21,7 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
 from .body import media_type, read_body_within, read_limited, within
-from .errors import InvalidParameters, NotReady, ServingError, UnknownRequestId, UnsupportedMediaType, shut_down
+from .errors import (
+    ClientDisconnected,
+    InvalidParameters,
+    NotReady,
+    ServingError,
+    UnknownRequestId,
+    UnsupportedMediaType,
+    shut_down,
+)
 from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .outputs import ranked as ranked_classes
@@ -173,13 +181,17 @@ async def answer_classify(
     arrived: float,
     note: Callable[[str, str], None],
     arrival_counted: bool = False,
+    gone: Callable[[], bool] | None = None,
 ) -> bytes:
     """A /classify answer's JSON bytes; client errors raise :class:`ServingError`. One body for
     both ways a request arrives: the ASGI route above and the HTTP protocol's own path
     (serving/fastpath.py). ``parse``: the policy parameters and ``top_k`` (remembered, or parsed
     and checked: a 422 raised there is counted); ``read_body``: the image and its declared type; ``note(policy, exit)``:
     the labels for the request log, called once the request ends; ``arrival_counted``: the caller
-    counted the request in the service's ``arrived`` until ``read_body`` returned."""
+    counted the request in the service's ``arrived`` until ``read_body`` returned; ``gone()``: whether
+    the client has left (its answer is then counted as nginx's 499, not as a 200 nobody read) — the
+    protocol's own path knows it without yielding; the ASGI way could only ask by awaiting, which would
+    let a batch's held answers go out before the last of them is ready (serving/transport.py)."""
     loop = asyncio.get_running_loop()
     metrics = state.metrics
     exit_label, policy_label, status = "none", "none", 500
@@ -212,7 +224,9 @@ async def answer_classify(
         # The metrics after the answer is written: nothing between here and the socket write
         # yields to the event loop, so the loop runs them right after it, before any later
         # request (a scrape included). A lone request's p50 no longer carries them.
-        loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)
+        loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)  # the work was done
+        if gone is not None and gone():  # clients that time out and leave show as 499s, not 200s
+            raise ClientDisconnected("client disconnected before the answer was sent")
         return answer_json(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
     except ServingError as exc:
         status = exc.status_code

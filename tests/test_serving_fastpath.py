@@ -408,3 +408,29 @@ def test_head_is_answered_as_get_without_the_body(served):
         while b"\r\n\r\n" not in data:
             data += sock.recv(65536)
         assert data.startswith(b"HTTP/1.1 405"), data[:60]
+
+
+def test_a_client_that_leaves_before_its_answer_is_counted_as_499_not_as_200(served):
+    """Clients that time out and leave (under load, with deadlines of their own) must not read as
+    successes: the answer is computed — its work is recorded — but counted as nginx's 499."""
+    import numpy as np
+    from PIL import Image
+
+    _, port = served
+    rng = np.random.default_rng(0)
+    large = encode(Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8)))
+    assert len(large) > 64 * 1024  # decoded in a worker thread: the handler waits while the client leaves
+    exchange(port, post("/classify?exit=2", large))  # remembered: the protocol's own path from now on
+    answered = 'eed_requests_total{exit="2",policy="exit",status="200"}'
+    left = 'eed_requests_total{exit="2",policy="exit",status="499"}'
+    before_answered, before_left = _count(port, answered), _count(port, left)
+    # on the protocol's own path (the ASGI way could only ask by yielding: see answer_classify)
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(post("/classify?exit=2", large))
+    deadline = time.monotonic() + 5
+    while _count(port, left) < before_left + 2:
+        assert time.monotonic() < deadline, "the departures were not counted as 499"
+        time.sleep(0.05)
+    assert _count(port, answered) == before_answered
+    assert exchange(port, post("/classify?exit=2", large))[0][0] == 200  # and the server goes on
