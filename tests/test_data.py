@@ -24,8 +24,23 @@ def test_fashion_mnist_from_idx_files(tmp_path, compress):
 def test_truncated_idx_file_is_reported(tmp_path):
     path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28), np.uint8), compress=False)
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(DatasetNotFoundError, match="truncated"):  # what every command reports
         read_idx(path)
+
+
+def test_corrupt_idx_files_are_named_with_what_to_do(tmp_path):
+    """A cut-short or non-gzip .gz was a raw EOFError / BadGzipFile traceback from every command."""
+    from training.data import CorruptDatasetError
+
+    noise = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)  # does not compress away
+    path = write_idx(tmp_path / "y-idx3-ubyte", noise, compress=True)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptDatasetError, match=r"y-idx3-ubyte.gz is corrupt or truncated.*fetch it again"):
+        read_idx(path)
+    path.write_bytes(b"no gzip here")
+    with pytest.raises(CorruptDatasetError, match="corrupt or truncated"):
+        read_idx(path)
+    assert issubclass(CorruptDatasetError, DatasetNotFoundError)  # every command reports those
 
 
 @pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
@@ -216,6 +231,17 @@ def test_imagefolder_layout(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="has no train/ and no val/ folder.*ImageNet layout"):
         (tmp_path / "only").mkdir()
         build_datasets("imagefolder", tmp_path / "only")
+    # Labels are class-folder indices: other folders in val/ would silently mislabel every test image.
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
+    with pytest.raises(
+        DatasetNotFoundError, match=r"different class folders \(only in train/: \['dog'\]; only in val/"
+    ):
+        build_datasets("imagefolder", tmp_path)
+    (tmp_path / "val" / "bird").rename(tmp_path / "val" / "dog")
+    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    data = build_datasets("imagefolder", tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"broken.jpg is not a readable image"):
+        list(make_loader(data.train, data.spec, 8, train=False, workers=0))
 
 
 def test_an_imagefolder_training_split_smaller_than_a_batch_still_trains(tmp_path):

@@ -252,6 +252,15 @@ def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch, c
     assert main([str(ckpt), "--out", str(out), "--skip-eval", "--force", "--name", "renamed"]) == 0
     assert load_manifest(out).name == "renamed"
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["m"]
+    # --force replaces an earlier export, never the run (--out set to the checkpoint's folder deleted
+    # checkpoints, config and logs) nor a folder that is not an export
+    assert main([str(ckpt), "--out", str(tmp_path), "--skip-eval", "--force"]) == 2
+    assert "holds the checkpoint being exported" in capsys.readouterr().err and ckpt.is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main([str(ckpt), "--out", str(tmp_path / "notes"), "--skip-eval", "--force"]) == 2
+    assert "not an earlier export" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 def test_cli_calibrates_the_policies_it_is_asked_for(tmp_path, fmnist):

@@ -174,6 +174,17 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert cli(["--resume", str(tmp_path / "junk.pt")]) == 2
     assert "could not be read" in capsys.readouterr().err
+    # A run continues in its own folder: --run-name/--output-dir were ignored and the run overwritten.
+    assert cli(["--resume", str(tmp_path / "x"), "--run-name", "branch", "--no-progress"]) == 2
+    assert "--run-name 'branch' (checkpoint: 'x')" in capsys.readouterr().err and not (tmp_path / "branch").exists()
+    # Other data under --data-dir (allowed to move) was used without a word.
+    other = make_fashion_mnist(tmp_path / "other", n_train=100, n_test=40)
+    assert cli(["--resume", str(tmp_path / "x"), "--data-dir", str(other), "--subset", "64", "--no-progress"]) == 2
+    assert "is not what this run was trained on (test_size 64 -> 40)" in capsys.readouterr().err
+    # A cosine schedule restored for 1 epoch would start a second cycle over --epochs 3.
+    assert cli([*common, "--epochs", "1", "--lr-schedule", "cosine", "--run-name", "cos"]) == 0
+    assert cli(["--resume", str(tmp_path / "cos"), "--epochs", "3", "--no-progress"]) == 2
+    assert "would not stretch it but start a second cycle" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

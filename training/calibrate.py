@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         manifest = recalibrate(
             args.folder, args.split, args.data_dir, args.subset, args.download, argv, **calibration_targets(args)
         )
-    except (DatasetNotFoundError, EvaluationError, ManifestError) as exc:
+    except (
+        DatasetNotFoundError,
+        EvaluationError,
+        ManifestError,
+        ValueError,
+    ) as exc:  # ValueError: a split the data cannot give
         print(f"error: {exc}\n{args.folder} was left as it was", file=sys.stderr)
         return 2
     print(f"rewrote {Path(args.folder) / MANIFEST_NAME}")

@@ -15,6 +15,7 @@ import gzip
 import math
 import os
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,11 @@ FASHION_MNIST_CLASSES = [
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data set is not on disk and could not be fetched; the message says what to do."""
+
+
+class CorruptDatasetError(DatasetNotFoundError):
+    """A data set's files are on disk but cannot be read (truncated, not the format); the message names
+    the file and what to do. A DatasetNotFoundError, so every command that reports one reports this."""
 
 
 @dataclass(frozen=True)
@@ -94,19 +100,27 @@ class DataBundle:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (MNIST's format), gzipped or not."""
     path = Path(path)
+    fix = "delete it and fetch it again (the system copy: apt-get install --reinstall dataset-fashion-mnist)"
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # cut short, or not gzip at all
+        raise CorruptDatasetError(f"{path} is corrupt or truncated ({exc}); {fix}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise CorruptDatasetError(f"{path} is not an IDX file (bad magic number); {fix}")
     dtype_code, ndim = data[2], data[3]
     dtypes: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
-        raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+        raise CorruptDatasetError(f"{path}: unknown IDX element type 0x{dtype_code:02x}; {fix}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if 4 + 4 * ndim > len(data) or (len(data) - 4 - 4 * ndim) % np.dtype(dtypes[dtype_code]).itemsize:
+        raise CorruptDatasetError(f"{path}: the file ends inside its header or an element (truncated?); {fix}")
     array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if array.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} but the file holds {array.size} values (truncated?)")
+        raise CorruptDatasetError(
+            f"{path}: header says {shape} but the file holds {array.size} values (truncated?); {fix}"
+        )
     return array.reshape(shape)
 
 
@@ -203,6 +217,11 @@ def load_cifar(name: str, data_dir: str | Path, download: bool) -> tuple[ArraySp
         test = _Cifar(str(data_dir), train=False, download=False)
     except Exception as exc:
         pretty = "CIFAR-100" if name == "cifar100" else "CIFAR-10"
+        if all((folder / f).is_file() for f, _ in base.train_list + base.test_list):  # there, not readable
+            raise CorruptDatasetError(
+                f"the {pretty} files in {folder} are corrupt ({type(exc).__name__}: {exc}); delete the folder "
+                f"and download {base.url} again"
+            ) from exc
         how = "the download failed" if download else "downloading is off (--no-download)"
         raise DatasetNotFoundError(
             f"{pretty} not found in {folder} and {how}: {exc}. Download {base.url} on a machine with "
@@ -281,6 +300,17 @@ def split_indices(
     return val, train.sort().values
 
 
+def _named_image_loader(path: str):
+    """torchvision's default loader, with the file named when it is not an image (Pillow's error alone
+    does not say which of a folder's files it was)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError) as exc:
+        raise DatasetNotFoundError(f"{path} is not a readable image ({exc}); remove or replace it") from None
+
+
 def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None) -> DataBundle:
     from torchvision import datasets, transforms
 
@@ -298,8 +328,22 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None)
         [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
     )
     test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
-    train = datasets.ImageFolder(str(root / "train"), train_tf)
-    test = datasets.ImageFolder(str(root / "val"), test_tf)
+    try:
+        train = datasets.ImageFolder(str(root / "train"), train_tf, loader=_named_image_loader)
+        test = datasets.ImageFolder(str(root / "val"), test_tf, loader=_named_image_loader)
+    except FileNotFoundError as exc:  # no class folder, or no image in them
+        raise DatasetNotFoundError(
+            f"{exc} --dataset imagefolder expects DATA_DIR/train/<class>/*.jpg and val/"
+        ) from None
+    if train.classes != test.classes:
+        # Labels are class-folder indices in sorted order: with other folders in val/, class i of the
+        # test split would not be class i of the training split, and every test figure would be wrong.
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_val = sorted(set(test.classes) - set(train.classes))
+        raise DatasetNotFoundError(
+            f"{root}/train and {root}/val hold different class folders (only in train/: {only_train or 'none'}; "
+            f"only in val/: {only_val or 'none'}); both need the same classes"
+        )
     val = None
     val_idx, train_idx = split_indices(len(train), val_split, train_size, seed)
     if val_idx is not None:

@@ -72,9 +72,8 @@ def export_checkpoint(
     from training.flops import exit_costs
 
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
     checkpoint = resolve_checkpoint_path(checkpoint)
+    refuse_to_replace(out, checkpoint, force)
     model, payload = load_model(checkpoint)
     if not payload.get("dataset"):
         raise ExportError(f"{checkpoint} does not record its data set (classes, input size); re-train with train.py")
@@ -143,6 +142,26 @@ def write_samples(bundle, folder: Path, count: int) -> list[Path]:
         paths.append(folder / f"{i:02d}-{label}-{slug}.png")
         Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(paths[-1])
     return paths
+
+
+def refuse_to_replace(out: Path, checkpoint: Path, force: bool) -> None:
+    """``out`` may be written: it does not exist, or ``force`` replaces an earlier export there — never
+    a folder that holds the checkpoint (``--out`` set to the run folder, or a folder of runs: with
+    --force it was deleted, checkpoints, config and logs with it) nor one that is not an export."""
+    if checkpoint.resolve().is_relative_to(out.resolve()):
+        raise ExportError(
+            f"--out {out} holds the checkpoint being exported ({checkpoint}); replacing it would delete the run. "
+            "Export to a folder of its own, e.g. --out exported/NAME"
+        )
+    if not out.exists():
+        return
+    if not force:
+        raise ExportError(f"{out} already exists; pass --force to replace an earlier export there")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
+        raise ExportError(
+            f"{out} is not an earlier export (no manifest.json) and not empty; --force replaces only an export. "
+            "Choose another --out, or move that folder away first"
+        )
 
 
 def _replace(tmp: Path, out: Path) -> None:

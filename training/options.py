@@ -25,6 +25,8 @@ DEFAULT_ALPHA = {"kl": 0.1, "mse": 1.0}
 PAPER_MILESTONES = (75, 130, 180)
 
 # Flags that may differ when resuming a run; everything else must match the checkpoint.
+# Settings a resumed run may change. Not --output-dir or --run-name: a run continues in its own folder
+# (they were accepted and ignored, and the run's checkpoint and log overwritten); copy a run to branch it.
 RESUME_MUTABLE = {
     "epochs",
     "resume",
@@ -32,8 +34,6 @@ RESUME_MUTABLE = {
     "workers",
     "progress",
     "threads",
-    "output_dir",
-    "run_name",
     "data_dir",
     "download",
     "eval_every",
@@ -192,6 +192,11 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return {dest for dest, value in vars(known).items() if value is not untyped}
 
 
+def default_milestones(epochs: int) -> list[int]:
+    """The paper's learning-rate milestones (75, 130, 180 of 200 epochs) scaled to ``epochs``."""
+    return sorted({max(1, round(m * epochs / PAPER_EPOCHS)) for m in PAPER_MILESTONES})
+
+
 def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
     """Fill derived defaults and reject contradictory flags with a message saying what to change."""
     if args.arch not in list_models():
@@ -246,8 +251,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     if args.subset is not None and args.subset < 2:
         raise UsageError("--subset must be at least 2 images")
     if args.milestones is None:
-        scale = args.epochs / PAPER_EPOCHS
-        args.milestones = sorted({max(1, round(m * scale)) for m in PAPER_MILESTONES})
+        args.milestones = default_milestones(args.epochs)
     elif min(args.milestones) < 1:
         raise UsageError(f"--milestones are epochs (1 or more), got {args.milestones}")
     if "milestones" in explicit and args.lr_schedule == "cosine":

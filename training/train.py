@@ -35,6 +35,7 @@ from training.options import (
     UsageError,
     check_device,
     check_resume_matches,
+    default_milestones,
     explicit_flags,
     get_args_parser,
     resolve_args,
@@ -223,6 +224,20 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
                 f"--epochs {args.epochs} is below the {start_epoch} epochs this checkpoint has trained; give "
                 f"--epochs {start_epoch} (only the final evaluation) or more"
             )
+        planned = resume_payload["config"].get("epochs", args.epochs)
+        if args.epochs != planned and args.lr_schedule == "cosine":
+            # The restored schedule anneals to 0 at the planned epoch and would rise again after it.
+            raise UsageError(
+                f"this run's cosine learning rate was set for {planned} epochs (it reaches 0 there); resuming "
+                f"with --epochs {args.epochs} would not stretch it but start a second cycle. Resume without "
+                f"--epochs, or train a new run with --epochs {args.epochs}"
+            )
+        if args.epochs != planned and resume_payload["config"].get("milestones") == default_milestones(planned):
+            print(
+                f"warning: the learning-rate milestones {args.milestones} were scaled to this run's {planned} "
+                f"epochs; with --epochs {args.epochs} they stay where they are (start a new run to rescale them)",
+                file=sys.stderr,
+            )
 
     # The code the run started with (computed once: a commit made mid-run must not relabel it).
     revision = resume_payload.get("git_revision") if resume_payload else git_revision()
@@ -242,6 +257,22 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
         "test_size": len(data.test),
         "source": data.source,
     }
+    if resume_payload is not None and resume_payload.get("dataset"):
+        # --data-dir may change on resume (a moved copy), the data may not: it was never compared, and a
+        # run resumed on other images went on with a config.json that named them as its own.
+        keys = ("name", "classes", "channels", "image_size", "train_size", "val_size", "test_size")
+        changed = [
+            f"{k} {resume_payload['dataset'].get(k)!r} -> {dataset_info[k]!r}"
+            for k in keys
+            if resume_payload["dataset"].get(k) != dataset_info[k]
+        ]
+        if changed:
+            read = data.source.get("path", data.source) if isinstance(data.source, dict) else data.source
+            raise UsageError(
+                f"the data read ({read}) "
+                f"is not what this run was trained on ({'; '.join(changed)}); "
+                "point --data-dir at the run's data set, or start a new run"
+            )
     if rank == 0 and resume_payload is None and (run_dir / "checkpoint.pt").exists():
         raise UsageError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-name"
