@@ -32,7 +32,7 @@ from .body import RAW_TYPES, media_type, within
 from .errors import INTERNAL_ERROR_BODY, ClientDisconnected, ServingError, shut_down
 from .keepalive import head_limit
 from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
-from .routes import JSON_ENCODER, answer_classify
+from .routes import CLIENT_GONE, JSON_ENCODER, answer_classify
 from .service import InferenceService
 from .state import AppState
 from .transport import http_protocol
@@ -125,6 +125,12 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 if answer is not None:
                     self._parsing = answer
                     return
+                before = self.cycle
+                super().on_headers_complete()
+                cycle = self.cycle  # the ASGI way: the route asks the cycle uvicorn marks when the client leaves
+                if cycle is not before:  # the same one: an upgrade, handed on to another protocol
+                    self.scope[CLIENT_GONE] = lambda: cycle.disconnected
+                return
             super().on_headers_complete()
 
         def _answer_here(self) -> _InFlight | None:

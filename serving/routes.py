@@ -129,6 +129,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
+# The scope key under which the server's HTTP protocol (serving/fastpath.py) gives a /classify
+# request taking the ASGI way a callable saying whether its client has left — uvicorn's cycle knows
+# without the route awaiting ``receive`` (which would yield: see answer_classify).
+CLIENT_GONE = "eed.client_gone"
+
 IMAGE_BODY = {
     "required": True,
     "content": {
@@ -169,6 +174,7 @@ async def classify(request: Request) -> Response:
         lambda: read_body_within(request, settings.max_body_bytes, settings.body_timeout_s),
         arrived,
         note,
+        gone=request.scope.get(CLIENT_GONE),
     )
     # X-Request-ID, the correlation id: serving/requestlog.py.
     return Response(payload, media_type="application/json")
@@ -189,9 +195,9 @@ async def answer_classify(
     and checked: a 422 raised there is counted); ``read_body``: the image and its declared type; ``note(policy, exit)``:
     the labels for the request log, called once the request ends; ``arrival_counted``: the caller
     counted the request in the service's ``arrived`` until ``read_body`` returned; ``gone()``: whether
-    the client has left (its answer is then counted as nginx's 499, not as a 200 nobody read) — the
-    protocol's own path knows it without yielding; the ASGI way could only ask by awaiting, which would
-    let a batch's held answers go out before the last of them is ready (serving/transport.py)."""
+    the client has left (its answer is then counted as nginx's 499, not as a 200 nobody read), read from
+    the connection without yielding: asking ASGI's way, by awaiting ``receive``, would let a batch's held
+    answers go out before the last of them is ready (serving/transport.py)."""
     loop = asyncio.get_running_loop()
     metrics = state.metrics
     exit_label, policy_label, status = "none", "none", 500
