@@ -97,6 +97,16 @@ class Plan:
     exit: int
     thresholds: tuple[float, ...] | None = None
     budget_ms: float | None = None
+    # A pure deadline (no thresholds) answers from ``exit`` in one full-path call when that is in
+    # time, but stage by stage only up to ``stage_exit``: the stages spend the trunk once plus
+    # every head on the way, and take longer idle, so a budget may allow exit 3 as one call and
+    # only exit 2 as a cascade. None: the same as ``exit``.
+    stage_exit: int | None = None
+
+    @property
+    def stages_to(self) -> int:
+        """The deepest exit a stage-by-stage run of this plan may reach."""
+        return self.exit if self.stage_exit is None else self.stage_exit
 
 
 @dataclass(frozen=True)
@@ -304,14 +314,20 @@ def effective_params(
     return replace(params, budget_ms=default_budget_ms)
 
 
-def plan_request(params: PolicyParams, costs: CostTable, idle_cascade_ms: Sequence[float] | None = None) -> Plan:
+def plan_request(
+    params: PolicyParams,
+    costs: CostTable,
+    idle_cascade_ms: Sequence[float] | None = None,
+    idle_single_ms: Sequence[float] | None = None,
+) -> Plan:
     """Turn request parameters into a :class:`Plan`, or raise a 422 error.
 
     ``idle_cascade_ms[i]`` is the idle service time of a cascade ending at exit i+1
-    (stages 1..i+1 at batch size 1, no queueing); needed only with ``budget_ms``.
+    (stages 1..i+1 at batch size 1, no queueing), ``idle_single_ms[i]`` that of exit i+1's
+    full-path graph (default: the cascade's); needed only with ``budget_ms``.
     """
     try:
-        return _plan(params, costs, idle_cascade_ms)
+        return _plan(params, costs, idle_cascade_ms, idle_single_ms)
     except InvalidParameters as exc:
         name_cheapest(exc, costs)
         raise
@@ -363,7 +379,7 @@ def _thresholds(params: PolicyParams, costs: CostTable) -> tuple[float, ...] | N
     return tuple(float(v) for v in cascade.as_thresholds(values if len(values) > 1 else values[0], k))
 
 
-def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms) -> Plan:
+def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms, idle_single_ms) -> Plan:
     k = costs.num_exits
     if params.exit is not None:
         others = [n for n in ("budget_gflops", "budget_ms", "confidence", "policy") if getattr(params, n) is not None]
@@ -387,16 +403,39 @@ def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms) -> Plan:
     # A deadline runs as a cascade too: stage by stage, so the service can stop as
     # soon as the next stage would finish too late and still answer from the last exit.
     cascade_mode = thresholds is not None or params.budget_ms is not None
-    # The cost that limits how deep we may go: full path for a single exit,
-    # cumulative stage cost for a cascade (see module docstring).
+    if params.budget_ms is not None and (idle_cascade_ms is None or len(idle_cascade_ms) != k):
+        raise ValueError("budget_ms planning needs an idle service time for every exit")
+    # The cost that limits how deep we may go: full path for a single exit, cumulative stage
+    # cost for a cascade (see module docstring) — and both for a pure deadline, which answers
+    # in one full-path call when that is in time and stage by stage when it is not.
     gflops = costs.cascade_gflops if cascade_mode else costs.gflops
-    deepest = k
+    capped = _deepest_allowed(params, gflops, idle_cascade_ms, cascade_mode)
+    if not cascade_mode:
+        return Plan(mode="single", exit=capped)
+    if thresholds is not None:
+        return Plan(mode="cascade", exit=capped, thresholds=thresholds, budget_ms=params.budget_ms)
+    single_ms = idle_single_ms if idle_single_ms is not None and len(idle_single_ms) == k else idle_cascade_ms
+    one_call = _deepest_allowed(params, costs.gflops, single_ms, False)
+    deepest = max(one_call, capped)
+    return Plan(
+        mode="cascade",
+        exit=deepest,
+        thresholds=(cascade.NEVER,) * (k - 1),
+        budget_ms=params.budget_ms,
+        stage_exit=None if capped == deepest else capped,
+    )
+
+
+def _deepest_allowed(params: PolicyParams, gflops: Sequence[float], idle_ms, stages: bool) -> int:
+    """The deepest exit both budgets allow, by these costs and idle times (``stages``: the
+    cascade's, which word the 422s); an ImpossibleBudget when not even exit 1 fits."""
+    deepest = len(gflops)
     if params.budget_gflops is not None:
         by_gflops = _deepest_within(gflops, params.budget_gflops)
         if by_gflops == 0:
             cheapest = int(np.argmin(gflops)) + 1
             cost = float(gflops[cheapest - 1])
-            what = "the first stage of a cascade" if cascade_mode else "the cheapest exit"
+            what = "the first stage of a cascade" if stages else "the cheapest exit"
             raise ImpossibleBudget(
                 f"budget_gflops={params.budget_gflops:g} is below {what} "
                 f"(exit {cheapest} costs {cost!r} GFLOPs); accepted: budget_gflops >= {rounded_up(cost, 6):g}",
@@ -405,30 +444,20 @@ def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms) -> Plan:
             )
         deepest = min(deepest, by_gflops)
     if params.budget_ms is not None:
-        if idle_cascade_ms is None or len(idle_cascade_ms) != k:
-            raise ValueError("budget_ms planning needs an idle service time for every exit")
-        by_ms = _deepest_within(idle_cascade_ms, params.budget_ms)
+        by_ms = _deepest_within(idle_ms, params.budget_ms)
         if by_ms == 0:
-            idle_ms = float(idle_cascade_ms[0])
+            idle = float(idle_ms[0])
             raise ImpossibleBudget(
                 f"budget_ms={params.budget_ms:g} is below exit 1's service time on an idle server "
-                f"({idle_ms:.4g} ms), so no answer can be ready in time; accepted: budget_ms >= "
-                f"{rounded_up(idle_ms, 4):.4g} (exit 1 costs {float(gflops[0])!r} GFLOPs; "
+                f"({idle:.4g} ms), so no answer can be ready in time; accepted: budget_ms >= "
+                f"{rounded_up(idle, 4):.4g} (exit 1 costs {float(gflops[0])!r} GFLOPs; "
                 "current estimates: GET /v1/model)",
-                idle_exit1_ms=rounded_up(idle_ms, 4),
+                idle_exit1_ms=rounded_up(idle, 4),
                 cheapest_gflops=float(gflops[0]),
                 cheapest_exit=1,
             )
         deepest = min(deepest, by_ms)
-
-    if not cascade_mode:
-        return Plan(mode="single", exit=deepest)
-    return Plan(
-        mode="cascade",
-        exit=deepest,
-        thresholds=thresholds if thresholds is not None else (cascade.NEVER,) * (k - 1),
-        budget_ms=params.budget_ms,
-    )
+    return deepest
 
 
 def _deepest_within(values: Sequence[float], budget: float) -> int:

@@ -388,7 +388,7 @@ class InferenceService:
             return None
         exit_worker = self.exit_workers[plan.exit - 1]
         single_s = self.service_models[exit_worker.name].estimate(1)
-        chain_s = sum(self.service_models[w.name].estimate(1) for w in self.stage_workers[: plan.exit])
+        chain_s = sum(self.service_models[w.name].estimate(1) for w in self.stage_workers[: plan.stages_to])
         others = (self._in_run - 1) * max(single_s, chain_s)
         if pure:
             # Returned without the gap: the gap learns the lateness of predictions that leave it out
@@ -511,10 +511,10 @@ class InferenceService:
     def plan(self, params: PolicyParams) -> Plan:
         """Plan a request against this model's costs and idle service times."""
         if params.budget_ms is not None:  # depends on the service times now: planned every time
-            idle_cascade_ms = self.idle_service_ms()[1]
+            idle_single_ms, idle_cascade_ms = self.idle_service_ms()
             if self.deadline_floor_ms is not None:
-                idle_cascade_ms[0] = self.deadline_floor_ms
-            return plan_request(params, self.costs, idle_cascade_ms)
+                idle_single_ms[0] = idle_cascade_ms[0] = self.deadline_floor_ms
+            return plan_request(params, self.costs, idle_cascade_ms, idle_single_ms)
         plan = self._plans.get(params)
         if plan is None:
             plan = plan_request(params, self.costs)  # raises for a plan this model cannot run
@@ -565,7 +565,11 @@ class InferenceService:
         else:
             thresholds = np.asarray(plan.thresholds, dtype=np.float64)
             features = x
-            for number in range(1, plan.exit + 1):
+            last = plan.stages_to
+            # A pure deadline whose stages cannot reach the exit one call would (their costs or
+            # idle time): the load that sent it to the stages made the answer shallower.
+            degraded = last < plan.exit
+            for number in range(1, last + 1):
                 worker = self.stage_workers[number - 1]
                 if deadline is not None:
                     predicted = self.predicted_finish_s(worker, with_gap=False)
@@ -581,7 +585,7 @@ class InferenceService:
                 evaluated.append(number)
                 # The shared rule on the shared score, so answers match the offline calibration.
                 top = float(cascade.top_probability(logits))
-                if number == plan.exit or cascade.stops_at(top, thresholds, number):
+                if number == last or cascade.stops_at(top, thresholds, number):
                     break
                 features = outputs[1]
         finished = time.perf_counter()

@@ -353,3 +353,37 @@ def test_calibrate_rewrites_an_exported_folders_policies_from_its_own_graphs(res
     before = path.read_bytes()
     assert calibrate([str(copy)]) == 2
     assert "checksum" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_parity_is_relative_to_the_logits_scale(tmp_path, capsys):
+    """float32's error grows with the logits: a correct graph of a model with large logits (deep
+    models, unnormalised heads) passes, and the absolute part alone still refuses it — as it refused
+    a correct PyramidNet-110 whose logits reached 230."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, 1, WIDTH, with_exits=False)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e5)  # logits ~1e5: float32's last bits alone are ~1e-2
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(
+        {
+            "model_config": model.config.to_dict(),
+            "config": {},
+            "epoch": 1,
+            "model": model.state_dict(),
+            "dataset": {
+                "name": "fashion-mnist",
+                "classes": FASHION_MNIST_CLASSES,
+                "channels": 1,
+                "image_size": 28,
+                "mean": [0.286],
+                "std": [0.353],
+            },
+        },
+        ckpt,
+    )
+    assert main([str(ckpt), "--out", str(tmp_path / "abs"), "--skip-eval", "--rtol", "0"]) == 2
+    assert "x max |logit|" in capsys.readouterr().err and not (tmp_path / "abs").exists()
+    assert main([str(ckpt), "--out", str(tmp_path / "rel"), "--skip-eval"]) == 0
+    parity = load_manifest(tmp_path / "rel").provenance.parity
+    assert parity.rtol == onnx_checks.DEFAULT_RTOL and parity.full_path > parity.atol

@@ -173,11 +173,28 @@ def test_deadline_answers_from_the_deepest_exit_an_idle_server_can_finish(servic
             plan = service.plan(PolicyParams(budget_ms=300, confidence=(1.0,)))
             out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.3)
             assert (out.exit, out.exits_evaluated, out.deadline_met) == (3, [1, 2, 3], True)
-            # Idle stage times are ~11 ms each: 15 ms reaches exit 1 only, planned so from the start.
+            # Every graph idles at ~11 ms: 15 ms lets the stages reach exit 1 only, but the main exit's
+            # own graph is ready in time — the deepest exit that can be, which an idle server answers.
             plan = service.plan(PolicyParams(budget_ms=15))
-            assert plan.exit == 1
+            assert (plan.exit, plan.stages_to) == (NUM_EXITS, 1)
             out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.015)
-            assert (out.exit, out.degraded) == (1, False)
+            assert (out.exit, out.exits_evaluated, out.deadline_met, out.degraded) == (3, [3], True, False)
+            # A FLOP budget beside a deadline keeps the exit it buys alone (a full path within it), in
+            # one call; the deadline used to cap it by the stages' cost, which counts every head.
+            costs = service.costs
+            budget = costs.gflops[1] + (costs.cascade_gflops[1] - costs.gflops[1]) / 2
+            assert service.plan(PolicyParams(budget_gflops=budget)).exit == 2
+            plan = service.plan(PolicyParams(budget_gflops=budget, budget_ms=300))
+            assert (plan.exit, plan.stages_to) == (2, 1)
+            out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.3)
+            assert (out.exit, out.exits_evaluated, out.gflops, out.degraded) == (2, [2], costs.gflops[1], False)
+            # Under load the stages can only reach exit 1 within the budget: that answer is degraded.
+            outcomes = await asyncio.gather(
+                *(service.run(_x(service), plan, deadline=time.perf_counter() + 0.03) for _ in range(12))
+            )
+            staged = [o for o in outcomes if o.exits_evaluated == [1]]
+            assert staged and all(o.degraded for o in staged), [(o.exits_evaluated, o.degraded) for o in outcomes]
+            assert all(o.gflops <= budget for o in outcomes)
         finally:
             await service.stop()
 

@@ -90,8 +90,27 @@ def test_deadline_below_exit_1_idle_service_time_is_422_naming_it():
 
 def test_both_budgets_take_the_stricter():
     assert plan(budget_gflops=0.7, budget_ms=2.5).exit == 2
-    assert plan(budget_gflops=0.35, budget_ms=100).exit == 2  # a deadline runs stages: cumulative cost
+    assert plan(budget_gflops=0.35, budget_ms=100).exit == 2
     assert PolicyParams(budget_gflops=0.6, budget_ms=100).name == "budget"
+
+
+def test_a_deadline_beside_a_gflops_budget_keeps_the_exit_the_budget_buys():
+    """A FLOP budget means the deepest exit whose full path fits (DESIGN §4), with or without a
+    deadline (an operator's EED_DEFAULT_BUDGET_MS adds one to every request): answered in one call
+    it is exit 3 (0.6 GFLOPs) for 0.65; only the stages, which spend the trunk once plus every head
+    on the way (0.7 to exit 3), stop at exit 2. The deadline used to cap both at exit 2."""
+    p = plan(budget_gflops=0.65, budget_ms=100)
+    assert (p.mode, p.exit, p.stages_to, p.thresholds) == ("cascade", 3, 2, NEVER2)
+    assert plan(budget_gflops=0.65).exit == 3  # the same exit without the deadline
+    assert (
+        plan(budget_gflops=0.7, budget_ms=100).stages_to == 3
+        and plan(budget_gflops=0.7, budget_ms=100).stage_exit is None
+    )
+    # The same for time: exit 3's full path idles at 4 ms, the stages to it at 6 ms.
+    timed = plan_request(PolicyParams(budget_ms=5.0), COSTS, IDLE_CASCADE_MS, (1.0, 2.0, 4.0))
+    assert (timed.exit, timed.stages_to) == (3, 2)
+    # A confidence cascade runs stages (or their fused graph) only: the cascade's costs cap it.
+    assert plan(confidence=0.9, budget_gflops=0.65, budget_ms=100).exit == 2
 
 
 def test_confidence_plans_a_cascade_to_the_main_output():

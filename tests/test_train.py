@@ -121,6 +121,10 @@ def test_resume_continues_exactly(fmnist, tmp_path):
         assert torch.equal(a[key], b[key]), key
     log = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+    # The thread count the run resolved is recorded (results depend on it), for the resume to keep.
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["config"]["threads"] == max(
+        1, os.cpu_count() or 1
+    )
 
 
 def test_resume_keeps_the_command_the_log_and_the_epoch_count_honest(fmnist, tmp_path, capsys):
@@ -139,6 +143,10 @@ def test_resume_keeps_the_command_the_log_and_the_epoch_count_honest(fmnist, tmp
     # Fewer epochs than the checkpoint has: the final report would have called epoch 2 "epoch 1".
     assert cli(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 2
     assert "below the 2 epochs this checkpoint has trained" in capsys.readouterr().err
+    # Another thread count is allowed (another machine) but no longer continues the run exactly.
+    threads = config["config"]["threads"]
+    assert cli(["--resume", str(run), "--epochs", "3", "--threads", str(threads + 1), "--no-progress"]) == 0
+    assert f"this run trained with --threads {threads}; with --threads {threads + 1}" in capsys.readouterr().err
 
 
 def test_resume_continues_an_imagefolder_run_exactly(tmp_path):
@@ -266,6 +274,12 @@ def test_ddp_two_cpu_processes(fmnist, tmp_path):
     assert "test accuracy of the epoch selected on val" in res.stdout
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and "val_acc_exit4" in log[-1]
+    # What the two ranks reported together is the saved checkpoint's accuracy: each rank evaluated its
+    # shard with rank 0's BatchNorm statistics, not with those its own last batch left.
+    from training.evaluate import evaluate_checkpoint
+
+    results, _ = evaluate_checkpoint(tmp_path / "ddp" / "checkpoint.pt", "test", download=False)
+    assert [final["final_epoch"][f"test_acc_exit{i}"] for i in range(1, 5)] == [e["accuracy"] for e in results["exits"]]
 
 
 def test_a_new_run_never_overwrites_an_existing_one(fmnist, tmp_path, capsys):

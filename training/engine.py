@@ -31,6 +31,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def share_rank0_buffers(model: nn.Module) -> None:
+    """Give every DDP rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP keeps the weights identical, but each rank's last forward of an epoch updates its own
+    running statistics from its own batch, so after an epoch the ranks hold different models. Each
+    rank then evaluated its shard with its own statistics: the all-reduced accuracy was a mixture
+    of models matching no file, as rank 0 saves the checkpoint. DDP broadcasts rank 0's buffers
+    before every training forward anyway (``broadcast_buffers``), so training is unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in _unwrap(model).buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,

@@ -36,9 +36,9 @@ from serving.manifest import GraphIO, Manifest, ManifestError, load_manifest, wr
 from training.data import ArraySplit
 from training.evaluate import EvaluationError, add_calibration_args, add_data_args, calibration_targets
 from training.manifest_builder import build_manifest, provenance_entry
-from training.onnx_checks import DEFAULT_ATOL, check_parity, evaluate_onnx
+from training.onnx_checks import DEFAULT_ATOL, DEFAULT_RTOL, check_parity, evaluate_onnx
 from training.onnx_graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportError, export_graphs
-from training.options import at_least
+from training.options import at_least, non_negative_float
 
 __all__ = ["ExportError", "export_checkpoint", "get_args_parser", "main", "write_samples"]
 
@@ -58,6 +58,7 @@ def export_checkpoint(
     argv: Sequence[str] = (),
     log=print,
     samples: int = 0,
+    rtol: float = DEFAULT_RTOL,
     **targets,
 ) -> Manifest:
     """Export, verify, evaluate and write ``out`` atomically; returns the manifest.
@@ -99,7 +100,7 @@ def export_checkpoint(
         if bundle is not None:  # a batch of real images too: their activations look unlike noise
             real_split = bundle.test if split == "test" else bundle.val
             real = [next(iter(make_loader(real_split, bundle.spec, 7, train=False)))[0].numpy()]
-        parity = check_parity(model, tmp, files, shape, io_names, atol, real)
+        parity = check_parity(model, tmp, files, shape, io_names, atol, real, rtol)
         log(
             f"parity ok: max |ONNX Runtime - PyTorch| = {parity['full_path']:.2g} (full paths), "
             f"{parity['stage_chain']:.2g} (stage chains)"
@@ -190,7 +191,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("val", "test"), help="split whose accuracy goes in the manifest")
     add_data_args(p)
     p.add_argument("--skip-eval", action="store_true", help="no data set: no accuracy, no calibrated thresholds")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |ORT - PyTorch| on logits")
+    p.add_argument(
+        "--atol",
+        type=non_negative_float,
+        default=DEFAULT_ATOL,
+        help="parity: max |ORT - PyTorch| on logits, absolute part",
+    )
+    p.add_argument(
+        "--rtol",
+        type=non_negative_float,
+        default=DEFAULT_RTOL,
+        help="parity: plus this fraction of the largest |logit| (deep models' float32 error grows with their logits)",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--samples", type=at_least(0), default=0, help="also write the first N test images as PNG in samples/"
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             args.force,
             argv,
             samples=args.samples,
+            rtol=args.rtol,
             **calibration_targets(args),
         )
     except (ExportError, CheckpointError, DatasetNotFoundError, EvaluationError, ManifestError) as exc:

@@ -79,6 +79,20 @@ def at_least(minimum: int):
     return parse
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a finite float of at least 0 (argparse then names the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < float("inf"):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+non_negative_float.__name__ = "number >= 0"
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` only where it informs: not to a flag (``--no-download (default:
     True)`` read as "downloading is off by default"), not to an option whose default is None (its
@@ -170,7 +184,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(fast where the CPU has AMX/AVX512-BF16)",
     )
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: cores / processes; recorded, and kept by --resume)",
+    )
     g.add_argument("--output-dir", default="runs")
     g.add_argument("--run-name", default=None, help="default: ARCH-DATASET-METHOD-sSEED-TIMESTAMP")
     g.add_argument("--resume", default=None, help="a run folder or checkpoint.pt to continue exactly")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint
 from training.data import DataBundle, DatasetNotFoundError, build_datasets, make_loader
-from training.engine import evaluate, train_one_epoch
+from training.engine import evaluate, share_rank0_buffers, train_one_epoch
 from training.flops import exit_costs
 from training.losses import MultiExitLoss
 from training.models import UnknownModelError, create_model
@@ -170,7 +170,18 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     rank, world_size, device = init_distributed(args.device)
     if args.batch_size % world_size:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world_size} DDP processes")
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    trained_with = resume_payload["config"].get("threads") if resume_payload is not None else None
+    if "threads" in explicit and trained_with not in (None, args.threads):
+        print(
+            f"warning: this run trained with --threads {trained_with}; with --threads "
+            f"{args.threads} its results will differ from an uninterrupted run's (kernels split the sums "
+            "differently: BatchNorm statistics drift by percent over an epoch)",
+            file=sys.stderr,
+        )
+    # The count resolved is what the run records: results depend on it, and a resume (on this or
+    # another machine) continues with it unless --threads is given.
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     data = build_datasets(
@@ -395,6 +406,7 @@ def train_epochs(run: Run) -> None:
             args.progress and run.is_main,
         )
         run.scheduler.step()
+        share_rank0_buffers(model)  # every rank evaluates the model rank 0 saves below
         last = epoch + 1 == args.epochs
         evaluated = last or (epoch + 1) % args.eval_every == 0
         if evaluated:
