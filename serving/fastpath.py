@@ -32,9 +32,9 @@ from .body import RAW_TYPES, media_type, within
 from .errors import INTERNAL_ERROR_BODY, ClientDisconnected, ServingError, shut_down
 from .keepalive import head_limit
 from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
-from .routes import CLIENT_GONE, JSON_ENCODER, answer_classify
+from .routes import JSON_ENCODER, answer_classify
 from .service import InferenceService
-from .state import AppState
+from .state import ARRIVED, CLIENT_GONE, AppState
 from .transport import http_protocol
 
 log = logging.getLogger("serving")
@@ -118,6 +118,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
         def on_message_begin(self) -> None:
             self._parsing = None
             super().on_message_begin()
+            self.scope[ARRIVED] = time.perf_counter()  # the request's arrival, for its deadline
 
         def on_headers_complete(self) -> None:
             if self.url.startswith(b"/classify") and self.parser.get_method() == b"POST":
@@ -164,7 +165,7 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 return None
             answer = _InFlight(self.loop.create_future())
             self.cycle = answer  # a request behind it waits, as behind a cycle
-            task = self.loop.create_task(self._serve(answer, remembered, declared, incoming_id))
+            task = self.loop.create_task(self._serve(answer, remembered, declared, incoming_id, self.scope[ARRIVED]))
             task.add_done_callback(self.tasks.discard)
             task.add_done_callback(answer.end)  # however it ended, even before it began
             self.tasks.add(task)
@@ -188,8 +189,9 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 if not answer.response_complete:  # not answered already (a 422 before its body came)
                     answer.arrive(state.service)
 
-        async def _serve(self, answer: _InFlight, remembered: Any, declared: str, incoming_id: str | None) -> None:
-            started = time.perf_counter()
+        async def _serve(
+            self, answer: _InFlight, remembered: Any, declared: str, incoming_id: str | None, started: float
+        ) -> None:
             request_id = correlation_id(incoming_id)
             token = current_request_id.set(request_id)
             labels: dict[str, str] = {}

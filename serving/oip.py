@@ -37,7 +37,7 @@ from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
 from .service import InferenceService
-from .state import AppState, State, state_of
+from .state import AppState, State, arrived_at, state_of
 from .tensors import BYTES, HEADER_LENGTH, InferRequest, batch_refusal, decode_request, encode_response
 
 SERVER_NAME = "eed-anytime"
@@ -193,7 +193,7 @@ async def model_ready(name: str, state: State) -> Response:
 
 @router.post("/models/{name}/infer", summary="Inference on a batch of N images or preprocessed inputs")
 async def infer(name: str, request: Request) -> Response:
-    arrived = time.perf_counter()
+    arrived = arrived_at(request)
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     metrics = state.metrics
     # Counted per image, answered or not, so that error ratios over eed_requests_total weigh a

@@ -36,7 +36,7 @@ from .outputs import ranked as ranked_classes
 from .policy import PolicyParams, effective_params, name_cheapest, params_from_request
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_crowded, refuse_unknown
 from .service import Outcome
-from .state import AppState, State, state_of
+from .state import CLIENT_GONE, AppState, State, arrived_at, state_of
 
 # The options of Starlette's JSONResponse (answers and, on the protocol's own path, error bodies).
 JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -129,11 +129,6 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-# The scope key under which the server's HTTP protocol (serving/fastpath.py) gives a /classify
-# request taking the ASGI way a callable saying whether its client has left — uvicorn's cycle knows
-# without the route awaiting ``receive`` (which would yield: see answer_classify).
-CLIENT_GONE = "eed.client_gone"
-
 IMAGE_BODY = {
     "required": True,
     "content": {
@@ -158,7 +153,7 @@ IMAGE_BODY = {
 )
 async def classify(request: Request) -> Response:
     """Classify the image in the body (raw image bytes, or multipart field ``file``)."""
-    arrived = time.perf_counter()
+    arrived = arrived_at(request)
     state = state_of(request)  # not a dependency: the hot path skips FastAPI's solving (serving/state.py)
     remembered = state.parsed_queries.get(request.scope["query_string"])
     settings = state.settings
@@ -230,8 +225,11 @@ async def answer_classify(
         # The metrics after the answer is written: nothing between here and the socket write
         # yields to the event loop, so the loop runs them right after it, before any later
         # request (a scrape included). A lone request's p50 no longer carries them.
-        loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)  # the work was done
-        if gone is not None and gone():  # clients that time out and leave show as 499s, not 200s
+        left = gone is not None and gone()  # clients that time out and leave show as 499s, not 200s
+        if left:  # the work was done, but nobody received an answer to be in time or late
+            outcome.deadline_met = None
+        loop.call_soon(metrics.record_answer, outcome, policy_label, elapsed)
+        if left:
             raise ClientDisconnected("client disconnected before the answer was sent")
         return answer_json(request_id, outcome, ranked, manifest.classes, policy_label, elapsed)
     except ServingError as exc:

@@ -218,6 +218,26 @@ def test_a_few_requests_together_with_room_to_spare_run_one_graph_each(service):
     asyncio.run(main())
 
 
+def test_requests_already_queued_are_not_counted_twice_against_a_deadline(service):
+    """Sixteen at once with 300 ms each: the main exit's graph runs them in four batches of 4 (~56 ms),
+    so all answer from it in one call. Every request inside ``run`` was also counted as one more
+    batch-1 run of the stage chain on top of the queues that already held it (15 x 33 ms): under
+    steady load a deadline that one graph always met went stage by stage, at half the throughput."""
+
+    async def main():
+        await service.start()
+        try:
+            plan = service.plan(PolicyParams(budget_ms=300))
+            outcomes = await asyncio.gather(
+                *(service.run(_x(service), plan, deadline=time.perf_counter() + 0.3) for _ in range(16))
+            )
+            assert [(o.exit, o.exits_evaluated, o.deadline_met) for o in outcomes] == [(3, [3], True)] * 16
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
 def test_burst_degrades_to_earlier_exits_instead_of_refusing_then_recovers(service):
     async def main():
         await service.start()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import uvicorn
-from serving_model import build_model_folder, encode, expected_label, free_port, uniform_image
+from serving_model import NUM_EXITS, build_model_folder, encode, expected_label, free_port, uniform_image
 
 from serving.app import create_app
 from serving.fastpath import server_protocol
@@ -420,21 +420,56 @@ def test_a_client_that_leaves_before_its_answer_is_counted_as_499_not_as_200_eit
     rng = np.random.default_rng(0)
     large = encode(Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8)))
     assert len(large) > 64 * 1024  # decoded in a worker thread: the handler waits while the client leaves
-    exchange(port, post("/classify?exit=2", large))  # remembered: the protocol's own path from now on
+    with_deadline = "/classify?budget_ms=60000&budget_gflops=1e9"
+    exchange(port, post("/classify?exit=2", large), post(with_deadline, large))  # remembered: the protocol's own path
     answered = 'eed_requests_total{exit="2",policy="exit",status="200"}'
-    left = 'eed_requests_total{exit="2",policy="exit",status="499"}'
-    before_answered, before_left = _count(port, answered), _count(port, left)
-    # on the protocol's own path, then twice the ASGI way (Connection: close, a query not seen before)
+    # The ASGI way may see the client gone before it read the body: a 499 too, with no exit.
+    left = [
+        'eed_requests_total{exit="2",policy="exit",status="499"}',
+        'eed_requests_total{exit="none",policy="exit",status="499"}',
+    ]
+    exits = range(1, NUM_EXITS + 1)
+    left_with_deadline = [f'eed_requests_total{{exit="{e}",policy="budget",status="499"}}' for e in exits]
+    deadlines = [f'eed_deadline_total{{exit="{e}",outcome="{o}"}}' for e in exits for o in ("met", "missed")]
+
+    def total(series: list[str]) -> float:
+        return sum(_count(port, s) for s in series)
+
+    before_answered, before_left, before_gone = _count(port, answered), total(left), total(left_with_deadline)
+    before_deadlines = [_count(port, series) for series in deadlines]
+    # on the protocol's own path, then twice the ASGI way (Connection: close, a query not seen before);
+    # with a deadline, an answer nobody received was neither in time nor late
     for request in (
         post("/classify?exit=2", large),
         post("/classify?exit=2", large, "Connection: close\r\n"),
         post("/classify?exit=2&top_k=1", large),
+        post(with_deadline, large),
     ):
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(request)
     deadline = time.monotonic() + 5
-    while _count(port, left) < before_left + 3:
+    while total(left) < before_left + 3 or total(left_with_deadline) < before_gone + 1:
         assert time.monotonic() < deadline, "the departures were not counted as 499"
         time.sleep(0.05)
     assert _count(port, answered) == before_answered
+    assert [_count(port, series) for series in deadlines] == before_deadlines
     assert exchange(port, post("/classify?exit=2", large))[0][0] == 200  # and the server goes on
+
+
+def test_a_deadline_and_latency_count_from_the_requests_arrival_not_from_its_handler(served):
+    """DESIGN §4: a deadline is counted from the request's arrival. A request pipelined behind a slow
+    one arrives with it and waits for it before its handler starts (as requests wait for the event
+    loop under load): its latency_ms, and so its deadline, include that wait."""
+    import numpy as np
+    from PIL import Image
+
+    _, port = served
+    slow = encode(Image.fromarray(np.full((3000, 3000), 128, dtype=np.uint8)))  # few bytes, a long decode
+    assert len(slow) < 64 * 1024  # both requests arrive at once
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(post("/classify?exit=1", slow) + post("/classify?budget_ms=1000"))
+        first, second = read_response(sock), read_response(sock)
+    assert first[0] == second[0] == 200, (first, second)
+    waited = json.loads(first[2])["latency_ms"]
+    assert waited > 5, waited  # the slow one was slow
+    assert json.loads(second[2])["latency_ms"] >= 0.9 * waited, (waited, second[2])
