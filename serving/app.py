@@ -163,6 +163,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             detail = f"no route {request.method} {request.url.path}; see /docs for the API"
+        if request.url.path.startswith("/v2/") or request.url.path == "/v2":
+            # The Open Inference Protocol's error body: the message itself under "error".
+            return JSONResponse({"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
         return JSONResponse(
             {"error": codes.get(exc.status_code, "http_error"), "detail": detail},
             status_code=exc.status_code,

@@ -177,7 +177,10 @@ class FeedbackStore:
     def record(self, claim: Claim, true_label: int) -> tuple[bool, float]:
         """Score one verified answer; returns (correct, this replica's live accuracy of its exit)."""
         if claim.nonce in self._labelled:
-            raise FeedbackConflict("feedback for this id was already recorded; each answer counts once")
+            raise FeedbackConflict(
+                "this replica already recorded feedback for this id; each answer counts once per replica "
+                "(replicas and restarts do not share what they recorded: EED_FEEDBACK_CAPACITY)"
+            )
         self._labelled[claim.nonce] = None
         if len(self._labelled) > self.capacity:
             self._labelled.popitem(last=False)

@@ -44,6 +44,7 @@ SERVER_NAME = "eed-anytime"
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration"]
 MODEL_VERSION = "1"
 FP32_INPUT, IMAGE_INPUT = "input", "image"
+INPUT_DATATYPES = {FP32_INPUT: "FP32", IMAGE_INPUT: BYTES}
 OUTPUTS: dict[str, tuple[str, list[int | str]]] = {  # name → (datatype, shape: -1 the batch, "K" the classes)
     "probabilities": ("FP32", [-1, "K"]),
     "label": ("INT64", [-1]),
@@ -184,8 +185,8 @@ async def model_config(name: str, state: State) -> Response:
 @router.get("/models/{name}/ready", summary="Model readiness")
 async def model_ready(name: str, state: State) -> Response:
     try:
+        _served(state, name)  # an unknown model is a 404 while draining too
         _ready_or_raise(state)
-        _served(state, name)
     except ServingError as exc:
         return _not_ready(exc)
     return JSONResponse({"name": name, "ready": True})
@@ -210,7 +211,7 @@ async def infer(name: str, request: Request) -> Response:
         # Every value of the largest batch admitted, and room for the rest of the request.
         max_values = service.queue_size * spec.channels * spec.height * spec.width + 4096
         req = await decode_off_loop(
-            len(body), lambda: decode_request(body, header_length, service.queue_size, max_values)
+            len(body), lambda: decode_request(body, header_length, service.queue_size, max_values, INPUT_DATATYPES)
         )
         params = effective_params(_policy_params(req.parameters), state.default_params, settings.default_budget_ms)
         plan = service.plan(params)
@@ -320,12 +321,29 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
     return await within(read_limited(request, max_bytes), timeout_s)
 
 
+# Request parameters Triton's clients set from their own arguments (tritonclient's ``infer(...,
+# timeout=, priority=, sequence_id=, ...)``), reserved by Triton's schedule-policy and sequence
+# extensions. A timeout and a priority are hints a server may ignore: this one schedules first come
+# first served, and a deadline is ``budget_ms``. A sequence only makes sense for a stateful model.
+IGNORED_TRITON_PARAMETERS = ("timeout", "priority")
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
 def _policy_params(parameters: dict[str, Any]):
+    parameters = {k: v for k, v in parameters.items() if k not in IGNORED_TRITON_PARAMETERS}
+    for key in SEQUENCE_PARAMETERS:
+        value = parameters.pop(key, None)
+        if value not in (None, 0, False, ""):
+            raise InvalidParameters(
+                f"parameter {key}={shown(value)}: this model is stateless (no sequence batching); "
+                "send requests without a sequence"
+            )
     unknown = [key for key in parameters if key not in POLICY_KEYS]
     if unknown:
         names = listed(unknown)
         raise InvalidParameters(
-            f"unknown request parameter(s) {names}; accepted: {', '.join(POLICY_KEYS)}, binary_data_output"
+            f"unknown request parameter(s) {names}; accepted: {', '.join(POLICY_KEYS)}, binary_data_output "
+            f"(and Triton's {', '.join(IGNORED_TRITON_PARAMETERS)}, ignored)"
         )
     for key, value in parameters.items():
         if isinstance(value, (bool, dict)) or value is None:

@@ -114,7 +114,10 @@ def describe_oip(paths: dict, schemas: dict, service) -> None:
             "name": {"type": "string", "enum": [FP32_INPUT, IMAGE_INPUT]},
             "datatype": {"type": "string", "enum": datatypes},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+            "parameters": {
+                "type": ["object", "null"],
+                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+            },
             "data": {
                 "type": "array",
                 "description": "flat in row-major order, or nested exactly as the shape; BYTES as base64 strings",
@@ -128,18 +131,19 @@ def describe_oip(paths: dict, schemas: dict, service) -> None:
         "required": ["name"],
         "properties": {
             "name": {"type": "string", "enum": list(OUTPUTS)},
-            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+            "parameters": {"type": ["object", "null"], "properties": {"binary_data": {"type": "boolean"}}},
         },
     }
     schemas["OipInferenceRequest"] = {
         "type": "object",
         "required": ["inputs"],
         "properties": {
-            "id": {"type": "string"},
+            "id": {"type": ["string", "null"], "description": "echoed in the response; null: none"},
             "parameters": {
-                "type": "object",
+                "type": ["object", "null"],
                 "description": "budget_gflops, budget_ms, confidence, exit, policy "
-                "(as the /classify query parameters) and binary_data_output",
+                "(as the /classify query parameters) and binary_data_output; Triton's timeout and priority "
+                "are accepted and ignored, a sequence refused (the model is stateless); null: none",
                 "properties": {"binary_data_output": {"type": "boolean"}},
             },
             "inputs": {
@@ -148,7 +152,11 @@ def describe_oip(paths: dict, schemas: dict, service) -> None:
                 "maxItems": 1,
                 "items": {"$ref": "#/components/schemas/OipRequestInput"},
             },
-            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/OipRequestOutput"}},
+            "outputs": {
+                "type": ["array", "null"],
+                "items": {"$ref": "#/components/schemas/OipRequestOutput"},
+                "description": "the outputs to return; absent, null or empty: all of them",
+            },
         },
     }
     output_tensor = {

@@ -23,13 +23,13 @@ import binascii
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .errors import BadRequest, shown
-from .policy import plain_integer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -177,8 +177,19 @@ def _json_bytes(elements: list, where: str) -> list[bytes]:
     return items
 
 
+def _optional(raw: dict, key: str, kind: type, where: str) -> Any:
+    """``raw[key]`` when present and of ``kind``; None when absent or JSON null (clients built on
+    pydantic models, MLServer's among them, send null for what they leave unset); a 400 otherwise —
+    ``parameters: []`` or ``0`` was read as no parameters."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, kind):
+        what = {"dict": "an object", "list": "a list", "str": "a string"}[kind.__name__]
+        raise _fail(f"{where} must be {what} (or null), got {type(value).__name__}")
+    return value
+
+
 def _decode_input(
-    raw: Any, index: int, binary: memoryview, offset: int, max_batch: int | None
+    raw: Any, index: int, binary: memoryview, offset: int, max_batch: int | None, datatypes: Mapping[str, str]
 ) -> tuple[InputTensor, int]:
     raw = _object(raw, f"inputs[{index}]")
     name = raw.get("name")
@@ -188,11 +199,13 @@ def _decode_input(
     datatype = raw.get("datatype")
     if datatype != BYTES and datatype not in DTYPES:
         raise _fail(f"{where}: datatype {shown(datatype)} is not one of {', '.join([*DTYPES, BYTES])}")
+    if name in datatypes and datatype != datatypes[name]:  # the input's own fault first, then its size
+        raise _fail(f"{where} must be {datatypes[name]}, got {datatype}")
     shape = _shape(raw.get("shape"), where)
     if max_batch is not None and shape and shape[0] > max_batch:  # before millions of elements are read
         raise _fail(f"{where}: {batch_refusal(shape[0], max_batch)}")
     count = math.prod(shape)
-    params = _object(raw.get("parameters") or {}, f"{where} parameters")
+    params = _optional(raw, "parameters", dict, f"{where}: 'parameters'") or {}
     if "shared_memory_region" in params:
         raise _fail(f"{where}: shared memory is not supported by this server; send the data in the request")
     size = params.get("binary_data_size")
@@ -265,9 +278,16 @@ def batch_refusal(batch: int, max_batch: int) -> str:
 
 
 def decode_request(
-    body: bytes, header_length: str | None, max_batch: int | None = None, max_values: int | None = None
+    body: bytes,
+    header_length: str | None,
+    max_batch: int | None = None,
+    max_values: int | None = None,
+    datatypes: Mapping[str, str] | None = None,
 ) -> InferRequest:
     """Parse an infer request body (JSON, or JSON + binary tensors when ``header_length`` is given).
+
+    ``datatypes``: input name → the datatype the model takes there, checked before anything else
+    about that input.
 
     ``max_batch``: an input whose first dimension is larger is refused before its data is read.
     ``max_values``: JSON holding more values than that (counted by its commas, in C) is refused
@@ -275,10 +295,10 @@ def decode_request(
     20 MiB body of 5 million numbers stopped every request for 2 s, and took 30x its size in memory.
     """
     if header_length is not None:
-        try:
-            length = plain_integer(header_length)
-        except ValueError:
-            raise _fail(f"{HEADER_LENGTH} {shown(header_length)} is not an integer") from None
+        # Digits only, as the OpenAPI pattern says (int() also reads '+10', ' 10' and '1_0').
+        if not (header_length.isascii() and header_length.isdigit()):
+            raise _fail(f"{HEADER_LENGTH} {shown(header_length)} is not a plain decimal integer")
+        length = int(header_length)
         if not 0 < length <= len(body):
             raise _fail(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
         head, binary = body[:length], memoryview(body)[length:]
@@ -296,10 +316,8 @@ def decode_request(
         hint = f" (binary tensors need the {HEADER_LENGTH} header)" if header_length is None else ""
         raise _fail(f"the inference request is not valid JSON: {exc}{hint}") from None
     raw = _object(raw, "the inference request")
-    request_id = raw.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _fail("'id' must be a string")
-    parameters = _object(raw.get("parameters") or {}, "'parameters'")
+    request_id = _optional(raw, "id", str, "'id'")
+    parameters = _optional(raw, "parameters", dict, "'parameters'") or {}
     binary_default = parameters.pop("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise _fail("parameters.binary_data_output must be true or false")
@@ -310,7 +328,7 @@ def decode_request(
         raise _fail(f"'inputs' holds {len(inputs_raw)} tensors; at most {MAX_TENSORS} are accepted")
     inputs, offset = [], 0
     for i, item in enumerate(inputs_raw):
-        tensor, offset = _decode_input(item, i, binary, offset, max_batch)
+        tensor, offset = _decode_input(item, i, binary, offset, max_batch, datatypes or {})
         inputs.append(tensor)
     if offset != len(binary):
         raise _fail(f"the body has {len(binary) - offset} binary bytes that no input's binary_data_size accounts for")
@@ -318,9 +336,9 @@ def decode_request(
     if len(set(names)) != len(names):
         raise _fail(f"input names must be unique, got {shown(names)}")
     outputs = None
-    if raw.get("outputs") is not None:
-        if not isinstance(raw["outputs"], list):
-            raise _fail("'outputs' must be a list")
+    # An empty list names no output: all of them, as when it is absent (the protocol: "if not
+    # specified all outputs produced by the model will be returned"; Triton does the same).
+    if _optional(raw, "outputs", list, "'outputs'"):
         if len(raw["outputs"]) > MAX_TENSORS:
             raise _fail(f"'outputs' requests {len(raw['outputs'])} tensors; at most {MAX_TENSORS} are accepted")
         outputs = []
@@ -329,7 +347,7 @@ def decode_request(
             name = item.get("name")
             if not isinstance(name, str):
                 raise _fail(f"outputs[{i}]: 'name' must be a string")
-            params = _object(item.get("parameters") or {}, f"output {shown(name)} parameters")
+            params = _optional(item, "parameters", dict, f"output {shown(name)}: 'parameters'") or {}
             if params.get("classification"):
                 raise _fail(
                     f"output {shown(name)}: the classification extension is not supported; request "

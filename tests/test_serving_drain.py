@@ -128,6 +128,8 @@ def test_sigterm_drains_without_failing_a_request(model_dir, tmp_path):
                 r = httpx.get(server.url + path, timeout=5)
                 assert r.status_code == 400 and "draining" in r.json()["error"], (path, r.status_code, r.text)
             assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+            # An unknown model is still unknown (404), not "draining".
+            assert httpx.get(server.url + "/v2/models/nope/ready", timeout=5).status_code == 404
         finally:
             stop_load.set()
             for w in workers:

@@ -29,6 +29,8 @@ from serving_model import (
 )
 from tritonclient.utils import InferenceServerException
 
+from serving.oip import OUTPUTS
+
 MODEL = "tiny-test"
 BINS = list(range(10))
 
@@ -376,6 +378,15 @@ def test_bad_requests_are_400_with_the_reason(client):
     assert unknown.value.status() == "404"
 
 
+def test_protocol_paths_answer_errors_in_the_protocols_shape(server):
+    """A wrong method or path under /v2 answers {"error": "<message>"}, as every other error there."""
+    r = httpx.get(f"{server.url}/v2/models/{MODEL}/infer", timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and list(r.json()) == ["error"], r.text
+    assert "Method Not Allowed" in r.json()["error"]
+    r = httpx.get(f"{server.url}/v2/nothing", timeout=10)
+    assert r.status_code == 404 and r.json() == {"error": "no route GET /v2/nothing; see /docs for the API"}
+
+
 @pytest.mark.parametrize(
     "body, headers, fragment",
     [
@@ -408,7 +419,31 @@ def test_bad_requests_are_400_with_the_reason(client):
                 }
             ).encode(),
             {"Inference-Header-Content-Length": "x"},
-            "not an integer",
+            "not a plain decimal integer",
+        ),
+        (  # int() reads '+10' as 10; the OpenAPI pattern (and the README) say digits
+            json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0]}]}).encode(),
+            {"Inference-Header-Content-Length": "+10"},
+            "not a plain decimal integer",
+        ),
+        # Not an object where the schema says object: read as no parameters before.
+        (
+            json.dumps({"parameters": [], "inputs": [{"name": "image", "datatype": "BYTES", "shape": [0]}]}).encode(),
+            {},
+            "'parameters' must be an object",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], "parameters": 0}]}).encode(),
+            {},
+            "'parameters' must be an object",
+        ),
+        # The input's own fault before its size: it was 'a batch of 394 is more than this server admits'.
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [394], "data": [0] * 394}]}
+            ).encode(),
+            {},
+            "input 'image' must be BYTES, got UINT8",
         ),
         (
             json.dumps(
@@ -460,6 +495,23 @@ def test_malformed_bodies_are_400_json_errors(server, body, headers, fragment):
     )
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"} and fragment in r.json()["error"]
+
+
+def test_what_clients_send_for_what_they_leave_unset_is_accepted(client, server):
+    """Triton's client sends timeout/priority from its own arguments (hints a server may ignore: they
+    were a 400 for every call); pydantic-built clients send null for unset fields; an empty
+    'outputs' names none, so all are returned, as when it is absent."""
+    image = image_input(pngs([1]))
+    result = client.infer(MODEL, [image], parameters={"exit": 1}, timeout=5_000_000, priority=1)
+    assert result.as_numpy("label")[0] == expected_label(1, 1)
+    err = infer_error(client, [image], sequence_id=5)
+    assert err.status() == "400" and "stateless" in err.message()
+    pixels = np.zeros((1, 1, 28, 28), np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": pixels.ravel().tolist()}]}
+    for extra in ({"id": None, "parameters": None, "outputs": None}, {"outputs": []}):
+        r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json={**body, **extra}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [o["name"] for o in r.json()["outputs"]] == list(OUTPUTS)
 
 
 def test_the_server_keeps_answering_after_bad_requests(client, server):
