@@ -120,6 +120,20 @@ def test_teacher_receives_no_gradient():
     assert z[1].grad is None or torch.count_nonzero(z[1].grad) == 0
 
 
+@pytest.mark.parametrize("distill", ["kl", "mse"])
+def test_a_teacher_of_some_exits_receives_no_gradient(distill):
+    """With every exit in the teacher the gradient through G happens to vanish (the students' pulls
+    on their own mean cancel), so only a teacher of some exits (the paper's ablation, DESIGN §1)
+    shows a missing detach: here G is the main output alone, and it must get no distillation
+    gradient — KL(G || G) and |G - G|² are flat in the main output when G is a constant."""
+    z = [torch.tensor(Z1, requires_grad=True), torch.tensor(Z2, requires_grad=True)]
+    f = [torch.tensor(F1, requires_grad=True), torch.tensor(F2, requires_grad=True)]
+    parts = multi_exit_loss(z, f, torch.tensor(Y), method="eed", distill=distill, teacher_exits=(2,))
+    (parts["logit_distill"] + parts["feature_distill"]).backward()
+    assert z[1].grad.abs().max() < 1e-6 and f[1].grad.abs().max() < 1e-6  # zero up to float rounding
+    assert z[0].grad.abs().max() > 1e-2 and f[0].grad.abs().max() > 1e-2  # the student learns
+
+
 def test_module_wraps_the_function_and_validates():
     crit = MultiExitLoss("eed", "kl", alpha=1.0, beta=1.0, temperature=3.0)
     out = MultiExitOutput((torch.tensor(Z1), torch.tensor(Z2)), (torch.tensor(F1), torch.tensor(F2)))
