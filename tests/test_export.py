@@ -387,3 +387,21 @@ def test_parity_is_relative_to_the_logits_scale(tmp_path, capsys):
     assert main([str(ckpt), "--out", str(tmp_path / "rel"), "--skip-eval"]) == 0
     parity = load_manifest(tmp_path / "rel").provenance.parity
     assert parity.rtol == onnx_checks.DEFAULT_RTOL and parity.full_path > parity.atol
+
+
+def test_the_summary_says_when_a_policy_costs_more_than_the_main_exit_for_no_gain(capsys):
+    """A cascade evaluates every head on its way: on a weak model it can cost more than the main
+    exit alone at no more accuracy — the export says so beside its figures."""
+    from pathlib import Path
+
+    from training.export import print_summary
+
+    manifest = load_manifest(Path(__file__).resolve().parents[1] / "exported" / "fmnist-resnet18-eed")
+    print_summary(manifest)
+    assert "note:" not in capsys.readouterr().out  # the shipped policies all save
+    policy = manifest.thresholds.policies["budget_0.75x_main"]
+    main_exit = manifest.exits[-1]
+    policy.test.mean_gflops, policy.test.accuracy = main_exit.gflops * 1.2, main_exit.accuracy
+    print_summary(manifest)
+    out = capsys.readouterr().out
+    assert f"note: the main exit alone (exit={main_exit.exit}) is as accurate for less" in out

@@ -268,12 +268,20 @@ def print_summary(manifest: Manifest) -> None:
     for e in manifest.exits:
         acc = f"{100 * e.accuracy:.2f}%" if e.accuracy is not None else "n/a"
         print(f"  exit {e.exit}: {e.gflops:.4f} GFLOPs, {e.params:,} params, accuracy {acc}")
+    main = manifest.exits[-1]
     for policy, p in (manifest.thresholds.policies if manifest.thresholds else {}).items():
         if p.test is not None and manifest.evaluation.split == "test":
             print(
                 f"  cascade {policy}: {100 * p.test.accuracy:.2f}% at {p.test.mean_gflops:.4f} GFLOPs "
                 f"(thresholds from val: {[round(t, 6) for t in p.thresholds]})"
             )
+            if main.accuracy is not None and p.test.mean_gflops >= main.gflops and p.test.accuracy <= main.accuracy:
+                # The cascade evaluates every head on the way: on a weakly trained model its exits
+                # rarely stop early, and it then costs more than the main exit for no gain.
+                print(
+                    f"    note: the main exit alone (exit={main.exit}) is as accurate for less "
+                    f"({100 * main.accuracy:.2f}% at {main.gflops:.4f} GFLOPs)"
+                )
     for missed in manifest.thresholds.not_calibrated if manifest.thresholds else ():
         print(f"  not calibrated: {missed.name}: {missed.reason}")
     if not (manifest.thresholds and manifest.thresholds.policies):
