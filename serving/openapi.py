@@ -141,7 +141,23 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
                 "schema": {"type": "string"},
             }
         )
+    _heads(paths)
     return schema
+
+
+def _heads(paths: dict[str, Any]) -> None:
+    """HEAD beside every GET (serving/app.py answers it as GET without the body: uptime monitors and
+    proxies send HEAD), declared with the GET's parameters, statuses and headers, and no content."""
+    for item in paths.values():
+        get = item.get("get")
+        if get is None or "head" in item:
+            continue
+        head = copy.deepcopy(get)
+        head["operationId"] = f"{get.get('operationId', 'get')}_head"
+        head["summary"] = f"{get.get('summary', '')} (headers only)".strip()
+        for response in head.get("responses", {}).values():
+            response.pop("content", None)
+        item["head"] = head
 
 
 def _describe(code: int) -> str:
