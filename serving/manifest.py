@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION: Literal[1] = 1
@@ -179,8 +179,17 @@ class Parity(_Strict):
     full_path: float
     stage_chain: float
     atol: float
-    rtol: float = 0.0  # exports before the relative part: absolute only
+    rtol: float | None = None  # None: an export before the relative part (absolute only)
     batch_sizes: list[int]
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any) -> dict[str, Any]:
+        # An older export's manifest is written back (training.calibrate) without the field it never
+        # had: servers before it refuse unknown keys.
+        data = handler(self)
+        if data.get("rtol") is None:
+            data.pop("rtol", None)
+        return data
 
 
 class Provenance(_Strict):

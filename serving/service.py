@@ -342,7 +342,7 @@ class InferenceService:
         backlog = 0.0
         for worker in self._all_workers:
             model = self.service_models[worker.name]
-            for size, since in worker.running:
+            for size, since, _ in worker.running:
                 backlog += max(0.0, model.estimate(size) - (now - since))
             queued = worker.waiting()
             if worker is target:
@@ -390,7 +390,7 @@ class InferenceService:
         if not pure and self.fused_worker is None:
             return None
         exit_worker = self.exit_workers[plan.exit - 1]
-        in_workers = sum(w.waiting() + sum(rows for rows, _ in w.running) for w in self._all_workers)
+        in_workers = sum(w.waiting() + sum(requests for _, _, requests in w.running) for w in self._all_workers)
         unqueued = self._in_run - 1 - in_workers
         others = 0.0
         if unqueued > 0:
@@ -513,7 +513,7 @@ class InferenceService:
         """``run(arg)`` in the inference thread as a batch of 1 of ``worker``'s graph: seen by the
         lone check (not alone meanwhile) and by queueing estimates (it is in ORT). Its seconds,
         hand-offs included, or None when it failed (logged: a probe never takes the server down)."""
-        entry = (1, time.perf_counter())
+        entry = (1, time.perf_counter(), 0)  # one row, no request
         worker.running.append(entry)
         self._probing = True
         try:
@@ -532,6 +532,9 @@ class InferenceService:
         """Plan a request against this model's costs and idle service times."""
         if params.budget_ms is not None:  # depends on the service times now: planned every time
             idle_single_ms, idle_cascade_ms = self.idle_service_ms()
+            # One call is taken only with the margin to spare (whole_path_in_time): an exit it cannot
+            # reach on an idle server is not the plan's, or every such answer would read as degraded.
+            idle_single_ms = [ms + self._margin_s * 1e3 for ms in idle_single_ms]
             if self.deadline_floor_ms is not None:
                 idle_single_ms[0] = idle_cascade_ms[0] = self.deadline_floor_ms
             return plan_request(params, self.costs, idle_cascade_ms, idle_single_ms)

@@ -3,6 +3,7 @@
 import json
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -387,6 +388,10 @@ def test_parity_is_relative_to_the_logits_scale(tmp_path, capsys):
     assert main([str(ckpt), "--out", str(tmp_path / "rel"), "--skip-eval"]) == 0
     parity = load_manifest(tmp_path / "rel").provenance.parity
     assert parity.rtol == onnx_checks.DEFAULT_RTOL and parity.full_path > parity.atol
+    # An older export, written back (training.calibrate), gains no field older servers refuse.
+    shipped = load_manifest(Path(__file__).resolve().parents[1] / "exported" / "fmnist-resnet18-eed")
+    assert shipped.provenance.parity.rtol is None
+    assert "rtol" not in shipped.model_dump(mode="json")["provenance"]["parity"]
 
 
 def test_the_summary_says_when_a_policy_costs_more_than_the_main_exit_for_no_gain(capsys):

@@ -179,6 +179,13 @@ def test_deadline_answers_from_the_deepest_exit_an_idle_server_can_finish(servic
             assert (plan.exit, plan.stages_to) == (NUM_EXITS, 1)
             out = await service.run(_x(service), plan, deadline=time.perf_counter() + 0.015)
             assert (out.exit, out.exits_evaluated, out.deadline_met, out.degraded) == (3, [3], True, False)
+            # A deadline within the margin one call keeps to spare is not that call's: planned as
+            # the stages (answered from them, not "degraded" on an idle server).
+            single_ms = service.idle_service_ms()[0]
+            budget = max(*single_ms, service.deadline_floor_ms or 0.0) + 0.2  # the margin is 0.5 ms
+            fits = [e for e in range(2, NUM_EXITS + 1) if single_ms[e - 1] + 0.5 <= budget]
+            tight = service.plan(PolicyParams(budget_ms=budget))
+            assert (tight.exit, tight.stages_to) == (max(fits, default=1), 1), (single_ms, budget)
             # A FLOP budget beside a deadline keeps the exit it buys alone (a full path within it), in
             # one call; the deadline used to cap it by the stages' cost, which counts every head.
             costs = service.costs
@@ -236,6 +243,24 @@ def test_requests_already_queued_are_not_counted_twice_against_a_deadline(servic
             await service.stop()
 
     asyncio.run(main())
+
+
+def test_a_padded_batch_counts_its_requests_not_its_rows(model_dir):
+    """On a GPU every batch is padded to its full size: a batch of 2 requests in ORT runs 32 rows,
+    and counting rows as requests hid 30 requests that no queue holds from the one-call prediction."""
+    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
+    svc = InferenceService(runtime, ServingMetrics(), max_batch_size=32)
+    for model in svc.service_models.values():
+        model.seed([(1, 0.002), (32, 0.010)])
+    for worker in svc._all_workers:
+        worker.pad_to = 32
+    plan = svc.plan(PolicyParams(budget_ms=75))
+    worker = svc.exit_workers[plan.exit - 1]
+    worker.running[:] = [(worker.rows(2), time.perf_counter(), 2)]
+    svc._in_run = 40  # this request, 2 in ORT, 37 in no queue: ~2 more batches at least
+    assert svc.whole_path_in_time(plan, time.perf_counter() + 0.06) is None
+    svc._in_run = 3  # the same batch, nobody else: one call is in time
+    assert svc.whole_path_in_time(plan, time.perf_counter() + 0.06) is not None
 
 
 def test_burst_degrades_to_earlier_exits_instead_of_refusing_then_recovers(service):
