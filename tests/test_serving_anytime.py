@@ -245,6 +245,17 @@ def test_requests_already_queued_are_not_counted_twice_against_a_deadline(servic
     asyncio.run(main())
 
 
+def test_one_call_needs_room_for_how_far_its_answers_land_from_their_prediction(service):
+    """The prediction gap is a mean: one call predicted in time by it alone is late about half the
+    time near the deadline, and cannot stop early as the stages can. With one-call answers landing
+    ~180 ms either side of their predictions, a 300 ms deadline goes to the stages."""
+    plan = service.plan(PolicyParams(budget_ms=300))
+    assert service.whole_path_in_time(plan, time.perf_counter() + 0.3) is not None
+    for _ in range(8):
+        service.one_call_spread.observe(0.2)
+    assert service.whole_path_in_time(plan, time.perf_counter() + 0.3) is None
+
+
 def test_a_padded_batch_counts_its_requests_not_its_rows(model_dir):
     """On a GPU every batch is padded to its full size: a batch of 2 requests in ORT runs 32 rows,
     and counting rows as requests hid 30 requests that no queue holds from the one-call prediction."""
