@@ -213,27 +213,25 @@ class _OffByALittle:
         return [out[0] + 1e-3, *out[1:]]
 
 
+def _fmnist_checkpoint(model, path):
+    """``model`` saved as train.py saves a Fashion-MNIST run, with nothing else of a run."""
+    dataset = {
+        "name": "fashion-mnist",
+        "classes": FASHION_MNIST_CLASSES,
+        "channels": 1,
+        "image_size": 28,
+        "mean": [0.286],
+        "std": [0.353],
+    }
+    payload = {"model_config": model.config.to_dict(), "config": {}, "epoch": 1, "model": model.state_dict()}
+    save_checkpoint({**payload, "dataset": dataset}, path)
+    return path
+
+
 def test_parity_failure_stops_export_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 1, WIDTH, with_exits=False)  # one exit: two graphs, fast
-    ckpt = tmp_path / "ckpt.pt"
-    save_checkpoint(
-        {
-            "model_config": model.config.to_dict(),
-            "config": {},
-            "epoch": 1,
-            "model": model.state_dict(),
-            "dataset": {
-                "name": "fashion-mnist",
-                "classes": FASHION_MNIST_CLASSES,
-                "channels": 1,
-                "image_size": 28,
-                "mean": [0.286],
-                "std": [0.353],
-            },
-        },
-        ckpt,
-    )
+    ckpt = _fmnist_checkpoint(model, tmp_path / "ckpt.pt")
     real_session = onnx_checks.ort_session
     monkeypatch.setattr(onnx_checks, "ort_session", lambda path: _OffByALittle(real_session(path)))
     out = tmp_path / "exported" / "m"
@@ -365,24 +363,7 @@ def test_parity_is_relative_to_the_logits_scale(tmp_path, capsys):
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         last.weight.mul_(1e5)  # logits ~1e5: float32's last bits alone are ~1e-2
-    ckpt = tmp_path / "ckpt.pt"
-    save_checkpoint(
-        {
-            "model_config": model.config.to_dict(),
-            "config": {},
-            "epoch": 1,
-            "model": model.state_dict(),
-            "dataset": {
-                "name": "fashion-mnist",
-                "classes": FASHION_MNIST_CLASSES,
-                "channels": 1,
-                "image_size": 28,
-                "mean": [0.286],
-                "std": [0.353],
-            },
-        },
-        ckpt,
-    )
+    ckpt = _fmnist_checkpoint(model, tmp_path / "ckpt.pt")
     assert main([str(ckpt), "--out", str(tmp_path / "abs"), "--skip-eval", "--rtol", "0"]) == 2
     assert "x max |logit|" in capsys.readouterr().err and not (tmp_path / "abs").exists()
     assert main([str(ckpt), "--out", str(tmp_path / "rel"), "--skip-eval"]) == 0
