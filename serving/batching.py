@@ -274,10 +274,9 @@ class GraphWorker:
         self._task: asyncio.Task | None = None
         # Items taken from the queue for the batch being gathered: still waiting, like the queue's.
         self.collecting: list[WorkItem] = []
-        # (rows, perf_counter at hand-off to ORT, requests) of every batch in ORT now (a lone
-        # request's run may overlap the loop's), read by the service to estimate queueing. Rows
-        # time a batch; requests count who is in it (a GPU batch is padded to its full size).
-        self.running: list[tuple[int, float, int]] = []
+        # (rows, perf_counter at hand-off to ORT) of every batch in ORT now (a lone
+        # request's run may overlap the loop's), read by the service to estimate queueing.
+        self.running: list[tuple[int, float]] = []
 
     def waiting(self) -> int:
         """Items not yet in ORT: queued, or in the batch being gathered."""
@@ -332,7 +331,7 @@ class GraphWorker:
 
     async def _run_alone(self, lone: LoneRun, inputs: Any) -> tuple[np.ndarray, ...]:
         batch = _one(inputs)
-        entry = (1, time.perf_counter(), 1)
+        entry = (1, time.perf_counter())
         self.running.append(entry)
         try:
             if lone.inline:
@@ -371,7 +370,7 @@ class GraphWorker:
             if not batch:
                 continue
             started = time.perf_counter()
-            entry = (self.rows(len(batch)), started, len(batch))
+            entry = (self.rows(len(batch)), started)
             self.running.append(entry)
             try:
                 stacked = _stack([item.inputs for item in batch], self.pad_to)

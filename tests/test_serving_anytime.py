@@ -225,11 +225,11 @@ def test_a_few_requests_together_with_room_to_spare_run_one_graph_each(service):
     asyncio.run(main())
 
 
-def test_requests_already_queued_are_not_counted_twice_against_a_deadline(service):
+def test_the_others_in_the_service_count_as_batches_against_a_deadline(service):
     """Sixteen at once with 300 ms each: the main exit's graph runs them in four batches of 4 (~56 ms),
-    so all answer from it in one call. Every request inside ``run`` was also counted as one more
-    batch-1 run of the stage chain on top of the queues that already held it (15 x 33 ms): under
-    steady load a deadline that one graph always met went stage by stage, at half the throughput."""
+    so all answer from it in one call. Every other request inside ``run`` was counted as one more
+    batch-1 run of the stage chain (15 x 33 ms): under steady load a deadline that one graph always
+    met went stage by stage, at half the throughput. As batches, the same bound holds (~170 ms)."""
 
     async def main():
         await service.start()
@@ -254,24 +254,6 @@ def test_one_call_needs_room_for_how_far_its_answers_land_from_their_prediction(
     for _ in range(8):
         service.one_call_spread.observe(0.2)
     assert service.whole_path_in_time(plan, time.perf_counter() + 0.3) is None
-
-
-def test_a_padded_batch_counts_its_requests_not_its_rows(model_dir):
-    """On a GPU every batch is padded to its full size: a batch of 2 requests in ORT runs 32 rows,
-    and counting rows as requests hid 30 requests that no queue holds from the one-call prediction."""
-    runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu", intra_op_threads=1))
-    svc = InferenceService(runtime, ServingMetrics(), max_batch_size=32)
-    for model in svc.service_models.values():
-        model.seed([(1, 0.002), (32, 0.010)])
-    for worker in svc._all_workers:
-        worker.pad_to = 32
-    plan = svc.plan(PolicyParams(budget_ms=75))
-    worker = svc.exit_workers[plan.exit - 1]
-    worker.running[:] = [(worker.rows(2), time.perf_counter(), 2)]
-    svc._in_run = 40  # this request, 2 in ORT, 37 in no queue: ~2 more batches at least
-    assert svc.whole_path_in_time(plan, time.perf_counter() + 0.06) is None
-    svc._in_run = 3  # the same batch, nobody else: one call is in time
-    assert svc.whole_path_in_time(plan, time.perf_counter() + 0.06) is not None
 
 
 def test_burst_degrades_to_earlier_exits_instead_of_refusing_then_recovers(service):
