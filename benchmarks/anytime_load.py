@@ -21,6 +21,10 @@ deadlines met and connections over time.
     python benchmarks/untrained_export.py --out runs/bench/resnet18-cifar100   # the full-width model
     python benchmarks/anytime_load.py runs/bench/resnet18-cifar100
 
+``--onset N`` adds, after the phases, the start of a burst: N requests sent at the same moment to
+the idle server (``--onset-rounds`` times), with the answers' exits and how many were in time by the
+client's clock and by the server's ``deadline_met``.
+
 Run it on an otherwise idle machine: training runs or tests on the same cores change
 every figure.
 """
@@ -142,6 +146,70 @@ def test_image(manifest, path: Path) -> Path:
     return path
 
 
+async def _onset_round(host: str, port: int, request: bytes, n: int) -> list[dict]:
+    """``n`` connections opened beforehand each send ``request`` at the same moment; their answers."""
+    import asyncio
+
+    conns = [await asyncio.open_connection(host, port) for _ in range(n)]
+    await asyncio.sleep(1.5)  # the server idle again: its probes and estimates at rest
+    go = asyncio.Event()
+
+    async def one(reader, writer) -> dict:
+        await go.wait()
+        sent = time.perf_counter()
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        answer = json.loads(await reader.readexactly(length))
+        client_ms = (time.perf_counter() - sent) * 1e3
+        writer.close()
+        return {
+            "status": int(head.split(b" ")[1]),
+            "exit": answer.get("exit"),
+            "deadline_met": answer.get("deadline_met"),
+            "latency_ms": answer.get("latency_ms"),
+            "client_ms": round(client_ms, 2),
+        }
+
+    tasks = [asyncio.create_task(one(r, w)) for r, w in conns]
+    await asyncio.sleep(0.05)
+    go.set()
+    return list(await asyncio.gather(*tasks))
+
+
+def onset(url: str, query: str, body: Path, n: int, rounds: int, deadline_ms: float) -> dict:
+    """A burst's first moments: ``n`` requests at once on an idle server, ``rounds`` times. The step
+    load's phases start with a ramp of connections; this is the load that arrives all at once."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    data = body.read_bytes()
+    request = (
+        f"POST /classify?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+    answers = []
+    for r in range(rounds):
+        got = asyncio.run(_onset_round(parts.hostname or "127.0.0.1", parts.port or 80, request, n))
+        answers.extend(got)
+        late = sum(1 for a in got if a["client_ms"] > deadline_ms)
+        exits = {e: sum(1 for a in got if a["exit"] == e) for e in sorted({a["exit"] for a in got}, key=str)}
+        print(
+            f"onset round {r + 1}: {n} at once, exits {exits}, late by the client's clock {late}, "
+            f"slowest {max(a['client_ms'] for a in got):.1f} ms (deadline {deadline_ms:g})",
+            flush=True,
+        )
+    in_time = sum(1 for a in answers if a["client_ms"] <= deadline_ms)
+    return {
+        "requests_at_once": n,
+        "rounds": rounds,
+        "in_time_share_client": round(in_time / max(1, len(answers)), 4),
+        "deadline_met_share_server": round(sum(1 for a in answers if a["deadline_met"]) / max(1, len(answers)), 4),
+        "answers": answers,
+    }
+
+
 def recovery_seconds(samples: list[tuple[float, dict]], since: float, num_exits: int) -> float | None:
     """Seconds after ``since`` until an interval whose answers came ≥ 90 % from the main exit."""
     for (t0, c0), (_, c1) in zip(samples, samples[1:]):
@@ -211,7 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrape-interval", type=float, default=0.5)
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeatable)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--onset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the phases, N requests at once on the idle server (--onset-rounds times): the start of a burst",
+    )
+    parser.add_argument("--onset-rounds", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.onset < 0 or args.onset_rounds < 1:
+        parser.error("--onset must be >= 0 and --onset-rounds >= 1")
 
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed: apt-get install -y wrk")
@@ -271,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         scraper.stop()
+        burst = None
+        if args.onset:
+            time.sleep(3)
+            burst = onset(url, f"budget_ms={deadline:g}", body, args.onset, args.onset_rounds, deadline)
     finally:
         server.stop()
 
@@ -311,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "phases": phases,
         "targets": targets,
         "over_time": over_time,
+        "onset": burst,
         "server_args": args.server_arg,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -320,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * (peak_phase['deadline_met_share'] or 0):.1f}% (>= 90), 422s {targets['total_422']} (0), "
         f"main exit again {recovery} s after the load dropped (<= 5): {'MET' if targets['met'] else 'NOT MET'}"
     )
+    if burst is not None:
+        print(
+            f"onset: {burst['requests_at_once']} at once x {burst['rounds']}: in time by the client's clock "
+            f"{100 * burst['in_time_share_client']:.1f}%, deadline_met (server) "
+            f"{100 * burst['deadline_met_share_server']:.1f}%"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     png = args.out.with_suffix(".png")
