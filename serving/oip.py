@@ -44,7 +44,7 @@ SERVER_NAME = "eed-anytime"
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration"]
 MODEL_VERSION = "1"
 FP32_INPUT, IMAGE_INPUT = "input", "image"
-INPUT_DATATYPES = {FP32_INPUT: "FP32", IMAGE_INPUT: BYTES}
+INPUT_DATATYPES = {FP32_INPUT: "FP32", IMAGE_INPUT: BYTES}  # preprocessed pixels, encoded image files
 OUTPUTS: dict[str, tuple[str, list[int | str]]] = {  # name → (datatype, shape: -1 the batch, "K" the classes)
     "probabilities": ("FP32", [-1, "K"]),
     "label": ("INT64", [-1]),
@@ -375,10 +375,9 @@ async def _samples(req: InferRequest, preprocess, spec, max_batch: int) -> list[
     tensor = req.inputs[0]
     if tensor.shape and tensor.shape[0] > max_batch:  # decode_request refuses it too, before the data
         raise BadRequest(batch_refusal(tensor.shape[0], max_batch))
+    # Its datatype is INPUT_DATATYPES' (decode_request refused any other, before the data).
     if tensor.name == FP32_INPUT:
         expected = [spec.channels, spec.height, spec.width]
-        if tensor.datatype != "FP32":
-            raise BadRequest(f"input {FP32_INPUT!r} must be FP32, got {tensor.datatype}")
         if len(tensor.shape) != 4 or tensor.shape[1:] != expected or tensor.shape[0] < 1:
             raise BadRequest(
                 f"input {FP32_INPUT!r} must have shape [N, {', '.join(map(str, expected))}] with "
@@ -387,8 +386,6 @@ async def _samples(req: InferRequest, preprocess, spec, max_batch: int) -> list[
         if not np.all(np.isfinite(tensor.data)):
             raise BadRequest(f"input {FP32_INPUT!r} holds NaN or infinite values")
         return [np.ascontiguousarray(x, dtype=np.float32) for x in tensor.data]
-    if tensor.datatype != BYTES:
-        raise BadRequest(f"input {IMAGE_INPUT!r} must be BYTES (encoded image files), got {tensor.datatype}")
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] with N >= 1, got {tensor.shape}")
     images: list[bytes] = tensor.data

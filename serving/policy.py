@@ -414,7 +414,7 @@ def _plan(params: PolicyParams, costs: CostTable, idle_cascade_ms, idle_single_m
         return Plan(mode="single", exit=capped)
     if thresholds is not None:
         return Plan(mode="cascade", exit=capped, thresholds=thresholds, budget_ms=params.budget_ms)
-    single_ms = idle_single_ms if idle_single_ms is not None and len(idle_single_ms) == k else idle_cascade_ms
+    single_ms = idle_cascade_ms if idle_single_ms is None else idle_single_ms
     one_call = _deepest_allowed(params, costs.gflops, single_ms, False)
     deepest = max(one_call, capped)
     return Plan(

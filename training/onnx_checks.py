@@ -94,7 +94,8 @@ def check_parity(
         chained = chain(x)
         for i, ref in enumerate(reference, start=1):
             full = exits[i - 1].run(None, {io_names.image_input: x})[0]
-            allowed = atol + rtol * float(np.abs(ref).max())
+            scale = float(np.abs(ref).max())
+            allowed = atol + rtol * scale
             for kind, got, name in (
                 ("full_path", full, files[i - 1][0]),
                 ("stage_chain", chained[i - 1], f"stage1..{i}.onnx"),
@@ -109,7 +110,7 @@ def check_parity(
                     raise ExportError(
                         f"exit {i} ({kind.replace('_', ' ')}, {name}): ONNX Runtime differs from PyTorch by "
                         f"{diff:.3g} > {allowed:.3g} (atol {atol:g} + rtol {rtol:g} x max |logit| "
-                        f"{float(np.abs(ref).max()):.3g}) on a batch of {len(x)}; the exported graph cannot be trusted"
+                        f"{scale:.3g}) on a batch of {len(x)}; the exported graph cannot be trusted"
                     )
     return {**worst, "atol": atol, "rtol": rtol, "batch_sizes": sorted({len(x) for x in batches})}
 
