@@ -64,6 +64,28 @@ def exchange(port: int, *requests: bytes) -> list[tuple[int, dict[str, str], byt
         return out
 
 
+_SERVERS: dict[int, uvicorn.Server] = {}  # by port: a test may hold the server's event loop
+
+
+@contextlib.contextmanager
+def loop_held(port: int):
+    """The server's event loop blocked while the body runs: what the client does meanwhile (send, leave)
+    is in the kernel before the server reads any of it, whatever the threads' scheduling."""
+    loop = _SERVERS[port].servers[0].get_loop()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(10)
+
+    loop.call_soon_threadsafe(hold)
+    assert holding.wait(10), "the server's event loop did not run"
+    try:
+        yield
+    finally:
+        release.set()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = build_model_folder(tmp_path_factory.mktemp("fastpath-model"))
@@ -75,6 +97,7 @@ def served(tmp_path_factory):
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    _SERVERS[port] = server
     deadline = time.monotonic() + 60
     while True:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not become ready"
@@ -439,14 +462,17 @@ def test_a_client_that_leaves_before_its_answer_is_counted_as_499_not_as_200_eit
     before_deadlines = [_count(port, series) for series in deadlines]
     # on the protocol's own path, then twice the ASGI way (Connection: close, a query not seen before);
     # with a deadline, an answer nobody received was neither in time nor late
-    for request in (
-        post("/classify?exit=2", large),
-        post("/classify?exit=2", large, "Connection: close\r\n"),
-        post("/classify?exit=2&top_k=1", large),
-        post(with_deadline, large),
-    ):
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(request)
+    # The clients leave before the server reads a byte: the server runs in this process, and a client
+    # left to close its socket after sendall may get the GIL back only after its answer was written.
+    with loop_held(port):
+        for request in (
+            post("/classify?exit=2", large),
+            post("/classify?exit=2", large, "Connection: close\r\n"),
+            post("/classify?exit=2&top_k=1", large),
+            post(with_deadline, large),
+        ):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(request)
     deadline = time.monotonic() + 5
     while total(left) < before_left + 3 or total(left_with_deadline) < before_gone + 1:
         assert time.monotonic() < deadline, "the departures were not counted as 499"
