@@ -155,6 +155,15 @@ def test_the_benchmark_decides_each_target_on_the_unrounded_figure_and_counts_th
     variant.update(efficiency=0.85, agreement_with_offline_rule=0.5)
     throughput, cascade = summary(report)
     assert "0.950x (>= 0.95: not met, in 1 of 3 rounds)" in throughput
+    # A round whose raw baseline the host slowed (138 against ~200 img/s) reads as met for nothing the
+    # server did: found by its baseline, and left out of the count.
+    from benchmarks.serve_bench import stalled_rounds
+
+    assert stalled_rounds([200.0, 198.0, 138.0, 202.0, 195.0]) == [2]
+    assert stalled_rounds([200.0, 180.0, 202.0]) == []
+    report["throughput"]["cases"]["saturation_exit1"]["servers"]["server"]["ratio_vs_raw_default_stalled_rounds"] = [2]
+    throughput, _ = summary(report)
+    assert "0.850x (>= 0.85: met, in 2 of 4 rounds (1 with a stalled baseline left out))" in throughput
     assert "NOT VALID: 3 error answers" in throughput
     assert "cascade efficiency 0.85 (not met: answers differ" in cascade
     # the untrained full-width export is timed on Fashion-MNIST images, not scored on them
