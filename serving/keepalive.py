@@ -15,9 +15,9 @@ Here a connection keeps at most one timer, armed when it opens or after a respon
 armed, never per request. When it fires it reads the connection's state:
 
 * a response is owed (a request whose headers arrived is being answered, or waits behind one):
-  nothing — the request's own deadlines apply (the body's, ``EED_BODY_TIMEOUT_S``, on the routes
-  that read images), and its response arms the timer again. A backstop for routes that read their
-  body without a deadline of their own (``POST /feedback``): a request whose body is still arriving
+  nothing — the request's own deadlines apply (the body's, ``EED_BODY_TIMEOUT_S``, on every route
+  that reads one: /classify, /feedback, /v2/.../infer), and its response arms the timer again. A
+  backstop behind them, for any route that reads its body without a deadline: a request whose body is still arriving
   ``header_timeout_s + body_timeout_s`` after its first byte loses its connection — counted
   instead from the last time the server itself held the body back (``Expect: 100-continue``
   before the app asks for it, reading paused until the app catches up, a pipelined request

@@ -564,13 +564,14 @@ def test_an_unexpected_error_in_classify_is_a_json_500_with_the_request_id(model
 
 
 def test_lone_requests_get_one_thread_sessions_only_when_they_measure_faster(model_dir):
-    # The choice is by timing; min_gain pins it either way so that both outcomes are checked.
+    # The choice is by timing; min_gain pins it either way so that both outcomes are checked (-1.0 took one
+    # thread only up to twice as slow as all cores, which a loaded host exceeded: any ratio now).
     runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu"))
     assert runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=1.0, rounds=1).startswith(
         "the same sessions as batches (main exit at batch 1:"
     )
     assert all(g.lone_session is None for g in runtime.graphs)
-    reason = runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1.0, rounds=1)
+    reason = runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1e9, rounds=1)
     assert reason.startswith("one-thread sessions (main exit at batch 1:") and "ms on one thread" in reason
     assert all(g.lone_session is not None for g in runtime.graphs)
     from serving.fused import attach_fused_cascade
@@ -687,7 +688,7 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
     from serving.service import InferenceService
 
     runtime = ModelRuntime.load(model_dir, SessionOptions(providers="cpu"))
-    runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1.0, rounds=1)  # one thread
+    runtime.choose_lone_sessions(SessionOptions(providers="cpu"), min_gain=-1e9, rounds=1)  # one thread
     attach_fused_cascade(runtime, "fused", SessionOptions(providers="cpu"), max_batch_size=4)
     one_thread = {g.name: g.lone_session for g in runtime.graphs}
     assert runtime.lone_on_one_thread and all(one_thread.values()) and "cascade" in one_thread
@@ -740,7 +741,10 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
     np.testing.assert_allclose(logits, runtime.exits[1].run(x)[0][0], rtol=1e-5, atol=1e-5)
     assert {g.name: g.lone_session for g in runtime.graphs} == one_thread
     assert runtime.lone_sessions.startswith("one-thread sessions (re-judged while idle")
-    # Each timing ran with nothing admitted, and in the main exit's running list meanwhile (so
-    # queueing estimates count it); the all-core way first, then the two in turn.
-    assert timed and all(inflight == 0 and len(running) == 1 for _, inflight, running in timed)
+    # Each timing ran in a lull (nothing admitted at the tick that started it: each idle_until's last,
+    # admitted request may be admitted between that tick and the timing's start in the inference
+    # thread, twice in all), and in the main exit's running list meanwhile (so queueing estimates count
+    # it); the all-core way first, then the two in turn.
+    assert timed and all(len(running) == 1 for _, _, running in timed)
+    assert sum(inflight == 0 for _, inflight, _ in timed) >= len(timed) - 2, timed
     assert [way for way, _, _ in timed[:2]] == [False, True]
