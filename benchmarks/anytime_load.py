@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.server import Server
+from benchmarks.server import Server, check_report_path, positive
 from benchmarks.wrk import run_wrk
 from serving.manifest import load_manifest
 
@@ -270,13 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--deadline-ms",
-        type=float,
+        type=positive(float),
         default=None,
         help="the deadline of every request (default: between the main exit's and exit 1's p50 "
         "at the peak load, from the regime check)",
     )
-    parser.add_argument("--check-seconds", type=float, default=6.0, help="duration of each regime-check run")
-    parser.add_argument("--scrape-interval", type=float, default=0.5)
+    parser.add_argument("--check-seconds", type=positive(float), default=6.0, help="duration of each regime-check run")
+    parser.add_argument("--scrape-interval", type=positive(float), default=0.5)
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeatable)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.onset < 0 or args.onset_rounds < 1:
         parser.error("--onset must be >= 0 and --onset-rounds >= 1")
+    check_report_path(parser, args.out)
 
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed: apt-get install -y wrk")

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.serve_cascade import bench_cascade, png, ratio_text, rel_path
-from benchmarks.server import Server, code_revision, snapshot_code, start_servers
+from benchmarks.server import Server, check_report_path, code_revision, positive, snapshot_code, start_servers
 from benchmarks.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -623,9 +623,11 @@ def main(argv: list[str] | None = None) -> int:
         help="model(s) for cascade efficiency (default: the shipped model and the full-width export)",
     )
     parser.add_argument("--only", choices=["throughput", "cascade"], help="run one part only")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating server/raw rounds (medians reported)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=positive(int), default=32)
+    parser.add_argument(
+        "--rounds", type=positive(int), default=2, help="alternating server/raw rounds (medians reported)"
+    )
+    parser.add_argument("--seconds", type=positive(float), default=5.0, help="seconds per wrk run")
     parser.add_argument(
         "--fresh-servers",
         action=argparse.BooleanOptionalAction,
@@ -678,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    check_report_path(parser, args.out)
     variants = parse_variants(args.variant, args.variant_tree)
     if args.least_server is None:
         args.least_server = args.providers == "cpu"  # the reference server runs ORT on the CPU only
@@ -693,6 +696,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "cascade" and not (args.model / "manifest.json").is_file():
         parser.error(f"no model in {args.model}: `python benchmarks/untrained_export.py --out {args.model}`")
     cascade_models = args.cascade_model or [SHIPPED, FULL_WIDTH]
+    if args.only != "throughput" and args.policy:  # a typo found now, not after the throughput rounds
+        from serving.manifest import load_manifest
+
+        for model_dir in cascade_models:
+            if (model_dir / "manifest.json").is_file():
+                manifest = load_manifest(model_dir, verify=False)
+                policies = manifest.thresholds.policies if manifest.thresholds is not None else {}
+                if policies and args.policy not in policies:
+                    parser.error(
+                        f"--policy {args.policy!r} is not one of {manifest.name}'s calibrated policies: "
+                        + ", ".join(sorted(policies))
+                    )
     started = time.time()
     report: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

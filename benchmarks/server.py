@@ -6,6 +6,7 @@ an A/B in one run) and ``anytime_load.py``, so both start, wait for and stop it 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
@@ -27,6 +28,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def check_report_path(parser: Any, out: Path) -> None:
+    """Refuse an ``--out`` the report could not be written to, before minutes of measuring: the report
+    is written once, at the end, from memory (a folder given as ``--out`` lost a whole run)."""
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; give the report's file name, e.g. {out / 'report.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: its folder cannot be created ({exc.strerror or exc})")
+    if not os.access(out.parent, os.W_OK):
+        parser.error(f"--out {out}: its folder {out.parent} is not writable")
+
+
+def positive(kind: type = float):
+    """An argparse type: a number above 0 (a 0 or negative count, interval or deadline measures nothing
+    the report would say: NaN medians, a busy loop of scrapes, every request a 422)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
 
 
 class Server:

@@ -245,3 +245,34 @@ def test_refused_answers_are_not_counted_as_throughput(tmp_path):
     loop.close()
     assert r["errors"] > 0 and r["requests"] > 20
     assert r["rps"] == pytest.approx(successes_per_s, rel=0.2), r
+
+
+@pytest.mark.parametrize(
+    "program, flags, message",
+    [
+        ("serve_bench", ["--out", "{dir}"], "is a folder; give the report's file name"),  # lost after the run
+        ("serve_bench", ["--out", "{file}/report.json"], "its folder cannot be created"),
+        ("serve_bench", ["--rounds", "0"], "must be above 0"),  # NaN medians in the report
+        ("serve_bench", ["--connections", "x"], "not an integer"),
+        ("serve_bench", ["--policy", "budget_0.5x_mian"], "is not one of fmnist-resnet18-eed's calibrated policies"),
+        ("anytime_load", ["--deadline-ms", "0"], "must be above 0"),  # silently the computed deadline
+        ("anytime_load", ["--deadline-ms", "-5"], "must be above 0"),  # every request a 422, "NOT MET"
+        ("anytime_load", ["--scrape-interval", "0"], "must be above 0"),  # a busy loop of scrapes
+        ("anytime_load", ["--out", "{dir}"], "is a folder"),
+    ],
+)
+def test_benchmarks_refuse_flags_that_would_measure_nothing_before_they_start(
+    tmp_path, capsys, program, flags, message
+):
+    import importlib
+
+    (tmp_path / "a-file").write_text("x")
+    flags = [f.replace("{file}", str(tmp_path / "a-file")).replace("{dir}", str(tmp_path)) for f in flags]
+    main = importlib.import_module(f"benchmarks.{program}").main
+    # A report path of the test's own first (a case's --out comes later and wins): should a check go
+    # missing, the benchmark that then runs must not overwrite the committed results.
+    flags = ["--out", str(tmp_path / "report.json"), *flags]
+    with pytest.raises(SystemExit) as refused:
+        main(["--only", "cascade", "--images", "8", *flags] if program == "serve_bench" else flags)
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err

@@ -242,6 +242,14 @@ def test_imagefolder_layout(tmp_path):
     data = build_datasets("imagefolder", tmp_path)
     with pytest.raises(DatasetNotFoundError, match=r"broken.jpg is not a readable image"):
         list(make_loader(data.train, data.spec, 8, train=False, workers=0))
+    # The images held out for validation (read with the evaluation transform) name it too: PIL's bare
+    # UnidentifiedImageError ended the run at its first evaluation. Raised in a DataLoader worker, the
+    # error torch re-raises says it in one line, not with the worker's traceback as its message.
+    data = build_datasets("imagefolder", tmp_path, val_split=8, seed=0)
+    with pytest.raises(DatasetNotFoundError) as raised:
+        list(make_loader(data.val, data.spec, 8, train=False, workers=1))
+    assert str(raised.value).startswith(str(tmp_path)) and str(raised.value).count("\n") == 0, str(raised.value)
+    assert "broken.jpg is not a readable image" in str(raised.value)
 
 
 def test_an_imagefolder_training_split_smaller_than_a_batch_still_trains(tmp_path):

@@ -224,12 +224,14 @@ def test_cli_writes_results_and_plots(tiny_run, capsys):
         (["--device", "bogus"], "not a device this code runs on"),  # a RuntimeError traceback
         (["--device", "mps"], "not a device this code runs on"),
         (["--out", "{file}"], "is a file; give a folder"),  # a FileExistsError after the whole evaluation
+        (["--out", "{file}/eval"], "cannot be created"),  # an OSError traceback after the whole evaluation
+        (["--out", "{dir}/results.json"], "names a file"),  # made a folder called results.json
     ],
 )
 def test_cli_refuses_bad_flags_with_a_message(tiny_run, tmp_path, capsys, flags, message):
     run, data = tiny_run
     (tmp_path / "a-file").write_text("x")
-    flags = [f.replace("{file}", str(tmp_path / "a-file")) for f in flags]
+    flags = [f.replace("{file}", str(tmp_path / "a-file")).replace("{dir}", str(tmp_path)) for f in flags]
     try:
         rc = main([str(run), "--data-dir", str(data), "--no-download", *flags])
     except SystemExit as exc:  # argparse's own refusal
@@ -252,3 +254,8 @@ def test_cli_clear_errors(tiny_run, tmp_path, capsys):
     torch.save(payload, tmp_path / "cifar.pt")
     assert main([str(tmp_path / "cifar.pt"), "--data-dir", str(tmp_path / "empty"), "--no-download"]) == 2
     assert "CIFAR-10 not found" in capsys.readouterr().err
+    # Data too small for the 32 images the run held out: train.py's flag was named, in a traceback.
+    small = make_fashion_mnist(tmp_path / "small", n_train=20, n_test=16)
+    assert main([str(run), "--data-dir", str(small), "--no-download"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be split as this run's was at training time" in err and "Traceback" not in err, err

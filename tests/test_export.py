@@ -294,6 +294,17 @@ def test_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_the_export(resnet_export, tmp_path, capsys):
+    """A --out whose folder cannot be made (a path through a file; a read-only mount alike) ended in an
+    OSError traceback after the data had loaded."""
+    root = resnet_export[2].parent
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "m"
+    assert main([str(root / "ckpt.pt"), "--out", str(out), "--skip-eval"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: its folder {out.parent} cannot be created" in err and "Traceback" not in err, err
+
+
 def manifest_accuracy_from_spot_check(manifest, exit_number):
     """With 64 test images the spot check (every image) must equal the exit's accuracy."""
     assert manifest.evaluation.spot_check.stride == 1

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,27 @@ def test_resume_keeps_the_command_the_log_and_the_epoch_count_honest(fmnist, tmp
     threads = config["config"]["threads"]
     assert cli(["--resume", str(run), "--epochs", "3", "--threads", str(threads + 1), "--no-progress"]) == 0
     assert f"this run trained with --threads {threads}; with --threads {threads + 1}" in capsys.readouterr().err
+
+
+def test_resume_from_an_earlier_checkpoint_of_a_run_is_refused_not_a_rewind_of_the_run(fmnist, tmp_path, capsys):
+    """--resume runs/X/best.pt continued in runs/X from best.pt's epoch: checkpoint.pt (a later epoch)
+    was overwritten and the log's later epochs deleted, without a word."""
+    common = [*SMALL, "--data-dir", str(fmnist), "--output-dir", str(tmp_path), "--subset", "64"]
+    assert cli([*common, "--epochs", "1", "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    shutil.copy(run / "checkpoint.pt", run / "early.pt")  # as best.pt is, an earlier epoch's
+    assert cli(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    before = (run / "checkpoint.pt").read_bytes(), (run / "log.jsonl").read_text()
+    assert cli(["--resume", str(run / "early.pt"), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "early.pt is epoch 1, but" in err and "checkpoint.pt in the same run folder is epoch 2" in err
+    assert ((run / "checkpoint.pt").read_bytes(), (run / "log.jsonl").read_text()) == before
+    # The way the message gives to branch from it works.
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    shutil.copy(run / "early.pt", branch / "early.pt")
+    assert cli(["--resume", str(branch / "early.pt"), "--epochs", "2", "--no-progress"]) == 0
+    assert (branch / "checkpoint.pt").is_file() and (run / "checkpoint.pt").read_bytes() == before[0]
 
 
 def test_resume_continues_an_imagefolder_run_exactly(tmp_path):

@@ -42,6 +42,16 @@ FASHION_MNIST_CLASSES = [
 class DatasetNotFoundError(FileNotFoundError):
     """The data set is not on disk and could not be fetched; the message says what to do."""
 
+    def __str__(self) -> str:
+        # Raised in a DataLoader worker, torch re-raises it in the main process with the worker's
+        # whole traceback as its message ("Caught ... in DataLoader worker process 0.\nOriginal
+        # Traceback ..."): the commands print this error as one line, so say only what went wrong.
+        text = super().__str__()
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            last = text.rstrip().splitlines()[-1]
+            return last.split(": ", 1)[1] if last.startswith(f"{__name__}.") and ": " in last else last
+        return text
+
 
 class CorruptDatasetError(DatasetNotFoundError):
     """A data set's files are on disk but cannot be read (truncated, not the format); the message names
@@ -177,7 +187,11 @@ def load_fashion_mnist(data_dir: str | Path | None, download: bool) -> tuple[Arr
     arrays = {k: read_idx(p) for k, p in files.items() if p is not None}
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise ValueError(f"Fashion-MNIST in {directory}: {split} images and labels differ in count")
+            raise CorruptDatasetError(
+                f"Fashion-MNIST in {directory}: {split} images and labels differ in count "
+                f"({len(arrays[f'{split}_images'])} vs {len(arrays[f'{split}_labels'])}); a file is truncated or "
+                "from another copy: replace the four files"
+            )
 
     def to_split(images: np.ndarray, labels: np.ndarray) -> ArraySplit:
         return ArraySplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
@@ -347,7 +361,7 @@ def _build_imagefolder(spec, data_dir, val_split, subset, seed, train_size=None)
     val = None
     val_idx, train_idx = split_indices(len(train), val_split, train_size, seed)
     if val_idx is not None:
-        held = datasets.ImageFolder(str(root / "train"), test_tf)
+        held = datasets.ImageFolder(str(root / "train"), test_tf, loader=_named_image_loader)
         val = torch.utils.data.Subset(held, val_idx.tolist())
     if train_idx is not None:
         train = torch.utils.data.Subset(train, train_idx.tolist())

@@ -204,21 +204,29 @@ def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None
     Raises EvaluationError when the checkpoint lacks the information or the data found does
     not match what the model was trained on (classes, channels).
     """
-    from training.data import build_datasets
+    from training.data import DatasetNotFoundError, build_datasets
 
     info, config = payload.get("dataset"), payload.get("config") or {}
     if not info or "name" not in info:
         raise EvaluationError("the checkpoint does not say which data set it was trained on (no 'dataset' entry)")
     data_dir = data_dir if data_dir is not None else config.get("data_dir")
-    bundle = build_datasets(
-        info["name"],
-        data_dir,
-        int(config.get("val_split") or 0),
-        subset,
-        int(config.get("seed") or 0),
-        download,
-        config.get("train_size"),
-    )
+    try:
+        bundle = build_datasets(
+            info["name"],
+            data_dir,
+            int(config.get("val_split") or 0),
+            subset,
+            int(config.get("seed") or 0),
+            download,
+            config.get("train_size"),
+        )
+    except DatasetNotFoundError:
+        raise
+    except ValueError as exc:  # the run's split does not fit this data: name the data, not train.py's flags
+        raise EvaluationError(
+            f"the data in {data_dir} cannot be split as this run's was at training time ({exc}); point "
+            "--data-dir at the data set the run was trained on"
+        ) from None
     model_cfg = payload.get("model_config") or {}
     problems = []
     if model_cfg.get("num_classes") not in (None, bundle.spec.num_classes):
@@ -397,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
         if out.exists() and not out.is_dir():  # found before minutes of evaluation, not after
             raise EvaluationError(f"--out {out} is a file; give a folder (it receives results.json and plots)")
+        if not out.exists() and out.suffix == ".json":
+            raise EvaluationError(f"--out is the folder that receives results.json and plots; {out} names a file")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvaluationError(
+                f"--out {out} cannot be created ({exc.strerror or exc}); give a writable folder"
+            ) from None
         results, _ = evaluate_checkpoint(
             args.checkpoint,
             args.split,
@@ -410,7 +426,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetNotFoundError, EvaluationError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     title = f"{results['arch']} x{results['width_mult']} {results['method']} on {results['dataset']}"
     plots: dict[str, Path | None] = {
         "accuracy_vs_gflops": plot_accuracy_vs_gflops(results, out / "accuracy_vs_gflops.png", title)

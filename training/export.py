@@ -81,6 +81,10 @@ def export_checkpoint(
     dataset = payload["dataset"]
     shape = (int(dataset["channels"]), int(dataset["image_size"]), int(dataset["image_size"]))
     name = name or out.name
+    try:  # before the data and the export: an --out that cannot be written fails first
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: its folder {out.parent} cannot be created ({exc.strerror or exc})") from None
     bundle = None
     if not skip_eval:  # load the data first: a missing data set should fail before minutes of work
         bundle = load_data_for(payload, data_dir, subset, download)
@@ -88,10 +92,12 @@ def export_checkpoint(
             raise EvaluationError("the run has no validation split (trained without --val-split); use --split test")
     costs = exit_costs(model, shape)
     io_names = GraphIO()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
     try:
         log(f"exporting {model.num_exits} exits of {payload['model_config']['arch']} (opset {opset}) ...")
         metadata = {"model": name, "arch": payload["model_config"]["arch"], "dataset": dataset["name"]}
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             rtol=args.rtol,
             **calibration_targets(args),
         )
-    except (ExportError, CheckpointError, DatasetNotFoundError, EvaluationError, ManifestError) as exc:
+    except (ExportError, CheckpointError, DatasetNotFoundError, EvaluationError, ManifestError, OSError) as exc:
+        # OSError: the folder could not be written (a full disk, a rename refused); what was begun is removed
         print(f"error: {exc}\n{args.out} was not written (or, with --force, left as it was)", file=sys.stderr)
         return 2
     size = sum((Path(args.out) / f).stat().st_size for f in manifest.files) / 1e6

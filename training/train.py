@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import CheckpointError, git_revision, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    CheckpointError,
+    git_revision,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
 from training.data import DataBundle, DatasetNotFoundError, build_datasets, make_loader
 from training.engine import evaluate, share_rank0_buffers, train_one_epoch
 from training.flops import exit_costs
@@ -149,9 +155,31 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None, command: li
     if command is not None:
         run.command = command
     if run.is_main:
-        write_run_records(run)
+        try:
+            write_run_records(run)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot write the run folder {run.run_dir} ({exc.strerror or exc}); choose a writable --output-dir"
+            ) from None
     train_epochs(run)
     return finalize(run)
+
+
+def refuse_rewinding(resumed: Path, epoch: int) -> None:
+    """A run continues in the folder of the checkpoint it resumes, writing its ``checkpoint.pt`` and
+    log there: resumed from an earlier checkpoint of that folder (``best.pt``), it would overwrite the
+    later ``checkpoint.pt`` and drop the log's later epochs. Refused, with how to branch instead."""
+    latest = resumed.parent / "checkpoint.pt"
+    if resumed.resolve() == latest.resolve() or not latest.is_file():
+        return
+    later = load_checkpoint(latest).get("epoch", 0)
+    if later > epoch:
+        raise UsageError(
+            f"{resumed} is epoch {epoch}, but {latest} in the same run folder is epoch {later}: resuming would "
+            f"train from epoch {epoch} in that folder, overwrite {latest.name} and drop the later epochs of its "
+            f"log. To continue the run, --resume {resumed.parent}; to branch from {resumed.name}, copy it into "
+            f"a folder of its own (mkdir NEW && cp {resumed} NEW/) and resume that"
+        )
 
 
 def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
@@ -159,6 +187,7 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     resume_payload = None
     if args.resume:
         resume_payload = load_checkpoint(args.resume)
+        refuse_rewinding(resolve_checkpoint_path(args.resume), resume_payload["epoch"])
         saved = resume_payload["config"]
         check_resume_matches(saved, args, explicit)
         for key, value in saved.items():  # the run continues with its own settings
