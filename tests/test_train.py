@@ -246,6 +246,8 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
         (["--milestones", "0", "5"], "--milestones are epochs"),
         (["--workers", "-1"], "--workers must be 0"),
         (["--dataset", "fashion-mnist", "--subset", "8", "--output-dir", "{tmp}/a-file"], "is a file, not a folder"),
+        # a folder that cannot be made (here under a file; a read-only mount alike): an OSError traceback
+        (["--dataset", "fashion-mnist", "--subset", "8", "--output-dir", "{tmp}/a-file/runs"], "cannot write the run"),
     ],
 )
 def test_clear_errors(args, message, tmp_path, capsys):
