@@ -44,7 +44,9 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
     # The one-connection case in paired slices: each slice's overhead against the raw run beside it.
     (one_round,) = cases["overhead_main"]["servers"]["server"]["runs"]
     assert len(one_round["p50_overhead_ms_vs_raw_default_per_slice"]) == 2
-    assert serve["throughput"]["idle_cpu_share_of_a_core"]["server"] >= 0  # what an idle server burns
+    # What an idle server burns, read from /proc: its probes and timers, a few percent of a core; a
+    # server that spun or polled while idle would show here.
+    assert 0 <= serve["throughput"]["idle_cpu_share_of_a_core"]["server"] < 0.5
     # The reference server (benchmarks/least_server.py) in the same rounds, and the server against it.
     assert serve["throughput"]["least_server"] is True
     for name in ("saturation_main", "saturation_exit1"):

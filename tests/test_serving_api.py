@@ -185,21 +185,23 @@ def test_deadline_met_agrees_with_the_answers_own_latency(client):
     measures: it was judged when the model finished, so answers late by their own ranking, signing
     and JSON said met with a latency past the budget."""
     typical = sorted(classify(client, png(2), exit=1).json()["latency_ms"] for _ in range(20))[10]
-    both = set()
     for i in range(60):
         budget = typical * (0.9 + 0.2 * (i % 3) / 2)  # around the usual latency: some met, some missed
         r = classify(client, png(2), budget_ms=budget)
         if r.status_code == 422:  # below exit 1's idle service time
             continue
         body = r.json()
-        both.add(body["deadline_met"])
         # latency_ms is rounded to the µs: met means within the budget, missed past it, up to that rounding
         # (0.36081 ms against a 0.3608 ms budget is missed and reads 0.361)
         if body["deadline_met"]:
             assert body["latency_ms"] <= budget + 5e-4, (budget, body)
         else:
             assert body["latency_ms"] >= budget - 5e-4, (budget, body)
-    assert both, "no deadline answer at all"
+    # A budget far past any latency: the "met" side is checked whatever the host's speed (the "missed"
+    # side needs an answer later than its budget, which the budgets around the usual latency give on
+    # most runs but no budget can force).
+    body = classify(client, png(2), budget_ms=10_000).json()
+    assert body["deadline_met"] is True and body["latency_ms"] <= 10_000
 
 
 def test_budget_ms_is_a_deadline_answered_with_deadline_met(client):

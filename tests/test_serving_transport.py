@@ -20,7 +20,6 @@ from serving_model import (
     ServerProcess,
     build_model_folder,
     encode,
-    gray_for_bin,
     uniform_image,
     uvicorn_in_thread,
 )
@@ -66,7 +65,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO segment counts are Linux's")
 def test_each_answer_reaches_the_client_in_one_segment(model_dir, tmp_path):
-    image = encode(uniform_image(gray_for_bin(3)))
+    image = encode(uniform_image(3))
     request = (
         f"POST /classify?exit=2 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(image)}\r\n\r\n"
     ).encode() + image
@@ -316,7 +315,7 @@ def test_concurrent_and_pipelined_answers_each_reach_their_own_request(model_dir
     """Twelve connections at once, each pipelining three requests with their own ids: with answers
     batched (and so written under the server's hold: that they were held is checked in
     test_serving_fastpath.py), every answer comes back on its connection, in its request's order."""
-    images = [encode(uniform_image(gray_for_bin(b))) for b in range(3)]
+    images = [encode(uniform_image(b)) for b in range(3)]
 
     def request(conn: int, n: int) -> bytes:
         image = images[n]
