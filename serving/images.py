@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
-import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from . import imagecost, pngfast
+from .cpus import usable_cpus
 from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 
 # Pillow format names we open (multi-picture JPEGs open through "JPEG" as MPO).
@@ -56,7 +56,8 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # from 0.66 to 1.86 GiB).
 INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 512 * 512
-_DECODE_THREADS = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+# Usable CPUs, not the node's cores: a container's CPU limit caps them (serving/cpus.py).
+_DECODE_THREADS = max(2, usable_cpus())
 ACCEPTED_CONTENT_TYPES = (
     "image/png",
     "image/jpeg",
