@@ -203,9 +203,6 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
     runtime = ModelRuntime.load(model_dir, server_options)  # one load for both in-process parts
     conf, pred, x = offline_cascade(runtime, bodies)
     policies = manifest.thresholds.policies if manifest.thresholds is not None else {}
-    if args.policy and policies and args.policy not in policies:  # a typo measured the median thresholds
-        names = ", ".join(sorted(policies))
-        raise SystemExit(f"--policy {args.policy!r} is not one of {manifest.name}'s calibrated policies: {names}")
     if args.policy and args.policy in policies:
         query, chosen = f"policy={args.policy}", f"calibrated policy {args.policy}"
         thresholds = cascade.as_thresholds(policies[args.policy].thresholds, k)

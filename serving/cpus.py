@@ -3,9 +3,9 @@
 ``os.sched_getaffinity`` (and ``os.cpu_count``) count the node's cores; in a container with a
 CPU limit (Kubernetes ``resources.limits.cpu``, ``docker run --cpus``) the kernel throttles the
 process to the quota however many threads it runs. Work sized by the core count there — one
-image decode per core, each holding several full-size copies of an image — took memory for 64
-decodes on a 64-core node where the pod may run two at a time, and its memory limit (1 GiB)
-is sized for two.
+image decode per core, each holding several full-size copies of an image — would allow 64
+decodes at once on a 64-core node to a pod that may run two at a time, with a memory limit
+(1 GiB, k8s/base/deployment.yaml) sized for about two.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None
     Raises EvaluationError when the checkpoint lacks the information or the data found does
     not match what the model was trained on (classes, channels).
     """
-    from training.data import DatasetNotFoundError, build_datasets
+    from training.data import build_datasets
 
     info, config = payload.get("dataset"), payload.get("config") or {}
     if not info or "name" not in info:
@@ -220,8 +220,6 @@ def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None
             download,
             config.get("train_size"),
         )
-    except DatasetNotFoundError:
-        raise
     except ValueError as exc:  # the run's split does not fit this data: name the data, not train.py's flags
         raise EvaluationError(
             f"the data in {data_dir} cannot be split as this run's was at training time ({exc}); point "
