@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from .openapi_oip import describe_oip
-from .requestlog import MAX_ID_CHARS
+from .requestlog import ID_PATTERN, MAX_ID_CHARS
 
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
 OIP_ERROR = {"$ref": "#/components/schemas/OipError"}
@@ -103,7 +103,7 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
     components["headers"] = {
         "X-Request-ID": {
             "description": "the request's correlation id: the client's X-Request-ID when acceptable, else a new one",
-            "schema": {"type": "string", "pattern": f"^[A-Za-z0-9._:+=/-]{{1,{MAX_ID_CHARS}}}$"},
+            "schema": {"type": "string", "pattern": f"^{ID_PATTERN}$"},
         }
     }
 
@@ -136,7 +136,7 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
                 "name": "X-Request-ID",
                 "in": "header",
                 "required": False,
-                "description": f"correlation id, echoed: 1-{MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ : - + = /; "
+                "description": f"correlation id, echoed: 1-{MAX_ID_CHARS} visible ASCII characters (! to ~, no space); "
                 "anything else is replaced by a new id (not refused)",
                 "schema": {"type": "string"},
             }

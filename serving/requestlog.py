@@ -1,9 +1,11 @@
 """Request correlation ids and per-request log lines.
 
 Every request gets a correlation id: the client's (or a proxy's) ``X-Request-ID``
-when it is acceptable — 1 to 128 characters of ``A-Z a-z 0-9 . _ : - + = /`` — and a
-fresh one otherwise (an unacceptable id is replaced, not refused, as load balancers
-do, so a proxy with another id format never breaks requests). The id is echoed in
+when it is acceptable — 1 to 200 visible ASCII characters (``!`` to ``~``: every
+UUID, Heroku's 20–200-character ids, trace ids with ``;`` or ``=`` in them) — and a
+fresh one otherwise (an id with spaces, control or non-ASCII bytes, or longer than that
+is replaced, not refused, as load balancers do, so a proxy with another id format never
+breaks requests; what is echoed is always a valid header value, and JSON logs escape it). The id is echoed in
 the response's ``X-Request-ID`` header, is available to routes as
 ``request.state.request_id`` and to log records as ``request_id``.
 
@@ -27,8 +29,9 @@ from typing import Any
 from .randomhex import RandomHex
 
 HEADER = "x-request-id"
-MAX_ID_CHARS = 128
-_VALID_ID = re.compile(rf"[A-Za-z0-9._:\-+=/]{{1,{MAX_ID_CHARS}}}")
+MAX_ID_CHARS = 200
+ID_PATTERN = rf"[!-~]{{1,{MAX_ID_CHARS}}}"  # visible ASCII, no space
+_VALID_ID = re.compile(ID_PATTERN)
 _FRESH_IDS = RandomHex(32)
 
 # The id of the request being handled, for log records made anywhere below the middleware.

@@ -44,20 +44,25 @@ def log_entries(server: ServerProcess, request_id: str, timeout: float = 10) -> 
         time.sleep(0.1)
 
 
-def test_an_incoming_request_id_is_used_and_echoed(json_server):
+# A load balancer's id, a trace header's shape (";" and "="), Heroku's longest (200 characters) and
+# punctuation a header value may carry: each is the request's id, echoed as it came.
+@pytest.mark.parametrize(
+    "incoming", ["lb-7f3a:trace.42", "Self=1-5f2b;Root=1-5f2b-9a0c", "h" * MAX_ID_CHARS, 'q"u\\o<t>e{s}']
+)
+def test_an_incoming_request_id_is_used_and_echoed(json_server, incoming):
     r = httpx.post(
         json_server.url + "/classify",
         content=png(4),
         params={"exit": 2},
-        headers={"Content-Type": "image/png", "X-Request-ID": "lb-7f3a:trace.42"},
+        headers={"Content-Type": "image/png", "X-Request-ID": incoming},
         timeout=30,
     )
     assert r.status_code == 200
-    assert r.headers["X-Request-ID"] == "lb-7f3a:trace.42"
+    assert r.headers["X-Request-ID"] == incoming
     assert r.json()["label"] == expected_label(4, 2)
 
 
-@pytest.mark.parametrize("incoming", ["a" * (MAX_ID_CHARS + 1), "has space", "semi;colon", "", "ünïcode"])
+@pytest.mark.parametrize("incoming", ["a" * (MAX_ID_CHARS + 1), "has space", "tab\there", "", "ünïcode"])
 def test_an_unacceptable_request_id_is_replaced_not_refused(json_server, incoming):
     r = httpx.post(
         json_server.url + "/classify",
@@ -192,6 +197,8 @@ def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
 
 def test_correlation_id_rules():
     assert correlation_id("abc-DEF_1.2:3+4=5/6") == "abc-DEF_1.2:3+4=5/6"
+    assert correlation_id("Root=1-5f;Parent=53;Sampled=1") == "Root=1-5f;Parent=53;Sampled=1"
+    assert GENERATED.fullmatch(correlation_id("two words"))
     assert correlation_id("x" * MAX_ID_CHARS) == "x" * MAX_ID_CHARS
     assert GENERATED.fullmatch(correlation_id(None))
     assert GENERATED.fullmatch(correlation_id("x" * (MAX_ID_CHARS + 1)))
