@@ -62,12 +62,19 @@ def oip_error(exc: ServingError) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, status_code=status, headers=exc.headers)
 
 
+def served_names(manifest_name: str, alias: str | None) -> list[str]:
+    """The names the ``/v2/models/{name}`` routes answer to: the manifest's, and EED_MODEL_NAME's
+    (KServe's clients address the InferenceService's name)."""
+    return [manifest_name] if alias in (None, manifest_name) else [manifest_name, alias]
+
+
 def _served(state: AppState, name: str) -> InferenceService:
-    """The service, if ``name`` is the model served and it is ready."""
+    """The service, if ``name`` is a name of the model served and it is ready. Answers name the model
+    as the request did."""
     service = state.require_service()
-    served = service.runtime.manifest.name
-    if name != served:
-        raise UnknownModel(f"no model named {shown(name)}; this server serves {served!r}")
+    names = served_names(service.runtime.manifest.name, state.settings.model_name)
+    if name not in names:
+        raise UnknownModel(f"no model named {shown(name)}; this server serves {' or '.join(map(repr, names))}")
     return service
 
 
@@ -119,7 +126,7 @@ async def model_metadata(name: str, state: State) -> Response:
     ]
     return JSONResponse(
         {
-            "name": manifest.name,
+            "name": name,
             "versions": [MODEL_VERSION],
             "platform": "onnxruntime_onnx",
             "inputs": [
@@ -154,7 +161,7 @@ async def model_config(name: str, state: State) -> Response:
     ]
     return JSONResponse(
         {
-            "name": manifest.name,
+            "name": name,
             "platform": "onnxruntime_onnx",
             "backend": "onnxruntime",
             "version_policy": {"specific": {"versions": [MODEL_VERSION]}},
@@ -254,7 +261,7 @@ async def infer(name: str, request: Request) -> Response:
             metrics.record_answer(outcome, policy_label, elapsed)
         status, exits = 200, [o.exit for o in outcomes]
         header: dict[str, Any] = {
-            "model_name": manifest.name,
+            "model_name": name,
             "model_version": MODEL_VERSION,
             "parameters": {"policy": policy_label},
         }

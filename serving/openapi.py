@@ -113,7 +113,7 @@ def build(schema: dict[str, Any], settings, service) -> dict[str, Any]:
     paths["/metrics"]["get"]["responses"]["200"]["content"] = {
         "text/plain": {"schema": {"type": "string", "description": "Prometheus text exposition format"}}
     }
-    describe_oip(paths, schemas, service)
+    describe_oip(paths, schemas, service, settings.model_name)
 
     for (method, path), codes in STATUSES.items():
         operation = paths[path][method]

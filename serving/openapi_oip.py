@@ -10,27 +10,27 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .oip import FP32_INPUT, IMAGE_INPUT, MODEL_VERSION, OUTPUTS
+from .oip import FP32_INPUT, IMAGE_INPUT, MODEL_VERSION, OUTPUTS, served_names
 from .tensors import BYTES, DTYPES, HEADER_LENGTH
 
 
-def describe_oip(paths: dict, schemas: dict, service) -> None:
+def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) -> None:
     """State the ``/v2`` operations in ``paths`` and add their ``Oip*`` schemas to ``schemas``.
 
     The routes parse their bodies themselves (JSON or the binary tensor extension), so
     FastAPI's schema knows nothing of them; ``service`` (None until the model is loaded)
-    pins the model name.
+    pins the model's names (the manifest's and ``alias``, EED_MODEL_NAME).
     """
     name_schema: dict[str, Any] = {"type": "string"}
     if service is not None:
-        name_schema = {"type": "string", "enum": [service.runtime.manifest.name]}
+        name_schema = {"type": "string", "enum": served_names(service.runtime.manifest.name, alias)}
     for path, item in paths.items():
         if not path.startswith("/v2/models/"):
             continue
         for operation in item.values():
             for parameter in operation.get("parameters", []):
                 if parameter["name"] == "name":
-                    parameter["schema"] = {**name_schema, "description": "the manifest's model name"}
+                    parameter["schema"] = {**name_schema, "description": "the manifest's model name, or EED_MODEL_NAME"}
                 elif parameter["name"] == "version":
                     parameter["schema"] = {
                         "type": "string",

@@ -24,6 +24,13 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EED_", extra="ignore", validate_default=True)
 
     model_dir: Path = Field(description="exported model folder (manifest.json + ONNX graphs)")
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$",
+        description="a second name the Open Inference Protocol routes (/v2/models/{name}/...) answer to, besides "
+        "the manifest's: KServe clients address the InferenceService's name, which the serving runtime passes "
+        "as {{.Name}}. Unset: the manifest's name only",
+    )
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
 

@@ -301,6 +301,8 @@ def test_kserve_overlay_serves_the_model_from_storage_uri(tmp_path):
     settings = {f"EED_{n.upper()}" for n in server_setting_names()} | {"EED_MODEL_DIR", "EED_HOST", "EED_PORT"}
     assert set(env) <= settings, f"not settings: {sorted(set(env) - settings)}"
     assert env["EED_MODEL_DIR"] == "/mnt/models", "where KServe's storage initializer puts storageUri"
+    # KServe's clients address the InferenceService's name, which KServe substitutes for {{.Name}}
+    assert env["EED_MODEL_NAME"] == "{{.Name}}"
     port = int(env["EED_PORT"])
     assert [p["containerPort"] for p in container["ports"]] == [port] == [8080]
     # KServe reads its own metrics annotations (prometheus.kserve.io/*), not prometheus.io/*

@@ -520,3 +520,45 @@ def test_the_server_keeps_answering_after_bad_requests(client, server):
     result = client.infer(MODEL, [image_input(pngs([4]))], parameters={"exit": 2})
     assert result.as_numpy("label")[0] == expected_label(4, 2)
     assert metric_sum(server.url, "eed_requests_total", status="500") == 0
+
+
+def test_a_second_name_as_kserve_clients_address_the_model(tmp_path):
+    """EED_MODEL_NAME (KServe's runtime passes the InferenceService's name): the v2 routes answer to
+    it and to the manifest's name, answers name the model as the request did, and feedback ids from
+    either are accepted (they carry the manifest's name)."""
+    model = build_model_folder(tmp_path / "model", name=MODEL)
+    with ServerProcess(model, "--intra-op-threads", "1", "--model-name", "my-isvc", tmp_dir=tmp_path / "srv") as srv:
+        c = triton.InferenceServerClient(srv.url.removeprefix("http://"), network_timeout=60.0)
+        try:
+            assert c.is_model_ready("my-isvc") and c.is_model_ready(MODEL) and not c.is_model_ready("other")
+            assert c.get_model_metadata("my-isvc")["name"] == "my-isvc"
+            assert c.get_model_config("my-isvc")["name"] == "my-isvc"
+            for name in ("my-isvc", MODEL):
+                result = c.infer(name, [image_input(pngs([3]))], parameters={"exit": 2})
+                assert result.get_response()["model_name"] == name
+                assert result.as_numpy("label").tolist() == [expected_label(3, 2)]
+                (feedback_id,) = result.as_numpy("feedback_id")
+                r = httpx.post(
+                    srv.url + "/feedback", json={"id": feedback_id.decode(), "label": expected_label(3, 2)}, timeout=30
+                )
+                assert r.status_code == 200 and r.json()["correct"] is True
+            with pytest.raises(InferenceServerException) as err:
+                c.get_model_metadata("other")
+            assert err.value.status() == "404" and "my-isvc" in err.value.message() and MODEL in err.value.message()
+        finally:
+            c.close()
+        spec = httpx.get(srv.url + "/openapi.json", timeout=30).json()
+        (name_param,) = [
+            p for p in spec["paths"]["/v2/models/{name}/infer"]["post"]["parameters"] if p["name"] == "name"
+        ]
+        assert name_param["schema"]["enum"] == [MODEL, "my-isvc"]
+
+
+def test_a_second_name_must_be_one_path_segment():
+    from pydantic import ValidationError
+
+    from serving.settings import ServerSettings
+
+    for bad in ("a/b", "", "has space", "-leading"):
+        with pytest.raises(ValidationError, match="model_name"):
+            ServerSettings(model_dir=".", model_name=bad)
