@@ -91,6 +91,16 @@ def test_eed_every_output_distils_from_the_ensemble(distill):
     assert parts["loss"] == pytest.approx(ce(Z1) + ce(Z2) + expected_z + expected_f, rel=1e-5)
 
 
+@pytest.mark.parametrize(("distill", "authors_alpha"), [("kl", 0.1), ("mse", 1.0)])
+def test_without_an_alpha_the_loss_weighs_distillation_as_the_authors_ran_it(distill, authors_alpha):
+    """The function and the module default to the CLI's α (the authors' code scales KL by 0.1),
+    so a researcher calling the loss directly gets what `train.py` trains; an α given is literal."""
+    unit = run("eed", distill=distill, alpha=1.0)["logit_distill"]
+    assert run("eed", distill=distill)["logit_distill"] == pytest.approx(authors_alpha * unit, rel=1e-6)
+    assert MultiExitLoss("eed", distill).alpha == authors_alpha
+    assert MultiExitLoss("eed", distill, alpha=1.0).alpha == 1.0
+
+
 def test_eed_teacher_subset():
     # Teacher = main output only: the main output's own distillation terms vanish.
     parts = run("eed", distill="mse", teacher_exits=[2])
@@ -103,7 +113,7 @@ def test_eed_teacher_subset():
 def test_teacher_receives_no_gradient():
     """The distillation terms pull students towards G; G itself must be treated as constant."""
     z = [torch.tensor(Z1, requires_grad=True), torch.tensor(Z2, requires_grad=True)]
-    multi_exit_loss(z, None, torch.tensor(Y), method="eed", beta=0.0)["logit_distill"].backward()
+    multi_exit_loss(z, None, torch.tensor(Y), method="eed", alpha=1.0, beta=0.0)["logit_distill"].backward()
     z_ref = [torch.tensor(Z1, requires_grad=True), torch.tensor(Z2, requires_grad=True)]
     g = ((z_ref[0] + z_ref[1]) / 2).detach()  # a constant teacher, by construction
     t = 3.0
@@ -137,7 +147,7 @@ def test_a_teacher_of_some_exits_receives_no_gradient(distill):
 def test_module_wraps_the_function_and_validates():
     crit = MultiExitLoss("eed", "kl", alpha=1.0, beta=1.0, temperature=3.0)
     out = MultiExitOutput((torch.tensor(Z1), torch.tensor(Z2)), (torch.tensor(F1), torch.tensor(F2)))
-    assert crit(out, torch.tensor(Y))["loss"].item() == pytest.approx(run("eed")["loss"], rel=1e-6)
+    assert crit(out, torch.tensor(Y))["loss"].item() == pytest.approx(run("eed", alpha=1.0)["loss"], rel=1e-6)
     with pytest.raises(ValueError, match="choose one of"):
         MultiExitLoss("distill-everything")
     with pytest.raises(ValueError, match="temperature"):

@@ -14,14 +14,10 @@ import re
 import time
 
 from training.data import DATASETS
-from training.losses import DISTILL_KINDS, METHODS
+from training.losses import DISTILL_KINDS, METHODS, default_alpha
 from training.models import list_models
 
 PAPER_EPOCHS = 200
-# The CLI's α when --alpha is not given: the weights the paper's authors ran. Their code
-# multiplies the whole KL term by 0.1 (DESIGN §1), so the paper's "α = 1 (KL)" is 0.1 in L;
-# MSE has no such factor. multi_exit_loss itself takes α literally.
-DEFAULT_ALPHA = {"kl": 0.1, "mse": 1.0}
 PAPER_MILESTONES = (75, 130, 180)
 
 # Flags that may differ when resuming a run; everything else must match the checkpoint.
@@ -238,7 +234,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     if "temperature" in explicit and args.distill != "kl":
         raise UsageError(f"--temperature is the KL term's; --distill {args.distill} does not use it: drop it")
     if args.alpha is None:
-        args.alpha = DEFAULT_ALPHA[args.distill]
+        args.alpha = default_alpha(args.distill)
     args.beta = 1.0 if args.beta is None else args.beta
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1")
