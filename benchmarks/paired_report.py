@@ -166,8 +166,10 @@ def to_markdown(summary: dict, meta: dict) -> str:
         + ", ".join(f"{name} {row['n']} (seeds {_seed_list(row['seeds'])})" for name, row in methods.items())
         + ".",
         "",
-        "Test accuracy (%) after the final epoch (no epoch selection), mean ± std over seeds; the test "
-        "split (10,000 images) is used once per run, at the end.",
+        "Test accuracy (%) after the final epoch (no epoch selection), mean ± std over seeds. The test "
+        "split (10,000 images) is evaluated only when a run ends: train.py scores the final epoch, reported "
+        "here, and also the epoch the validation split picked (both in each run's final.json); nothing here "
+        "reads the latter.",
         "",
         "| method | runs | " + " | ".join(f"exit {e}" for e in range(1, k)) + " | main | ensemble |",
         "|" + "---|" * (k + 3),
@@ -186,7 +188,8 @@ def to_markdown(summary: dict, meta: dict) -> str:
         "",
         "## Paired differences (points), 95 % t-interval over seeds",
         "",
-        "Each seed gives both methods the same training subset, initial weights and batch order.",
+        "Each seed gives both methods the same training subset, batch order and initial weights (against "
+        "the single-exit baseline, the backbone's: its main head is built without the exits).",
         "",
     ]
     for c in comps:
