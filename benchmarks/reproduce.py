@@ -83,7 +83,8 @@ PRESETS: dict[str, dict] = {
         "report": "final_epoch",
         "regime": "ResNet-18 (CIFAR-style) x0.125, fp32, trained on 2,500 Fashion-MNIST images (a seeded "
         "subset of the training split: same seed, same images, batch order and initial weights "
-        "for every method, except the single-exit baseline's main head, built without the exits) for 200 epochs with the paper's recipe (SGD 0.1, momentum 0.9, "
+        "for every method, except the single-exit baseline's main head, built without the exits) "
+        "for 200 epochs with the paper's recipe (SGD 0.1, momentum 0.9, "
         "wd 5e-4, batch 128, lr x0.1 at epochs 75/130/180, crop + flip); validation: 5,000 other "
         "training images every 20 epochs; α = 0.1 with KL, 1 with MSE, β = 1, T = 3. Seed 0 "
         "is left out: its test figures were seen while this regime was chosen.",
