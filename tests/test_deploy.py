@@ -651,6 +651,10 @@ def test_dashboard_has_the_required_panels():
 
     xy = panel_with("eed_exit_gflops", "eed_exit_accuracy", kind="xychart")  # accuracy vs cost per exit
     assert {s["x"] for s in xy["options"]["series"]} == {"GFLOPs"}
+    # The accuracies' 0..1 range must not bound the cost axis (the full-width export's main exit is 1.11)
+    (gflops,) = [o for o in xy["fieldConfig"]["overrides"] if o["matcher"]["options"] == "GFLOPs"]
+    axis = {**xy["fieldConfig"]["defaults"], **{p["id"]: p["value"] for p in gflops["properties"]}}
+    assert axis.get("max") is None and axis.get("unit") != "percentunit"
     panel_with('eed_requests_total{instance=~"$instance",status="200"}')  # exit mix over time
     assert "histogram_quantile" in exprs(panel_with("eed_request_latency_seconds_bucket"))  # latency by exit
     assert "sum by (le, exit)" in exprs(panel_with("eed_request_latency_seconds_bucket"))
