@@ -27,6 +27,7 @@ from .errors import INTERNAL_ERROR_BODY, BadRequest, InvalidParameters, ServingE
 from .oip import router as oip_router
 from .openapi import install as install_openapi
 from .requestlog import install as install_request_ids
+from .requestlog import loggable
 from .routes import router
 from .settings import ServerSettings
 from .state import AppState, load_model
@@ -174,7 +175,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
+        log.exception("internal error on %s %s", request.method, loggable(request.url.path))
         exc.__eed_logged__ = True  # type: ignore[attr-defined]  # see _LoggedOnce
         # Starlette re-raises the error after this answer and uvicorn then closes the connection:
         # say so, or a client reusing it meets a reset on its next request.

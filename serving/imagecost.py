@@ -16,10 +16,11 @@ image at all (a structure cut short is Pillow's to word).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 
-from .imageheader import is_run_length_bmp, jpeg_markers
+from .imageheader import STANDALONE_JPEG_MARKERS, is_run_length_bmp, jpeg_markers
 from .pngfast import SIGNATURE, chunk_count
 
 # PNG chunks, JPEG segments before the first scan, GIF extension blocks and sub-blocks before the
@@ -27,6 +28,12 @@ from .pngfast import SIGNATURE, chunk_count
 # is 4,096. No such piece is under 2 bytes, so bodies of up to twice this many bytes are not walked.
 MAX_CONTAINER_BLOCKS = 10_000
 MAX_JPEG_SCANS = 100  # libjpeg decodes every scan of a progressive JPEG; encoders write about 10
+# Bytes between a JPEG's header segments that are none (junk, fill bytes, escaped 0xFF): Pillow steps
+# over them one Python step each, ~0.1 µs a byte (SOI and 20 MiB of zeros: 2.1 s holding the GIL), so
+# at most ~7 ms. Encoders write none; a damaged file, a few.
+MAX_JPEG_SKIPPED_BYTES = 65_536
+# What Pillow skips before a marker: a non-0xFF byte, an 0xFF followed by another (fill), 0xFF 0x00.
+_JPEG_SKIPPED = re.compile(rb"(?:[^\xff]|\xff(?=\xff)|\xff\x00)+")
 MAX_TIFF_ENTRIES = 1_000  # entries of the first directory (tags): files hold tens to a few hundred
 MAX_TIFF_PIECES = 16_384  # strips or tiles (one Python tile and decoder each): a strip per row of 4096 rows
 MAX_RLE_BMP_BYTES = 512 * 1024  # Pillow's BMP run-length decoder reads a byte per Python call (~0.25 s/MB)
@@ -73,9 +80,18 @@ def _png(data: bytes) -> str | None:
 
 
 def _jpeg(data: bytes) -> str | None:
-    too_many = _blocks(data, "JPEG", "marker segments before its image data", _jpeg_header_segments)
-    if too_many:
-        return too_many
+    if len(data) > 2 * MAX_CONTAINER_BLOCKS:  # smaller files hold fewer pieces and skipped bytes than allowed
+        segments, skipped = _jpeg_header(data)
+        if segments > MAX_CONTAINER_BLOCKS:
+            return (
+                f"the JPEG has more than {MAX_CONTAINER_BLOCKS} marker segments before its image data; at most "
+                f"{MAX_CONTAINER_BLOCKS} are accepted (encoders write tens)"
+            )
+        if skipped > MAX_JPEG_SKIPPED_BYTES:
+            return (
+                f"the JPEG has more than {MAX_JPEG_SKIPPED_BYTES} bytes of padding or junk between its header "
+                "segments; encoders write none"
+            )
     # An SOS marker cannot occur inside entropy-coded data (0xFF is followed by 0x00 or a restart
     # marker there), so a count in C first; the walk, which stops at the image's end (a motion
     # photo's appended video holds FF DA by chance about once per 64 kB), only above the limit.
@@ -91,14 +107,29 @@ def _blocks(data: bytes, kind: str, what: str, count: Callable[[bytes, int], int
     )
 
 
-def _jpeg_header_segments(data: bytes, enough: int) -> int:
-    """Marker segments before the first scan (libjpeg reads the rest in C), counted up to ``enough``."""
-    count = 0
-    for marker, _ in jpeg_markers(data):
-        if marker == 0xDA or count == enough:
+def _jpeg_header(data: bytes) -> tuple[int, int]:
+    """(marker segments, bytes that are none) before the first scan, as Pillow reads them (libjpeg reads
+    the rest in C): each counted a little past its limit, the skipped bytes crossed in C."""
+    pos, end = 2, len(data)  # after SOI
+    segments = skipped = 0
+    while pos + 1 < end and segments <= MAX_CONTAINER_BLOCKS and skipped <= MAX_JPEG_SKIPPED_BYTES:
+        # Up to a byte past the limit, and never less than the two bytes a marker or a pair takes
+        run = _JPEG_SKIPPED.match(data, pos, pos + MAX_JPEG_SKIPPED_BYTES + 2 - skipped)
+        if run is not None:
+            skipped += run.end() - pos
+            pos = run.end()
+            continue
+        marker = data[pos + 1]  # data[pos] is 0xFF and this is neither 0xFF nor 0x00
+        if marker == 0xDA:
             break
-        count += 1
-    return count
+        segments += 1
+        if marker in STANDALONE_JPEG_MARKERS:
+            pos += 2
+        elif pos + 4 <= end:
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+        else:
+            break
+    return segments, skipped
 
 
 def _jpeg_walk(data: bytes) -> str | None:

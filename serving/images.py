@@ -130,7 +130,7 @@ class Preprocessor:
 
     def __call__(self, data: bytes, content_type: str | None = None) -> np.ndarray:
         """Decode ``data`` and return the model input, float32 of shape (C, H, W)."""
-        pixels = pngfast.decode(data, self._fast_png_pixels)
+        pixels = pngfast.decode(data, self._fast_png_pixels, imagecost.MAX_CONTAINER_BLOCKS)
         if pixels is not None:
             return self._pixels_to_tensor(pixels)
         image = decode_image(data, self.max_pixels, content_type, draft_size=self._draft_size())

@@ -45,9 +45,11 @@ _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
 
 
-def decode(data: bytes, max_pixels: int) -> np.ndarray | None:
-    """The pixels of a plain 8-bit gray (H, W) or RGB (H, W, 3) PNG as uint8, else ``None``."""
-    if pyspng is None or not data.startswith(SIGNATURE) or not _plain(data, max_pixels):
+def decode(data: bytes, max_pixels: int, max_chunks: int) -> np.ndarray | None:
+    """The pixels of a plain 8-bit gray (H, W) or RGB (H, W, 3) PNG as uint8, else ``None`` — also for a
+    PNG of more than ``max_chunks`` chunks, which this walk (a Python step per chunk: 1.7 million empty
+    image-data chunks took 2.3 s) leaves to serving.imagecost to refuse."""
+    if pyspng is None or not data.startswith(SIGNATURE) or not _plain(data, max_pixels, max_chunks):
         return None
     try:
         return pyspng.load(data)
@@ -55,7 +57,7 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray | None:
         return None
 
 
-def _plain(data: bytes, max_pixels: int) -> bool:
+def _plain(data: bytes, max_pixels: int, max_chunks: int) -> bool:
     """Whether the chunk list is one :func:`decode` may take (see the module docstring)."""
     end = len(data)
     pos = len(SIGNATURE)
@@ -71,7 +73,9 @@ def _plain(data: bytes, max_pixels: int) -> bool:
         return False
     pos += 25
     profiles = 0
-    while pos + 12 <= end:
+    for _ in range(max_chunks):
+        if pos + 12 > end:
+            return False  # truncated before IEND
         length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         if kind not in _PLAIN_CHUNKS or pos + 12 + length > end:
             return False
@@ -92,7 +96,7 @@ def _plain(data: bytes, max_pixels: int) -> bool:
         if kind == b"IEND":
             return True
         pos += 12 + length
-    return False  # truncated before IEND
+    return False  # more chunks than max_chunks
 
 
 def _profile_ok(body: bytes) -> bool:

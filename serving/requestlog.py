@@ -47,6 +47,12 @@ def correlation_id(incoming: str | None) -> str:
     return _FRESH_IDS.take()  # 128 random bits as uuid4().hex spells them, without building a UUID
 
 
+def loggable(path: str) -> str:
+    """A request path as a log line may hold it: paths arrive percent-decoded, and /x%0AFAKE would
+    write a forged line into a text log."""
+    return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
+
+
 def access_level(log_format: str) -> int:
     """The level of the per-request lines: INFO in JSON logs; DEBUG in text logs, where at INFO they
     would cost more than a small model's inference."""
@@ -107,14 +113,11 @@ def log_request(
     started: float,
 ) -> None:
     """The request's access-log line (``serving.access``): every way a request arrives logs the same fields."""
-    if path is not None and not path.isprintable():
-        # The path is percent-decoded: /x%0AFAKE would write a forged line into a text log.
-        path = path.encode("unicode_escape").decode("ascii")
     access_log.log(
         level,
         "%s %s %s",
         method,
-        path,
+        None if path is None else loggable(path),
         status,
         extra={
             "request_id": request_id,

@@ -350,6 +350,42 @@ def test_a_jpeg_with_thousands_of_header_segments_is_refused_before_pillow_reads
     assert time.process_time() - started < 0.1
 
 
+def test_runs_of_bytes_between_jpeg_markers_cost_no_python_step_each():
+    """Fill bytes, junk and escaped 0xFF are stepped over in C by every walk, and Pillow (which steps
+    over them one Python call each, ~0.1 µs a byte) is not given more than 64 kB of them: SOI and 20 MiB
+    of 0xFF held the event loop for 2.5 s in the header read, 20 MiB of zeros a decode thread for 2.1 s."""
+    from serving.imageheader import declared_pixels
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(buf, "JPEG")
+    good = buf.getvalue()
+    app0_end = 4 + int.from_bytes(good[4:6], "big")  # SOI, then the APP0 segment Pillow writes
+    assert good[2:4] == b"\xff\xe0" and good[app0_end] == 0xFF
+
+    def between(run):
+        return good[:app0_end] + run + good[app0_end:]
+
+    # A few of each are a damaged but decodable file: the same image.
+    for run in (b"\xff" * 100, b"\x00" * 100, b"\xff\x00" * 50):
+        assert declared_pixels(between(run)) in (40 * 30, None)
+        assert np.array_equal(RGB(between(run)), RGB(good))
+    for run in (b"\xff" * (20 << 20), b"\x00" * (20 << 20), b"\xff\x00" * (10 << 20)):
+        hostile = between(run)
+        started = time.process_time()
+        assert declared_pixels(hostile) in (40 * 30, None)  # on the event loop
+        with pytest.raises(InvalidImage, match=r"more than 65536 bytes of padding or junk between its header"):
+            RGB(hostile)
+        assert time.process_time() - started < 0.3, run[:2]
+    # After a scan header: megabytes of escaped 0xFF, then more scans than allowed (the walk that
+    # counts them found each FF 00 pair with a Python step: 16 MiB took 2.5 s)
+    scan = good[good.index(b"\xff\xda") : -2]
+    stuffed = good[:-2] + b"\xff\x00" * (8 << 20) + scan * 101 + good[-2:]
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"scans; at most 100 are accepted"):
+        RGB(stuffed)
+    assert time.process_time() - started < 0.3
+
+
 def test_an_animated_png_counts_only_the_chunks_pillow_reads_for_its_first_frame():
     frames = [Image.new("L", (4, 4), 10), Image.new("L", (4, 4), 200)]
     two = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
@@ -375,6 +411,13 @@ def test_a_png_of_a_hundred_thousand_chunks_is_refused_before_pillow_reads_them(
     rows = zlib.compress(b"".join(b"\x00" + bytes([77]) * 20 for _ in range(12)))
     per_byte = good[:header_end] + b"".join(chunk(b"IDAT", rows[i : i + 1]) for i in range(len(rows))) + good[-12:]
     assert np.array_equal(RGB(per_byte), RGB(good))
+    # Empty image-data chunks keep a PNG plain for the libspng path, whose walk stops at the limit too:
+    # 1.7 million of them took it 2.3 s, and then decoded.
+    empty = good[:header_end] + chunk(b"IDAT") * 1_700_000 + good[header_end:]
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"more than 10000 chunks"):
+        RGB(empty)
+    assert time.process_time() - started < 0.3
     private = good[:header_end] + chunk(b"zzZz", b"12345678") * 9_900 + good[header_end:]
     assert len(private) > 12 * 10_000  # large enough to be counted
     assert np.array_equal(RGB(private), RGB(good))

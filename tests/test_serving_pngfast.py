@@ -15,11 +15,13 @@ from PIL import Image, PngImagePlugin
 
 from serving import pngfast
 from serving.errors import ImageTooLarge, InvalidImage
+from serving.imagecost import MAX_CONTAINER_BLOCKS
 from serving.images import Preprocessor, decode_image
 
 GRAY = Preprocessor(channels=1, height=28, width=28, mean=(0.5,), std=(0.25,))
 RGB = Preprocessor(channels=3, height=32, width=32, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 LIMIT = 4096 * 4096
+CHUNKS = MAX_CONTAINER_BLOCKS
 
 
 def png(image: Image.Image, **kw) -> bytes:
@@ -70,7 +72,7 @@ PLAIN = [
 @pytest.mark.parametrize("name, pre, image, kw", PLAIN, ids=[p[0] for p in PLAIN])
 def test_plain_pngs_take_the_fast_path_and_give_pillows_tensor(name, pre, image, kw):
     data = png(image, **kw)
-    assert pngfast.decode(data, LIMIT) is not None, "a plain 8-bit PNG should not need Pillow"
+    assert pngfast.decode(data, LIMIT, CHUNKS) is not None, "a plain 8-bit PNG should not need Pillow"
     fast = pre(data)
     assert fast.dtype == np.float32 and fast.flags.c_contiguous
     assert np.array_equal(fast, pillow_tensor(pre, data))
@@ -79,7 +81,7 @@ def test_plain_pngs_take_the_fast_path_and_give_pillows_tensor(name, pre, image,
 def test_fast_pixels_are_pillows_pixels():
     for mode in ("L", "RGB"):
         image = noise(mode, (33, 19), 8)
-        assert np.array_equal(pngfast.decode(png(image), LIMIT), np.asarray(image))
+        assert np.array_equal(pngfast.decode(png(image), LIMIT, CHUNKS), np.asarray(image))
 
 
 def exif_rotated() -> bytes:
@@ -151,7 +153,7 @@ OTHERS = {
 @pytest.mark.parametrize("name", list(OTHERS))
 def test_other_pngs_go_to_pillow_and_decode_to_their_pixels(name):
     data, pixels = OTHERS[name]
-    assert pngfast.decode(data, LIMIT) is None
+    assert pngfast.decode(data, LIMIT, CHUNKS) is None
     scale, offset = RGB._affine
     expected = pixels.transpose(2, 0, 1) * scale + offset  # (x / 255 - mean) / std
     # One gray level of rounding in compositing (Pillow's integer alpha blend) and none elsewhere.
@@ -161,7 +163,7 @@ def test_other_pngs_go_to_pillow_and_decode_to_their_pixels(name):
 def test_exif_orientation_still_applies():
     # Stored 28 wide and 20 high; orientation 6 displays it 20 wide and 28 high.
     upright = Preprocessor(channels=1, height=28, width=20, mean=(0.5,), std=(0.25,))
-    assert pngfast.decode(exif_rotated(), LIMIT) is None  # Pillow's, which reads the orientation
+    assert pngfast.decode(exif_rotated(), LIMIT, CHUNKS) is None  # Pillow's, which reads the orientation
     x = upright(exif_rotated())
     stored = np.asarray(noise("L", (28, 20), 9), dtype=np.float32)
     assert np.array_equal(x[0], upright._normalize(np.rot90(stored, k=-1))[0])
@@ -178,18 +180,18 @@ def test_corrupt_pngs_fall_back_to_pillows_errors():
     # Too few rows in the image data.
     short = build([(k, zlib.compress(zlib.decompress(v)[:500]) if k == b"IDAT" else v) for k, v in parts])
     for data in (bytes(bad_crc), bad_idat, short, good[: len(good) // 2]):
-        assert pngfast.decode(data, LIMIT) is None
+        assert pngfast.decode(data, LIMIT, CHUNKS) is None
         with pytest.raises(InvalidImage):
             RGB(data)
     # Without IEND the fast path stops; Pillow accepts such files, and still does.
-    assert pngfast.decode(good[:-12], LIMIT) is None
+    assert pngfast.decode(good[:-12], LIMIT, CHUNKS) is None
     assert np.array_equal(RGB(good[:-12]), RGB(good))
 
 
 def test_pixel_limit_holds_on_the_fast_path():
     data = png(noise("L", (64, 64), 19))
-    assert pngfast.decode(data, 64 * 64) is not None
-    assert pngfast.decode(data, 64 * 64 - 1) is None
+    assert pngfast.decode(data, 64 * 64, CHUNKS) is not None
+    assert pngfast.decode(data, 64 * 64 - 1, CHUNKS) is None
     small = Preprocessor(channels=1, height=28, width=28, mean=(0.5,), std=(0.25,), max_pixels=1000)
     with pytest.raises(ImageTooLarge):
         small(data)
@@ -203,12 +205,12 @@ def test_without_libspng_every_png_goes_to_pillow(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyspng", None)  # `import pyspng` now raises ImportError
     without = importlib.reload(pngfast)
     try:
-        assert without.pyspng is None and without.decode(data, LIMIT) is None
+        assert without.pyspng is None and without.decode(data, LIMIT, CHUNKS) is None
         assert np.array_equal(RGB(data), expected)
     finally:
         monkeypatch.undo()
         importlib.reload(pngfast)
-    assert pngfast.decode(data, LIMIT) is not None
+    assert pngfast.decode(data, LIMIT, CHUNKS) is not None
 
 
 # libspng is laxer than Pillow: what Pillow refuses must reach Pillow.
@@ -228,7 +230,7 @@ SHORT = {"pHYs": 8, "cHRM": 31, "gAMA": 3, "sRGB": 0}
 def test_truncated_metadata_chunks_go_to_pillow_which_refuses_them(kind, after_idat):
     # libspng skips a short pHYs/cHRM/gAMA/sRGB; Pillow raises "Truncated pHYs chunk" (400).
     data = with_chunk(png(noise("RGB", (32, 32), 21)), kind.encode(), bytes(range(1, SHORT[kind] + 1)), after_idat)
-    assert pngfast.decode(data, LIMIT) is None
+    assert pngfast.decode(data, LIMIT, CHUNKS) is None
     with pytest.raises(InvalidImage, match=f"Truncated {kind} chunk"):
         RGB(data)
 
@@ -238,7 +240,7 @@ def test_longer_metadata_chunks_keep_the_fast_path(kind):
     # Pillow reads only the first bytes of a longer chunk and decodes the image: so does the fast path.
     good = png(noise("RGB", (32, 32), 22))
     data = with_chunk(good, kind.encode(), bytes(SHORT[kind] + 2))
-    assert np.array_equal(pngfast.decode(data, LIMIT), pngfast.decode(good, LIMIT))
+    assert np.array_equal(pngfast.decode(data, LIMIT, CHUNKS), pngfast.decode(good, LIMIT, CHUNKS))
     assert np.array_equal(RGB(data), RGB(good))
 
 
@@ -257,7 +259,7 @@ REFUSED_PROFILES = {
 @pytest.mark.parametrize("name", list(REFUSED_PROFILES))
 def test_iccp_chunks_pillow_refuses_go_to_pillow(name):
     data = iccp(REFUSED_PROFILES[name])
-    assert pngfast.decode(data, LIMIT) is None
+    assert pngfast.decode(data, LIMIT, CHUNKS) is None
     with pytest.raises(InvalidImage):
         RGB(data)
 
@@ -265,7 +267,7 @@ def test_iccp_chunks_pillow_refuses_go_to_pillow(name):
 def test_an_iccp_profile_pillow_cannot_inflate_keeps_the_fast_path():
     # Pillow drops such a profile (info["icc_profile"] is None) and decodes the image.
     data = iccp(b"icc\0\0not zlib at all")
-    assert pngfast.decode(data, LIMIT) is not None
+    assert pngfast.decode(data, LIMIT, CHUNKS) is not None
     assert np.array_equal(RGB(data), RGB(png(noise("RGB", (32, 32), 23))))
 
 
@@ -275,7 +277,7 @@ def test_image_data_damaged_on_the_way_is_refused_not_decoded_to_other_pixels():
     good = png(noise("RGB", (32, 32), 26))
     at = good.index(b"IDAT") + 4 + 300  # a byte inside the image data; its chunk CRC left as it was
     damaged = good[:at] + bytes([good[at] ^ 0x04]) + good[at + 1 :]
-    assert pngfast.decode(damaged, LIMIT) is None
+    assert pngfast.decode(damaged, LIMIT, CHUNKS) is None
     with pytest.raises(InvalidImage):
         RGB(damaged)
 
@@ -285,7 +287,7 @@ def test_a_wrong_image_data_crc_alone_goes_to_pillow_which_decodes_it():
     at = good.index(b"IDAT")
     crc = at + 4 + int.from_bytes(good[at - 4 : at], "big")
     stale = good[:crc] + bytes(b ^ 0xFF for b in good[crc : crc + 4]) + good[crc + 4 :]
-    assert pngfast.decode(stale, LIMIT) is None
+    assert pngfast.decode(stale, LIMIT, CHUNKS) is None
     assert np.array_equal(RGB(stale), RGB(good))  # Pillow does not read that CRC (it checks the Adler-32)
 
 
@@ -294,10 +296,10 @@ def test_a_png_with_more_than_one_colour_profile_is_refused_before_any_is_inflat
     # them in 949 kB took 2.2 s of CPU. The PNG specification allows one.
     profile = b"icc\0\0" + zlib.compress(bytes(1 << 20))
     one = iccp(profile)
-    assert pngfast.decode(one, LIMIT) is not None  # one profile: still the fast path
+    assert pngfast.decode(one, LIMIT, CHUNKS) is not None  # one profile: still the fast path
     parts = chunks(one)
     many = build(parts[:2] + [(b"iCCP", profile)] * 200 + parts[2:])
-    assert pngfast.decode(many, LIMIT) is None
+    assert pngfast.decode(many, LIMIT, CHUNKS) is None
     started = time.perf_counter()
     with pytest.raises(InvalidImage, match="more than one iCCP"):
         RGB(many)

@@ -193,6 +193,10 @@ def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
         access_log.removeHandler(handler)
         access_log.setLevel(level)
     assert lines == ["GET /healthz\\nINFO forged line 404"]
+    # the same escape for the 500 handler's line (serving/app.py), which names the path too
+    from serving.requestlog import loggable
+
+    assert loggable("/v2/models/x\nERROR forged") == "/v2/models/x\\nERROR forged" and loggable("/ok/ü") == "/ok/ü"
 
 
 def test_correlation_id_rules():
