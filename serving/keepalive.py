@@ -276,7 +276,8 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
 
         def on_headers_complete(self) -> None:
             self._in_head = False
-            parsed = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
+            # Each header line also holds ': ' and CRLF: 65,535 headers 'a:' counted 65 kB for 256 kB.
+            parsed = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
             if max(parsed, self._raw) > max_bytes or self.cycle is _REFUSED:
                 self._refuse()  # no route sees it, nor a request pipelined behind one refused
             else:

@@ -164,7 +164,10 @@ def plain_number(raw: object) -> float:
     would run another exit), digits of other scripts ('０.５') and a bool (True as 1)."""
     if isinstance(raw, bool) or (isinstance(raw, str) and ("_" in raw or not raw.isascii())):
         raise ValueError(raw)
-    return float(raw)  # type: ignore[arg-type]
+    try:
+        return float(raw)  # type: ignore[arg-type]
+    except OverflowError:  # a JSON integer beyond a float's range (10**400): as '1e400' reads, infinite
+        return math.inf if raw > 0 else -math.inf  # type: ignore[operator]
 
 
 def plain_integer(text: str) -> int:

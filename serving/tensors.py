@@ -315,6 +315,14 @@ def decode_request(
             f"the request's JSON holds more than {max_values} values, more than a batch of {max_batch} inputs "
             "needs; send smaller batches, or the tensors as binary data"
         )
+    # Lists and objects hold no comma when empty or of one item: 20 MiB of nested empty lists is 10
+    # million of them for json.loads (holding the GIL, ~1 GB) and for the nested-data walk. A tensor's
+    # nesting has one list per row of values, far fewer than its values.
+    if max_values is not None and head.count(b"[") + head.count(b"{") >= max_values:
+        raise _fail(
+            f"the request's JSON holds more than {max_values} lists and objects, more than a batch of "
+            f"{max_batch} inputs needs; send the data flat, in smaller batches, or as binary data"
+        )
     try:
         raw = json.loads(head)
     # ValueError: also an integer of more than 4,300 digits (int_max_str_digits), a 500 before

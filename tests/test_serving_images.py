@@ -386,6 +386,30 @@ def test_runs_of_bytes_between_jpeg_markers_cost_no_python_step_each():
     assert time.process_time() - started < 0.3
 
 
+def test_png_text_that_inflates_to_megabytes_is_refused_after_two():
+    """Pillow inflates compressed text chunks as it opens a PNG (up to 64 MiB an image by its own
+    limit): 62 chunks of 1 kB, each 1 MiB inflated, took 0.23 s in a 64 kB file decoded on the loop."""
+    import struct
+    import zlib
+
+    def chunk(kind, body=b""):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    good = encode(Image.new("L", (1, 1), 77), "PNG")
+    megabyte = zlib.compress(b"A" * ((1 << 20) - 1), 9)
+
+    def with_text(n):
+        return good[:33] + b"".join(chunk(b"zTXt", b"note%d\x00\x00" % i + megabyte) for i in range(n)) + good[33:]
+
+    assert np.array_equal(GRAY(with_text(2)), GRAY(good))  # as much text as two of Pillow's largest chunks
+    bomb = with_text(60)
+    assert len(bomb) <= 64 * 1024  # small enough to be decoded on the event loop
+    started = time.process_time()
+    with pytest.raises(InvalidImage, match=r"text chunks inflate to more than 2 MiB; at most 2 MiB of text"):
+        GRAY(bomb)
+    assert time.process_time() - started < 0.1
+
+
 def test_an_animated_png_counts_only_the_chunks_pillow_reads_for_its_first_frame():
     frames = [Image.new("L", (4, 4), 10), Image.new("L", (4, 4), 200)]
     two = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])

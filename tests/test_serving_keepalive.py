@@ -275,6 +275,16 @@ def test_a_request_head_over_the_limit_gets_431_at_once(limited, where, caplog, 
     assert not errors and "Traceback" not in capfd.readouterr().err, caplog.text
 
 
+def test_many_short_headers_count_their_whole_lines(limited):
+    # Names and values alone undercounted each line by 4 bytes (': ' and CRLF): 65,535 headers 'a:'
+    # in 256 kB counted 65 kB, and every route's header lookups scan them all.
+    lines = HEAD_LIMIT // 4 + 16  # under the limit by names and values, over it by the bytes sent
+    assert lines * 2 < HEAD_LIMIT < lines * 4
+    with connection(limited) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n" + b"a:\r\n" * lines + b"\r\n")
+        assert_431(*read_until_closed(sock))
+
+
 def test_a_header_streamed_past_the_limit_is_cut_off_before_it_ends(limited):
     # One header that never ends, sent in small pieces (each piece re-copied the whole URL or header
     # so far: a client had 85 MiB accepted in the header deadline, at seconds of CPU).

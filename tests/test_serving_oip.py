@@ -584,3 +584,33 @@ def test_a_bytes_tensor_of_millions_of_empty_elements_is_refused_before_they_are
     flat = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 150], "data": [""] * 300}]})
     with pytest.raises(BadRequest, match="holds 300 BYTES elements"):
         decode_request(flat.encode(), None, 256, 256 * 784 + 4096, {"image": "BYTES"})
+
+
+def test_nested_empty_lists_are_refused_before_json_reads_them():
+    """Empty and one-item lists hold no comma: 20 MiB of them is 10 million lists for json.loads."""
+    import time
+
+    from serving.errors import BadRequest
+    from serving.tensors import decode_request
+
+    nested = b"[" * 500 + b"]" * 500
+    body = b'{"inputs": [], "x": [' + b",".join([nested] * 450) + b"]}"
+    started = time.process_time()
+    with pytest.raises(BadRequest, match=r"more than 204800 lists and objects"):
+        decode_request(body, None, 256, 256 * 784 + 4096, {"image": "BYTES"})
+    assert time.process_time() - started < 0.1
+    # a full batch of nested data is not refused for its lists (one per row of values)
+    rows = [[[[0.5] * 28] * 28] for _ in range(256)]
+    full = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [256, 1, 28, 28], "data": rows}]})
+    assert decode_request(full.encode(), None, 256, 256 * 784 + 4096, {"input": "FP32"}).inputs[0].data.shape[0] == 256
+
+
+def test_an_integer_beyond_a_float_is_a_400_not_a_500(server):
+    body = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(pngs([1])[0]).decode()]}
+        ],
+        "parameters": {"budget_ms": 10**400},
+    }
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=json.dumps(body), timeout=60)
+    assert r.status_code == 400 and "budget_ms" in r.json()["error"] and "finite" in r.json()["error"], r.text
