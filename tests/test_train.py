@@ -150,6 +150,22 @@ def test_resume_keeps_the_command_the_log_and_the_epoch_count_honest(fmnist, tmp
     assert f"this run trained with --threads {threads}; with --threads {threads + 1}" in capsys.readouterr().err
 
 
+def test_a_run_stopped_between_its_checkpoint_and_best_pt_reports_the_selected_epoch(fmnist, tmp_path):
+    """checkpoint.pt is written before best.pt: a run stopped between the two (simulated: best.pt of the
+    improving epoch removed) resumes from that epoch, and its best.pt is restored from the checkpoint."""
+    common = [*SMALL, "--data-dir", str(fmnist), "--output-dir", str(tmp_path), "--subset", "64"]
+    assert cli([*common, "--epochs", "1", "--val-split", "16", "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["best"]["epoch"] == 1  # the first epoch improves
+    (run / "best.pt").unlink()
+    (run / "final.json").unlink()
+    assert cli(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0  # only the final evaluation
+    final = json.loads((run / "final.json").read_text())
+    assert final["val_selected"]["epoch"] == 1
+    same = {k: v for k, v in final["val_selected"].items() if k.startswith("test_")}
+    assert same == {k: v for k, v in final["final_epoch"].items() if k.startswith("test_")}  # the same weights
+
+
 def test_resume_from_an_earlier_checkpoint_of_a_run_is_refused_not_a_rewind_of_the_run(fmnist, tmp_path, capsys):
     """--resume runs/X/best.pt continued in runs/X from best.pt's epoch: checkpoint.pt (a later epoch)
     was overwritten and the log's later epochs deleted, without a word."""
@@ -268,6 +284,20 @@ def test_cifar100_default_fails_clearly_without_network(tmp_path):
 
 
 def test_ddp_two_cpu_processes(fmnist, tmp_path):
+    # The processes' clocks read a second apart when they name the run (a sitecustomize on their path
+    # shifts rank 1's): the default run name holds that time, and each rank wrote, and rank 1 read
+    # best.pt from, a folder of its own.
+    skew = tmp_path / "skew"
+    skew.mkdir()
+    (skew / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "_strftime = time.strftime\n"
+        "def strftime(fmt, t=None):\n"
+        "    t = time.localtime(time.time() + 3600 * int(os.environ.get('RANK', '0'))) if t is None else t\n"
+        "    return _strftime(fmt, t)\n"
+        "time.strftime = strftime\n"
+    )
+    runs = tmp_path / "runs"
     res = run_train(
         "--standalone",
         "--nproc_per_node=2",
@@ -284,25 +314,27 @@ def test_ddp_two_cpu_processes(fmnist, tmp_path):
         "--val-split",
         "32",
         "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        "ddp",
+        str(runs),
         module=["-m", "torch.distributed.run"],
-        extra_env={"OMP_NUM_THREADS": "1"},
+        extra_env={
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(skew), os.environ.get("PYTHONPATH")])),
+        },
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
-    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    (run,) = runs.iterdir()  # one run, named by rank 0
+    final = json.loads((run / "final.json").read_text())
     # Both ranks evaluated the validation-selected epoch together (no hang, one answer).
     assert final["val_selected"]["epoch"] in (1, 2)
     assert "test accuracy of the epoch selected on val" in res.stdout
-    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and "val_acc_exit4" in log[-1]
     # What the two ranks reported together is the saved checkpoint's accuracy: each rank evaluated its
     # shard with rank 0's BatchNorm statistics, not with those its own last batch left.
     from training.evaluate import evaluate_checkpoint
 
-    results, _ = evaluate_checkpoint(tmp_path / "ddp" / "checkpoint.pt", "test", download=False)
+    results, _ = evaluate_checkpoint(run / "checkpoint.pt", "test", download=False)
     assert [final["final_epoch"][f"test_acc_exit{i}"] for i in range(1, 5)] == [e["accuracy"] for e in results["exits"]]
 
 

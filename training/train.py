@@ -197,6 +197,12 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     args = resolve_args(args, explicit)
 
     rank, world_size, device = init_distributed(args.device)
+    if world_size > 1 and "run_name" not in explicit:
+        # The default name holds the time each process parsed its flags: processes straddling a second
+        # would each write (and rank 1 read best.pt from) a folder of its own. Rank 0's names the run.
+        shared = [args.run_name]
+        dist.broadcast_object_list(shared, src=0)
+        args.run_name = shared[0]
     if args.batch_size % world_size:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world_size} DDP processes")
     trained_with = resume_payload["config"].get("threads") if resume_payload is not None else None
@@ -352,6 +358,13 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     )
 
 
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file holds; None when there is none."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False).get("epoch")
+
+
 def write_run_records(run: Run) -> None:
     """The run folder and its config.json (rank 0), and the run's one-line summary."""
     args, run_dir, model = run.args, run.run_dir, run.model
@@ -376,6 +389,10 @@ def write_run_records(run: Run) -> None:
         if log_path.is_file():
             kept = [line for line in log_path.read_text().splitlines() if _logged_epoch(line) <= run.start_epoch]
             log_path.write_text("".join(line + "\n" for line in kept))
+        # Stopped between checkpoint.pt and best.pt of an improving epoch: the checkpoint is that epoch.
+        if run.best["epoch"] == run.start_epoch and _saved_epoch(run_dir / "best.pt") != run.start_epoch:
+            checkpoint = run_dir / "checkpoint.pt"
+            save_checkpoint(torch.load(checkpoint, map_location="cpu", weights_only=False), run_dir / "best.pt")
     (run_dir / "config.json").write_text(
         json.dumps(
             {
@@ -474,9 +491,12 @@ def train_epochs(run: Run) -> None:
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None,
                 },
             }
+            # checkpoint.pt first: a run stopped between the two writes resumes from this epoch, whose
+            # weights the checkpoint holds (write_run_records restores best.pt from it). The other order
+            # left best.pt of an epoch the resume trains again, reported later as the selected one.
+            save_checkpoint({**payload, "best": run.best}, run.run_dir / "checkpoint.pt")
             if improved:
                 save_checkpoint({**payload, "best": run.best}, run.run_dir / "best.pt")
-            save_checkpoint({**payload, "best": run.best}, run.run_dir / "checkpoint.pt")
 
 
 def finalize(run: Run) -> dict:
@@ -486,11 +506,21 @@ def finalize(run: Run) -> dict:
     test_loader = make_loader(run.data.test, spec, 256, False, args.seed, run.rank, run.world_size, args.workers)
     final = evaluate(model, test_loader, run.device, args.channels_last, prefix="test_")
     results["final_epoch"] = {"epoch": args.epochs, **final}
+    selected = None
     if run.best["epoch"] is not None:  # selected on the validation split; test used once for it
         if run.world_size > 1:
             dist.barrier()  # rank 0 has finished writing best.pt
-        selected = torch.load(run.run_dir / "best.pt", map_location=run.device, weights_only=False)["model"]
-        model.load_state_dict(selected)
+        selected = torch.load(run.run_dir / "best.pt", map_location=run.device, weights_only=False)
+        if selected.get("epoch") != run.best["epoch"]:  # a best.pt left by an earlier version's stop
+            if run.is_main:
+                print(
+                    f"warning: best.pt holds epoch {selected.get('epoch')}, not the epoch validation selected "
+                    f"({run.best['epoch']}); no test accuracy is reported for the selected epoch",
+                    file=sys.stderr,
+                )
+            selected = None
+    if selected is not None:
+        model.load_state_dict(selected["model"])
         results["val_selected"] = {
             "epoch": run.best["epoch"],
             "val_acc_main": run.best["val_acc_main"],
