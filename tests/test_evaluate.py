@@ -127,6 +127,28 @@ def test_calibration_meets_targets_on_validation_only():
     assert budget.chosen.accuracy >= shared and {p.family for p in cands} == {"shared", "geometric"}
 
 
+def test_the_msdnet_curve_of_an_evaluated_split_is_fitted_on_validation_only():
+    """The per-exit (MSDNet) thresholds are fitted from confidence quantiles: fitted on the split they
+    are drawn on, the curve beside the calibrated policies was test-fitted and optimistic."""
+    from training.evaluate import _cascade_section
+
+    stage = [1.0, 0.5, 0.5]
+    val_logits, val_labels = _separable(800, seed=1)
+    test_logits, test_labels = _separable(800, seed=2)
+    args = (stage, "test", None, 2.0, [], [], [], [])
+    section = _cascade_section(test_logits, test_labels, *args)
+    assert "geometric_curve" not in section and section["calibration"]["split"] is None
+    with_val = (stage, "test", (val_logits, val_labels), 2.0, [], [], [], [])
+    section = _cascade_section(test_logits, test_labels, *with_val)
+    assert section["geometric_fitted_on"] == "val"
+    for point in section["geometric_curve"]:
+        shares = cascade.geometric_exit_distribution(point["parameter"], 3)
+        fitted = cascade.fit_quantile_thresholds(cascade.confidences(val_logits).conf, shares)
+        assert point["thresholds"] == pytest.approx(list(fitted))  # from validation, drawn on test
+    test_fitted = cascade.geometric_family(test_logits, test_labels, stage)
+    assert [p["thresholds"] for p in section["geometric_curve"]] != [p.thresholds for p in test_fitted]
+
+
 def test_disagreement_and_topk():
     labels = np.array([0, 1, 2, 3])
     # exit 1 predicts [0, 0, 2, 0]; main predicts [0, 1, 0, 0]

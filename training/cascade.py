@@ -158,14 +158,21 @@ def fit_quantile_thresholds(conf: np.ndarray, exit_shares: Sequence[float] | np.
 
 
 def geometric_family(
-    logits: Logits, labels: np.ndarray, stage_gflops: Sequence[float], ratios: Iterable[float] | None = None
+    logits: Logits,
+    labels: np.ndarray,
+    stage_gflops: Sequence[float],
+    ratios: Iterable[float] | None = None,
+    fit_on: Logits | None = None,
 ) -> list[CascadePoint]:
-    """MSDNet's per-exit threshold policies, fitted and scored on one (validation) split."""
+    """MSDNet's per-exit threshold policies scored on ``logits``, their thresholds fitted on ``fit_on``
+    (the validation split's) — or on ``logits`` themselves when none is given, as calibration does
+    on the validation split."""
     ratios = np.arange(1, 40) / 20.0 if ratios is None else ratios  # MSDNet's grid: 0.05..1.95
     scores = confidences(logits)
+    fitted = scores if fit_on is None else confidences(fit_on)
     points = []
     for r in ratios:
-        t = fit_quantile_thresholds(scores.conf, geometric_exit_distribution(float(r), scores.num_exits))
+        t = fit_quantile_thresholds(fitted.conf, geometric_exit_distribution(float(r), scores.num_exits))
         points.append(score(scores, labels, t, stage_gflops, "geometric", float(r)))
     return points
 

@@ -160,8 +160,7 @@ def _cascade_section(
     section: dict = {
         "rule": cascade.RULE,
         "cost": "mean GFLOPs actually spent: stage graphs of every exit evaluated (trunk once, each head run)",
-        "curve": [p.to_dict() for p in cascade.sweep(scores, labels, stage)],
-        "geometric_curve": [p.to_dict() for p in cascade.geometric_family(scores, labels, stage)],
+        "curve": [p.to_dict() for p in cascade.sweep(scores, labels, stage)],  # a fixed grid of thresholds
     }
     if val is None:
         section["calibration"] = {
@@ -170,8 +169,12 @@ def _cascade_section(
             "never fitted on the evaluated split",
             "policies": [],
         }
-        return section
+        return section  # no MSDNet curve either: its thresholds are fitted, on validation only
     val_logits, val_labels = np.asarray(val[0]), np.asarray(val[1])
+    section["geometric_curve"] = [
+        p.to_dict() for p in cascade.geometric_family(scores, labels, stage, fit_on=val_logits)
+    ]
+    section["geometric_fitted_on"] = "val"
     main_val_acc = topk_accuracy(val_logits[:, -1], val_labels, 1)
     names = iter(policy_names(budget_fractions, budgets_gflops, accuracy_drops, target_accuracies))
     budgets = [(next(names), {"fraction_of_main": f}, f * main_gflops) for f in budget_fractions]

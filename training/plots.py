@@ -41,8 +41,10 @@ def plot_accuracy_vs_gflops(results: dict, path: str | Path, title: str = "") ->
     if cas:
         for key, style, label in (
             ("curve", "C1", "cascade, one threshold"),
-            ("geometric_curve", "C2", "cascade, per-exit thresholds (MSDNet)"),
+            ("geometric_curve", "C2", "cascade, per-exit thresholds (MSDNet, fitted on val)"),
         ):
+            if key not in cas:  # a run without a validation split has no fitted thresholds
+                continue
             front = cascade.pareto_front([cascade.CascadePoint(**p) for p in cas[key]])
             ax.plot(
                 [p.mean_gflops for p in front],
