@@ -250,6 +250,29 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
                 "or use cascade_graph=auto/stages"
             ) from None
         return _chosen(runtime, None, "stage by stage (the onnx package that builds the fused graph is not installed)")
+    try:
+        built = _build_and_time(runtime, options, k, max_batch_size)
+    except Exception as exc:  # building, loading, checking or warming the graph: the stages still serve
+        if mode == "fused":
+            raise ModelLoadError(f"the fused cascade cannot be used: {str(exc)[:300]}") from exc
+        return _chosen(runtime, None, f"stage by stage (the fused cascade cannot be used: {str(exc)[:200]})")
+    if isinstance(built, str):
+        if mode == "fused":
+            raise ModelLoadError(f"the fused cascade disagrees with the stage graphs: {built}")
+        return _chosen(runtime, None, f"stage by stage (the fused cascade disagrees with the stage graphs: {built})")
+    graph, fused_s, chain_s, hop_s = built
+    detail = (
+        f"fused {fused_s * 1e3:.3f} ms vs stage chain {chain_s * 1e3:.3f} ms + {k - 1} hand-offs of "
+        f"{hop_s * 1e3:.3f} ms at batch 1"
+    )
+    if mode == "fused" or fused_s <= chain_s + (k - 1) * hop_s:
+        return _chosen(runtime, graph, f"one ONNX Runtime call per batch ({detail})")
+    return _chosen(runtime, None, f"stage by stage ({detail})")
+
+
+def _build_and_time(runtime: ModelRuntime, options, k: int, max_batch_size: int):
+    """The fused graph built, loaded, checked against the stage graphs, warmed and timed:
+    (graph, fused s, stage chain s, hand-off s), or what the check found wrong (a string)."""
     io = runtime.manifest.io
     model = build_fused_cascade(
         [runtime.model_dir / e.stage for e in runtime.manifest.exits],
@@ -260,12 +283,7 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
     )
     chain = provider_chain(options.providers, ort.get_available_providers())
     serialized = model.SerializeToString()
-    try:
-        session = open_session(serialized, chain, **options.session_keywords())
-    except Exception as exc:
-        if mode == "fused":
-            raise ModelLoadError(f"ONNX Runtime cannot load the fused cascade: {exc}") from exc
-        return _chosen(runtime, None, f"stage by stage (the fused cascade does not load: {str(exc)[:200]})")
+    session = open_session(serialized, chain, **options.session_keywords())
     graph = FusedCascadeGraph(
         name="cascade",
         kind="cascade",
@@ -279,20 +297,11 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
         graph.lone_session = open_session(serialized, chain, **runtime.lone_keywords)
     problem = _check(runtime, graph)
     if problem:
-        if mode == "fused":
-            raise ModelLoadError(f"the fused cascade disagrees with the stage graphs: {problem}")
-        return _chosen(runtime, None, f"stage by stage (the fused cascade disagrees with the stage graphs: {problem})")
+        return problem
     for batch in sorted({1, max_batch_size}):
         x = runtime.example_input(batch, seed=4)
         graph.run((x, graph.full_depth(batch)))
-    fused_s, chain_s, hop_s = _timings(runtime, graph)
-    detail = (
-        f"fused {fused_s * 1e3:.3f} ms vs stage chain {chain_s * 1e3:.3f} ms + {k - 1} hand-offs of "
-        f"{hop_s * 1e3:.3f} ms at batch 1"
-    )
-    if mode == "fused" or fused_s <= chain_s + (k - 1) * hop_s:
-        return _chosen(runtime, graph, f"one ONNX Runtime call per batch ({detail})")
-    return _chosen(runtime, None, f"stage by stage ({detail})")
+    return (graph, *_timings(runtime, graph))
 
 
 def _chosen(runtime: ModelRuntime, graph: FusedCascadeGraph | None, reason: str) -> str:

@@ -402,3 +402,23 @@ def test_the_summary_says_when_a_policy_costs_more_than_the_main_exit_for_no_gai
     print_summary(manifest)
     out = capsys.readouterr().out
     assert f"note: the main exit alone (exit={main_exit.exit}) is as accurate for less" in out
+
+
+def test_a_failed_final_rename_puts_the_earlier_export_back(tmp_path):
+    """--force moves the earlier export aside before the new one is renamed into place: when that
+    rename fails, the earlier export must be where it was, not in a hidden folder."""
+    from training.export import _replace
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(OSError):
+        _replace(tmp_path / "never-written", out)  # the rename's source is missing: a real OSError
+    assert (out / "manifest.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("opset", [17, 22, 23])
+def test_opsets_the_gpu_image_cannot_run_are_refused_before_any_work(opset, tmp_path, capsys):
+    assert main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x"), "--opset", str(opset)]) == 2
+    assert "outside what this exporter supports (18..21)" in capsys.readouterr().err

@@ -129,6 +129,24 @@ def test_without_onnx_auto_falls_back_and_fused_is_an_error(model_dir, monkeypat
         attach_fused_cascade(runtime, "fused", OPTIONS)
 
 
+def test_a_fused_graph_that_cannot_be_built_or_run_leaves_auto_on_the_stages(model_dir, monkeypatch):
+    """Only loading the session fell back: a failure building, checking or warming the graph stopped
+    the server in auto mode, whose promise is the stage path when the fused graph cannot serve."""
+    import serving.fused as fused
+
+    runtime = ModelRuntime.load(model_dir, OPTIONS)
+
+    def unbuildable(*args, **kwargs):
+        raise AssertionError("a stage graph of an unexpected shape")
+
+    monkeypatch.setattr(fused, "build_fused_cascade", unbuildable)
+    reason = attach_fused_cascade(runtime, "auto", OPTIONS)
+    assert "stage by stage (the fused cascade cannot be used: a stage graph of an unexpected shape" in reason
+    assert runtime.fused is None
+    with pytest.raises(ModelLoadError, match="the fused cascade cannot be used"):
+        attach_fused_cascade(runtime, "fused", OPTIONS)
+
+
 # --- through the server: fused and stage-by-stage servers side by side ------------------------
 
 
