@@ -251,16 +251,11 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
             ) from None
         return _chosen(runtime, None, "stage by stage (the onnx package that builds the fused graph is not installed)")
     try:
-        built = _build_and_time(runtime, options, k, max_batch_size)
+        graph, fused_s, chain_s, hop_s = _build_and_time(runtime, options, k, max_batch_size)
     except Exception as exc:  # building, loading, checking or warming the graph: the stages still serve
         if mode == "fused":
             raise ModelLoadError(f"the fused cascade cannot be used: {str(exc)[:300]}") from exc
         return _chosen(runtime, None, f"stage by stage (the fused cascade cannot be used: {str(exc)[:200]})")
-    if isinstance(built, str):
-        if mode == "fused":
-            raise ModelLoadError(f"the fused cascade disagrees with the stage graphs: {built}")
-        return _chosen(runtime, None, f"stage by stage (the fused cascade disagrees with the stage graphs: {built})")
-    graph, fused_s, chain_s, hop_s = built
     detail = (
         f"fused {fused_s * 1e3:.3f} ms vs stage chain {chain_s * 1e3:.3f} ms + {k - 1} hand-offs of "
         f"{hop_s * 1e3:.3f} ms at batch 1"
@@ -272,7 +267,7 @@ def attach_fused_cascade(runtime: ModelRuntime, mode: str, options: SessionOptio
 
 def _build_and_time(runtime: ModelRuntime, options, k: int, max_batch_size: int):
     """The fused graph built, loaded, checked against the stage graphs, warmed and timed:
-    (graph, fused s, stage chain s, hand-off s), or what the check found wrong (a string)."""
+    (graph, fused s, stage chain s, hand-off s); ValueError when it disagrees with the stages."""
     io = runtime.manifest.io
     model = build_fused_cascade(
         [runtime.model_dir / e.stage for e in runtime.manifest.exits],
@@ -297,7 +292,7 @@ def _build_and_time(runtime: ModelRuntime, options, k: int, max_batch_size: int)
         graph.lone_session = open_session(serialized, chain, **runtime.lone_keywords)
     problem = _check(runtime, graph)
     if problem:
-        return problem
+        raise ValueError(f"it disagrees with the stage graphs: {problem}")
     for batch in sorted({1, max_batch_size}):
         x = runtime.example_input(batch, seed=4)
         graph.run((x, graph.full_depth(batch)))

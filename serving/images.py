@@ -50,7 +50,7 @@ from .errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # Pillow inflates every compressed PNG text chunk (zTXt, iTXt) while it opens the file, up to 1 MiB
 # each and 64 MiB an image: 62 chunks of 1 KB deflating to 1 MiB each, a 64 kB file decoded on the
-# event loop, took 0.23 s of CPU (and 256 of them one v2 call, a minute). The server reads no text;
+# event loop, took 0.23 s of CPU (256 of them in one v2 call: about a minute, estimated). The server reads no text;
 # two of the largest chunks Pillow takes are allowed, more is Pillow's "too much memory" error, a 400.
 PngImagePlugin.MAX_TEXT_MEMORY = 2 * PngImagePlugin.MAX_TEXT_CHUNK
 # Images are decoded on the event loop only when small in bytes *and* in the pixels their header

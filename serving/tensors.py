@@ -202,15 +202,14 @@ def _decode_input(
     if name in datatypes and datatype != datatypes[name]:  # the input's own fault first, then its size
         raise _fail(f"{where} must be {datatypes[name]}, got {datatype}")
     shape = _shape(raw.get("shape"), where)
-    if max_batch is not None and shape and shape[0] > max_batch:  # before millions of elements are read
-        raise _fail(f"{where}: {batch_refusal(shape[0], max_batch)}")
     count = math.prod(shape)
-    # BYTES elements are split (binary) or checked (JSON) a Python step each, and each is a sample's
-    # encoded image: a [1, 5000000] tensor of empty elements passed the batch check above and took 4.8 s.
-    if datatype == BYTES and max_batch is not None and count > max_batch:
-        raise _fail(
-            f"{where}: shape {shape} holds {count} BYTES elements (one image each); {batch_refusal(count, max_batch)}"
-        )
+    # Refused before millions of elements are read. A BYTES element is one encoded image, split (binary)
+    # or checked (JSON) a Python step each, so all of them count: a [1, 5000000] tensor of empty elements
+    # passed a check of the first dimension alone and took 4.8 s.
+    samples = count if datatype == BYTES else shape[0] if shape else 0
+    if max_batch is not None and samples > max_batch:
+        held = f"shape {shape} holds {count} BYTES elements (one image each); " if datatype == BYTES else ""
+        raise _fail(f"{where}: {held}{batch_refusal(samples, max_batch)}")
     params = _optional(raw, "parameters", dict, f"{where}: 'parameters'") or {}
     if "shared_memory_region" in params:
         raise _fail(f"{where}: shared memory is not supported by this server; send the data in the request")
