@@ -268,7 +268,30 @@ class Manifest(_Strict):
                 )
             if not all(math.isfinite(t) and t >= 0 for t in policy.thresholds):
                 raise ValueError(f"{where} must be finite and >= 0 (> 1 never stops), got {policy.thresholds}")
+            for split, score in (("val", policy.val), ("test", policy.test)):
+                if score is not None:
+                    self._check_score(f"thresholds.policies.{name}.{split}", score)
         return self
+
+    def _check_score(self, where: str, score: PolicyScore) -> None:
+        # A policy's figures are what /v1/model and the OIP metadata report for it; a policy
+        # pasted from another export keeps its thresholds applicable but its figures describe
+        # that export's costs. The mean cost is the exit fractions weighted by this model's
+        # cascade costs (DESIGN §2), so a mismatch shows the figures are not this model's.
+        fractions = score.exit_fractions
+        if len(fractions) != len(self.exits):
+            raise ValueError(
+                f"{where}.exit_fractions has {len(fractions)} values; this model has {len(self.exits)} exits"
+            )
+        if not all(math.isfinite(f) and 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-3:
+            raise ValueError(f"{where}.exit_fractions must be shares in [0, 1] that sum to 1, got {fractions}")
+        implied = sum(f * (e.cascade_gflops or 0.0) for f, e in zip(fractions, self.exits, strict=True))
+        if not math.isclose(implied, score.mean_gflops, rel_tol=1e-3, abs_tol=1e-12):
+            raise ValueError(
+                f"{where}.mean_gflops is {score.mean_gflops:.6g} but its exit fractions at this model's "
+                f"cascade costs give {implied:.6g}: the policy's figures are not this model's "
+                f"(re-measure them with python -m training.calibrate on this folder)"
+            )
 
     @property
     def num_exits(self) -> int:

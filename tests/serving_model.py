@@ -244,13 +244,20 @@ def build_model_folder(out: str | Path, channels: int = 1, name: str = "tiny-tes
     return out
 
 
+def policy_score(manifest: dict, exit_fractions: list[float], accuracy: float) -> dict:
+    """A policy's figures on one split, its mean cost the fractions at ``manifest``'s cascade costs."""
+    costs = [e["cascade_gflops"] for e in manifest["exits"]]
+    mean = sum(f * c for f, c in zip(exit_fractions, costs, strict=True))
+    return {"accuracy": accuracy, "mean_gflops": mean, "exit_fractions": exit_fractions}
+
+
 def with_calibrated_policy(model_dir):
     """Add a calibrated policy to the fixture manifest: per-exit thresholds 0.99 (exit 1), 0.5 (exit 2)."""
     import json
 
     path = Path(model_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
-    score = {"accuracy": 0.9, "mean_gflops": 0.0005, "exit_fractions": [0.3, 0.3, 0.4]}
+    score = policy_score(manifest, [0.3, 0.3, 0.4], accuracy=0.9)
     manifest["thresholds"] = {
         "rule": RULE,
         "policies": {

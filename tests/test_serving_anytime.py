@@ -17,7 +17,15 @@ import time
 
 import httpx
 import pytest
-from serving_model import NUM_EXITS, ServerProcess, build_model_folder, cascade_exit, encode, uniform_image
+from serving_model import (
+    NUM_EXITS,
+    ServerProcess,
+    build_model_folder,
+    cascade_exit,
+    encode,
+    policy_score,
+    uniform_image,
+)
 
 from serving import cascade
 from serving.latency import DecayingMean, ServiceTimeModel
@@ -367,7 +375,7 @@ POLICIES = {"eager": [0.9, 0.9], "strict": [cascade.NEVER, 0.9]}
 def policy_model_dir(tmp_path_factory):
     folder = build_model_folder(tmp_path_factory.mktemp("policies"))
     manifest = json.loads((folder / "manifest.json").read_text())
-    score = {"accuracy": 0.5, "mean_gflops": 0.001, "exit_fractions": [0.3, 0.3, 0.4]}
+    score = policy_score(manifest, [0.3, 0.3, 0.4], accuracy=0.5)
     manifest["thresholds"] = {
         "rule": cascade.RULE,
         "calibrated_on": "val",

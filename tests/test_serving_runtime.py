@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from serving_model import NUM_CLASSES, ROOT, build_model_folder, free_port
+from serving_model import NUM_CLASSES, ROOT, build_model_folder, free_port, policy_score
 
 from serving.__main__ import parse_settings
 from serving.errors import ModelLoadError
@@ -91,9 +91,19 @@ def test_a_folder_whose_exits_name_each_others_graphs_is_refused(tmp_path):
         rt.check_consistency()
 
 
-def _policy(thresholds):
-    score = {"accuracy": 0.5, "mean_gflops": 0.01, "exit_fractions": [0.5, 0.3, 0.2]}
-    return {"target": {"accuracy": 0.5}, "thresholds": thresholds, "family": "shared", "val": score}
+def _with_policy(tmp_path, thresholds=(0.5, 0.5), val=None, test=None):
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    policy = {
+        "target": {"accuracy": 0.5},
+        "thresholds": list(thresholds),
+        "family": "shared",
+        "val": val or policy_score(manifest, [0.5, 0.3, 0.2], accuracy=0.5),
+        "test": test,
+    }
+    manifest["thresholds"] = {"rule": "r", "policies": {"cheap": policy}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, manifest
 
 
 @pytest.mark.parametrize(
@@ -104,12 +114,29 @@ def _policy(thresholds):
     ],
 )
 def test_a_calibrated_policy_the_rule_cannot_apply_is_refused_with_its_name(tmp_path, thresholds, fragment):
-    folder = build_model_folder(tmp_path / "m")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["thresholds"] = {"rule": "r", "policies": {"cheap": _policy(thresholds)}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder, _ = _with_policy(tmp_path, thresholds)
     with pytest.raises(ManifestError, match=f"thresholds.policies.cheap.thresholds {fragment}"):
         ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+
+
+def test_a_policy_whose_figures_are_another_models_is_refused_naming_the_remedy(tmp_path):
+    folder, manifest = _with_policy(tmp_path)
+    ModelRuntime.load(folder, SessionOptions(providers="cpu"))  # its own figures load
+    # The same fractions with the mean cost of an export twice as dear (pasted from elsewhere).
+    score = policy_score(manifest, [0.5, 0.3, 0.2], accuracy=0.5)
+    score["mean_gflops"] *= 2
+    folder, _ = _with_policy(tmp_path / "dear", test=score)
+    with pytest.raises(ManifestError, match="cheap.test.mean_gflops .* not this model's.*training.calibrate"):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+    # Fractions of a model with another number of exits, or shares that do not add up.
+    for fractions, fragment in (
+        ([0.5, 0.5], "has 2 values; this model has 3 exits"),
+        ([0.5, 0.3, 0.3], "must be shares .* sum to 1"),
+    ):
+        score = {"accuracy": 0.5, "mean_gflops": 0.001, "exit_fractions": fractions}
+        folder, _ = _with_policy(tmp_path / str(len(fractions)) / fragment[:3], val=score)
+        with pytest.raises(ManifestError, match=f"cheap.val.exit_fractions {fragment}"):
+            ModelRuntime.load(folder, SessionOptions(providers="cpu"))
 
 
 def test_wrong_io_names_fail_at_load(tmp_path):
