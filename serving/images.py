@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import re
 import warnings
 import weakref
 from collections.abc import Callable
@@ -86,6 +87,7 @@ _OTHER_FORMATS = (
     (b"PK\x03\x04", "ZIP"),
     (b"\x1f\x8b", "gzip"),
 )
+_NETPBM = re.compile(rb"P[1-7]\s")  # Pillow reads these; only its ACCEPTED_FORMATS are opened
 _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 
 _RESAMPLE = {
@@ -350,6 +352,11 @@ def _unidentified(data: bytes, content_type: str | None) -> Exception:
                 f"{name} data is not accepted; send {ACCEPTED_DESCRIPTION}",
                 accepted=list(ACCEPTED_CONTENT_TYPES),
             )
+    if _NETPBM.match(head):
+        return UnsupportedMediaType(
+            f"Netpbm (PBM/PGM/PPM/PAM) data is not accepted; send {ACCEPTED_DESCRIPTION}",
+            accepted=list(ACCEPTED_CONTENT_TYPES),
+        )
     if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
         return UnsupportedMediaType(
             f"{_FTYP_BRANDS[head[8:12]]} images are not accepted; send {ACCEPTED_DESCRIPTION}",

@@ -5,6 +5,7 @@ from datagen import make_cifar, make_fashion_mnist, write_idx
 
 from training.data import (
     FASHION_MNIST_SYSTEM_DIR,
+    ArraySplit,
     DatasetNotFoundError,
     build_datasets,
     make_loader,
@@ -101,9 +102,16 @@ def test_loader_is_deterministic_per_epoch_and_sharded(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
     assert abs(first[0].mean().item()) < 3  # normalized
-    shards = [make_loader(data.train, data.spec, 4, True, 3, rank=r, world_size=2) for r in range(2)]
-    labels = [torch.cat([y for _, y in s]) for s in shards]
-    assert len(labels[0]) == len(labels[1]) == 20
+    # Labels replaced by each image's index, so a batch says which images it holds.
+    indexed = ArraySplit(data.train.images, torch.arange(len(data.train)))
+    shards = [make_loader(indexed, data.spec, 4, True, 3, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1):
+        for s in shards:
+            s.set_epoch(epoch)
+        held = [torch.cat([y for _, y in s]).tolist() for s in shards]
+        assert len(held[0]) == len(held[1]) == 20
+        # DDP's two ranks train on disjoint halves that together are the whole split.
+        assert set(held[0]).isdisjoint(held[1]) and sorted(held[0] + held[1]) == list(range(40)), epoch
 
 
 def _gray_levels(images: torch.Tensor, spec, y: int = 0, x: int = 0) -> list[float]:

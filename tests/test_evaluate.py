@@ -140,7 +140,7 @@ def test_the_msdnet_curve_of_an_evaluated_split_is_fitted_on_validation_only():
     assert "geometric_curve" not in section and section["calibration"]["split"] is None
     with_val = (stage, "test", (val_logits, val_labels), 2.0, [], [], [], [])
     section = _cascade_section(test_logits, test_labels, *with_val)
-    assert section["geometric_fitted_on"] == "val"
+    assert section["geometric_fitted_on"] == "val" and section["geometric_curve"]
     for point in section["geometric_curve"]:
         shares = cascade.geometric_exit_distribution(point["parameter"], 3)
         fitted = cascade.fit_quantile_thresholds(cascade.confidences(val_logits).conf, shares)

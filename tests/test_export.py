@@ -156,7 +156,15 @@ def test_onnx_accuracy_equals_pytorch_accuracy_on_the_same_checkpoint(resnet_exp
         # A logit within float noise of another may flip one image; no more.
         assert abs(spec.accuracy - torch_exit["accuracy"]) <= 1 / n, spec.exit
     torch_policies = {p["name"]: p for p in results["cascade"]["calibration"]["policies"] if p["thresholds"]}
-    assert set(torch_policies) == set(manifest.thresholds.policies)
+    assert torch_policies and set(torch_policies) == set(manifest.thresholds.policies)
+    val_images = manifest.thresholds.images
+    for name, policy in manifest.thresholds.policies.items():
+        theirs = torch_policies[name]
+        # Thresholds are validation confidences (quantiles) or grid values: equal up to float noise.
+        assert policy.thresholds == pytest.approx(theirs["thresholds"], abs=1e-4), name
+        for split, ours, images in (("val", policy.val, val_images), ("test", policy.test, n)):
+            assert abs(ours.accuracy - theirs[split]["accuracy"]) <= 1 / images, (name, split)
+            assert ours.exit_fractions == pytest.approx(theirs[split]["exit_fractions"], abs=1 / images), (name, split)
 
 
 def test_manifest_round_trips_and_records_evaluation(resnet_export):

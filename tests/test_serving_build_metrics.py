@@ -66,9 +66,11 @@ def test_build_info_names_version_revision_model_and_checksum(metrics_text, mode
 
 
 def test_model_checksum_changes_with_any_weight_file():
-    files = {"exit1.onnx": "a" * 64, "stage1.onnx": "b" * 64}
+    files = {"exit1.onnx": "a" * 64, "stage1.onnx": "b" * 64, "cascade.onnx": "d" * 64}
     assert model_checksum(files) == model_checksum(dict(reversed(list(files.items()))))
-    assert model_checksum(files) != model_checksum({**files, "stage1.onnx": "c" * 64})
+    for name in files:
+        assert model_checksum(files) != model_checksum({**files, name: "c" * 64}), name
+    assert model_checksum(files) != model_checksum({**files, "exit2.onnx": "c" * 64})  # a file added
 
 
 def test_revision_comes_from_the_checkout_without_git_revision(model_dir, tmp_path):

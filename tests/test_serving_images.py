@@ -233,10 +233,13 @@ def test_known_but_refused_formats_are_415(data, name):
 
 
 def test_refused_pillow_format_is_not_opened():
-    # PPM is a format Pillow reads, but not one we accept.
+    # PPM is a format Pillow reads, but not one we accept: named and refused, never decoded.
     ppm = encode(Image.new("L", (28, 28), 5), "PPM")
-    with pytest.raises((InvalidImage, UnsupportedMediaType)):
+    with pytest.raises(UnsupportedMediaType, match="Netpbm .* not accepted; send PNG"):
         GRAY(ppm)
+    # Text that merely starts with a P is still not an image at all.
+    with pytest.raises(InvalidImage, match="not a decodable image"):
+        GRAY(b"Plain text, not pixels")
     with pytest.raises(UnsupportedMediaType):
         GRAY(ppm, content_type="image/x-portable-graymap")
 

@@ -160,6 +160,10 @@ def test_a_run_stopped_between_its_checkpoint_and_best_pt_reports_the_selected_e
     (run / "best.pt").unlink()
     (run / "final.json").unlink()
     assert cli(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 0  # only the final evaluation
+    restored = torch.load(run / "best.pt", weights_only=False)
+    assert restored["epoch"] == 1
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(v, checkpoint["model"][k]) for k, v in restored["model"].items())
     final = json.loads((run / "final.json").read_text())
     assert final["val_selected"]["epoch"] == 1
     same = {k: v for k, v in final["val_selected"].items() if k.startswith("test_")}
