@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.server import positive
 from serving.manifest import load_manifest
 from serving.sessions import open_session, run_chain
 
@@ -109,8 +110,8 @@ def measure(session, input_name: str, shape: tuple[int, ...], seconds: float) ->
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "runs/bench/resnet18-cifar100")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=1.5, help="per figure, per option set, per round")
+    parser.add_argument("--rounds", type=positive(int), default=3)
+    parser.add_argument("--seconds", type=positive(float), default=1.5, help="per figure, per option set, per round")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ort_spinning.json")
     args = parser.parse_args(argv)
     if not (args.model / "manifest.json").exists():

@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         help="start every variant's server anew for each saturation/overhead round (a process's p50 has a "
         "factor of its own; ~25 s per server and round on the full-width export)",
     )
-    parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw ORT timing")
+    parser.add_argument("--raw-seconds", type=positive(float), default=2.0, help="seconds per raw ORT timing")
     parser.add_argument(
         "--least-server",
         action=argparse.BooleanOptionalAction,
@@ -645,16 +645,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--overhead-slices",
-        type=int,
+        type=positive(int),
         default=5,
         help="the one-connection case in this many alternating raw/server slices per round, the overhead "
         "the median of the slices' differences (1: one raw block and one server block, as before)",
     )
-    parser.add_argument("--slice-seconds", type=float, default=1.0, help="seconds per slice (wrk takes whole seconds)")
-    parser.add_argument("--images", type=int, default=2000, help="test images for cascade efficiency")
+    parser.add_argument(
+        "--slice-seconds", type=positive(float), default=1.0, help="seconds per slice (wrk takes whole seconds)"
+    )
+    parser.add_argument("--images", type=positive(int), default=2000, help="test images for cascade efficiency")
     parser.add_argument(
         "--full-width-images",
-        type=int,
+        type=positive(int),
         default=600,
         help="of which the full-width export gets this many (it is ~20x slower per image)",
     )

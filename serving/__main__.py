@@ -3,12 +3,14 @@
 Every option is a flag and an ``EED_*`` environment variable (see
 serving/settings.py; ``python -m serving --help`` lists them). The manifest and its
 checksums are verified before the server binds, so a wrong folder fails at once
-with exit status 2; a failure while loading graphs makes the server exit with 1.
+with exit status 2, as do invalid settings and a host or port it cannot listen on;
+a failure while loading graphs makes the server exit with 1.
 SIGTERM drains first (``EED_DRAIN_SECONDS``, serving/drain.py), then exits with 0.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Any
 
@@ -34,6 +36,21 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
     )
 
 
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (a name that does not resolve, an address
+    not on this machine, a port in use), or None. Bound as uvicorn binds, and released at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            return f"the host does not resolve ({exc.strerror})"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; returns the process exit status."""
     try:
@@ -46,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         load_manifest(settings.model_dir, verify=True)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = cannot_listen(settings.host, settings.port)
+    if problem is not None:  # before the model loads: uvicorn's own message names neither setting
+        print(
+            f"error: cannot listen on {settings.host}:{settings.port}: {problem}; check --host/EED_HOST and "
+            "--port/EED_PORT",
+            file=sys.stderr,
+        )
         return 2
 
     app = create_app(settings)

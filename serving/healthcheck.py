@@ -3,8 +3,8 @@
 The images' HEALTHCHECK and docker-compose.yml run it: a slim image has no curl, and every
 argument is one word, because podman's Docker-compatible API splits health-check arguments at
 spaces (an inline ``python -c "..."`` arrives there as broken code). It probes
-``http://127.0.0.1:$EED_PORT/readyz`` (port 8000 when unset), the port the image's command
-listens on, so moving the server with EED_PORT moves the probe too.
+``http://$EED_HOST:$EED_PORT/readyz`` (loopback when the server listens on every interface or
+EED_HOST is unset, port 8000 when EED_PORT is unset): moving the server moves the probe too.
 """
 
 from __future__ import annotations
@@ -12,10 +12,24 @@ from __future__ import annotations
 import os
 import sys
 import urllib.request
+from collections.abc import Mapping
+
+
+def probe_url(environ: Mapping[str, str]) -> str:
+    """The /readyz URL of the server that ``environ``'s EED_HOST and EED_PORT describe."""
+    host = environ.get("EED_HOST", "").strip() or "127.0.0.1"
+    # Listening on every interface includes loopback; a specific address only itself.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{environ.get('EED_PORT', '8000')}/readyz"
 
 
 def main() -> int:
-    url = f"http://127.0.0.1:{os.environ.get('EED_PORT', '8000')}/readyz"
+    if os.environ.get("EED_PORT", "").strip() == "0":
+        print("EED_PORT=0 lets the system pick the port: the probe cannot know it; set EED_PORT", file=sys.stderr)
+        return 1
+    url = probe_url(os.environ)
     # No proxy: urlopen would send even 127.0.0.1 through an HTTP_PROXY in the container's
     # environment (without a NO_PROXY for it), and a ready server would stay "unhealthy".
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -21,7 +21,8 @@ class ServerSettings(BaseSettings):
     """Settings of the EED server. Every option is also an environment variable EED_<OPTION>
     (e.g. EED_MAX_BATCH_SIZE=16); a flag wins over the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="EED_", extra="ignore", validate_default=True)
+    # allow_inf_nan=False: "inf" or "nan" for a time or a size is refused, not read as "never"/"any".
+    model_config = SettingsConfigDict(env_prefix="EED_", extra="ignore", validate_default=True, allow_inf_nan=False)
 
     model_dir: Path = Field(description="exported model folder (manifest.json + ONNX graphs)")
     model_name: str | None = Field(
@@ -219,6 +220,28 @@ class ServerSettings(BaseSettings):
                 "cannot move to an earlier one when the deadline is near; use exit:last (or budget_gflops to cap "
                 "the depth) with a server-wide deadline"
             )
+        if self.default_budget_ms is not None and self.default_budget_ms <= self.deadline_margin_ms:
+            # Every plain request would start past its deadline less the margin: exit 1, reported as missed.
+            raise ValueError(
+                f"default_budget_ms ({self.default_budget_ms:g}) must exceed deadline_margin_ms "
+                f"({self.deadline_margin_ms:g}), the slack kept before every deadline; raise EED_DEFAULT_BUDGET_MS "
+                "or lower EED_DEADLINE_MARGIN_MS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_batch_size(self) -> ServerSettings:
+        # A batch holds admitted requests (an OIP image counts as one), so it never exceeds queue_size.
+        # Given both, a larger batch is a contradiction (the OIP config would advertise a preferred
+        # batch above its max_batch_size, and GPU batches would be padded to rows never filled);
+        # with queue_size alone, the default batch size follows it down.
+        if self.max_batch_size > self.queue_size:
+            if "max_batch_size" in self.model_fields_set:
+                raise ValueError(
+                    f"max_batch_size ({self.max_batch_size}) cannot exceed queue_size ({self.queue_size}), the "
+                    "requests admitted at once; lower EED_MAX_BATCH_SIZE or raise EED_QUEUE_SIZE"
+                )
+            self.max_batch_size = self.queue_size
         return self
 
     @property

@@ -254,6 +254,9 @@ def test_refused_answers_are_not_counted_as_throughput(tmp_path):
         ("serve_bench", ["--out", "{file}/report.json"], "its folder cannot be created"),
         ("serve_bench", ["--rounds", "0"], "must be above 0"),  # NaN medians in the report
         ("serve_bench", ["--connections", "x"], "not an integer"),
+        ("serve_bench", ["--images", "0"], "must be above 0"),  # a traceback after the saturation rounds
+        ("serve_bench", ["--full-width-images", "-1"], "must be above 0"),  # silently all but one image
+        ("ort_spinning", ["--rounds", "0"], "must be above 0"),  # an IndexError after opening sessions
         ("serve_bench", ["--policy", "budget_0.5x_mian"], "is not one of fmnist-resnet18-eed's calibrated policies"),
         ("anytime_load", ["--deadline-ms", "0"], "must be above 0"),  # silently the computed deadline
         ("anytime_load", ["--deadline-ms", "-5"], "must be above 0"),  # every request a 422, "NOT MET"

@@ -832,9 +832,24 @@ def test_the_healthcheck_probe_passes_on_a_ready_server_and_fails_without_one(co
 
     assert run(container_server["port"]) == 0
     assert run(free_port()) != 0
+    # The probe follows EED_HOST too: this server listens on 127.0.0.1 only, not on 127.0.0.2.
+    elsewhere = {**env, "EED_PORT": str(container_server["port"]), "EED_HOST": "127.0.0.2"}
+    assert subprocess.run(probe, env=elsewhere, capture_output=True, timeout=30).returncode != 0
+    zero = subprocess.run(probe, env={**env, "EED_PORT": "0"}, capture_output=True, text=True, timeout=30)
+    assert zero.returncode != 0 and "set EED_PORT" in zero.stderr
     # A proxy in the container's environment (a corporate default) is not asked for 127.0.0.1.
     proxied = {**env, "EED_PORT": str(container_server["port"]), "http_proxy": "http://127.0.0.1:9"}
     assert subprocess.run(probe, env={**proxied, "HTTP_PROXY": "http://127.0.0.1:9"}, timeout=30).returncode == 0
+
+
+def test_the_healthcheck_probes_loopback_for_every_interface_and_a_given_address_itself():
+    from serving.healthcheck import probe_url
+
+    assert probe_url({}) == "http://127.0.0.1:8000/readyz"
+    assert probe_url({"EED_HOST": "0.0.0.0", "EED_PORT": "8080"}) == "http://127.0.0.1:8080/readyz"
+    assert probe_url({"EED_HOST": "::"}) == "http://[::1]:8000/readyz"
+    assert probe_url({"EED_HOST": "10.1.2.3"}) == "http://10.1.2.3:8000/readyz"
+    assert probe_url({"EED_HOST": "fd00::5"}) == "http://[fd00::5]:8000/readyz"
 
 
 def test_readme_makefile_and_image_run_the_same_command():

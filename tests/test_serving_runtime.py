@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 
@@ -273,6 +274,18 @@ def test_server_deadline_cannot_pin_a_fixed_default_exit(tmp_path):
     assert ServerSettings(model_dir=tmp_path, default_policy="exit:last", default_budget_ms=50).default_budget_ms == 50
 
 
+def test_contradictory_or_non_finite_settings_are_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ValidationError, match="max_batch_size \\(64\\) cannot exceed queue_size \\(4\\)"):
+        ServerSettings(model_dir=tmp_path, max_batch_size=64, queue_size=4)
+    # queue_size alone: the default batch size follows it down (a batch holds admitted requests).
+    assert ServerSettings(model_dir=tmp_path, queue_size=4).max_batch_size == 4
+    with pytest.raises(ValidationError, match="must exceed deadline_margin_ms \\(10\\)"):
+        ServerSettings(model_dir=tmp_path, default_budget_ms=5, deadline_margin_ms=10)
+    for field in ("deadline_margin_ms", "body_timeout_s", "feedback_max_age_s", "inline_max_ms"):
+        with pytest.raises(ValidationError, match=f"{field}\n.*finite number"):
+            ServerSettings(model_dir=tmp_path, **{field: "inf"})
+
+
 def _serve(args, timeout=60):
     return subprocess.run(
         [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), *args],
@@ -287,6 +300,18 @@ def _serve(args, timeout=60):
 def test_cli_refuses_a_folder_without_manifest_at_once(tmp_path):
     result = _serve(["--model-dir", str(tmp_path)])
     assert result.returncode == 2 and "manifest.json" in result.stderr
+
+
+def test_cli_names_a_host_or_port_it_cannot_listen_on_before_loading(model_dir):
+    result = _serve(["--model-dir", str(model_dir), "--host", "no such host"])
+    assert result.returncode == 2 and "cannot listen on no such host:" in result.stderr
+    assert "does not resolve" in result.stderr and "--host/EED_HOST" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve(["--model-dir", str(model_dir), "--port", str(port)])  # the later --port wins
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
 
 
 def test_cli_exits_when_cuda_is_required_but_unavailable(model_dir):
@@ -307,7 +332,8 @@ def test_cli_exits_when_default_policy_does_not_fit_the_model(model_dir):
 def test_cli_exits_when_the_default_deadline_is_below_exit_1(model_dir):
     # Every plain request runs under it: started, the server would answer each with a 422 about a
     # budget_ms its client never sent.
-    result = _serve(["--model-dir", str(model_dir), "--default-budget-ms", "0.0001"])
+    # (No margin: a deadline within the margin is refused earlier, with the settings.)
+    result = _serve(["--model-dir", str(model_dir), "--default-budget-ms", "0.0001", "--deadline-margin-ms", "0"])
     assert result.returncode == 1
     assert "default_budget_ms=0.0001 does not fit this model" in result.stderr and "exit 1" in result.stderr
 
