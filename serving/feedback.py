@@ -22,6 +22,7 @@ import base64
 import binascii
 import collections
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -123,11 +124,11 @@ class AnswerSigner:
         version, body, tag = token.split(".")
         if version != VERSION:
             raise forged
-        try:
-            mac = _b64decode(tag)
-        except (binascii.Error, ValueError):
-            raise forged from None
-        if not hmac.compare_digest(mac, self._mac(f"{version}.{body}".encode("ascii"))):
+        # The tag as we write it, compared as text: base64 decoding is lenient (spare low bits,
+        # the '+/' alphabet, junk characters), so decoding the given tag let many strings pass for
+        # one id, and anything keyed on the id string outside the server could be fooled.
+        expected = _b64encode(self._mac(f"{version}.{body}".encode("ascii")))
+        if not hmac.compare_digest(tag.encode("ascii"), expected):
             raise forged
         # Signed by us, so the claims are well-formed; parse defensively all the same.
         try:
@@ -163,27 +164,45 @@ class FeedbackStore:
 
     The counts feed ``/v1/model`` and the ``/feedback`` answer for this replica; the
     deployment-wide figure is the sum of every replica's counters in Prometheus.
-    A repeated label for the same id is refused (409) when it reaches the same
-    replica while that id is among the last ``capacity`` labelled ones; replicas do
-    not share this memory.
+    A repeated label for the same id is refused (409) when it reaches the same replica
+    until the id expires (``max_age_s`` after its answer, when verification refuses it
+    anyway) — unless more than ``capacity`` ids labelled here are unexpired at once: then
+    the one issued longest ago is forgotten first (its remaining window is the shortest),
+    with a warning. Replicas do not share this memory.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._labelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+    def __init__(self, capacity: int, max_age_s: float) -> None:
+        self.capacity, self.max_age_s = capacity, max_age_s
+        self._labelled: set[str] = set()
+        self._by_issue: list[tuple[float, str]] = []  # heap: (issued_at, nonce) of the ids in _labelled
+        self._warned = False
         self.total: collections.Counter[int] = collections.Counter()
         self.correct: collections.Counter[int] = collections.Counter()
 
-    def record(self, claim: Claim, true_label: int) -> tuple[bool, float]:
+    def record(self, claim: Claim, true_label: int, now: float | None = None) -> tuple[bool, float]:
         """Score one verified answer; returns (correct, this replica's live accuracy of its exit)."""
         if claim.nonce in self._labelled:
             raise FeedbackConflict(
                 "this replica already recorded feedback for this id; each answer counts once per replica "
                 "(replicas and restarts do not share what they recorded: EED_FEEDBACK_CAPACITY)"
             )
-        self._labelled[claim.nonce] = None
+        self._labelled.add(claim.nonce)
+        heapq.heappush(self._by_issue, (claim.issued_at, claim.nonce))
         if len(self._labelled) > self.capacity:
-            self._labelled.popitem(last=False)
+            # Forgetting an old id by labelling order let a client with capacity + 1 ids of its own
+            # re-label them all in turn, each counted again. The id issued longest ago is forgotten
+            # instead: once expired, verification refuses it, and replay is impossible.
+            issued_at, nonce = heapq.heappop(self._by_issue)
+            self._labelled.discard(nonce)
+            if issued_at + self.max_age_s > (time.time() if now is None else now) and not self._warned:
+                self._warned = True
+                log.warning(
+                    "more than EED_FEEDBACK_CAPACITY=%d labelled answer ids are younger than "
+                    "EED_FEEDBACK_MAX_AGE_S=%g s: the oldest are forgotten before they expire, and a second "
+                    "label for one of them would be counted; raise the capacity or lower the age",
+                    self.capacity,
+                    self.max_age_s,
+                )
         correct = claim.label == true_label
         self.total[claim.exit] += 1
         self.correct[claim.exit] += int(correct)

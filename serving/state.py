@@ -38,7 +38,7 @@ class AppState:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
-        self.feedback = FeedbackStore(settings.feedback_capacity)
+        self.feedback = FeedbackStore(settings.feedback_capacity, settings.feedback_max_age_s)
         secret = settings.feedback_secret
         self.signer = AnswerSigner(secret.get_secret_value().encode() if secret else None, settings.feedback_max_age_s)
         self.default_params: PolicyParams = settings.default_policy_params

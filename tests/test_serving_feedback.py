@@ -30,8 +30,8 @@ from serving_model import (
     uniform_image,
 )
 
-from serving.errors import ExpiredFeedbackId, ForgedFeedbackId
-from serving.feedback import MAX_CLOCK_AHEAD_S, AnswerSigner
+from serving.errors import ExpiredFeedbackId, FeedbackConflict, ForgedFeedbackId
+from serving.feedback import MAX_CLOCK_AHEAD_S, AnswerSigner, Claim, FeedbackStore
 
 SECRET = "a-shared-secret-for-tests-0123456789"
 RULES = ROOT / "docker/prometheus/rules/feedback.yml"
@@ -249,6 +249,47 @@ def test_signer_round_trip_and_refusals():
     tag = hmac.new(SECRET.encode(), signed, hashlib.sha256).digest()[:16]
     with pytest.raises(ForgedFeedbackId):
         signer.verify((signed + b"." + base64.urlsafe_b64encode(tag).rstrip(b"=")).decode(), now=1030.0)
+
+
+def test_one_id_has_one_spelling():
+    # base64 decoding is lenient: spellings of the same tag bytes (spare low bits, padding, the
+    # '+/' alphabet, junk characters) all verified, and anything keyed on the id string outside
+    # the server (a join, a de-duplication) saw different ids for one answer.
+    signer = AnswerSigner(SECRET.encode(), max_age_s=60)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    token = next(t for t in (signer.issue("m", 2, n, now=1000.0) for n in range(1000)) if {"-", "_"} & set(t[-22:]))
+    head, tag = token.rsplit(".", 1)
+    spare_bit = alphabet[alphabet.index(tag[-1]) ^ 1]  # 16 bytes: the last character's low 4 bits are spare
+    spellings = [tag + "!!!!", tag + "==", tag[:-1] + spare_bit, tag.replace("-", "+").replace("_", "/")]
+
+    def lenient(text):  # what decoding the given tag read (Python's default base64 decoding)
+        text = text.rstrip("=")
+        return base64.urlsafe_b64decode(text + "=" * (-len(text.replace("!", "")) % 4))
+
+    assert all(lenient(other) == lenient(tag) for other in spellings)  # the same bytes, spelt otherwise
+    for other in spellings:
+        with pytest.raises(ForgedFeedbackId):
+            signer.verify(f"{head}.{other}", now=1030.0)
+    assert signer.verify(token, now=1030.0).label is not None
+
+
+def test_a_full_feedback_memory_forgets_the_id_issued_longest_ago_and_says_so(caplog):
+    store = FeedbackStore(capacity=2, max_age_s=100.0)
+    # Labelled out of issue order; over capacity, the id closest to expiry is forgotten (its replay
+    # window is the shortest; once expired, verification refuses it anyway), not the first labelled.
+    for nonce, issued in (("b", 110.0), ("a", 60.0), ("c", 115.0)):
+        store.record(Claim("m", 1, 0, issued, nonce), 0, now=120.0)
+    for nonce, issued in (("b", 110.0), ("c", 115.0)):
+        with pytest.raises(FeedbackConflict):
+            store.record(Claim("m", 1, 0, issued, nonce), 0, now=121.0)
+    assert store.total[1] == 3
+    # "a" was forgotten 40 s before it expires: said once, with what to change.
+    assert "EED_FEEDBACK_CAPACITY=2" in caplog.text and "raise the capacity" in caplog.text
+    caplog.clear()
+    store = FeedbackStore(capacity=1, max_age_s=100.0)
+    store.record(Claim("m", 1, 0, 15.0, "x"), 0, now=100.0)
+    store.record(Claim("m", 1, 0, 110.0, "y"), 0, now=121.0)  # "x" expired at 115: forgotten silently
+    assert "EED_FEEDBACK_CAPACITY" not in caplog.text
 
 
 def test_the_tag_is_hmac_sha256_of_the_signed_part():

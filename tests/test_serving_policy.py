@@ -292,11 +292,24 @@ def test_contradictory_parameters_name_the_cheapest_cost():
     assert body["cheapest_gflops"] == pytest.approx(0.1) and body["cheapest_exit"] == 1
 
 
-def test_the_request_memo_stops_growing_at_its_capacity():
+def test_the_request_memo_stays_bounded_and_keeps_what_is_used_over_one_offs():
     memo: Memo[bytes, int] = Memo(capacity=3)
-    for i in range(10):  # a client sending a different query string every time
+    for i in range(3):
         memo.put(f"exit={i}".encode(), i)
-    assert len(memo) == 3
-    assert [memo.get(f"exit={i}".encode()) for i in range(5)] == [0, 1, 2, None, None]
-    memo.put(b"exit=0", 99)  # an existing key is not replaced either: the memo is full
+    assert memo.get(b"exit=0") == 0  # a common query, used
+    # A client computing its deadline per request: a new query string every time.
+    for i in range(2):
+        memo.put(f"budget_ms={i}.5".encode(), i)
+    assert len(memo) == 3 and memo.get(b"budget_ms=0.5") is None  # full: not stored, nothing forgotten
+    memo.put(b"budget_ms=9.5", 9)  # the third refusal sweeps out what went unused since the last sweep
+    assert len(memo) == 2 and memo.get(b"exit=0") == 0 and memo.get(b"exit=1") is None
+    assert memo.get(b"budget_ms=9.5") == 9
+    memo.put(b"exit=1", 1)  # a common query arriving late is remembered now
+    assert memo.get(b"exit=1") == 1 and len(memo) == 3
+    memo.put(b"exit=0", 99)  # an existing entry is kept (the same text gives the same result)
+    assert memo.get(b"exit=0") == 0
+    for i in range(1000):  # a flood of one-offs: the memo never holds more than its capacity
+        memo.put(f"budget_ms={i}".encode(), i)
+        assert len(memo) <= 3
+        memo.get(b"exit=0")  # the common query keeps being used between sweeps, and stays
     assert memo.get(b"exit=0") == 0
