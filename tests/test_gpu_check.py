@@ -4,7 +4,10 @@ exercised on the CPU (``--cpu-smoke``: the same steps, tiny, with the CPU device
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,20 @@ def test_a_forgotten_out_dir_is_refused_before_anything_is_written(tmp_path):
     )
     assert r.returncode == 2 and "unknown mode" in r.stderr, r.stderr
     assert set(Path(ROOT).iterdir()) == before
+
+
+def test_gpu_mode_without_a_gpu_fails_its_tests_and_keeps_to_its_time(tmp_path):
+    # On this machine (no CUDA) the GPU mode's gpu tests must fail, not skip: a skip passed the
+    # step with nothing run on the GPU. GPU_CHECK_TOTAL_S shortens the whole run's budget: steps
+    # are cut to what is left of it, or not run at all, and the summary is there after each.
+    out = tmp_path / "gpu"
+    env = {**os.environ, "GPU_CHECK_TOTAL_S": "40", "PYTHON": sys.executable}
+    started = time.monotonic()
+    subprocess.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert time.monotonic() - started < 40 + 15
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    first = steps[0]
+    assert first["step"] == "pytest_gpu" and not first["passed"]
+    assert "EED_REQUIRE_GPU=1 but a CUDA device" in (out / first["log"]).read_text()
+    assert not any(s["passed"] for s in steps)  # nothing here runs on CUDA
+    assert all(s["seconds"] <= 40 for s in steps)
