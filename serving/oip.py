@@ -230,7 +230,17 @@ async def infer(name: str, request: Request) -> Response:
         deadline = None if plan.budget_ms is None else arrived + plan.budget_ms / 1e3
         with contextlib.ExitStack() as stack:
             tickets = [stack.enter_context(service.admit()) for _ in xs]
-            outcomes = await asyncio.gather(*(service.run(x, plan, t, deadline) for x, t in zip(xs, tickets)))
+            runs = [asyncio.ensure_future(service.run(x, plan, t, deadline)) for x, t in zip(xs, tickets)]
+            try:
+                outcomes = await asyncio.gather(*runs)
+            except BaseException:
+                # gather raises the first failure and leaves the other images running: their slots
+                # would be released below while they still queue and run (a failed call of N images
+                # let N - 1 more requests in than EED_QUEUE_SIZE). Stop them before the slots go.
+                for run in runs:
+                    run.cancel()
+                await asyncio.gather(*runs, return_exceptions=True)
+                raise
         elapsed = time.perf_counter() - arrived
         if deadline is not None and arrived + elapsed > deadline:
             # Ready in time at the model, late by the call's own work (the other samples, decoding):

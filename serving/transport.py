@@ -121,6 +121,10 @@ class CoalescingTransport:
                 self._held = bytes(data)
             else:
                 self._held = held + data
+        elif self._transport.is_closing():
+            # The client left (with a request pipelined behind this one, uvicorn marks only the later
+            # one as disconnected, so this answer is still written): uvloop raises on a closed transport.
+            self._held = None
         elif held is not None:
             self._held = None
             self._transport.write(held + data)

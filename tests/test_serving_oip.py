@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import time
 
 import httpx
 import numpy as np
@@ -17,6 +19,7 @@ import tritonclient.http as triton
 from serving_model import (
     MEAN,
     NUM_CLASSES,
+    ROOT,
     STD,
     ServerProcess,
     build_model_folder,
@@ -614,3 +617,54 @@ def test_an_integer_beyond_a_float_is_a_400_not_a_500(server):
     }
     r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=json.dumps(body), timeout=60)
     assert r.status_code == 400 and "budget_ms" in r.json()["error"] and "finite" in r.json()["error"], r.text
+
+
+FAULTS = """
+import os, time
+import numpy as np
+import onnxruntime
+
+_run = onnxruntime.InferenceSession.run
+
+
+def run(self, output_names, feeds, *args, **kwargs):
+    # Inputs marked by their first value: 7 takes 1 s in "ONNX Runtime", 8 fails there.
+    for value in feeds.values():
+        mark = float(np.asarray(value).flat[0]) if np.asarray(value).size else 0.0
+        if mark in (7.0, 8.0):
+            with open(os.environ["EED_TEST_RUN_LOG"], "a") as log:
+                log.write(f"{mark:g}\\n")
+            if mark == 8.0:
+                raise RuntimeError("injected failure")
+            time.sleep(1.0)
+    return _run(self, output_names, feeds, *args, **kwargs)
+
+
+onnxruntime.InferenceSession.run = run
+"""
+
+
+def test_a_failed_image_stops_the_rest_of_its_call_before_their_slots_are_released(tmp_path):
+    # One image of a call failing in ONNX Runtime failed the call at once while its other images
+    # went on queueing and running with their admission slots already released: each such call let
+    # up to N - 1 requests more into the model than EED_QUEUE_SIZE. Now the rest are stopped first.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FAULTS)
+    log = tmp_path / "runs.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)]), "EED_TEST_RUN_LOG": str(log)}
+    model = build_model_folder(tmp_path / "model", name=MODEL)
+    args = ("--max-batch-size", "1", "--inline-max-ms", "0", "--intra-op-threads", "1")
+    with ServerProcess(model, *args, tmp_dir=tmp_path, env=env, block_torch=False) as srv:
+        marks = [7.0, 8.0, 7.0, 7.0]  # one batch each, in this order: slow, failing, two more slow
+        data = np.stack([np.full((1, 28, 28), m, dtype=np.float32) for m in marks]).ravel().tolist()
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 1, 28, 28], "data": data}]}
+        r = httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", json=body, timeout=60)
+        assert r.status_code == 500, r.text
+        time.sleep(2.5)  # time for the images after the failure to run, were they still queued
+        runs = log.read_text().split()
+        # A batch already handed to ONNX Runtime when the failure came finishes (a run cannot be
+        # interrupted); the images still queued are dropped: the last one never runs.
+        assert runs[:2] == ["7", "8"] and len(runs) <= 3, runs
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert re.search(r"^eed_admitted_requests(\{[^}]*\})? 0\.0$", text, re.M), text

@@ -224,6 +224,35 @@ def test_only_heads_wait_and_never_past_a_close_or_the_next_turn():
     asyncio.run(main())
 
 
+class ClosedRecorder(Recorder):
+    """A transport whose connection is gone: uvloop raises on a write to it."""
+
+    def write(self, data: bytes) -> None:
+        if self.is_closing():
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+        super().write(data)
+
+
+def test_an_answer_to_a_client_that_left_is_dropped_not_an_error():
+    # A client that pipelined a second request and then left: uvicorn marks only the later request
+    # as disconnected, so the first one's answer is still written, and uvloop raised (an "internal
+    # error" traceback per such answer, with the connection already gone).
+    async def main():
+        loop = asyncio.get_running_loop()
+        rec = ClosedRecorder()
+        t = CoalescingTransport(rec, loop)  # type: ignore[arg-type]
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        t.write(head)  # held for the body
+        rec.closed = True  # the connection is lost meanwhile
+        t.write(b"ok")
+        t.write(b"more")
+        t.write(head)
+        await asyncio.sleep(0)
+        assert rec.writes == []
+
+    asyncio.run(main())
+
+
 # -- a batch's answers leave together: held while its handlers run, then one write per connection --
 
 
