@@ -34,10 +34,13 @@ NEVER = 2.0
 # spread and far below any meaningful difference between thresholds.
 TIE_RTOL = 1e-5
 
+# Written into every calibrated manifest and compared with it at start-up (a manifest that records
+# another rule is warned about), so it is built from TIE_RTOL: changing the slack changes the text.
 RULE = (
     "evaluate exits in order; stop at the first exit i < k whose top softmax probability "
-    ">= thresholds[i-1] (within a relative 1e-5 below 1); the last exit always answers. A threshold > 1 never stops."
-)
+    f">= thresholds[i-1] (within a relative {TIE_RTOL:.0e} below 1); the last exit always answers. "
+    "A threshold > 1 never stops."
+).replace("e-0", "e-")
 
 
 ThresholdsLike = float | Sequence[float] | np.ndarray  # one for all early exits, or one per early exit

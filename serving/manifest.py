@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from .cascade import cumulative_gflops
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION: Literal[1] = 1
 
@@ -216,9 +218,15 @@ class Provenance(_Strict):
     recalibrated: dict[str, Any] | None = None
 
 
+# A model's name is a path segment of the server's routes (/v2/models/NAME/...) and a metric label
+# value: letters, digits and . _ -, a letter or digit first (so never "." or ".."). The export's
+# --name, EED_MODEL_NAME and a manifest's own name all follow it.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+
+
 class Manifest(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
-    name: str
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="letters, digits and . _ -, a letter or digit first")
     arch: str
     dataset: str
     classes: list[str]
@@ -248,11 +256,17 @@ class Manifest(_Strict):
         # exit 3 costs more than stage 4 itself, so exit 3 is dearer than the main output.
         # The cost of a cascade stopping at exit i (DESIGN §2), written by the exporter;
         # filled in here for older folders so every reader finds it in one place.
-        running = 0.0
-        for e in self.exits:
-            running += e.stage_gflops
+        # A value the file gives must be that sum: the planner, the answers' gflops and the OpenAPI
+        # minimums compute it from the stage costs, while /v1/model, the metric buckets and the
+        # policy-figure check read this field (a stale one made a budget copied from /v1/model a 422).
+        for e, running in zip(self.exits, cumulative_gflops([e.stage_gflops for e in self.exits]), strict=True):
             if e.cascade_gflops is None:
-                e.cascade_gflops = running
+                e.cascade_gflops = float(running)
+            elif not math.isclose(e.cascade_gflops, running, rel_tol=1e-9):
+                raise ValueError(
+                    f"exit {e.exit}: cascade_gflops {e.cascade_gflops:.9g} is not the sum of stage_gflops of exits "
+                    f"1..{e.exit} ({running:.9g}); re-export, or remove the field to have it computed"
+                )
         for e in self.exits:
             for name in (e.path, e.stage):
                 if name not in self.files:

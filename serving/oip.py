@@ -242,12 +242,8 @@ async def infer(name: str, request: Request) -> Response:
                 await asyncio.gather(*runs, return_exceptions=True)
                 raise
         elapsed = time.perf_counter() - arrived
-        if deadline is not None and arrived + elapsed > deadline:
-            # Ready in time at the model, late by the call's own work (the other samples, decoding):
-            # as /classify (routes.answer_classify), deadline_met must not say otherwise.
-            for outcome in outcomes:
-                if outcome.deadline_met:
-                    outcome.deadline_met = False
+        for outcome in outcomes:  # late by the call's own work (the other samples, decoding)
+            outcome.answered_at(arrived + elapsed, deadline)
         overflowed = [i for i, o in enumerate(outcomes) if not np.all(np.isfinite(o.logits))]
         if overflowed:  # only FP32 input can do this: decoded images lie in the training range
             raise BadRequest(

@@ -33,6 +33,7 @@ comma-separated ``key:value`` pairs, e.g. ``exit:last``, ``exit:2``,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from decimal import ROUND_CEILING, Decimal
@@ -177,6 +178,11 @@ def plain_integer(text: str) -> int:
     return int(text)
 
 
+# A threshold written in a query string or an OIP string parameter: a plain decimal, as the
+# published schema's pattern has it (serving/openapi.py); float() alone also read '1e-1', 'inf'.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     """``0.9`` or ``"0.65,0.43,0.33"`` → a tuple of finite floats (ranges checked later)."""
     given = raw.count(",") + 1 if isinstance(raw, str) else len(raw) if isinstance(raw, (list, tuple)) else 1
@@ -195,6 +201,8 @@ def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     values = []
     for part in parts:
         try:
+            if isinstance(part, str) and not _DECIMAL.fullmatch(part):
+                raise ValueError(part)
             value = plain_number(part)
         except (TypeError, ValueError):
             value = math.nan
@@ -211,17 +219,22 @@ def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
 def parse_policy_spec(spec: str) -> PolicyParams:
     """Parse a default-policy string such as ``confidence:0.9,budget_gflops:1.2``.
 
-    Keys are the query-parameter names; ``exit`` also takes ``last``; ``policy``
-    takes a calibrated policy's name. Raises ValueError with the accepted format on
-    anything else. Range checks against a model happen later, in :func:`plan_request`.
+    Keys are the query-parameter names, values read as the query string's are
+    (:func:`params_from_request`: ``exit:LAST`` as ``?exit=LAST``); ``confidence`` may list one
+    threshold per early exit (``confidence:0.65,0.43,0.33``). Raises ValueError with the accepted
+    format on anything else. Range checks against a model happen later, in :func:`plan_request`.
     """
-    values: dict[str, object] = {}
+    values: dict[str, str] = {}
+    last_key = None
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
         key, sep, raw = part.replace("=", ":", 1).partition(":")
         key, raw = key.strip(), raw.strip()
+        if not sep and last_key == "confidence":  # the next threshold of a per-exit list
+            values["confidence"] += "," + part
+            continue
         if not sep or key not in POLICY_KEYS:
             raise ValueError(
                 f"bad policy element {shown(part)}: expected comma-separated key:value pairs with keys "
@@ -230,22 +243,13 @@ def parse_policy_spec(spec: str) -> PolicyParams:
             )
         if key in values:
             raise ValueError(f"policy {shown(spec)} gives {key!r} twice")
-        try:
-            if key == "exit":
-                values[key] = "last" if raw == "last" else plain_integer(raw)
-            elif key == "policy":
-                if not raw:
-                    raise ValueError
-                values[key] = raw
-            else:
-                value = plain_number(raw)
-                if not math.isfinite(value):
-                    raise ValueError
-                values[key] = (value,) if key == "confidence" else value
-        except ValueError:
-            kind = {"exit": "an integer or 'last'", "policy": "a calibrated policy's name"}.get(key, "a finite number")
-            raise ValueError(f"policy element {shown(part)}: {key} must be {kind}") from None
-    params = PolicyParams(**values)  # type: ignore[arg-type]
+        if not raw:
+            raise ValueError(f"policy element {shown(part)} has no value")
+        values[key], last_key = raw, key
+    try:
+        params = params_from_request(values)
+    except InvalidParameters as exc:
+        raise ValueError(f"policy {shown(spec)}: {exc.detail}") from None
     if params.is_empty():
         raise ValueError("empty policy; e.g. 'exit:last' or 'confidence:0.9'")
     return params

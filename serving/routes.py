@@ -28,6 +28,7 @@ from .errors import (
     ServingError,
     UnknownRequestId,
     UnsupportedMediaType,
+    shown,
     shut_down,
 )
 from .imageheader import declared_pixels
@@ -218,10 +219,7 @@ async def answer_classify(
         request_id = state.signer.issue(manifest.name, outcome.exit, ranked[0][0])
         exit_label, status = str(outcome.exit), 200
         elapsed = time.perf_counter() - arrived
-        if outcome.deadline_met and deadline is not None and arrived + elapsed > deadline:
-            # Ready in time at the model, late by the answer's own work: the answer's latency_ms says
-            # so, and deadline_met (and eed_deadline_total) must not contradict it.
-            outcome.deadline_met = False
+        outcome.answered_at(arrived + elapsed, deadline)  # latency_ms and eed_deadline_total agree
         # The metrics after the answer is written: nothing between here and the socket write
         # yields to the event loop, so the loop runs them right after it, before any later
         # request (a scrape included). A lone request's p50 no longer carries them.
@@ -419,14 +417,9 @@ def class_index(label: int | str, classes: list[str]) -> int:
     if digits.isascii() and digits.isdigit():
         if len(digits.lstrip("0")) > len(str(len(classes))):  # out of range; int() refuses > 4,300 digits
             raise InvalidParameters(
-                f"label {_shown(label)} is out of range; accepted: 0..{len(classes) - 1} or a class name"
+                f"label {shown(label)} is out of range; accepted: 0..{len(classes) - 1} or a class name"
             )
         return class_index(int(digits), classes)
     raise InvalidParameters(
-        f"label {_shown(label)} is not a class of this model; accepted: 0..{len(classes) - 1} or one of {classes}"
+        f"label {shown(label)} is not a class of this model; accepted: 0..{len(classes) - 1} or one of {classes}"
     )
-
-
-def _shown(text: str, most: int = 64) -> str:
-    """``text`` quoted for an error message, cut short: a label may be most of a 64 KiB body."""
-    return repr(text) if len(text) <= most else repr(text[:most]) + f"... ({len(text)} characters)"

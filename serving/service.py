@@ -86,6 +86,12 @@ class Outcome:
         (Open Inference Protocol answers): not in ``seconds``, and not for /classify's ranking."""
         return softmax(self.logits)
 
+    def answered_at(self, now: float, deadline: float | None) -> None:
+        """Ready in time at the model but answered late, by the answer's own work (ranking, signing,
+        an OIP call's other samples): ``deadline_met`` must not contradict the latency reported."""
+        if self.deadline_met and deadline is not None and now > deadline:
+            self.deadline_met = False
+
 
 @dataclass
 class Ticket:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .manifest import MODEL_NAME_PATTERN
 from .policy import PolicyParams, parse_policy_spec
 from .sessions import DEFAULT_SPIN_US
 
@@ -27,7 +28,7 @@ class ServerSettings(BaseSettings):
     model_dir: Path = Field(description="exported model folder (manifest.json + ONNX graphs)")
     model_name: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$",
+        pattern=MODEL_NAME_PATTERN,
         description="a second name the Open Inference Protocol routes (/v2/models/{name}/...) answer to, besides "
         "the manifest's: KServe clients address the InferenceService's name, which the serving runtime passes "
         "as {{.Name}}. Unset: the manifest's name only",

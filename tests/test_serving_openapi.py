@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,47 @@ def test_the_per_exit_confidence_pattern_matches_what_the_server_accepts(spec, s
     for value in refused:
         assert not re.search(pattern, value), value
         assert classify(server, confidence=value).status_code == 422, value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0.9",
+        ".9",
+        "1",
+        "1.0",
+        "1.",
+        "00.5",
+        "+0.5",
+        "-0",
+        " 0.5 ",
+        "0",
+        "0.65,0.43",
+        "0.5,1",
+        "1e-1",
+        "5E-1",
+        "inf",
+        "nan",
+        "1.5",
+        "-0.1",
+        "0x1",
+        "0_5",
+        "0.5,,0.4",
+        "",
+        "0.5,0.4,0.3",
+    ],
+)
+def test_the_schemas_confidence_pattern_accepts_what_the_server_accepts(text):
+    # A client validating requests against the published schema must neither refuse a confidence
+    # the server takes ('1e-1' was taken, the pattern refused it) nor send one it refuses.
+    from serving.errors import InvalidParameters
+    from serving.openapi import _threshold_pattern
+    from serving.policy import parse_confidence
+
+    k = 3  # two early exits: one threshold, or one per early exit
+    try:
+        values = parse_confidence(text)
+        server = len(values) in (1, k - 1) and all(0 <= v <= 1 and math.isfinite(v) for v in values)
+    except InvalidParameters:
+        server = False
+    assert (re.fullmatch(_threshold_pattern(k), text) is not None) == server, text

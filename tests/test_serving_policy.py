@@ -217,6 +217,9 @@ def test_confidence_bounds_are_inclusive():
         (" confidence=0.8 , budget_gflops:1.5 ", PolicyParams(confidence=(0.8,), budget_gflops=1.5)),
         ("budget_ms:20", PolicyParams(budget_ms=20.0)),
         ("policy:budget_0.5x_main", PolicyParams(policy="budget_0.5x_main")),
+        # The query string's vocabulary (it refused both before, and stopped the server at start):
+        ("exit:LAST", PolicyParams(exit="last")),
+        ("confidence:0.65,0.43,0.33,budget_ms:20", PolicyParams(confidence=(0.65, 0.43, 0.33), budget_ms=20.0)),
     ],
 )
 def test_parse_policy_spec(spec, expected):
@@ -228,12 +231,14 @@ def test_parse_policy_spec(spec, expected):
     [
         ("", "empty policy"),
         ("last", "expected comma-separated key:value"),
-        ("exit:first", "integer or 'last'"),
+        ("exit:first", "integer 1..k or 'last'"),
         ("speed:3", "keys exit, budget_gflops"),
-        ("confidence:high", "finite number"),
+        ("confidence:high", "not a number or a comma-separated list"),
+        ("confidence:1e-1", "not a number or a comma-separated list"),  # as ?confidence=1e-1 is
         ("exit:1,exit:2", "twice"),
         ("budget_ms:inf", "finite number"),
-        ("policy:", "calibrated policy's name"),
+        ("policy:", "has no value"),
+        ("budget_ms:20,0.5", "expected comma-separated key:value"),  # only confidence takes a list
     ],
 )
 def test_parse_policy_spec_rejects_with_a_readable_message(spec, fragment):

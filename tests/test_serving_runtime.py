@@ -140,6 +140,31 @@ def test_a_policy_whose_figures_are_another_models_is_refused_naming_the_remedy(
             ModelRuntime.load(folder, SessionOptions(providers="cpu"))
 
 
+def test_a_stale_cascade_cost_is_refused_and_a_missing_one_computed(tmp_path):
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stages = [e["stage_gflops"] for e in manifest["exits"]]
+    manifest["exits"][1]["cascade_gflops"] = stages[1]  # stage 2 alone, not stages 1 + 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="exit 2: cascade_gflops .* is not the sum of stage_gflops of exits 1..2"):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+    for e in manifest["exits"]:
+        del e["cascade_gflops"]  # an older export: computed
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    loaded = ModelRuntime.load(folder, SessionOptions(providers="cpu")).manifest
+    assert [e.cascade_gflops for e in loaded.exits] == pytest.approx(np.cumsum(stages).tolist(), rel=1e-12)
+
+
+def test_a_manifest_name_no_route_can_address_is_refused(tmp_path):
+    # A hand-written name with a '/' could never be reached at /v2/models/{name}/...
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["name"] = "team/model"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="name\n.*should match pattern"):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+
+
 def test_wrong_io_names_fail_at_load(tmp_path):
     folder = build_model_folder(tmp_path / "m")
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.manifest import GraphIO, Manifest, ManifestError, load_manifest, write_manifest
+from serving.manifest import MODEL_NAME_PATTERN, GraphIO, Manifest, ManifestError, load_manifest, write_manifest
 from training.data import ArraySplit
 from training.evaluate import EvaluationError, add_calibration_args, add_data_args, calibration_targets
 from training.manifest_builder import build_manifest, provenance_entry
@@ -187,7 +187,7 @@ def _replace(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -226,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
     name = args.name if args.name is not None else Path(args.out).name
-    if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
+    if not MODEL_NAME.fullmatch(name):
         # The name is a path segment of the server's routes (/v2/models/NAME/infer) and a metric label.
         print(
             f"error: model name {name!r} cannot name a model in a URL; use letters, digits and . _ - "
-            "(--name, or the --out folder's name)",
+            "with a letter or digit first (--name, or the --out folder's name)",
             file=sys.stderr,
         )
         return 2
