@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from dataclasses import replace
 from typing import Any
 
 import uvicorn
@@ -19,8 +20,10 @@ from pydantic import ValidationError
 
 from .app import create_app
 from .drain import SHUTDOWN_TIMEOUT_S, DrainingServer
+from .errors import ServingError
 from .fastpath import server_protocol
-from .manifest import ManifestError, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest
+from .policy import CostTable, plan_request
 from .requestlog import configure_logging
 from .settings import ServerSettings
 
@@ -51,6 +54,20 @@ def cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
+def default_policy_problem(settings: ServerSettings, manifest: Manifest) -> str | None:
+    """Why the default policy cannot run on this model by its costs alone (an exit it lacks, a policy
+    it has not calibrated, a budget below its cheapest exit), or None. Whether a deadline fits needs
+    the graphs' measured times: that is checked once they are loaded (exit status 1)."""
+    params = replace(settings.default_policy_params, budget_ms=None)
+    if params.is_empty():
+        return None
+    try:
+        plan_request(params, CostTable.from_manifest(manifest))
+    except ServingError as exc:
+        return f"default_policy {settings.default_policy!r} does not fit {manifest.name}: {exc.detail}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; returns the process exit status."""
     try:
@@ -60,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        load_manifest(settings.model_dir, verify=True)
+        manifest = load_manifest(settings.model_dir, verify=True)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = default_policy_problem(settings, manifest)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     problem = cannot_listen(settings.host, settings.port)
     if problem is not None:  # before the model loads: uvicorn's own message names neither setting

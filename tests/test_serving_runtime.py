@@ -349,9 +349,14 @@ def test_cli_exits_when_cuda_is_required_but_unavailable(model_dir):
     assert "CUDAExecutionProvider" in result.stderr and "onnxruntime-gpu" in result.stderr
 
 
-def test_cli_exits_when_default_policy_does_not_fit_the_model(model_dir):
-    result = _serve(["--model-dir", str(model_dir), "--default-policy", "exit:9"])
-    assert result.returncode == 1 and "exit:9" in result.stderr
+def test_cli_refuses_a_default_policy_the_model_cannot_run_before_loading_it(model_dir):
+    # Known from the manifest's costs and policies: refused as the setting it is (status 2), before
+    # the graphs load and warm (it was found after, and reported as a load failure, status 1).
+    for policy, fragment in (("exit:9", "exit=9 is out of range"), ("policy:nope", "unknown policy 'nope'")):
+        result = _serve(["--model-dir", str(model_dir), "--default-policy", policy])
+        assert result.returncode == 2, result.stderr
+        assert f"default_policy '{policy}' does not fit" in result.stderr and fragment in result.stderr
+        assert "warm" not in result.stderr.lower() and "Uvicorn running" not in result.stderr
 
 
 def test_cli_exits_when_the_default_deadline_is_below_exit_1(model_dir):
