@@ -18,7 +18,8 @@
 # cascade runs on real test images) and the first 5,000 training images, in the same idx.gz
 # format (the training benchmark reads (steps + warmup) x batch = 4,480; the full training set
 # is 26 MB of what a copy of the tree may weigh). The full-width export is rebuilt on the GPU
-# machine (~140 MB), in runs/bench/ of the tree as on any machine, not under OUT_DIR. Python: $PYTHON, else .venv/bin/python, else python3; it needs torch with
+# machine (~140 MB), in runs/bench/ of the tree as on any machine (GPU_CHECK_EXPORT_DIR elsewhere),
+# not under OUT_DIR. Python: $PYTHON, else .venv/bin/python, else python3; it needs torch with
 # CUDA, onnxruntime-gpu and the serve/dev extras. CUDA libraries installed from pip (nvidia-*
 # wheels, as torch's CUDA builds bring them), wherever Python finds packages (site-packages or a
 # folder on PYTHONPATH), are put on LD_LIBRARY_PATH so that ONNX Runtime's CUDA provider finds
@@ -153,10 +154,13 @@ write_summary
 step pytest_gpu 90 "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
 step train_speed 100 "$PY" benchmarks/train_speed.py --device "$DEVICE" --data-dir "$DATA_DIR" "${TRAIN_ARGS[@]}" \
     --out "$OUT/train_speed_$DEVICE.json"
-if [[ "$EXPORT" == 1 && ! -f runs/bench/resnet18-cifar100/manifest.json ]]; then
-    step full_width_export 60 "$PY" benchmarks/untrained_export.py --out runs/bench/resnet18-cifar100
+FULL_WIDTH=${GPU_CHECK_EXPORT_DIR:-runs/bench/resnet18-cifar100}
+if [[ "$EXPORT" == 1 && ! -f "$FULL_WIDTH/manifest.json" ]]; then
+    step full_width_export 60 "$PY" benchmarks/untrained_export.py --out "$FULL_WIDTH"
 fi
-if [[ "$EXPORT" == 1 && ! -f runs/bench/resnet18-cifar100/manifest.json ]]; then
+if [[ "$EXPORT" == 1 && -f "$FULL_WIDTH/manifest.json" ]]; then
+    SERVE_ARGS+=(--model "$FULL_WIDTH" --cascade-model exported/fmnist-resnet18-eed --cascade-model "$FULL_WIDTH")
+elif [[ "$EXPORT" == 1 ]]; then
     # Without the full-width export, measure what can be measured: the shipped model only.
     SERVE_ARGS+=(--model exported/fmnist-resnet18-eed --cascade-model exported/fmnist-resnet18-eed)
 fi

@@ -41,16 +41,26 @@ def parse_settings(argv: list[str] | None = None) -> ServerSettings:
 
 def cannot_listen(host: str, port: int) -> str | None:
     """Why the server could not listen on ``host:port`` (a name that does not resolve, an address
-    not on this machine, a port in use), or None. Bound as uvicorn binds, and released at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
-        try:
-            sock.bind((host, port))
-        except socket.gaierror as exc:
-            return f"the host does not resolve ({exc.strerror})"
-        except OSError as exc:
-            return exc.strerror or str(exc)
+    not on this machine, a port in use), or None. Bound as uvicorn's ``loop.create_server`` binds
+    (every address the name resolves to, IPv6 ones IPv6-only) and released at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"the host does not resolve ({exc.strerror})"
+    sockets = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        for sock in sockets:
+            sock.close()
     return None
 
 

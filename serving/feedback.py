@@ -164,17 +164,22 @@ class FeedbackStore:
 
     The counts feed ``/v1/model`` and the ``/feedback`` answer for this replica; the
     deployment-wide figure is the sum of every replica's counters in Prometheus.
-    A repeated label for the same id is refused (409) when it reaches the same replica
-    until the id expires (``max_age_s`` after its answer, when verification refuses it
-    anyway) — unless more than ``capacity`` ids labelled here are unexpired at once: then
-    the one issued longest ago is forgotten first (its remaining window is the shortest),
-    with a warning. Replicas do not share this memory.
+    Each answer counts at most once per replica: a repeated label for an id is refused (409)
+    until the id expires (``max_age_s`` after its answer; verification refuses it then).
+    The memory holds ``capacity`` ids; past that, the id issued longest ago is forgotten and
+    every id issued no later than it is refused as possibly labelled (409, worded so), since
+    the replica can no longer tell — with a warning to raise the capacity. Replicas do not
+    share this memory.
     """
 
     def __init__(self, capacity: int, max_age_s: float) -> None:
         self.capacity, self.max_age_s = capacity, max_age_s
         self._labelled: set[str] = set()
         self._by_issue: list[tuple[float, str]] = []  # heap: (issued_at, nonce) of the ids in _labelled
+        # Issue time of the newest id forgotten so far: any id not remembered and issued no later
+        # may have been labelled. Forgetting by labelling order (as before) let a client with
+        # capacity + 1 ids of its own re-label them in turn, each counted again.
+        self._forgotten_up_to = -math.inf
         self._warned = False
         self.total: collections.Counter[int] = collections.Counter()
         self.correct: collections.Counter[int] = collections.Counter()
@@ -186,20 +191,24 @@ class FeedbackStore:
                 "this replica already recorded feedback for this id; each answer counts once per replica "
                 "(replicas and restarts do not share what they recorded: EED_FEEDBACK_CAPACITY)"
             )
+        if claim.issued_at <= self._forgotten_up_to:
+            raise FeedbackConflict(
+                "this replica cannot tell whether this id was labelled already: it has labelled more than "
+                f"EED_FEEDBACK_CAPACITY={self.capacity} answers given since, and remembers only the newest; "
+                "feedback for it is not counted (raise EED_FEEDBACK_CAPACITY to accept later feedback)"
+            )
         self._labelled.add(claim.nonce)
         heapq.heappush(self._by_issue, (claim.issued_at, claim.nonce))
         if len(self._labelled) > self.capacity:
-            # Forgetting an old id by labelling order let a client with capacity + 1 ids of its own
-            # re-label them all in turn, each counted again. The id issued longest ago is forgotten
-            # instead: once expired, verification refuses it, and replay is impossible.
             issued_at, nonce = heapq.heappop(self._by_issue)
             self._labelled.discard(nonce)
+            self._forgotten_up_to = max(self._forgotten_up_to, issued_at)
             if issued_at + self.max_age_s > (time.time() if now is None else now) and not self._warned:
                 self._warned = True
                 log.warning(
                     "more than EED_FEEDBACK_CAPACITY=%d labelled answer ids are younger than "
-                    "EED_FEEDBACK_MAX_AGE_S=%g s: the oldest are forgotten before they expire, and a second "
-                    "label for one of them would be counted; raise the capacity or lower the age",
+                    "EED_FEEDBACK_MAX_AGE_S=%g s: feedback for answers issued before the newest forgotten one "
+                    "is refused (409); raise the capacity or lower the age",
                     self.capacity,
                     self.max_age_s,
                 )

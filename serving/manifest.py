@@ -219,14 +219,14 @@ class Provenance(_Strict):
 
 
 # A model's name is a path segment of the server's routes (/v2/models/NAME/...) and a metric label
-# value: letters, digits and . _ -, a letter or digit first (so never "." or ".."). The export's
-# --name, EED_MODEL_NAME and a manifest's own name all follow it.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+# value: letters, digits and . _ -, not dots alone ("." and ".." are not names in a URL). The export's
+# --name (which always wrote such names), EED_MODEL_NAME and a manifest's own name all follow it.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*$"
 
 
 class Manifest(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
-    name: str = Field(pattern=MODEL_NAME_PATTERN, description="letters, digits and . _ -, a letter or digit first")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="letters, digits and . _ -, not dots alone")
     arch: str
     dataset: str
     classes: list[str]

@@ -201,7 +201,7 @@ def parse_confidence(raw: str | float | Sequence[float]) -> tuple[float, ...]:
     values = []
     for part in parts:
         try:
-            if isinstance(part, str) and not _DECIMAL.fullmatch(part):
+            if isinstance(part, str) and not _DECIMAL.fullmatch(part := part.strip()):
                 raise ValueError(part)
             value = plain_number(part)
         except (TypeError, ValueError):

@@ -286,10 +286,8 @@ def test_clear_errors(tmp_path, capsys):
     # A name that cannot be a URL path segment (/v2/models/NAME/infer), before any work.
     assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m"), "--name", "a/b c"]) == 2
     assert "cannot name a model in a URL" in capsys.readouterr().err
-    # The rule EED_MODEL_NAME and a manifest's name follow: an export named "_eed" served under no
-    # second name a server would accept.
-    assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m"), "--name", "_eed"]) == 2
-    assert "a letter or digit first" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m"), "--name", ".."]) == 2
+    assert "not dots alone" in capsys.readouterr().err
     # --samples needs the test images that --skip-eval leaves unloaded (it wrote none, silently).
     assert main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m"), "--samples", "3", "--skip-eval"]) == 2
     assert "--samples writes test images" in capsys.readouterr().err

@@ -273,18 +273,24 @@ def test_one_id_has_one_spelling():
     assert signer.verify(token, now=1030.0).label is not None
 
 
-def test_a_full_feedback_memory_forgets_the_id_issued_longest_ago_and_says_so(caplog):
+def test_a_full_feedback_memory_never_counts_an_answer_twice_and_says_so(caplog):
     store = FeedbackStore(capacity=2, max_age_s=100.0)
-    # Labelled out of issue order; over capacity, the id closest to expiry is forgotten (its replay
-    # window is the shortest; once expired, verification refuses it anyway), not the first labelled.
+    # Labelled out of issue order; over capacity, the id issued longest ago ("a") is forgotten.
     for nonce, issued in (("b", 110.0), ("a", 60.0), ("c", 115.0)):
         store.record(Claim("m", 1, 0, issued, nonce), 0, now=120.0)
-    for nonce, issued in (("b", 110.0), ("c", 115.0)):
+    assert "EED_FEEDBACK_CAPACITY=2" in caplog.text and "raise the capacity" in caplog.text  # said once
+    for nonce, issued in (("b", 110.0), ("c", 115.0), ("a", 60.0)):  # remembered, or possibly labelled
         with pytest.raises(FeedbackConflict):
             store.record(Claim("m", 1, 0, issued, nonce), 0, now=121.0)
-    assert store.total[1] == 3
-    # "a" was forgotten 40 s before it expires: said once, with what to change.
-    assert "EED_FEEDBACK_CAPACITY=2" in caplog.text and "raise the capacity" in caplog.text
+    # An id older than everything remembered is the one forgotten at once, on its first label; its
+    # repeats are refused all the same (before, forgetting by labelling order let a client re-label
+    # capacity + 1 ids of its own in turn, each counted again).
+    store.record(Claim("m", 1, 0, 70.0, "old"), 0, now=121.0)
+    for _ in range(3):
+        with pytest.raises(FeedbackConflict, match="cannot tell whether this id was labelled"):
+            store.record(Claim("m", 1, 0, 70.0, "old"), 0, now=122.0)
+    store.record(Claim("m", 1, 0, 118.0, "new"), 0, now=122.0)  # a newer answer's first label counts
+    assert store.total[1] == 5
     caplog.clear()
     store = FeedbackStore(capacity=1, max_age_s=100.0)
     store.record(Claim("m", 1, 0, 15.0, "x"), 0, now=100.0)

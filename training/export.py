@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # The name is a path segment of the server's routes (/v2/models/NAME/infer) and a metric label.
         print(
             f"error: model name {name!r} cannot name a model in a URL; use letters, digits and . _ - "
-            "with a letter or digit first (--name, or the --out folder's name)",
+            "and not dots alone (--name, or the --out folder's name)",
             file=sys.stderr,
         )
         return 2
