@@ -831,3 +831,20 @@ def test_one_thread_lone_sessions_chosen_at_a_busy_start_are_rejudged_while_idle
     assert timed and all(len(running) == 1 for _, _, running in timed)
     assert sum(inflight == 0 for _, inflight, _ in timed) >= len(timed) - 2, timed
     assert [way for way, _, _ in timed[:2]] == [False, True]
+
+
+def test_the_service_defaults_are_the_servers_settings():
+    # InferenceService is built from ServerSettings by the server and directly by tests and
+    # benchmarks: its keyword defaults must be the settings' own, or a direct caller measures
+    # another server than the one users run.
+    import inspect
+
+    from serving.service import InferenceService
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(InferenceService.__init__).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name in ServerSettings.model_fields
+    }
+    assert len(defaults) >= 9
+    assert defaults == {name: ServerSettings.model_fields[name].default for name in defaults}
