@@ -99,6 +99,15 @@ _RESAMPLE = {
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+def _center_box(w: int, h: int, crop_w: int, crop_h: int) -> tuple[int, int, int, int]:
+    """torchvision's CenterCrop as a Pillow crop box: a side shorter than the crop is padded (with 0,
+    as Pillow's crop beyond the image fills) by floor(difference / 2) before it, a longer one cut at
+    round(difference / 2). round() of a negative odd half padded a pixel more than torchvision."""
+    left = -((crop_w - w) // 2) if w < crop_w else int(round((w - crop_w) / 2.0))
+    top = -((crop_h - h) // 2) if h < crop_h else int(round((h - crop_h) / 2.0))
+    return left, top, left + crop_w, top + crop_h
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Preprocessing for one model input spec; build once, call per image.
@@ -191,6 +200,8 @@ class Preprocessor:
     def _high_depth(self, image: Image.Image, target: str) -> np.ndarray:
         """16/32-bit single-channel images: scale to 0..255 in float, resize in float."""
         values = np.asarray(image, dtype=np.float32)
+        if image.info.get(WHITE_IS_ZERO):  # see decode_image: Pillow keeps such samples as stored
+            values = (1.0 - values) if image.mode == "F" else (65535.0 - np.clip(values, 0, 65535))
         key = image.info.get("transparency")
         # A 16-bit gray PNG's tRNS names one sample value as transparent: composited onto the
         # background like every other transparency (to_mode does it for 8-bit images).
@@ -223,9 +234,7 @@ class Preprocessor:
             new_w, new_h = int(short * w / h), short
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample)
-        top = int(round((new_h - self.height) / 2.0))
-        left = int(round((new_w - self.width) / 2.0))
-        return image.crop((left, top, left + self.width, top + self.height))
+        return image.crop(_center_box(new_w, new_h, self.width, self.height))
 
     def _draft_size(self) -> tuple[int, int]:
         """Smallest decoded size that still covers the resize target (for JPEG draft)."""
@@ -279,9 +288,13 @@ def decode_image(
     try:
         if draft_size and image.format in ("JPEG", "MPO"):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller:
-            # far less work and memory for camera-sized inputs.
+            # far less work and memory for camera-sized inputs. The target is the upright image's:
+            # an orientation of 5-8 turns the stored one a quarter, so its sides swap.
+            if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                draft_size = (draft_size[1], draft_size[0])
             image.draft(image.mode, draft_size)
         image.load()
+        _fix_pillow_metadata(image, data)
         image = upright(image)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", max_pixels=max_pixels) from None
@@ -291,6 +304,27 @@ def decode_image(
             format=image.format,
         ) from None
     return image
+
+
+WHITE_IS_ZERO = "eed_white_is_zero"  # info key: a 16/32-bit image whose 0 is white (TIFF photometric 0)
+
+
+def _fix_pillow_metadata(image: Image.Image, data: bytes) -> None:
+    """Where Pillow's decoded pixels and its metadata disagree, make the metadata match the pixels.
+
+    * A 2- or 4-bit gray PNG's pixels are scaled to 0..255, its tRNS key is not (key 3 of a 2-bit
+      image names gray 255): the key is scaled as the pixels were.
+    * A 16/32-bit TIFF whose photometric interpretation is WhiteIsZero is kept as stored (8-bit ones
+      are inverted, mode 'L;I'): marked, so the high-depth path inverts it.
+    """
+    key = image.info.get("transparency")
+    if image.format == "PNG" and image.mode == "L" and isinstance(key, int) and data[25:26] == b"\x00":
+        depth = data[24]  # IHDR: 8 signature + 8 chunk header + width + height, then bit depth, colour type
+        if depth in (2, 4):
+            image.info["transparency"] = key * 255 // ((1 << depth) - 1)
+    if image.format == "TIFF" and image.mode in _HIGH_DEPTH_MODES:
+        if getattr(image, "tag_v2", {}).get(262) == 0:
+            image.info[WHITE_IS_ZERO] = True
 
 
 # EXIF orientation → the transposition that makes the image upright (as ImageOps.exif_transpose).
@@ -322,12 +356,16 @@ def to_mode(image: Image.Image, target: str, background: int = 255) -> Image.Ima
     Transparent pixels are composited onto a uniform ``background`` gray level.
     """
     mode = image.mode
+    if mode == "1":  # as 'L' (0 / 255); convert drops a transparency key, kept here as the gray it names
+        key = image.info.get("transparency")
+        image = image.convert("L")
+        if key is not None:
+            image.info["transparency"] = 255 if key else 0
+        mode = "L"
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode == "PA":
         image = image.convert("RGBA")
-    elif mode == "1":
-        image = image.convert("L")
     elif mode == "L" and "transparency" in image.info:
         image = image.convert("LA")
     elif mode == "RGB" and "transparency" in image.info:

@@ -97,6 +97,50 @@ def test_a_gray_png_transparency_key_is_composited_at_any_bit_depth(depth):
     assert np.allclose(x[0, :, 1], 100 / 255, atol=1 / 255), x
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_a_low_depth_gray_png_transparency_key_names_the_gray_it_stores(depth):
+    """At 1 bit the key was dropped with the conversion to 8 bits (white stayed white); at 2 and 4
+    bits Pillow scales the pixels to 0..255 but not the key, which then named another gray."""
+    top = (1 << depth) - 1
+    samples = [0, top, 0, top, 0, top, 0, top]  # the key: the brightest sample, transparent
+    bits = "".join(format(v, f"0{depth}b") for v in samples)
+    bits += "0" * (-len(bits) % 8)
+    row = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", len(samples), 1, depth, 0, 0, 0, 0))
+        + _chunk(b"tRNS", struct.pack(">H", top))
+        + _chunk(b"IDAT", zlib.compress(b"\x00" + row))
+        + _chunk(b"IEND", b"")
+    )
+    pre = Preprocessor(channels=1, height=1, width=len(samples), mean=(0.0,), std=(1.0,), background=128)
+    assert (pre(png)[0, 0] * 255).round().tolist() == [0, 128] * 4
+
+
+def _white_is_zero_tiff(mode: str, values: np.ndarray) -> bytes:
+    """A TIFF of ``values`` whose PhotometricInterpretation says 0 is white (Pillow writes 1)."""
+    data = bytearray(encode(Image.frombytes(mode, values.shape[::-1], values.tobytes()), "TIFF"))
+    assert data[:2] == b"II"
+    ifd = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[ifd : ifd + 2], "little")):
+        entry = ifd + 2 + 12 * k
+        if int.from_bytes(data[entry : entry + 2], "little") == 262:
+            data[entry + 8 : entry + 10] = (0).to_bytes(2, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("mode, values", [("L", [0, 255]), ("I;16", [0, 65535])])
+def test_a_white_is_zero_tiff_reads_0_as_white_at_any_depth(mode, values):
+    # Pillow inverts 8-bit WhiteIsZero ('L;I') but keeps 16-bit samples as stored: it came out inverted.
+    png = _white_is_zero_tiff(mode, np.array([values], dtype="<u2" if mode == "I;16" else np.uint8))
+    pre = Preprocessor(channels=1, height=1, width=2, mean=(0.0,), std=(1.0,))
+    assert (pre(png)[0, 0] * 255).round().tolist() == [255, 0]
+
+
 def test_palette_images_with_and_without_transparency():
     p = Image.new("P", (28, 28), 1)
     p.putpalette([0, 0, 0, 60, 60, 60] + [0] * 762)
@@ -177,6 +221,30 @@ def test_resize_center_crop_follows_torchvision_semantics():
     row = np.repeat(np.arange(16, dtype=np.uint8) * 10, 1)[None].repeat(4, axis=0)
     x = pre(encode(Image.fromarray(row), "PNG"))
     assert np.allclose(x[0, 0] * 255, [60, 70, 80, 90])
+
+
+def test_a_center_crop_larger_than_the_resized_image_pads_as_torchvision():
+    # Resize(25) then CenterCrop(28): torchvision pads floor(3 / 2) = 1 pixel before, 2 after;
+    # round(-1.5) padded 2 before (every pixel a row and a column off).
+    pre = Preprocessor(
+        channels=1, height=28, width=28, mean=(0.0,), std=(1.0,), resize="resize_center_crop", resize_size=25
+    )
+    x = pre(encode(Image.new("L", (25, 25), 200), "PNG"))[0] * 255
+    inside = np.zeros((28, 28), bool)
+    inside[1:26, 1:26] = True
+    assert np.allclose(x[inside], 200) and np.allclose(x[~inside], 0)
+
+
+def test_a_turned_jpeg_is_drafted_for_its_upright_size():
+    # Stored 1600 x 208 with orientation 6 (upright 208 x 1600) for a 128-wide, 16-high model: the
+    # reduced decode was chosen for the stored sides and left the upright image 26 pixels wide,
+    # upscaled to 128 where 208 were there to read.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.new("RGB", (1600, 208), (90, 90, 90)), "JPEG", exif=exif.tobytes(), quality=90)
+    pre = Preprocessor(channels=3, height=16, width=128, mean=(0.0,) * 3, std=(1.0,) * 3)
+    image = decode_image(data, 10**8, draft_size=pre._draft_size())
+    assert image.size[0] >= 128 and image.size[1] >= 16, image.size
 
 
 def test_resize_center_crop_scales_short_side_first():
