@@ -751,7 +751,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"== cascade efficiency: {model_dir} ==", flush=True)
                 saved_images = args.images
-                if model_dir.resolve() == FULL_WIDTH.resolve():
+                # The full-width export where it is by default, or wherever --model put it (gpu_check.sh
+                # moves it with GPU_CHECK_EXPORT_DIR): ~20x slower per image than the shipped model.
+                full_width = {FULL_WIDTH.resolve(), args.model.resolve()} - {SHIPPED.resolve()}
+                if model_dir.resolve() in full_width:
                     args.images = min(args.images, args.full_width_images)
                 report["cascade"].append(bench_cascade(model_dir, args, variants, workdir, server_options))
                 args.images = saved_images

@@ -44,13 +44,17 @@ def cannot_listen(host: str, port: int) -> str | None:
     not on this machine, a port in use), or None. Bound as uvicorn's ``loop.create_server`` binds
     (every address the name resolves to, IPv6 ones IPv6-only) and released at once."""
     try:
-        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # '' is every interface, as asyncio reads it (getaddrinfo itself refuses '').
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"the host does not resolve ({exc.strerror})"
     sockets = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 turned off): skipped, as asyncio does
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
             if family == socket.AF_INET6:
@@ -61,7 +65,7 @@ def cannot_listen(host: str, port: int) -> str | None:
     finally:
         for sock in sockets:
             sock.close()
-    return None
+    return None if sockets else "no address of it can be used on this machine"
 
 
 def default_policy_problem(settings: ServerSettings, manifest: Manifest) -> str | None:

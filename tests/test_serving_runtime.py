@@ -328,6 +328,10 @@ def test_cli_refuses_a_folder_without_manifest_at_once(tmp_path):
 
 
 def test_cli_names_a_host_or_port_it_cannot_listen_on_before_loading(model_dir):
+    from serving.__main__ import cannot_listen
+
+    # What uvicorn (asyncio's create_server) listens on passes: '' is every interface.
+    assert cannot_listen("", 0) is None and cannot_listen("127.0.0.1", 0) is None
     result = _serve(["--model-dir", str(model_dir), "--host", "no such host"])
     assert result.returncode == 2 and "cannot listen on no such host:" in result.stderr
     assert "does not resolve" in result.stderr and "--host/EED_HOST" in result.stderr
