@@ -852,3 +852,14 @@ def test_the_service_defaults_are_the_servers_settings():
     }
     assert len(defaults) >= 9
     assert defaults == {name: ServerSettings.model_fields[name].default for name in defaults}
+    # The other places a setting's default is written out: the fused graph's batch size and the
+    # live estimates' half-life.
+    from serving.fused import attach_fused_cascade
+    from serving.latency import DecayingMean, ServiceTimeModel
+
+    settings = ServerSettings.model_fields
+    assert inspect.signature(attach_fused_cascade).parameters["max_batch_size"].default == (
+        settings["max_batch_size"].default
+    )
+    for cls in (ServiceTimeModel, DecayingMean):
+        assert inspect.signature(cls).parameters["half_life_s"].default == settings["estimate_half_life_s"].default
