@@ -40,8 +40,11 @@ from PIL import Image
 from serving.images import Preprocessor
 from serving.manifest import load_manifest
 from serving.sessions import DEFAULT_SPIN_US, open_session
+from serving.settings import ServerSettings
 
-MAX_BATCH = 32  # the server's default EED_MAX_BATCH_SIZE
+# The real server's defaults, which serve_bench runs it with.
+MAX_BATCH = ServerSettings.model_fields["max_batch_size"].default
+MAX_PIXELS = ServerSettings.model_fields["max_pixels"].default
 
 
 class ExitGraph:
@@ -138,7 +141,7 @@ class Connection(asyncio.Protocol):
 class LeastServer:
     def __init__(self, model_dir: Path) -> None:
         manifest = load_manifest(model_dir, verify=True)
-        self.preprocess = Preprocessor.from_spec(manifest.input, 4096 * 4096)
+        self.preprocess = Preprocessor.from_spec(manifest.input, MAX_PIXELS)
         executor = ThreadPoolExecutor(1, thread_name_prefix="least-ort")
         busy = [0]
         self.exits = {e.exit: ExitGraph(e.exit, model_dir / e.path, executor, busy) for e in manifest.exits}

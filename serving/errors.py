@@ -10,6 +10,7 @@ ever surface as a 500.
 from __future__ import annotations
 
 import heapq
+import json
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -44,6 +45,10 @@ def listed(names: Sequence[str], most: int = 10) -> str:
     return head if len(names) <= most else f"{head} and {len(names) - most} more"
 
 
+# The options of Starlette's JSONResponse, which the app's exception handlers send: every JSON body
+# the server writes itself (answers on the fast path, protocol errors) is encoded the same way.
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
 # The body of a 500: what the client may know of an unexpected failure (the traceback is logged).
 INTERNAL_ERROR_BODY = {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
 
@@ -63,6 +68,10 @@ class ServingError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
         return {"error": self.code, "detail": self.detail, **self.extra}
+
+    def encoded_body(self) -> bytes:
+        """:meth:`body` as the bytes the app's exception handler sends."""
+        return JSON_ENCODER.encode(self.body()).encode()
 
 
 class BadRequest(ServingError):

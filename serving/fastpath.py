@@ -29,10 +29,10 @@ from typing import Any
 import httptools
 
 from .body import RAW_TYPES, media_type, within
-from .errors import INTERNAL_ERROR_BODY, ClientDisconnected, ServingError, shut_down
+from .errors import INTERNAL_ERROR_BODY, JSON_ENCODER, ClientDisconnected, ServingError, shut_down
 from .keepalive import head_limit
 from .requestlog import access_level, access_log, correlation_id, current_request_id, log_request
-from .routes import JSON_ENCODER, answer_classify
+from .routes import answer_classify
 from .service import InferenceService
 from .state import ARRIVED, CLIENT_GONE, AppState
 from .transport import http_protocol
@@ -218,12 +218,12 @@ def with_fast_classify(protocol: type[Any], state: AppState, log_format: str) ->
                 payload = await answer_classify(state, lambda: remembered, read_body, started, note, True, gone)
                 status = 200
             except ServingError as exc:
-                status, payload, headers = exc.status_code, JSON_ENCODER.encode(exc.body()).encode(), exc.headers
+                status, payload, headers = exc.status_code, exc.encoded_body(), exc.headers
             except Exception:
                 log.exception("internal error on POST /classify")
             except asyncio.CancelledError:  # shutdown gave up waiting (a body still arriving): retry elsewhere
                 error = shut_down()  # (answer_classify turns its own cancellation into this error)
-                status, payload, headers = error.status_code, JSON_ENCODER.encode(error.body()).encode(), error.headers
+                status, payload, headers = error.status_code, error.encoded_body(), error.headers
                 raise
             finally:
                 try:

@@ -14,15 +14,19 @@ import sys
 import urllib.request
 from collections.abc import Mapping
 
+# ServerSettings' defaults (a test keeps them equal): not imported from there, because the probe runs
+# every few seconds in the container and pydantic-settings would add its import to every run.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", "8000"
+
 
 def probe_url(environ: Mapping[str, str]) -> str:
     """The /readyz URL of the server that ``environ``'s EED_HOST and EED_PORT describe."""
-    host = environ.get("EED_HOST", "").strip() or "127.0.0.1"
+    host = environ.get("EED_HOST", "").strip() or DEFAULT_HOST
     # Listening on every interface includes loopback; a specific address only itself.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{environ.get('EED_PORT', '8000')}/readyz"
+    return f"http://{host}:{environ.get('EED_PORT', DEFAULT_PORT)}/readyz"
 
 
 def main() -> int:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import json
 import logging
 import math
 import textwrap
@@ -79,7 +78,7 @@ def header_timeout_response(header_timeout_s: float, default_headers: list[tuple
 def protocol_error_response(error: ServingError, reason: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """A response the HTTP protocol sends itself, before any route saw the request: the server's
     usual error body, and ``connection: close``."""
-    body = json.dumps(error.body(), separators=(",", ":")).encode()
+    body = error.encoded_body()
     head = [b"HTTP/1.1 %d %s\r\n" % (error.status_code, reason)]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))

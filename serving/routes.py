@@ -8,7 +8,6 @@ are :mod:`serving.errors` types, rendered as ``{"error", "detail"}`` by the app'
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,6 +21,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from .body import media_type, read_body_within, read_limited, within
 from .errors import (
+    JSON_ENCODER,
     ClientDisconnected,
     InvalidParameters,
     NotReady,
@@ -38,9 +38,6 @@ from .policy import PolicyParams, effective_params, name_cheapest, params_from_r
 from .query import CLASSIFY_QUERY_OPENAPI, classify_query, refuse_crowded, refuse_unknown
 from .service import Outcome
 from .state import CLIENT_GONE, AppState, State, arrived_at, state_of
-
-# The options of Starlette's JSONResponse (answers and, on the protocol's own path, error bodies).
-JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 router = APIRouter()
 

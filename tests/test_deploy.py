@@ -852,6 +852,15 @@ def test_the_healthcheck_probes_loopback_for_every_interface_and_a_given_address
     assert probe_url({"EED_HOST": "fd00::5"}) == "http://[fd00::5]:8000/readyz"
 
 
+def test_the_healthcheck_probes_where_a_server_with_default_settings_listens():
+    from serving.healthcheck import probe_url
+    from serving.settings import ServerSettings
+
+    defaults = ServerSettings.model_fields
+    expected = f"http://{defaults['host'].default}:{defaults['port'].default}/readyz"
+    assert probe_url({}) == expected
+
+
 def test_readme_makefile_and_image_run_the_same_command():
     readme = (ROOT / "README.md").read_text()
     lines = [line.split("#")[0].strip() for line in readme.splitlines() if "-m serving --model-dir" in line]

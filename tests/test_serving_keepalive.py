@@ -332,3 +332,19 @@ def test_pipelined_requests_and_bodies_before_a_head_do_not_count_toward_it(limi
         sock.sendall(b"st: x\r\n\r\n")
         assert answer(sock, "/upload").startswith(b"HTTP/1.1 200 ")
         assert answer(sock, "/after").startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_protocol_error_body_is_encoded_as_the_apps_error_handler_encodes_it():
+    """A 408/431 the protocol sends itself carries the same bytes as the app's JSONResponse for the
+    same error: non-ASCII text as UTF-8, not escaped (clients comparing bodies see one encoding)."""
+    from fastapi.responses import JSONResponse
+
+    from serving.errors import HeadersTooLarge
+    from serving.keepalive import protocol_error_response
+
+    error = HeadersTooLarge("the headers ran past 8 KiB — send fewer cookies (≤ 8 KiB)", limit="8 KiB")
+    response = protocol_error_response(error, b"Request Header Fields Too Large", [])
+    head, body = response.split(b"\r\n\r\n", 1)
+    assert body == JSONResponse(error.body()).body
+    assert "—".encode() in body and b"\\u" not in body
+    assert b"content-length: %d" % len(body) in head
