@@ -49,6 +49,16 @@ def listed(names: Sequence[str], most: int = 10) -> str:
 # the server writes itself (answers on the fast path, protocol errors) is encoded the same way.
 JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
+# The Open Inference Protocol's routes: their errors have the protocol's body (ServingError.oip_body).
+OIP_PREFIX = "/v2"
+
+
+def is_oip_target(target: bytes) -> bool:
+    """Whether a request target (the path and query as received) is one of the protocol's routes."""
+    path = target.partition(b"?")[0]
+    return path == OIP_PREFIX.encode() or path.startswith(OIP_PREFIX.encode() + b"/")
+
+
 # The body of a 500: what the client may know of an unexpected failure (the traceback is logged).
 INTERNAL_ERROR_BODY = {"error": "internal_error", "detail": "the server failed on this request; see the server log"}
 
@@ -69,9 +79,13 @@ class ServingError(Exception):
         """The JSON body sent to the client."""
         return {"error": self.code, "detail": self.detail, **self.extra}
 
-    def encoded_body(self) -> bytes:
-        """:meth:`body` as the bytes the app's exception handler sends."""
-        return JSON_ENCODER.encode(self.body()).encode()
+    def oip_body(self) -> dict[str, str]:
+        """The Open Inference Protocol's error body (routes under :data:`OIP_PREFIX`): the message alone."""
+        return {"error": self.detail}
+
+    def encoded_body(self, *, oip: bool = False) -> bytes:
+        """:meth:`body` (``oip``: :meth:`oip_body`) as the bytes the app's exception handlers send."""
+        return JSON_ENCODER.encode(self.oip_body() if oip else self.body()).encode()
 
 
 class BadRequest(ServingError):

@@ -47,7 +47,7 @@ import math
 import textwrap
 from typing import Any
 
-from .errors import HeadersTooLarge, HeaderTimeout, ServingError
+from .errors import HeadersTooLarge, HeaderTimeout, ServingError, is_oip_target
 
 log = logging.getLogger("serving")
 
@@ -66,19 +66,24 @@ def _reproduces(base: type[Any]) -> bool:
     return hashlib.sha256(source.encode()).hexdigest() == REPRODUCED_ON_RESPONSE_COMPLETE
 
 
-def header_timeout_response(header_timeout_s: float, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The 408 sent when a request's line and headers are late: the server's usual error body, and close."""
+def header_timeout_response(
+    header_timeout_s: float, default_headers: list[tuple[bytes, bytes]], target: bytes
+) -> bytes:
+    """The 408 sent when a request's line and headers are late: the server's usual error body
+    (``target``: the request's, as far as it came), and close."""
     error = HeaderTimeout(
         f"the request line and headers did not arrive within {header_timeout_s:g} s of the request's first "
         "byte; send them at once (the limit is the server's header_timeout_s)"
     )
-    return protocol_error_response(error, b"Request Timeout", default_headers)
+    return protocol_error_response(error, b"Request Timeout", default_headers, target)
 
 
-def protocol_error_response(error: ServingError, reason: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A response the HTTP protocol sends itself, before any route saw the request: the server's
-    usual error body, and ``connection: close``."""
-    body = error.encoded_body()
+def protocol_error_response(
+    error: ServingError, reason: bytes, default_headers: list[tuple[bytes, bytes]], target: bytes
+) -> bytes:
+    """A response the HTTP protocol sends itself, before any route saw the request: the error body
+    the route at ``target`` (the request's, as far as it came) would send, and ``connection: close``."""
+    body = error.encoded_body(oip=is_oip_target(target))
     head = [b"HTTP/1.1 %d %s\r\n" % (error.status_code, reason)]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
@@ -193,7 +198,9 @@ def connection_timeouts(
                     self._arm(due)
                     return
                 log.debug("closing a connection whose request headers took longer than %g s", header_timeout_s)
-                self.transport.write(header_timeout_response(header_timeout_s, self.server_state.default_headers))
+                self.transport.write(
+                    header_timeout_response(header_timeout_s, self.server_state.default_headers, self.url)
+                )
                 self.transport.close()
                 return
             if self._last_data > self._last_response:
@@ -301,7 +308,9 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
                 "send a shorter URL and fewer or smaller headers"
             )
             self.transport.write(
-                protocol_error_response(error, b"Request Header Fields Too Large", self.server_state.default_headers)
+                protocol_error_response(
+                    error, b"Request Header Fields Too Large", self.server_state.default_headers, self.url
+                )
             )
             self.transport.close()
 

@@ -32,7 +32,17 @@ from fastapi.responses import JSONResponse, Response
 
 from . import buildinfo
 from .body import read_limited, within
-from .errors import BadRequest, InvalidParameters, NotReady, ServingError, UnknownModel, listed, shown, shut_down
+from .errors import (
+    OIP_PREFIX,
+    BadRequest,
+    InvalidParameters,
+    NotReady,
+    ServingError,
+    UnknownModel,
+    listed,
+    shown,
+    shut_down,
+)
 from .imageheader import declared_pixels
 from .images import decode_off_loop
 from .policy import POLICY_KEYS, effective_params, params_from_request
@@ -52,14 +62,14 @@ OUTPUTS: dict[str, tuple[str, list[int | str]]] = {  # name → (datatype, shape
     "gflops": ("FP32", [-1]),
     "feedback_id": (BYTES, [-1]),
 }
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+router = APIRouter(prefix=OIP_PREFIX, tags=["Open Inference Protocol v2"])
 
 
 def oip_error(exc: ServingError) -> JSONResponse:
     """The protocol's error body: ``{"error": "..."}``. Client errors the protocol has no
     code for (415, 422) are 400; 404, 408, 413 and 503 keep theirs."""
     status = exc.status_code if exc.status_code in (404, 408, 413, 503) or exc.status_code >= 500 else 400
-    return JSONResponse({"error": exc.detail}, status_code=status, headers=exc.headers)
+    return JSONResponse(exc.oip_body(), status_code=status, headers=exc.headers)
 
 
 def served_names(manifest_name: str, alias: str | None) -> list[str]:
@@ -87,7 +97,7 @@ def _not_ready(exc: ServingError) -> JSONResponse:
     """A readiness answer of false: the protocol's health calls say true with 200 and false with a
     4xx (Triton's 400), where every other route's NotReady is a 503."""
     if isinstance(exc, NotReady):
-        return JSONResponse({"error": exc.detail}, status_code=400)
+        return JSONResponse(exc.oip_body(), status_code=400)
     return oip_error(exc)
 
 
@@ -147,7 +157,9 @@ async def model_config(name: str, state: State) -> Response:
     """The model as a Triton model configuration: what ``tritonclient``'s ``get_model_config``
     and tools built on it (perf_analyzer, model analyzer) read. Per-sample tensors: the batch
     axis is implied by ``max_batch_size`` (the most samples one call may carry, EED_QUEUE_SIZE);
-    per-sample scalars have ``dims [1]`` reshaped to ``[]``, as Triton writes them."""
+    per-sample scalars have ``dims [1]`` reshaped to ``[]``, as Triton writes them: an ``image``
+    sent as ``[N, 1]`` (what such a config asks of a client) is answered with per-sample outputs
+    of ``[N, 1]``, one sent as ``[N]`` (the metadata's form) with ``[N]``."""
     try:
         service = _served(state, name)
     except ServingError as exc:
@@ -263,6 +275,11 @@ async def infer(name: str, request: Request) -> Response:
                 state.signer.issue(manifest.name, o.exit, label).encode() for o, label in zip(outcomes, labels)
             ],
         }
+        if req.inputs[0].name == IMAGE_INPUT and req.inputs[0].shape[1:] == [1]:
+            # Triton's form of per-sample scalars (/config: dims [1] reshaped to []) in, the same out.
+            for n, (datatype, shape) in OUTPUTS.items():
+                if shape == [-1]:  # a BYTES list becomes an object array, which keeps its shape
+                    values[n] = np.asarray(values[n], dtype=object if datatype == BYTES else None).reshape(-1, 1)
         for outcome in outcomes:
             metrics.record_answer(outcome, policy_label, elapsed)
         status, exits = 200, [o.exit for o in outcomes]
@@ -331,7 +348,11 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise BadRequest(f"Content-Encoding {encoding} is not supported; send the request uncompressed")
-    return await within(read_limited(request, max_bytes), timeout_s)
+    advice = (
+        "send fewer images per call, or the images encoded (BYTES 'image') or as binary tensor data "
+        "rather than JSON numbers"
+    )
+    return await within(read_limited(request, max_bytes, advice), timeout_s)
 
 
 # Request parameters Triton's clients set from their own arguments (tritonclient's ``infer(...,
@@ -399,8 +420,9 @@ async def _samples(req: InferRequest, preprocess, spec, max_batch: int) -> list[
         if not np.all(np.isfinite(tensor.data)):
             raise BadRequest(f"input {FP32_INPUT!r} holds NaN or infinite values")
         return [np.ascontiguousarray(x, dtype=np.float32) for x in tensor.data]
-    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
-        raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] with N >= 1, got {tensor.shape}")
+    # [N] as the metadata says, or [N, 1] as /config's dims [1] (reshaped to []) tell Triton's clients.
+    if tensor.shape[1:] not in ([], [1]) or not tensor.shape or tensor.shape[0] < 1:
+        raise BadRequest(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1] with N >= 1, got {tensor.shape}")
     images: list[bytes] = tensor.data
 
     def decode_all() -> list[np.ndarray]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .oip import FP32_INPUT, IMAGE_INPUT, MODEL_VERSION, OUTPUTS, served_names
-from .tensors import BYTES, DTYPES, HEADER_LENGTH
+from .oip import FP32_INPUT, IMAGE_INPUT, INPUT_DATATYPES, MODEL_VERSION, OUTPUTS, served_names
+from .tensors import HEADER_LENGTH
 
 
 def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) -> None:
@@ -106,7 +106,7 @@ def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) 
             "parameters": {"type": "object"},
         },
     }
-    datatypes = [*DTYPES, BYTES]
+    datatypes = sorted(set(INPUT_DATATYPES.values()))  # the inputs' own: any other is refused
     schemas["OipRequestInput"] = {
         "type": "object",
         "required": ["name", "datatype", "shape"],
@@ -124,7 +124,8 @@ def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) 
             },
         },
         "description": f"'{FP32_INPUT}': FP32 [N, C, H, W] preprocessed as the manifest says; '{IMAGE_INPUT}': "
-        "BYTES [N] encoded image files. Data as JSON 'data' or binary (binary_data_size).",
+        "BYTES [N] (or [N, 1], as /config's dims [1] reshaped to [] say; per-sample outputs then come "
+        "as [N, 1] too) encoded image files. Data as JSON 'data' or binary (binary_data_size).",
     }
     schemas["OipRequestOutput"] = {
         "type": "object",

@@ -385,7 +385,10 @@ def encode_response(
     entries, chunks = [], []
     for name, datatype, values in outputs:
         if datatype == BYTES:
-            shape = [len(values)]
+            if isinstance(values, np.ndarray):  # an object array: its shape, elements row-major
+                shape, values = list(values.shape), values.ravel().tolist()
+            else:
+                shape = [len(values)]
             if binary[name]:
                 raw = b"".join(struct.pack("<I", len(v)) + v for v in values)
             else:

@@ -118,6 +118,18 @@ def test_a_request_whose_headers_stop_coming_gets_408_and_its_connection_closed(
     assert 0.9 * HEADER_TIMEOUT_S <= seconds <= HEADER_TIMEOUT_S + 1.0
 
 
+def test_an_open_inference_protocol_request_whose_headers_stop_coming_gets_the_protocols_error_body(server):
+    # KServe/Triton clients read {"error": message}: the code-and-detail body of the other routes
+    # left them without the message.
+    with connection(server) as sock:
+        sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+        reply, _ = read_until_closed(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), reply
+    error = json.loads(body)
+    assert list(error) == ["error"] and f"within {HEADER_TIMEOUT_S:g} s" in error["error"], error
+
+
 def test_headers_that_trickle_in_within_the_deadline_are_answered(server):
     # Past the keep-alive timeout but within the header deadline: the timer that finds the headers
     # still coming waits for the rest of the deadline.
@@ -275,6 +287,18 @@ def test_a_request_head_over_the_limit_gets_431_at_once(limited, where, caplog, 
     assert not errors and "Traceback" not in capfd.readouterr().err, caplog.text
 
 
+@pytest.mark.parametrize("path", ["/v2", "/v2/health/live", "/v2/models/m/infer?x=1"])
+def test_an_open_inference_protocol_request_over_the_head_limit_gets_the_protocols_error_body(limited, path):
+    big = "a" * (HEAD_LIMIT + 1)
+    with connection(limited) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nX-Big: {big}\r\n\r\n".encode())
+        reply, _ = read_until_closed(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), reply[:200]
+    error = json.loads(body)
+    assert list(error) == ["error"] and f"limit of {HEAD_LIMIT} bytes" in error["error"], error
+
+
 def test_many_short_headers_count_their_whole_lines(limited):
     # Names and values alone undercounted each line by 4 bytes (': ' and CRLF): 65,535 headers 'a:'
     # in 256 kB counted 65 kB, and every route's header lookups scan them all.
@@ -343,7 +367,7 @@ def test_a_protocol_error_body_is_encoded_as_the_apps_error_handler_encodes_it()
     from serving.keepalive import protocol_error_response
 
     error = HeadersTooLarge("the headers ran past 8 KiB — send fewer cookies (≤ 8 KiB)", limit="8 KiB")
-    response = protocol_error_response(error, b"Request Header Fields Too Large", [])
+    response = protocol_error_response(error, b"Request Header Fields Too Large", [], b"/classify")
     head, body = response.split(b"\r\n\r\n", 1)
     assert body == JSONResponse(error.body()).body
     assert "—".encode() in body and b"\\u" not in body

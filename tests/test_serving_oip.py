@@ -181,6 +181,47 @@ def test_images_as_binary_bytes_answer_as_classify_does(client, server, params):
     assert_same_answers(result, classify_all(server.url, images, params))
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_images_shaped_as_the_model_configuration_says_answer_in_the_same_shape(client, binary):
+    # /config gives the image dims [1] reshaped to []: Triton's clients (perf_analyzer, code built on
+    # get_model_config) send [N, 1] for it, and Triton answers such per-sample scalars as [N, 1].
+    images = pngs([1, 4, 8])
+    flat = client.infer(MODEL, [image_input(images)], parameters={"exit": 2})
+    tensor = triton.InferInput("image", [len(images), 1], "BYTES")
+    column = np.array(images if binary else [base64.b64encode(i) for i in images], dtype=np.object_)
+    tensor.set_data_from_numpy(column.reshape(-1, 1), binary_data=binary)
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in OUTPUTS]
+    result = client.infer(MODEL, [tensor], outputs=outputs, parameters={"exit": 2})
+    shapes = {o["name"]: o["shape"] for o in result.get_response()["outputs"]}
+    assert shapes == {
+        "probabilities": [3, NUM_CLASSES],
+        "label": [3, 1],
+        "exit": [3, 1],
+        "gflops": [3, 1],
+        "feedback_id": [3, 1],
+    }
+    for name in ("probabilities", "label", "exit", "gflops"):
+        np.testing.assert_array_equal(result.as_numpy(name).reshape(flat.as_numpy(name).shape), flat.as_numpy(name))
+    assert result.as_numpy("feedback_id").shape == (3, 1)
+    with pytest.raises(InferenceServerException) as err:  # other shapes stay refused
+        wide = triton.InferInput("image", [1, 3], "BYTES")
+        wide.set_data_from_numpy(np.array([images], dtype=np.object_))
+        client.infer(MODEL, [wide])
+    assert err.value.status() == "400" and "must have shape [N] or [N, 1]" in err.value.message()
+
+
+def test_a_call_over_the_body_limit_is_told_how_to_send_less(server):
+    from serving.settings import ServerSettings
+
+    limit = ServerSettings.model_fields["max_body_bytes"].default
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b" " * (limit + 1), timeout=60)
+    assert r.status_code == 413, r.text
+    message = r.json()["error"]
+    assert (
+        f"limit of {limit} bytes" in message and "fewer images per call" in message and "smaller image" not in message
+    )
+
+
 def test_versioned_paths(client):
     assert client.is_model_ready(MODEL, "1") and not client.is_model_ready(MODEL, "2")
     assert client.get_model_metadata(MODEL, "1")["name"] == MODEL
