@@ -234,23 +234,6 @@ def connection_timeouts(
 MAX_HEAD_BYTES = 64 * 1024
 
 
-class _Refused:
-    """The ``cycle`` of a connection whose request was refused before any route saw it: complete,
-    so uvicorn's callbacks drop the rest of the request; nothing waits on its message event."""
-
-    response_complete = True
-    more_body = False
-
-    def __init__(self) -> None:
-        self.message_event = self  # uvicorn sets it when the connection is lost
-
-    def set(self) -> None:
-        pass
-
-
-_REFUSED = _Refused()
-
-
 def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any]:
     """``protocol`` (uvicorn's httptools protocol, or a subclass: the outermost one, so that a
     request over the limit reaches none of its routes, the fast path included) answering 431 and
@@ -274,6 +257,11 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
         _in_head = False
         _heads = 0  # requests begun on the connection
         _raw = 0
+        # The 431 once a request is refused: sent at once, or after the answers still owed to the
+        # requests before it (HTTP/1.1 answers in order: sent first, it took an earlier pipelined
+        # request's place and that answer was lost). Everything the connection reads after the
+        # refused request's line is dropped.
+        _refusal: bytes | None = None
 
         def on_message_begin(self) -> None:
             self._in_head, self._raw = True, 0
@@ -284,10 +272,27 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
             self._in_head = False
             # Each header line also holds ': ' and CRLF: 65,535 headers 'a:' counted 65 kB for 256 kB.
             parsed = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-            if max(parsed, self._raw) > max_bytes or self.cycle is _REFUSED:
+            if max(parsed, self._raw) > max_bytes or self._refusal is not None:
                 self._refuse()  # no route sees it, nor a request pipelined behind one refused
             else:
                 super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if self._refusal is None:  # a refused request's body must not reach the cycle before it
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._refusal is None:
+                super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start a request pipelined before the refused one
+            if self._refusal is not None and not self._owed():
+                self._send_refusal()
+
+        def _owed(self) -> bool:
+            """Whether a request before the refused one still waits for its answer."""
+            return bool(self.pipeline) or not (self.cycle is None or self.cycle.response_complete)
 
         def data_received(self, data: bytes) -> None:
             inside, heads = self._in_head, self._heads
@@ -298,21 +303,24 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
                     self._refuse()
 
         def _refuse(self) -> None:
-            # The rest of the read (its body) still reaches the parser's callbacks: a cycle that
-            # is complete makes uvicorn's drop it.
-            self.cycle = _REFUSED
-            if self.transport.is_closing():
+            if self._refusal is not None or self.transport.is_closing():
                 return
             error = HeadersTooLarge(
                 f"the request line and headers are larger than the server's limit of {max_bytes} bytes; "
                 "send a shorter URL and fewer or smaller headers"
             )
-            self.transport.write(
-                protocol_error_response(
-                    error, b"Request Header Fields Too Large", self.server_state.default_headers, self.url
-                )
+            self._refusal = protocol_error_response(
+                error, b"Request Header Fields Too Large", self.server_state.default_headers, self.url
             )
-            self.transport.close()
+            if self._owed():
+                self.flow.pause_reading()  # the rest waits; the 431 follows the answers owed
+            else:
+                self._send_refusal()
+
+        def _send_refusal(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(self._refusal)
+                self.transport.close()
 
     HeadLimit.__name__ = HeadLimit.__qualname__ = f"HeadLimit{protocol.__name__}"
     return HeadLimit

@@ -238,6 +238,22 @@ def test_pipelined_requests_are_answered_in_order(served):
     assert json.loads(answers[2][2])["exit"] == 3
 
 
+def test_a_head_over_the_limit_behind_an_answer_owed_waits_for_that_answer(served):
+    # The 431 took the place of the fast path's answer in flight: the client saw only the 431,
+    # and the server counted the lost answer as a 200.
+    from serving.keepalive import MAX_HEAD_BYTES
+
+    _, port = served
+    exchange(port, post())  # remembered: the next one takes the fast path
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"
+        sock.sendall(post(headers="X-Request-ID: first\r\n") + big)
+        status, headers, body = read_response(sock)
+        assert status == 200 and headers["x-request-id"] == "first" and json.loads(body)["exit"] == 2
+        status, headers, body = read_response(sock)
+        assert status == 431 and headers["connection"] == "close" and json.loads(body)["error"] == "headers_too_large"
+
+
 def test_each_answer_logs_one_access_line(served, caplog):
     _, port = served
     exchange(port, post())  # remembered

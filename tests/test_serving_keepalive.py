@@ -299,6 +299,27 @@ def test_an_open_inference_protocol_request_over_the_head_limit_gets_the_protoco
     assert list(error) == ["error"] and f"limit of {HEAD_LIMIT} bytes" in error["error"], error
 
 
+@pytest.mark.parametrize("before", [["/slow"], ["/slow", "/p"]], ids=["one in flight", "one in flight, one queued"])
+def test_a_head_over_the_limit_behind_pipelined_requests_is_refused_after_their_answers(limited, before):
+    # HTTP/1.1 answers in order: a 431 written at once took the place of the answers still owed,
+    # which were lost (the server counted them as answered). The refused request's body, which
+    # here holds what looks like another request, reaches no one.
+    big = "a" * (HEAD_LIMIT + 1)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    requests = b"".join(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for path in before)
+    refused = f"POST /refused HTTP/1.1\r\nX-Big: {big}\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+    with connection(limited) as sock:
+        sock.sendall(requests + refused + smuggled)
+        reply, seconds = read_until_closed(sock)
+    for path in before:
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), reply[:300]
+        assert rest.startswith(path.encode()), reply[:300]
+        reply = rest[len(path) :]
+    assert_431(reply, seconds - KEEP_ALIVE_S * 1.5)  # after /slow's answer, at once
+    assert b"/smuggled" not in reply
+
+
 def test_many_short_headers_count_their_whole_lines(limited):
     # Names and values alone undercounted each line by 4 bytes (': ' and CRLF): 65,535 headers 'a:'
     # in 256 kB counted 65 kB, and every route's header lookups scan them all.
