@@ -276,6 +276,28 @@ def test_cli_clear_errors(tiny_run, tmp_path, capsys):
     torch.save(payload, tmp_path / "cifar.pt")
     assert main([str(tmp_path / "cifar.pt"), "--data-dir", str(tmp_path / "empty"), "--no-download"]) == 2
     assert "CIFAR-10 not found" in capsys.readouterr().err
+    assert not (tmp_path / "eval-test").exists()  # the default --out beside the checkpoint: not left empty
+    assert main([str(run), "--budget-fractions", "0", "--out", str(tmp_path / "new" / "eval")]) == 2
+    assert "--budget-fractions 0" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main([str(tmp_path / "cifar.pt"), "--out", str(kept), "--data-dir", str(tmp_path), "--no-download"]) == 2
+    assert kept.is_dir()  # a folder that was there stays
+    capsys.readouterr()
+    # A checkpoint of an architecture this code lacks, or without its model's description: said, not a traceback.
+    good = torch.load(run / "checkpoint.pt", weights_only=False)
+    for name, edit in (("foo", {"arch": "foo"}), ("none", None)):
+        bad = dict(good)
+        if edit is None:
+            del bad["model_config"]
+        else:
+            bad["model_config"] = {**good["model_config"], **edit}
+        torch.save(bad, tmp_path / f"{name}.pt")
+        assert main([str(tmp_path / f"{name}.pt"), "--data-dir", str(data), "--no-download"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("architecture this code does not have" in err or "no model_config" in err), (
+            err
+        )
     # Data too small for the 32 images the run held out: train.py's flag was named, in a traceback.
     small = make_fashion_mnist(tmp_path / "small", n_train=20, n_test=16)
     assert main([str(run), "--data-dir", str(small), "--no-download"]) == 2

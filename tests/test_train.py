@@ -11,9 +11,9 @@ import pytest
 import torch
 from datagen import make_fashion_mnist, make_striped_fashion_mnist
 
-from training.checkpoint import load_model
+from training.checkpoint import from_record, load_model, repo_relative
 from training.options import explicit_flags, get_args_parser, resolve_args
-from training.train import cli, repo_relative
+from training.train import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -183,12 +183,17 @@ def test_resume_from_an_earlier_checkpoint_of_a_run_is_refused_not_a_rewind_of_t
     err = capsys.readouterr().err
     assert "early.pt is epoch 1, but" in err and "checkpoint.pt in the same run folder is epoch 2" in err
     assert ((run / "checkpoint.pt").read_bytes(), (run / "log.jsonl").read_text()) == before
-    # The way the message gives to branch from it works.
+    # The way the message gives to branch from it works, and the branch keeps the run's command.
+    assert f"cp {run / 'early.pt'} NEW/checkpoint.pt && cp {run / 'config.json'} NEW/, then --resume NEW" in err
     branch = tmp_path / "branch"
     branch.mkdir()
-    shutil.copy(run / "early.pt", branch / "early.pt")
-    assert cli(["--resume", str(branch / "early.pt"), "--epochs", "2", "--no-progress"]) == 0
-    assert (branch / "checkpoint.pt").is_file() and (run / "checkpoint.pt").read_bytes() == before[0]
+    shutil.copy(run / "early.pt", branch / "checkpoint.pt")
+    shutil.copy(run / "config.json", branch)
+    assert cli(["--resume", str(branch), "--epochs", "2", "--no-progress"]) == 0
+    assert torch.load(branch / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert (run / "checkpoint.pt").read_bytes() == before[0]
+    started = json.loads((run / "config.json").read_text())["command"]
+    assert json.loads((branch / "config.json").read_text())["command"] == started
 
 
 def test_resume_continues_an_imagefolder_run_exactly(tmp_path):
@@ -392,3 +397,30 @@ def test_run_records_hold_repository_relative_paths(tmp_path):
     assert repo_relative(str(ROOT / "runs" / "x")) == "runs/x"
     assert repo_relative(str(tmp_path / "x")) == str(tmp_path / "x")  # outside the repository: as given
     assert repo_relative(None) is None
+
+
+def test_recorded_paths_are_read_as_written_from_any_folder(tmp_path, monkeypatch):
+    # An in-repository data folder was recorded relative to the repository and read relative to the
+    # reader's folder: resume, evaluate and export run elsewhere looked for the data in the wrong place.
+    monkeypatch.chdir(tmp_path)
+    for path in (ROOT / "data" / "fmnist", tmp_path / "outside"):
+        assert from_record(repo_relative(str(path))) == str(path)
+    # A relative path outside the repository is recorded as the folder it named when the run began.
+    assert repo_relative("elsewhere") == str(tmp_path / "elsewhere")
+    assert from_record(repo_relative("elsewhere")) == str(tmp_path / "elsewhere")
+
+
+def test_help_says_what_every_option_does_and_its_default():
+    # argparse prints no line, and so no default, for an option without help text: --epochs, --lr
+    # and the rest of the paper's recipe showed as bare names.
+    from training.options import get_args_parser
+
+    parser = get_args_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        if action.default is not None and not isinstance(action.default, bool):
+            shown = f"(default: {action.default})"
+            assert shown in text or "default" in action.help, f"{action.option_strings[0]}: {shown} not shown"

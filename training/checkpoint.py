@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from training.models import MultiExitNetwork, create_model_from_config
+from training.models import MultiExitNetwork, UnknownModelError, create_model_from_config
 
 CHECKPOINT_FORMAT = "eed-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -21,6 +21,30 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     """The file is not a checkpoint of this project, or does not fit what it is used for."""
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(value):
+    """A path for a run's records: inside this repository, relative to it (records must not carry
+    the absolute paths of the machine that ran them); outside, absolute (a path relative to the
+    folder the run was started from means nothing to a later reader); anything else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    resolved = Path(value).resolve()
+    try:
+        return str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        return value if os.path.isabs(value) else str(resolved)
+
+
+def from_record(value):
+    """A path read from a run's records (:func:`repo_relative`'s): a relative one is the
+    repository's, whatever folder the reader runs in."""
+    if not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    return str(REPO_ROOT / value)
 
 
 def git_revision(cwd: str | Path | None = None) -> str | None:
@@ -75,7 +99,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 def load_model(path: str | Path, map_location="cpu") -> tuple[MultiExitNetwork, dict]:
     """Rebuild the model stored in a checkpoint, weights loaded, in eval mode."""
     payload = load_checkpoint(path, map_location)
-    model = create_model_from_config(payload["model_config"])
+    config = payload.get("model_config")
+    if not isinstance(config, dict) or "model" not in payload:
+        raise CheckpointError(f"{path} holds no model_config and weights; pass a checkpoint of a training run")
+    try:
+        model = create_model_from_config(config)
+    except UnknownModelError as exc:  # a checkpoint of another version of this code, or edited
+        raise CheckpointError(f"{path} was trained with an architecture this code does not have: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}'s model_config {config} does not describe a model this code builds: {exc}"
+        ) from None
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -207,12 +208,13 @@ def load_data_for(payload: dict, data_dir: str | None = None, subset: int | None
     Raises EvaluationError when the checkpoint lacks the information or the data found does
     not match what the model was trained on (classes, channels).
     """
+    from training.checkpoint import from_record
     from training.data import build_datasets
 
     info, config = payload.get("dataset"), payload.get("config") or {}
     if not info or "name" not in info:
         raise EvaluationError("the checkpoint does not say which data set it was trained on (no 'dataset' entry)")
-    data_dir = data_dir if data_dir is not None else config.get("data_dir")
+    data_dir = data_dir if data_dir is not None else from_record(config.get("data_dir"))
     try:
         bundle = build_datasets(
             info["name"],
@@ -400,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DatasetNotFoundError
 
     args = get_args_parser().parse_args(argv)
+    made: Path | None = None  # the --out folder this run made: removed again if it fails before writing
     try:
         check_device(args.device, allow_auto=False)
+        targets = calibration_targets(args)
         run_dir = resolve_checkpoint_path(args.checkpoint).parent
         out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
         if out.exists() and not out.is_dir():  # found before minutes of evaluation, not after
@@ -409,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         if not out.exists() and out.suffix == ".json":
             raise EvaluationError(f"--out is the folder that receives results.json and plots; {out} names a file")
         try:
+            if not out.exists():
+                made = next((p for p in reversed(out.parents) if not p.exists()), out)
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            made = None
             raise EvaluationError(
                 f"--out {out} cannot be created ({exc.strerror or exc}); give a writable folder"
             ) from None
@@ -422,10 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             args.download,
             args.batch_size,
             args.device,
-            **calibration_targets(args),
+            **targets,
         )
     except (CheckpointError, DatasetNotFoundError, EvaluationError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if made is not None:  # nothing written yet: leave no empty folder (by default inside the run)
+            shutil.rmtree(made, ignore_errors=True)
         return 2
     title = f"{results['arch']} x{results['width_mult']} {results['method']} on {results['dataset']}"
     plots: dict[str, Path | None] = {

@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", default="resnet18", help=f"one of: {', '.join(list_models())}")
     g.add_argument("--width-mult", type=float, default=1.0, help="scale every channel width (0.25 for a CPU)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS))
+    g.add_argument("--dataset", default="cifar100", choices=sorted(DATASETS), help="data set to train and test on")
     g.add_argument(
         "--data-dir",
         default=None,
@@ -135,7 +135,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--workers", type=int, default=None, help="data loader workers (ImageFolder only)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="eed", choices=METHODS)
+    g.add_argument(
+        "--method", default="eed", choices=METHODS, help="training method (eed: the paper's; the rest its baselines)"
+    )
     g.add_argument("--distill", default="kl", choices=DISTILL_KINDS, help="l_z: KL (x T^2) or logit MSE")
     g.add_argument(
         "--alpha",
@@ -154,13 +156,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="exits forming the EED ensemble teacher, e.g. 1 4 (default: all)",
     )
     g = p.add_argument_group("optimization (paper recipe by default)")
-    g.add_argument("--epochs", type=int, default=PAPER_EPOCHS)
+    g.add_argument(
+        "--epochs", type=int, default=PAPER_EPOCHS, help="epochs to train (the whole run's, also under --resume)"
+    )
     g.add_argument("--batch-size", type=int, default=128, help="global batch size, split across DDP ranks")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--lr-schedule", default="multistep", choices=("multistep", "cosine"))
+    g.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (L2)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument(
+        "--lr-schedule",
+        default="multistep",
+        choices=("multistep", "cosine"),
+        help="learning-rate schedule over --epochs",
+    )
     g.add_argument(
         "--milestones",
         type=int,
@@ -169,9 +178,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="epochs where lr is multiplied by --lr-gamma (default 75 130 180, "
         "scaled proportionally when --epochs is not 200)",
     )
-    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="factor applied to lr at each of --milestones")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of initialization, data order and --train-size's images")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument(
         "--amp",
@@ -186,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU threads per process (default: cores / processes; recorded, and kept by --resume)",
     )
-    g.add_argument("--output-dir", default="runs")
+    g.add_argument("--output-dir", default="runs", help="folder in which the run's folder is made")
     g.add_argument("--run-name", default=None, help="default: ARCH-DATASET-METHOD-sSEED-TIMESTAMP")
     g.add_argument("--resume", default=None, help="a run folder or checkpoint.pt to continue exactly")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always the last)")

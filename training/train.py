@@ -25,8 +25,10 @@ import torch.distributed as dist
 
 from training.checkpoint import (
     CheckpointError,
+    from_record,
     git_revision,
     load_checkpoint,
+    repo_relative,
     resolve_checkpoint_path,
     save_checkpoint,
 )
@@ -83,19 +85,7 @@ def build_scheduler(optimizer, args):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_gamma)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PATH_KEYS = ("data_dir", "output_dir", "run_dir", "resume")
-
-
-def repo_relative(value):
-    """A path inside this repository as a path relative to it (records must not carry the
-    absolute paths of the machine that ran them); anything else unchanged."""
-    if not isinstance(value, str) or not value:
-        return value
-    try:
-        return str(Path(value).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return value
 
 
 def format_epoch_line(epoch: int, epochs: int, lr: float, metrics: dict, split: str | None) -> str:
@@ -174,11 +164,14 @@ def refuse_rewinding(resumed: Path, epoch: int) -> None:
         return
     later = load_checkpoint(latest).get("epoch", 0)
     if later > epoch:
+        config = resumed.parent / "config.json"  # keeps the command that started the run (see write_run_records)
+        copy_config = f" && cp {config} NEW/" if config.is_file() else ""
         raise UsageError(
             f"{resumed} is epoch {epoch}, but {latest} in the same run folder is epoch {later}: resuming would "
             f"train from epoch {epoch} in that folder, overwrite {latest.name} and drop the later epochs of its "
-            f"log. To continue the run, --resume {resumed.parent}; to branch from {resumed.name}, copy it into "
-            f"a folder of its own (mkdir NEW && cp {resumed} NEW/) and resume that"
+            f"log. To continue the run, --resume {resumed.parent}; to branch from {resumed.name}, give it a "
+            f"folder of its own as its checkpoint.pt: mkdir NEW && cp {resumed} NEW/checkpoint.pt{copy_config}, "
+            "then --resume NEW"
         )
 
 
@@ -192,7 +185,7 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
         check_resume_matches(saved, args, explicit)
         for key, value in saved.items():  # the run continues with its own settings
             if key != "resume" and (key not in RESUME_MUTABLE or key not in explicit):
-                setattr(args, key, value)
+                setattr(args, key, from_record(value) if key in PATH_KEYS else value)
         args.run_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     args = resolve_args(args, explicit)
 
