@@ -268,9 +268,11 @@ def _json_numbers(elements: list, datatype: str, where: str) -> np.ndarray:
         with np.errstate(over="ignore"):
             array = np.asarray(elements, dtype=dtype)
     except OverflowError:  # a JSON integer beyond any float (10**400): as a non-finite value
-        raise _fail(f"{where}: a value is not finite in {datatype} (too large for the type?)") from None
+        raise _fail(f"{where}: a value is beyond the range of {datatype} (not finite once converted)") from None
     if not np.all(np.isfinite(array)):
-        raise _fail(f"{where}: a value is not finite in {datatype} (too large for the type?)")
+        if not all(math.isfinite(e) for e in elements):  # NaN, Infinity: tokens Python's JSON reader takes
+            raise _fail(f"{where}: {datatype} data holds NaN or Infinity; send finite numbers")
+        raise _fail(f"{where}: a value is beyond the range of {datatype} (not finite once converted)")
     return array
 
 

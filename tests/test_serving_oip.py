@@ -660,6 +660,25 @@ def test_an_integer_beyond_a_float_is_a_400_not_a_500(server):
     assert r.status_code == 400 and "budget_ms" in r.json()["error"] and "finite" in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("NaN", "holds NaN or Infinity; send finite numbers"),
+        ("-Infinity", "holds NaN or Infinity"),
+        ("1e39", "beyond the range of FP32"),
+        ("1" + "0" * 400, "beyond the range of FP32"),
+    ],
+)
+def test_non_finite_fp32_input_is_refused_with_what_was_wrong(value, message):
+    from serving.errors import BadRequest
+    from serving.tensors import decode_request
+
+    body = '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 1, 2], "data": [0.5, VALUE]}]}'
+    body = body.replace("VALUE", value)
+    with pytest.raises(BadRequest, match=message):
+        decode_request(body.encode(), None, 256, 256 * 784 + 4096, {"input": "FP32"})
+
+
 FAULTS = """
 import os, time
 import numpy as np
