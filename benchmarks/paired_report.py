@@ -5,8 +5,9 @@ and reports the *final epoch* of every run (no selection):
 
 * per method: test accuracy of every exit and of the exit ensemble, mean ± std over seeds;
 * EED − BranchyNet (and the other pairs present) per exit, paired by seed, with a 95 %
-  t-interval — the seed fixes the training subset, initial weights and batch order, so a
-  pair differs only in the loss;
+  t-interval — the seed fixes the training subset, initial weights (for the baseline, its
+  backbone's, in runs of this code from 2026-12-03 on) and batch order, so a pair differs
+  only in the loss;
 * per method the two premises of the paper's mechanism: the exit ensemble beating the main
   output (ensemble − main) and the network fitting its training set beyond what it achieves
   on held-out data (train − test, main output), so a null result can be tied to whether the
@@ -188,8 +189,10 @@ def to_markdown(summary: dict, meta: dict) -> str:
         "",
         "## Paired differences (points), 95 % t-interval over seeds",
         "",
-        "Each seed gives both methods the same training subset, batch order and initial weights (against "
-        "the single-exit baseline, the backbone's: its main head is built without the exits).",
+        "Each seed gives both methods the same training subset and batch order, and methods with exits the "
+        "same initial weights. The single-exit baseline's backbone starts from their backbone's weights only "
+        "in runs trained with this project's code of 2026-12-03 or later; earlier, building the exits first "
+        "moved the random numbers it drew (the pairs share the data, not the initialisation).",
         "",
     ]
     for c in comps:

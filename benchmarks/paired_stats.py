@@ -3,7 +3,8 @@
 Student's t quantiles (for confidence intervals over a handful of seeds) come from the
 regularized incomplete beta function evaluated by its continued fraction, so no SciPy is
 needed. ``paired_interval`` is the t-interval of the mean of per-seed differences: the
-methods share each seed's training subset, initial weights and batch order, so pairing
+methods share each seed's training subset, batch order and (but for heads that only one
+has) initial weights, so pairing
 removes the seed-to-seed spread that both methods share.
 """
 

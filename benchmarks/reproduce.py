@@ -83,8 +83,9 @@ PRESETS: dict[str, dict] = {
         "seeds": list(range(1, 31)),
         "report": "final_epoch",
         "regime": "ResNet-18 (CIFAR-style) x0.125, fp32, trained on 2,500 Fashion-MNIST images (a seeded "
-        "subset of the training split: same seed, same images, batch order and initial weights "
-        "for every method, except the single-exit baseline's main head, built without the exits) "
+        "subset of the training split: same seed, same images and batch order for every method, and "
+        "the same initial weights for every method with exits; the single-exit baseline's backbone "
+        "drew other ones in runs before 2026-12-03) "
         "for 200 epochs with the paper's recipe (SGD 0.1, momentum 0.9, "
         "wd 5e-4, batch 128, lr x0.1 at epochs 75/130/180, crop + flip); validation: 5,000 other "
         "training images every 20 epochs; α = 0.1 with KL, 1 with MSE, β = 1, T = 3. Seed 0 "
@@ -169,22 +170,27 @@ def _last_value(cmd: list[str], flag: str) -> str | None:
 
 
 def check_settings(run_dir: Path, cmd: list[str]) -> None:
-    """RuntimeError unless the run in ``run_dir`` was trained with the flags ``cmd`` would give it:
+    """RuntimeError unless the run in ``run_dir`` was trained with the settings ``cmd`` would give it:
     a finished run of another preset or other --extra flags must not be reported (or resumed) as
-    this one. Every flag ``cmd`` types is compared except those that do not change what is trained;
-    a setting the run's config.json lacks (a flag added since) counts as that flag's default."""
-    from training.options import explicit_flags, get_args_parser
+    this one. Every resolved setting is compared — those ``cmd`` types and those it leaves at their
+    defaults — except those that do not change what is trained (where it runs, how it reports, the
+    weights of terms the method does not have); a setting the run's config.json
+    lacks (a flag added since) counts as that flag's default."""
+    from training.options import explicit_flags, get_args_parser, resolve_args
 
     saved = _run_config(run_dir)
     if saved is None:
         raise RuntimeError(f"{run_dir} has no readable config.json; move the folder away or delete it")
     parser = get_args_parser()
     argv = cmd[2:]
-    planned, defaults = parser.parse_args(argv), parser.parse_args([])
+    planned = vars(resolve_args(parser.parse_args(argv), explicit_flags(parser, argv)))
+    defaults = vars(parser.parse_args([]))
+    unused = NOT_FOR_METHOD[planned["method"]] | ({"--temperature"} if planned["distill"] == "mse" else set())
+    ignored = NOT_COMPARED | {flag.removeprefix("--").replace("-", "_") for flag in unused}  # e.g. a baseline's α
     differ = [
-        f"--{k.replace('_', '-')} {getattr(planned, k)!r} (the run: {saved.get(k, getattr(defaults, k))!r})"
-        for k in sorted(explicit_flags(parser, argv) - NOT_COMPARED)
-        if saved.get(k, getattr(defaults, k)) != getattr(planned, k)
+        f"--{k.replace('_', '-')} {planned[k]!r} (the run: {saved.get(k, defaults[k])!r})"
+        for k in sorted(set(planned) - ignored)
+        if saved.get(k, defaults[k]) != planned[k]
     ]
     if differ:
         raise RuntimeError(

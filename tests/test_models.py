@@ -62,6 +62,19 @@ def test_baseline_has_only_the_main_output():
     assert len(out.logits) == 1 and out.main.shape == (2, 10)
 
 
+@pytest.mark.parametrize("arch", list_models())
+def test_a_seed_gives_the_baseline_the_backbone_weights_of_the_network_with_exits(arch):
+    # The paired comparison (benchmarks/reproduce.py) pairs methods by seed: the baseline's backbone
+    # began from other random numbers (its missing heads drew none), so its pairs shared only the data.
+    models = []
+    for with_exits in (True, False):
+        torch.manual_seed(3)
+        models.append(create_model(arch, 7, in_channels=1, width_mult=0.125, with_exits=with_exits).state_dict())
+    exits, baseline = models
+    trunk = [k for k in baseline if not k.startswith("heads.")]
+    assert trunk and all(torch.equal(baseline[k], exits[k]) for k in trunk)
+
+
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(UnknownModelError, match="choose one of: .*resnet18"):
         create_model("resnet19", 10)

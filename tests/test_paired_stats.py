@@ -64,13 +64,13 @@ def _fake_run(root, method, seed, test, ensemble, train_main, val_main, val_ense
     import json
 
     from benchmarks.reproduce import planned_command
-    from training.options import get_args_parser
+    from training.options import explicit_flags, get_args_parser, resolve_args
 
     k = len(test)
     run = root / f"{method}-s{seed}"
     run.mkdir(parents=True)
-    config = vars(get_args_parser().parse_args(planned_command(method, seed, preset, root, [], 1)[2:]))
-    config["alpha"] = 1.0 if config["alpha"] is None else config["alpha"]
+    parser, argv = get_args_parser(), planned_command(method, seed, preset, root, [], 1)[2:]
+    config = vars(resolve_args(parser.parse_args(argv), explicit_flags(parser, argv)))  # as train.py saves it
     (run / "config.json").write_text(json.dumps({"config": config}))
     final = {f"test_acc_exit{e + 1}": a / 100 for e, a in enumerate(test)}
     if ensemble is not None:

@@ -131,6 +131,43 @@ def test_runs_of_another_preset_are_not_reported_as_this_one(tmp_path, capsys):
     assert not (tmp_path / "o" / "reproduce_small-data.md").exists()
 
 
+@pytest.mark.parametrize(
+    "edit, named",
+    [({"lr": 0.05}, "--lr 0.1 (the run: 0.05)"), ({"weight_decay": 0.0}, "--weight-decay 0.0005 (the run: 0.0)")],
+)
+def test_a_run_trained_with_a_setting_the_preset_leaves_at_its_default_is_not_reported_as_the_presets(
+    tmp_path, capsys, edit, named
+):
+    # Only the flags the preset's command types were compared: a run of --extra --lr 0.05 passed as
+    # one of the preset's, and a later run without --extra skipped and reported it.
+    from test_paired_stats import _fake_run
+
+    from benchmarks.reproduce import main
+
+    runs_dir = tmp_path / "runs"
+    run = _fake_run(runs_dir, "eed-mse", 1, [80, 85], 86, 99, 85, 86)
+    record = json.loads((run / "config.json").read_text())
+    record["config"].update(edit)
+    (run / "config.json").write_text(json.dumps(record))
+    argv = ["--preset", "small-data", "--report-only", "--runs-dir", str(runs_dir), "--out-dir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and named in err, err
+
+
+def test_settings_a_method_does_not_use_are_not_compared(tmp_path):
+    # A baseline's α weights a term it does not have: runs from before α's default changed still count.
+    from test_paired_stats import _fake_run
+
+    from benchmarks.reproduce import check_settings
+
+    run = _fake_run(tmp_path, "baseline", 1, [84], None, 99, 84, None)
+    record = json.loads((run / "config.json").read_text())
+    record["config"].update(alpha=1.0, temperature=4.0)
+    (run / "config.json").write_text(json.dumps(record))
+    check_settings(run, planned_command("baseline", 1, "small-data", tmp_path, [], 1))
+
+
 def test_a_failed_run_stops_the_launching_of_the_rest(tmp_path, capsys):
     """Real train.py runs that fail at once (an --extra flag it refuses): the first failure stops the
     benchmark instead of launching every other run first."""

@@ -146,9 +146,12 @@ class MultiExitNetwork(nn.Module):
         self.with_exits = with_exits
         # exit_stage[j] is the index of the stage that head j reads from.
         self.exit_stages: tuple[int, ...] = tuple(range(len(stages))) if with_exits else (len(stages) - 1,)
-        self.heads = nn.ModuleList(
-            make_exit_head(self.stage_specs, s, num_classes, exit_last_stride) for s in self.exit_stages
-        )
+        # Every stage's head is built, and the baseline keeps only the last: building a head draws
+        # PyTorch's default initialisation, and _init_weights then re-draws the trunk from where that
+        # left the generator — so without the others the baseline's trunk began from other random
+        # numbers than the multi-exit network's of the same seed, and a seed did not pair them.
+        heads = [make_exit_head(self.stage_specs, s, num_classes, exit_last_stride) for s in range(len(stages))]
+        self.heads = nn.ModuleList(heads[s] for s in self.exit_stages)
         self.feature_dim = self.heads[-1].feature_dim
         _init_weights(self)
 
