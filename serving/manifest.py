@@ -29,7 +29,8 @@ class ManifestError(ValueError):
 class InputSpec(BaseModel):
     """What the network expects and how to bring an arbitrary image to it."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are refused everywhere: a NaN mean passed, and every answer was a 500.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     channels: Literal[1, 3]
     height: int = Field(gt=0)
@@ -58,9 +59,10 @@ class InputSpec(BaseModel):
 
 
 class _Strict(BaseModel):
-    """Unknown keys are refused: a typo or a stale field fails at load, not at use."""
+    """Unknown keys are refused: a typo or a stale field fails at load, not at use; so are NaN and
+    infinity (Python's JSON reader takes them), which no figure of an export can be."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExitSpec(_Strict):
@@ -339,6 +341,10 @@ def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
         )
     try:
         manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except OSError as exc:  # unreadable (permissions, a dangling link, an I/O error)
+        raise ManifestError(
+            f"{path} cannot be read ({exc.strerror or exc}); check its permissions and the disk it is on"
+        ) from None
     except (json.JSONDecodeError, ValueError) as exc:
         raise ManifestError(f"{path} is not a valid manifest: {exc}") from exc
     if verify:
@@ -353,7 +359,12 @@ def verify_files(manifest: Manifest, model_dir: str | Path) -> None:
         file = model_dir / name
         if not file.is_file():
             raise ManifestError(f"{file} is listed in the manifest but missing")
-        actual = sha256_file(file)
+        try:
+            actual = sha256_file(file)
+        except OSError as exc:
+            raise ManifestError(
+                f"{file} cannot be read ({exc.strerror or exc}); check its permissions and the disk it is on"
+            ) from None
         if actual != expected:
             raise ManifestError(
                 f"checksum mismatch for {file}: manifest says {expected[:12]}…, file has "

@@ -230,6 +230,7 @@ class ModelRuntime:
         chain = provider_chain(options.providers, ort.get_available_providers())
         io = manifest.io
         k = manifest.num_exits
+        image = (manifest.input.channels, manifest.input.height, manifest.input.width)
         exits, stages = [], []
         for spec in manifest.exits:
             exits.append(
@@ -242,6 +243,7 @@ class ModelRuntime:
                     [io.logits_output],
                     chain,
                     options,
+                    image,
                 )
             )
             stage_input = io.image_input if spec.exit == 1 else io.features_input
@@ -256,6 +258,7 @@ class ModelRuntime:
                     stage_outputs,
                     chain,
                     options,
+                    image if spec.exit == 1 else None,
                 )
             )
         actual = {g.provider for g in exits + stages}
@@ -283,11 +286,11 @@ class ModelRuntime:
             x = self.example_input(batch)
             for _ in range(runs if batch == 1 else 1):
                 for graph in self.exits:
-                    (logits,) = graph.run(x)
+                    (logits,) = _run_checked(graph, x)
                     _check_logits(graph, logits, batch, num_classes)
                 features = x
                 for graph in self.stages:
-                    outputs = graph.run(features)
+                    outputs = _run_checked(graph, features)
                     _check_logits(graph, outputs[0], batch, num_classes)
                     if len(outputs) > 1:
                         features = outputs[1]
@@ -455,7 +458,10 @@ def _open(
     output_names: list[str],
     chain: Sequence[str],
     options: SessionOptions,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> Graph:
+    """The graph's session, its inputs and outputs checked by name and type (and, given
+    ``image_shape``, its image input's declared (C, H, W))."""
     try:
         session = open_session(path, chain, **options.session_keywords())
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -467,6 +473,23 @@ def _open(
     missing = [n for n in output_names if n not in outputs]
     if missing:
         raise ModelLoadError(f"{path.name} has outputs {outputs}; expected {output_names} (missing {missing})")
+    # The server feeds float32 and reads float32: an integer logits output loaded and answered from
+    # truncated logits; a float64 one failed at warm-up in ONNX Runtime's words.
+    used = [a for a in (*session.get_inputs(), *session.get_outputs()) if a.name in (input_name, *output_names)]
+    wrong = [f"{a.name} is {a.type}" for a in used if a.type != "tensor(float)"]
+    if wrong:
+        raise ModelLoadError(
+            f"{path.name}: {', '.join(wrong)}; the server feeds and reads float32 (tensor(float)) only — "
+            "export the checkpoint again with python -m training.export"
+        )
+    if image_shape is not None:
+        declared = next(a.shape for a in session.get_inputs() if a.name == input_name)
+        if len(declared) != 4 or any(isinstance(d, int) and d != e for d, e in zip(declared[1:], image_shape)):
+            c, h, w = image_shape
+            raise ModelLoadError(
+                f"{path.name} takes {input_name} of shape {declared}; the manifest's input says [N, {c}, {h}, {w}] "
+                "(input.channels, height, width): the manifest belongs to another export, or those fields are wrong"
+            )
     return Graph(
         name=name,
         kind=kind,
@@ -477,6 +500,22 @@ def _open(
         provider=session.get_providers()[0],
         source=path,
     )
+
+
+def _run_checked(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
+    """``graph.run(x)`` at warm-up, a failure named by graph and file (a stage that does not take
+    the features its predecessor gives fails only here, in ONNX Runtime's words)."""
+    try:
+        return graph.run(x)
+    except Exception as exc:  # ORT's own exception types
+        what = (
+            "the manifest's input shape" if graph.kind == "exit" or graph.exit == 1 else "the previous stage's features"
+        )
+        where = graph.source.name if graph.source else "in memory"
+        raise ModelLoadError(
+            f"{graph.name} ({where}) fails on {what} {list(x.shape)}: {exc}; the folder mixes graphs "
+            "of different exports or its manifest is wrong — export the checkpoint again into an empty folder"
+        ) from None
 
 
 def _check_logits(graph: Graph, logits: np.ndarray, batch: int, num_classes: int) -> None:

@@ -78,8 +78,10 @@ class ServerSettings(BaseSettings):
         "stages = stage by stage, auto = fused when it measures faster at load; with a deadline, the fused "
         "graph only when the whole stage chain is predicted in time",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads per session (0 = ORT default)")
-    inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads per session (0 = ORT default)")
+    # Bounded: every graph has a session of its own, with threads of its own (100,000 started 32,000
+    # threads and never became ready).
+    intra_op_threads: int = Field(0, ge=0, le=512, description="ORT intra-op threads per session (0 = ORT default)")
+    inter_op_threads: int = Field(0, ge=0, le=512, description="ORT inter-op threads per session (0 = ORT default)")
     ort_allow_spinning: bool = Field(
         False,
         description="let ORT worker threads busy-wait for work as long as ORT's own default has them (tens of "

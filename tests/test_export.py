@@ -368,6 +368,14 @@ def test_calibrate_rewrites_an_exported_folders_policies_from_its_own_graphs(res
         assert f"{flag} {value}: give values" in capsys.readouterr().err
     assert calibrate([str(tmp_path / "nowhere")]) == 2
     assert "pass a folder written by python -m training.export" in capsys.readouterr().err
+    # Figures of the whole split are not replaced by a quick look's without --force (it was silent).
+    before = path.read_bytes()
+    assert calibrate([str(copy), "--subset", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "measured on the whole test split" in err and "add --force" in err and path.read_bytes() == before, err
+    assert calibrate([str(copy), "--subset", "16", "--force"]) == 0
+    assert load_manifest(copy).evaluation.subset == 16
+    assert calibrate([str(copy), "--subset", "8"]) == 0  # a subset's figures for another subset's: no harm
     # a folder whose graphs changed is refused before anything is measured, and left as it was
     (copy / exported.exits[0].path).write_bytes(b"not the graph")
     before = path.read_bytes()

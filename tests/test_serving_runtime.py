@@ -76,6 +76,99 @@ def test_manifest_that_does_not_match_graphs_fails_warm_up(tmp_path):
         rt.warm_up(max_batch_size=1, runs=1)
 
 
+def _rewrite_graph(folder, name, edit) -> None:
+    """Apply ``edit`` to graph ``name`` of ``folder`` and record its new checksum (a consistent folder)."""
+    import onnx
+
+    from serving.manifest import sha256_file
+
+    model = onnx.load(folder / name)
+    edit(model)
+    onnx.save(model, folder / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = sha256_file(folder / name)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_graph_with_integer_logits_is_refused_at_load_not_served(tmp_path):
+    # It loaded, and every answer came from truncated logits.
+    import onnx
+
+    def cast_logits(model):
+        graph = model.graph
+        graph.node[-1].output[0] = "logits_float"
+        graph.node.append(onnx.helper.make_node("Cast", ["logits_float"], ["logits"], to=onnx.TensorProto.INT64))
+        graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+
+    folder = build_model_folder(tmp_path / "m")
+    _rewrite_graph(folder, "exit1.onnx", cast_logits)
+    with pytest.raises(
+        ModelLoadError, match=r"exit1.onnx: logits is tensor\(int64\); the server feeds and reads float32"
+    ):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+
+
+@pytest.mark.parametrize("field, value", [("height", 32), ("channels", 3)])
+def test_a_manifest_input_shape_the_graphs_do_not_take_is_named_at_load(tmp_path, field, value):
+    # Found at warm-up, in ONNX Runtime's words ("Got invalid dimensions for input: image"), naming
+    # neither the file nor the manifest's field.
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["input"][field] = value
+    if field == "channels":
+        manifest["input"]["mean"], manifest["input"]["std"] = [0.5] * 3, [0.25] * 3
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=r"exit1.onnx takes image of shape .*input.channels, height, width"):
+        ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+
+
+def test_a_stage_that_does_not_take_its_predecessors_features_is_named_at_warm_up(tmp_path):
+
+    def narrow_features(model):  # stage 2 now declares (and takes) one feature channel fewer
+        inp = model.graph.input[0].type.tensor_type.shape.dim[1]
+        inp.dim_value = inp.dim_value - 1
+
+    folder = build_model_folder(tmp_path / "m")
+    _rewrite_graph(folder, "stage2.onnx", narrow_features)
+    rt = ModelRuntime.load(folder, SessionOptions(providers="cpu"))
+    with pytest.raises(ModelLoadError, match=r"stage2 \(stage2.onnx\) fails on the previous stage's features"):
+        rt.warm_up(max_batch_size=1, runs=1)
+
+
+def test_an_unreadable_graph_or_manifest_is_named_not_a_traceback(tmp_path):
+    # Read as root, a link to /proc/self/mem is a regular file whose read fails (EIO): any OSError on
+    # reading a listed file was a PermissionError/OSError traceback, exit 1.
+    folder = build_model_folder(tmp_path / "m")
+    (folder / "stage3.onnx").unlink()
+    (folder / "stage3.onnx").symlink_to("/proc/self/mem")
+    with pytest.raises(ManifestError, match="stage3.onnx cannot be read .*check its permissions"):
+        ModelRuntime.load(folder)
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").symlink_to("/proc/self/mem")
+    result = _serve(["--model-dir", str(folder)])
+    assert result.returncode == 2 and "manifest.json cannot be read" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("field", ["mean", "std"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_manifest_figure_that_is_not_finite_is_refused(tmp_path, field, value):
+    # A NaN mean loaded, warmed and served a 500 to every request.
+    folder = build_model_folder(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["input"][field] = [value]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=f"input.{field}.0\n.*finite number"):
+        ModelRuntime.load(folder)
+
+
+def test_thread_counts_are_bounded():
+    # Every graph has a session with threads of its own: 100,000 started 32,000 threads, never ready.
+    for name in ("intra_op_threads", "inter_op_threads"):
+        with pytest.raises(ValidationError, match="less than or equal to 512"):
+            ServerSettings(**{name: 100_000})
+
+
 def test_a_folder_whose_exits_name_each_others_graphs_is_refused(tmp_path):
     # Valid checksums, every graph loads: only the stage chain against the full paths shows that
     # exit 2 would answer with exit 3's logits while reporting exit 2's cost and accuracy.
@@ -110,13 +203,14 @@ def _with_policy(tmp_path, thresholds=(0.5, 0.5), val=None, test=None):
 @pytest.mark.parametrize(
     "thresholds, fragment",
     [
-        ([0.5], "has 1 values; the rule needs one per early exit \\(2\\)"),
-        ([0.5, float("nan")], "must be finite and >= 0"),
+        ([0.5], " has 1 values; the rule needs one per early exit \\(2\\)"),
+        ([0.5, -0.1], " must be finite and >= 0"),
+        ([0.5, float("nan")], ".1\n.*finite number"),
     ],
 )
 def test_a_calibrated_policy_the_rule_cannot_apply_is_refused_with_its_name(tmp_path, thresholds, fragment):
     folder, _ = _with_policy(tmp_path, thresholds)
-    with pytest.raises(ManifestError, match=f"thresholds.policies.cheap.thresholds {fragment}"):
+    with pytest.raises(ManifestError, match=f"thresholds.policies.cheap.thresholds{fragment}"):
         ModelRuntime.load(folder, SessionOptions(providers="cpu"))
 
 

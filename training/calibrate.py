@@ -39,15 +39,24 @@ def recalibrate(
     subset: int | None = None,
     download: bool = True,
     argv: Sequence[str] = (),
+    force: bool = False,
     **targets,
 ) -> Manifest:
-    """Re-measure and re-calibrate ``folder`` in place; returns the new manifest."""
+    """Re-measure and re-calibrate ``folder`` in place; returns the new manifest. Figures of a whole
+    split are replaced by those of a ``subset`` only with ``force``."""
     from training.checkpoint import git_revision
 
     folder = Path(folder)
     if not (folder / MANIFEST_NAME).is_file():
         raise EvaluationError(f"{folder} holds no {MANIFEST_NAME}; pass a folder written by python -m training.export")
     manifest = load_manifest(folder, verify=True)  # the graphs are what the figures will describe
+    measured = manifest.evaluation
+    if subset is not None and not force and measured is not None and measured.split and measured.subset is None:
+        raise EvaluationError(
+            f"{folder / MANIFEST_NAME}'s accuracies and policies were measured on the whole {measured.split} split "
+            f"({measured.images} images); --subset {subset} would replace them with figures of {subset} images. "
+            "Calibrate a copy of the folder, drop --subset, or add --force"
+        )
     config = dict(manifest.provenance.training_config)
     if not config:
         raise EvaluationError(
@@ -101,6 +110,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("folder", help="model folder written by training.export (its manifest.json is rewritten)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split whose accuracy goes in the manifest")
+    p.add_argument(
+        "--force", action="store_true", help="with --subset, replace figures measured on a whole split all the same"
+    )
     add_data_args(p)
     add_calibration_args(p)
     return p
@@ -114,14 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         manifest = recalibrate(
-            args.folder, args.split, args.data_dir, args.subset, args.download, argv, **calibration_targets(args)
+            args.folder,
+            args.split,
+            args.data_dir,
+            args.subset,
+            args.download,
+            argv,
+            args.force,
+            **calibration_targets(args),
         )
     except (
         DatasetNotFoundError,
         EvaluationError,
         ManifestError,
+        OSError,
         ValueError,
-    ) as exc:  # ValueError: a split the data cannot give
+    ) as exc:  # ValueError: a split the data cannot give; OSError: the manifest could not be written
         print(f"error: {exc}\n{args.folder} was left as it was", file=sys.stderr)
         return 2
     print(f"rewrote {Path(args.folder) / MANIFEST_NAME}")
