@@ -176,17 +176,23 @@ def check_settings(run_dir: Path, cmd: list[str]) -> None:
     defaults — except those that do not change what is trained (where it runs, how it reports, the
     weights of terms the method does not have); a setting the run's config.json
     lacks (a flag added since) counts as that flag's default."""
-    from training.options import explicit_flags, get_args_parser, resolve_args
+    from training.options import UsageError, explicit_flags, get_args_parser, resolve_args
 
     saved = _run_config(run_dir)
     if saved is None:
         raise RuntimeError(f"{run_dir} has no readable config.json; move the folder away or delete it")
     parser = get_args_parser()
     argv = cmd[2:]
-    planned = vars(resolve_args(parser.parse_args(argv), explicit_flags(parser, argv)))
+    typed = explicit_flags(parser, argv)
+    try:
+        planned = vars(resolve_args(parser.parse_args(argv), typed))
+    except UsageError as exc:  # --extra flags that train.py would refuse
+        raise RuntimeError(f"the command planned for {run_dir.name} is refused by train.py: {exc}") from None
     defaults = vars(parser.parse_args([]))
     unused = NOT_FOR_METHOD[planned["method"]] | ({"--temperature"} if planned["distill"] == "mse" else set())
     ignored = NOT_COMPARED | {flag.removeprefix("--").replace("-", "_") for flag in unused}  # e.g. a baseline's α
+    if "eval_every" not in typed:  # how often it validates: a resume may change it (compared when a preset sets it)
+        ignored |= {"eval_every"}
     differ = [
         f"--{k.replace('_', '-')} {planned[k]!r} (the run: {saved.get(k, defaults[k])!r})"
         for k in sorted(set(planned) - ignored)

@@ -259,8 +259,8 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
         _raw = 0
         # The 431 once a request is refused: sent at once, or after the answers still owed to the
         # requests before it (HTTP/1.1 answers in order: sent first, it took an earlier pipelined
-        # request's place and that answer was lost). Everything the connection reads after the
-        # refused request's line is dropped.
+        # request's place and that answer was lost). What the connection reads after the refusal
+        # is dropped unparsed.
         _refusal: bytes | None = None
 
         def on_message_begin(self) -> None:
@@ -295,6 +295,11 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
             return bool(self.pipeline) or not (self.cycle is None or self.cycle.response_complete)
 
         def data_received(self, data: bytes) -> None:
+            if self._refusal is not None:
+                # Refused: nothing more is parsed (httptools keeps an unfinished header's fragments,
+                # and the answers still owed resume reading) — a header streamed on after a deferred
+                # 431 grew by 65 MB in 5 s.
+                return
             inside, heads = self._in_head, self._heads
             super().data_received(data)
             if inside and self._in_head and self._heads == heads:  # a read wholly inside one head
@@ -312,9 +317,7 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
             self._refusal = protocol_error_response(
                 error, b"Request Header Fields Too Large", self.server_state.default_headers, self.url
             )
-            if self._owed():
-                self.flow.pause_reading()  # the rest waits; the 431 follows the answers owed
-            else:
+            if not self._owed():  # else it follows the answers owed; meanwhile what arrives is dropped
                 self._send_refusal()
 
         def _send_refusal(self) -> None:

@@ -279,6 +279,14 @@ def test_cli_clear_errors(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "eval-test").exists()  # the default --out beside the checkpoint: not left empty
     assert main([str(run), "--budget-fractions", "0", "--out", str(tmp_path / "new" / "eval")]) == 2
     assert "--budget-fractions 0" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    shared = tmp_path / "shared"  # made by this evaluation, written into by another meanwhile: kept
+    (shared / "other").mkdir(parents=True)
+    (shared / "other" / "results.json").write_text("{}")
+    assert (
+        main([str(tmp_path / "cifar.pt"), "--out", str(shared / "mine"), "--data-dir", str(tmp_path), "--no-download"])
+        == 2
+    )
+    assert (shared / "other" / "results.json").is_file() and not (shared / "mine").exists()
     kept = tmp_path / "kept"
     kept.mkdir()
     assert main([str(tmp_path / "cifar.pt"), "--out", str(kept), "--data-dir", str(tmp_path), "--no-download"]) == 2

@@ -155,6 +155,31 @@ def test_a_run_trained_with_a_setting_the_preset_leaves_at_its_default_is_not_re
     assert "trained with other settings" in err and named in err, err
 
 
+def test_extra_flags_train_py_refuses_are_an_error_line_and_eval_every_counts_only_where_typed(tmp_path, capsys):
+    from test_paired_stats import _fake_run
+
+    from benchmarks.reproduce import check_settings, main
+
+    runs_dir = tmp_path / "runs"
+    run = _fake_run(runs_dir, "branchynet", 1, [80, 85], 86, 99, 85, 86, preset="cpu")
+    argv = ["--preset", "cpu", "--report-only", "--runs-dir", str(runs_dir), "--out-dir", str(tmp_path / "o")]
+    assert main([*argv, "--extra", "--epochs", "0"]) == 2  # was a UsageError traceback
+    err = capsys.readouterr().err
+    assert "refused by train.py: --epochs must be at least 1" in err and "Traceback" not in err, err
+    # A run resumed with another --eval-every (train.py allows it) is still the preset's run ...
+    record = json.loads((run / "config.json").read_text())
+    record["config"]["eval_every"] = 5
+    (run / "config.json").write_text(json.dumps(record))
+    check_settings(run, planned_command("branchynet", 1, "cpu", runs_dir, [], 1))
+    # ... unless the preset sets it.
+    small = _fake_run(tmp_path / "small", "branchynet", 1, [80, 85], 86, 99, 85, 86)
+    record = json.loads((small / "config.json").read_text())
+    record["config"]["eval_every"] = 5
+    (small / "config.json").write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match="--eval-every 20 \\(the run: 5\\)"):
+        check_settings(small, planned_command("branchynet", 1, "small-data", tmp_path / "small", [], 1))
+
+
 def test_settings_a_method_does_not_use_are_not_compared(tmp_path):
     # A baseline's α weights a term it does not have: runs from before α's default changed still count.
     from test_paired_stats import _fake_run

@@ -320,6 +320,43 @@ def test_a_head_over_the_limit_behind_pipelined_requests_is_refused_after_their_
     assert b"/smuggled" not in reply
 
 
+def test_after_a_deferred_refusal_nothing_more_is_parsed(limited):
+    # While an earlier answer was owed, the answers' completion resumed reading and every byte went
+    # on to the parser: a header streamed after the refusal grew without limit (65 MB in 5 s).
+    fed: list[int] = []
+
+    class CountingParser:  # what the connection's protocol feeds its httptools parser
+        def __init__(self, parser) -> None:
+            self.parser = parser
+
+        def feed_data(self, data: bytes) -> None:
+            fed.append(len(data))
+            self.parser.feed_data(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self.parser, name)
+
+    with connection(limited) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)  # /slow in flight (1.5 s): the server's loop is idle
+        (protocol,) = [c for c in limited.server_state.connections if c.client[1] == sock.getsockname()[1]]
+        protocol.parser = CountingParser(protocol.parser)
+        sock.sendall(b"GET /big HTTP/1.1\r\nX-Big: ")
+        time.sleep(0.1)
+        sock.sendall(b"a" * (HEAD_LIMIT + 1))  # a read wholly inside the head, past the limit: refused
+        time.sleep(0.2)
+        refused_after = sum(fed)
+        for _ in range(64):  # the header streams on while /slow is still owed
+            sock.sendall(b"a" * 65536)
+        time.sleep(0.2)
+        parsed = sum(fed) - refused_after
+        reply, _ = read_until_closed(sock)
+    assert parsed == 0, f"{parsed} bytes parsed after the refusal"
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"/slow"), reply[:200]
+    assert b"HTTP/1.1 431 " in rest
+
+
 def test_many_short_headers_count_their_whole_lines(limited):
     # Names and values alone undercounted each line by 4 bytes (': ' and CRLF): 65,535 headers 'a:'
     # in 256 kB counted 65 kB, and every route's header lookups scan them all.

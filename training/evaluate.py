@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -434,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetNotFoundError, EvaluationError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if made is not None:  # nothing written yet: leave no empty folder (by default inside the run)
-            shutil.rmtree(made, ignore_errors=True)
+            for folder in (out, *out.parents):  # empty ones only: another process may be writing there
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == made:
+                    break
         return 2
     title = f"{results['arch']} x{results['width_mult']} {results['method']} on {results['dataset']}"
     plots: dict[str, Path | None] = {
