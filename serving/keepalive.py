@@ -150,6 +150,15 @@ def connection_timeouts(
                 self._arm(now + header_timeout_s)
             super().on_message_begin()
 
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            # A body above uvicorn's high-water mark pauses reading until the app's next receive(),
+            # which a route that has read its whole body never makes: a client that left then went
+            # unseen, and its answer counted as a 200 (a 499 after a small body). The body is all
+            # here: read on, as after a small one. A request behind it pauses reading at its headers.
+            if not self.pipeline and self.flow.read_paused:
+                self.flow.resume_reading()
+
         def on_response_complete(self) -> None:
             # uvicorn's own (0.54), but for the keep-alive timer.
             self._answered += 1

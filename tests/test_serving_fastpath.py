@@ -498,6 +498,35 @@ def test_a_client_that_leaves_before_its_answer_is_counted_as_499_not_as_200_eit
     assert exchange(port, post("/classify?exit=2", large))[0][0] == 200  # and the server goes on
 
 
+def test_a_client_that_leaves_after_sending_a_large_body_is_counted_as_499(served):
+    """A body above uvicorn's high-water mark (64 KiB) left reading paused once the route had read it:
+    the client's leaving went unseen, and its answer was counted as a 200 with its deadline met."""
+    import numpy as np
+    from PIL import Image
+
+    _, port = served
+    rng = np.random.default_rng(1)
+    huge = encode(Image.fromarray(rng.integers(0, 256, (3000, 3000), dtype=np.uint8)))  # ~9 MB, ~0.1 s to decode
+    path = "/classify?budget_ms=60000&budget_gflops=1e9&top_k=2"  # a query not seen before: the ASGI way
+    exits = [*map(str, range(1, NUM_EXITS + 1))]
+    answered = [f'eed_requests_total{{exit="{e}",policy="budget",status="200"}}' for e in exits]
+    left = [f'eed_requests_total{{exit="{e}",policy="budget",status="499"}}' for e in [*exits, "none"]]
+    deadlines = [f'eed_deadline_total{{exit="{e}",outcome="{o}"}}' for e in exits for o in ("met", "missed")]
+    before = (
+        [_count(port, s) for s in answered],
+        sum(_count(port, s) for s in left),
+        [_count(port, s) for s in deadlines],
+    )
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(post(path, huge))
+        time.sleep(0.05)  # the body read, its image decoding
+    deadline = time.monotonic() + 10
+    while sum(_count(port, s) for s in left) < before[1] + 1:
+        assert time.monotonic() < deadline, "the departure was not counted as a 499"
+        time.sleep(0.05)
+    assert [_count(port, s) for s in answered] == before[0] and [_count(port, s) for s in deadlines] == before[2]
+
+
 def test_a_deadline_and_latency_count_from_the_requests_arrival_not_from_its_handler(served):
     """DESIGN §4: a deadline is counted from the request's arrival. A request pipelined behind a slow
     one arrives with it and waits for it before its handler starts (as requests wait for the event
