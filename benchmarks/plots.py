@@ -115,21 +115,35 @@ def serving_rounds(throughput: Mapping[str, Any], targets: Mapping[str, float], 
         ("overhead_main", "1 connection: p50 over raw batch 1 (ms)", "overhead_p50_ms"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    marked = False
     for ax, (case, title, target) in zip(axes, panels):
         for name, served in cases[case]["servers"].items():
-            if case.startswith("saturation"):
-                values = served["ratio_vs_raw_default_per_round"]
-            else:
-                values = served.get("p50_overhead_ms_vs_raw_default_per_round") or [
-                    run["p50_overhead_ms_vs_raw_default"]
-                    for run in served["runs"]  # results before 2026-12-01
-                ]
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+            key = "ratio_vs_raw_default" if case.startswith("saturation") else "p50_overhead_ms_vs_raw_default"
+            values = served.get(f"{key}_per_round") or [
+                run["p50_overhead_ms_vs_raw_default"]
+                for run in served["runs"]  # results before 2026-12-01
+            ]
+            (line,) = ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+            # Rounds whose baseline the host slowed: left out of the figures, drawn hollow.
+            stalled = served.get(f"{key}_stalled_rounds", [])
+            if stalled:
+                ax.plot(
+                    [i + 1 for i in stalled],
+                    [values[i] for i in stalled],
+                    ls="none",
+                    marker="o",
+                    ms=9,
+                    mfc="white",
+                    mec=line.get_color(),
+                    label=None if marked else "stalled baseline (left out)",
+                )
+                marked = True
         ax.axhline(targets[target], color="grey", ls="--", lw=1, label="target")
         ax.set_xlabel("round")
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(1, throughput["rounds"] + 1))
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=8)
     fresh = "fresh servers, " if throughput.get("fresh_servers_each_round") else ""
     fig.suptitle(f"serve_bench, {throughput['model']} (each round: {fresh}raw ORT timed beside them)")
     return _save(plt, fig, path)
