@@ -134,6 +134,7 @@ def serving_rounds(throughput: Mapping[str, Any], targets: Mapping[str, float], 
                     marker="o",
                     ms=9,
                     mfc="white",
+                    color=line.get_color(),
                     mec=line.get_color(),
                     label=None if marked else "stalled baseline (left out)",
                 )
