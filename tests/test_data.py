@@ -61,6 +61,56 @@ def test_cifar_pickles(tmp_path, num_classes):
     assert data.spec.num_classes == num_classes
 
 
+def _edit_pickle(path, edit):
+    import pickle
+
+    with open(path, "rb") as fh:
+        content = pickle.load(fh)
+    edit(content)
+    with open(path, "wb") as fh:
+        pickle.dump(content, fh)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        # three labels short: every later image took the next one's label, and training ran
+        ("data_batch_1", lambda b: b.update(labels=b["labels"][:-3]), "60 train images but 57 labels"),
+        # nine names for ten classes: a 10-logit model was exported with nine class names
+        ("batches.meta", lambda m: m.update(label_names=m["label_names"][:9]), "9 class names for its 10 classes"),
+        ("test_batch", lambda b: b.update(labels=[12] * len(b["labels"])), "test labels from 12 to 12"),
+    ],
+)
+def test_cifar_files_that_do_not_hold_the_data_set_are_refused(tmp_path, name, change, message):
+    from training.data import CorruptDatasetError
+
+    make_cifar(tmp_path, 10)
+    _edit_pickle(tmp_path / "cifar-10-batches-py" / name, change)
+    with pytest.raises(CorruptDatasetError, match=message):
+        build_datasets("cifar10", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("what", ["labels as images", "32x32 images", "a label of 37"])
+def test_fashion_mnist_files_that_do_not_hold_the_data_set_are_refused(tmp_path, what):
+    # A labels file over the images file was "not enough values to unpack"; a label of 37 an
+    # IndexError traceback mid-epoch; 32x32 images trained at 32 while the run recorded 28.
+    from training.data import CorruptDatasetError
+
+    make_fashion_mnist(tmp_path, n_train=20, n_test=8)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    if what == "labels as images":
+        images.write_bytes((tmp_path / "train-labels-idx1-ubyte.gz").read_bytes())
+        message = r"train images of shape \(1,\), where the data set's are \(1, 28, 28\)"
+    elif what == "32x32 images":
+        write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((20, 32, 32), np.uint8))
+        message = r"train images of shape \(1, 32, 32\)"
+    else:
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(8, 37, np.uint8))
+        message = "test labels from 37 to 37, where classes are 0..9"
+    with pytest.raises(CorruptDatasetError, match=message):
+        build_datasets("fashion-mnist", tmp_path, download=False)
+
+
 def test_missing_cifar_says_what_to_do(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="CIFAR-100 not found.*--dataset fashion-mnist"):
         build_datasets("cifar100", tmp_path / "nothing", download=False)

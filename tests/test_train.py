@@ -219,6 +219,19 @@ def test_resume_continues_an_imagefolder_run_exactly(tmp_path):
     a, b = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "split" / "checkpoint.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # Each loader worker draws its own crops: the count a run trained with is recorded (the default
+    # follows the machine's CPUs) and kept by a resume; another count given is warned about.
+    without = [a for a in common if a not in ("--workers", "0")]
+    assert cli([*without, "--epochs", "1", "--run-name", "default-workers"]) == 0
+    recorded = json.loads((tmp_path / "default-workers" / "config.json").read_text())["config"]["workers"]
+    assert recorded == min(8, os.cpu_count() or 1)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli(["--resume", str(tmp_path / "split"), "--epochs", "4", "--workers", "1", "--no-progress"]) == 0
+    assert "this run trained with --workers 0; with --workers 1 its augmentations" in err.getvalue()
 
 
 def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
@@ -270,6 +283,7 @@ def test_resume_refuses_a_mismatched_setting(fmnist, tmp_path, capsys):
         (["--lr-gamma", "-1"], "--lr-gamma must be a positive finite factor"),
         (["--milestones", "0", "5"], "--milestones are epochs"),
         (["--workers", "-1"], "--workers must be 0"),
+        (["--seed", "-1"], "--seed must be 0 or more"),  # numpy's seed sequences refused it mid-setup
         (["--dataset", "fashion-mnist", "--subset", "8", "--output-dir", "{tmp}/a-file"], "is a file, not a folder"),
         # a folder that cannot be made (here under a file; a read-only mount alike): an OSError traceback
         (["--dataset", "fashion-mnist", "--subset", "8", "--output-dir", "{tmp}/a-file/runs"], "cannot write the run"),

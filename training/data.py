@@ -279,6 +279,7 @@ def build_datasets(
         root = Path(data_dir) if data_dir is not None else Path("data")
         train, test, classes = load_cifar(name, root, download)
         where = root
+    check_arrays(spec, where, classes, train=train, test=test)
     val_idx, train_idx = split_indices(len(train), val_split, train_size, seed)
     val = train.take(val_idx) if val_idx is not None else None
     train = train.take(train_idx) if train_idx is not None else train
@@ -287,6 +288,31 @@ def build_datasets(
         test = test.take(slice(0, subset))
         val = val.take(slice(0, subset)) if val is not None else None
     return DataBundle(spec, classes, train, test, val, {"path": str(where)})
+
+
+def check_arrays(spec: DatasetSpec, where: str | Path, classes: list[str], **splits: ArraySplit) -> None:
+    """CorruptDatasetError unless the files held what ``spec`` says: a name per class, and per split
+    (C, H, W) images of its size with one label each, every label a class index. Unchecked, a CIFAR
+    labels list three short shifted every later image's label, nine class names went into a
+    10-class manifest, and 32x32 Fashion-MNIST trained at 32 while the run recorded 28."""
+    problems = []
+    if len(classes) != spec.num_classes:
+        problems.append(f"{len(classes)} class names for its {spec.num_classes} classes")
+    expected = (spec.channels, spec.image_size, spec.image_size)
+    for split, arrays in splits.items():
+        shape = tuple(arrays.images.shape[1:])
+        if shape != expected:
+            problems.append(f"{split} images of shape {shape}, where the data set's are {expected} (C, H, W)")
+        if len(arrays.images) != len(arrays.labels):
+            problems.append(f"{len(arrays.images)} {split} images but {len(arrays.labels)} labels")
+        if len(arrays.labels) and (int(arrays.labels.min()) < 0 or int(arrays.labels.max()) >= spec.num_classes):
+            low, high = int(arrays.labels.min()), int(arrays.labels.max())
+            problems.append(f"{split} labels from {low} to {high}, where classes are 0..{spec.num_classes - 1}")
+    if problems:
+        raise CorruptDatasetError(
+            f"{spec.name} in {where}: {'; '.join(problems)}. A file is truncated, edited or of another data set: "
+            "replace the data set's files"
+        )
 
 
 def split_indices(
@@ -486,6 +512,11 @@ def make_loader(
     return _DatasetLoader(split, batch_size, train, seed, rank, world_size, workers)
 
 
+def default_workers() -> int:
+    """Loader worker processes for on-disk data when --workers is not given (train.py records it)."""
+    return min(8, os.cpu_count() or 1)
+
+
 class _DatasetLoader:
     """DataLoader + DistributedSampler for on-disk datasets (ImageFolder)."""
 
@@ -503,7 +534,7 @@ class _DatasetLoader:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         else:
             self.sampler = SequentialSampler(dataset)
-        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        workers = default_workers() if workers is None else workers
         # torchvision's random transforms draw from torch's global generator: in the workers,
         # seeded from this loader's generator; without workers, in this process. Both are seeded
         # per (seed, epoch, rank) when an epoch starts, so each DDP rank augments on its own

@@ -268,6 +268,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         raise UsageError(f"--workers must be 0 (load in the training process) or more, got {args.workers}")
     if args.teacher_exits is not None and len(set(args.teacher_exits)) != len(args.teacher_exits):
         raise UsageError(f"--teacher-exits {args.teacher_exits} names an exit twice; name each once")
+    if args.seed < 0:  # numpy's seed sequences (the augmentation's) take none below 0
+        raise UsageError(f"--seed must be 0 or more, got {args.seed}")
     if args.eval_every < 1:
         raise UsageError("--eval-every must be at least 1")
     if args.train_size is not None and args.train_size < 2:

@@ -32,7 +32,7 @@ from training.checkpoint import (
     resolve_checkpoint_path,
     save_checkpoint,
 )
-from training.data import DataBundle, DatasetNotFoundError, build_datasets, make_loader
+from training.data import DataBundle, DatasetNotFoundError, build_datasets, default_workers, make_loader
 from training.engine import evaluate, share_rank0_buffers, train_one_epoch
 from training.flops import exit_costs
 from training.losses import MultiExitLoss
@@ -210,6 +210,16 @@ def setup(args: argparse.Namespace, explicit: set[str]) -> Run:
     # another machine) continues with it unless --threads is given.
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(args.threads)
+    # The same for an ImageFolder run's loader workers: each worker draws its own crops, so the
+    # augmentations depend on how many there are (the default follows the machine's CPUs).
+    saved_workers = resume_payload["config"].get("workers") if resume_payload is not None else None
+    if args.dataset == "imagefolder" and "workers" in explicit and saved_workers not in (None, args.workers):
+        print(
+            f"warning: this run trained with --workers {saved_workers}; with --workers {args.workers} its "
+            "augmentations, and so its results, will differ from an uninterrupted run's",
+            file=sys.stderr,
+        )
+    args.workers = default_workers() if args.workers is None else args.workers
     torch.manual_seed(args.seed)
 
     data = build_datasets(
