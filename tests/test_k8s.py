@@ -34,7 +34,7 @@ from serving.drain import SHUTDOWN_TIMEOUT_S
 K8S = ROOT / "k8s"
 KUBECTL = _tool("kubectl")
 VALIDATE = _tool("kubernetes-validate")
-OVERLAYS = ["base", "overlays/gpu", "overlays/kserve"]
+OVERLAYS = ["base", "overlays/gpu", "overlays/kserve", "overlays/monitored"]
 BUILTIN_GROUPS = ("v1", "apps/", "autoscaling/", "policy/", "batch/", "networking.k8s.io/")
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (make system-deps installs it)")
@@ -127,6 +127,10 @@ def test_renders_and_built_in_kinds_validate_strictly(overlay, tmp_path):
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
     }
+    # Only the monitored overlay needs a CRD (the Prometheus Operator's): `kubectl apply -k k8s/base`
+    # failed on a plain cluster with "no matches for kind ServiceMonitor".
+    others = {d["kind"] for d in docs} - {d["kind"] for d in builtin}
+    assert others == ({"ServiceMonitor"} if overlay == "overlays/monitored" else set()), others
     for i, doc in enumerate(builtin):
         path = tmp_path / f"{i}-{doc['kind']}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -259,7 +263,7 @@ def test_deployment_matches_the_image_and_the_app(overlay):
 
 @needs_kubectl
 def test_hpa_pdb_and_servicemonitor_target_the_deployment():
-    docs = rendered("base")
+    docs = rendered("overlays/monitored")
     deployment, hpa, pdb = (
         one(docs, "Deployment"),
         one(docs, "HorizontalPodAutoscaler"),
@@ -267,6 +271,9 @@ def test_hpa_pdb_and_servicemonitor_target_the_deployment():
     )
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", deployment["metadata"]["name"])
+    # The HPA owns the count: a replicas field would reset it on every `kubectl apply`.
+    for overlay in ("base", "overlays/gpu"):
+        assert "replicas" not in one(rendered(overlay), "Deployment")["spec"], overlay
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -354,6 +361,7 @@ def test_readme_documents_the_kubernetes_deployment():
         "kubectl apply -k k8s/base",
         "k8s/overlays/gpu",
         "k8s/overlays/kserve",
+        "k8s/overlays/monitored",
         "storageUri",
         "EED_DRAIN_SECONDS",
         "kustomize edit set image",
