@@ -485,6 +485,14 @@ def resummarize(report: dict) -> dict:
     throughput = report.get("throughput")
     if throughput:
         for case, entry in throughput["cases"].items():
+            baselines = [entry[key] for key in RAW_KEYS.values() if key in entry]
+            if not all("runs" in part for part in [*baselines, *entry["servers"].values()]):
+                # Files from before 2026-12-01 kept the baselines' medians only: nothing to re-read.
+                print(
+                    f"note: {case}: no rounds stored for its baselines; its figures are printed as stored",
+                    file=sys.stderr,
+                )
+                continue
             runs = {key: entry[key]["runs"] for key in RAW_KEYS.values() if key in entry}
             runs.update({name: served["runs"] for name, served in entry["servers"].items()})
             for name, served in entry["servers"].items():
@@ -639,8 +647,8 @@ def summary(report: dict) -> list[str]:
             lines.append(
                 f"[{name}] {c['model']}: cascade efficiency {ratio_text(v['efficiency'])} "
                 f"({judged}; its ORT runs alone "
-                f"{ratio_text(v['efficiency_of_ort_runs'])}, the same graphs without HTTP "
-                f"{ratio_text(c['in_process']['efficiency'])}), "
+                f"{ratio_text(v.get('efficiency_of_ort_runs'))}, the same graphs without HTTP "
+                f"{ratio_text(c.get('in_process', {}).get('efficiency'))}), "
                 f"agreement with the offline rule {100 * v['agreement_with_offline_rule']:.1f} %, top-1 accuracy "
                 f"{accuracy}"
             )
@@ -732,7 +740,15 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads(args.summarize.read_text())
         except (OSError, ValueError) as exc:
             parser.error(f"--summarize {args.summarize}: not a readable results file ({exc})")
-        print("\n".join(summary(resummarize(report))))
+        try:
+            lines = summary(resummarize(report))
+        except (KeyError, TypeError, ValueError) as exc:
+            parser.error(f"--summarize {args.summarize}: not a serve_bench results file this code reads ({exc!r})")
+        if not lines:  # the first benchmark's own format (per model, no throughput cases)
+            parser.error(
+                f"--summarize {args.summarize}: no throughput or cascade figures in the format this code reads"
+            )
+        print("\n".join(lines))
         return 0
     check_report_path(parser, args.out)
     variants = parse_variants(args.variant, args.variant_tree)
