@@ -45,9 +45,11 @@ import inspect
 import logging
 import math
 import textwrap
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import HeadersTooLarge, HeaderTimeout, ServingError, is_oip_target
+from .requestlog import correlation_id
 
 log = logging.getLogger("serving")
 
@@ -67,26 +69,37 @@ def _reproduces(base: type[Any]) -> bool:
 
 
 def header_timeout_response(
-    header_timeout_s: float, default_headers: list[tuple[bytes, bytes]], target: bytes
+    header_timeout_s: float,
+    default_headers: list[tuple[bytes, bytes]],
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """The 408 sent when a request's line and headers are late: the server's usual error body
-    (``target``: the request's, as far as it came), and close."""
+    (``target``, ``headers``: the request's, as far as they came), and close."""
     error = HeaderTimeout(
         f"the request line and headers did not arrive within {header_timeout_s:g} s of the request's first "
         "byte; send them at once (the limit is the server's header_timeout_s)"
     )
-    return protocol_error_response(error, b"Request Timeout", default_headers, target)
+    return protocol_error_response(error, b"Request Timeout", default_headers, target, headers)
 
 
 def protocol_error_response(
-    error: ServingError, reason: bytes, default_headers: list[tuple[bytes, bytes]], target: bytes
+    error: ServingError,
+    reason: bytes,
+    default_headers: list[tuple[bytes, bytes]],
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """A response the HTTP protocol sends itself, before any route saw the request: the error body
-    the route at ``target`` (the request's, as far as it came) would send, and ``connection: close``."""
+    the route at ``target`` (the request's, as far as it came) would send, its request id (the
+    client's from ``headers``, those parsed so far, when acceptable; else a fresh one), and
+    ``connection: close``."""
     body = error.encoded_body(oip=is_oip_target(target))
+    incoming = next((value.decode("latin-1") for name, value in headers if name == b"x-request-id"), None)
     head = [b"HTTP/1.1 %d %s\r\n" % (error.status_code, reason)]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
-    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    head.append(b"x-request-id: %s\r\nconnection: close\r\n\r\n" % correlation_id(incoming).encode("latin-1"))
     return b"".join(head) + body
 
 
@@ -208,7 +221,7 @@ def connection_timeouts(
                     return
                 log.debug("closing a connection whose request headers took longer than %g s", header_timeout_s)
                 self.transport.write(
-                    header_timeout_response(header_timeout_s, self.server_state.default_headers, self.url)
+                    header_timeout_response(header_timeout_s, self.server_state.default_headers, self.url, self.headers)
                 )
                 self.transport.close()
                 return
@@ -324,7 +337,7 @@ def head_limit(protocol: type[Any], max_bytes: int = MAX_HEAD_BYTES) -> type[Any
                 "send a shorter URL and fewer or smaller headers"
             )
             self._refusal = protocol_error_response(
-                error, b"Request Header Fields Too Large", self.server_state.default_headers, self.url
+                error, b"Request Header Fields Too Large", self.server_state.default_headers, self.url, self.headers
             )
             if not self._owed():  # else it follows the answers owed; meanwhile what arrives is dropped
                 self._send_refusal()

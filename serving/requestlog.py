@@ -177,13 +177,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Plain lines; a record with ``extra`` fields (an access line: request id, policy, exit, latency)
+    gets them appended as ``key=value`` — they were in JSON logs only."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = [
+            f"{key}={value}"
+            for key, value in vars(record).items()
+            if key not in _RECORD_FIELDS and key not in ("method", "status") and value is not None
+        ]
+        return f"{line} {' '.join(extra)}" if extra else line
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """Root logging for the server process: plain lines, or JSON lines with ``log_format='json'``."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

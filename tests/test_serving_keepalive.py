@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import time
 
@@ -128,6 +129,21 @@ def test_an_open_inference_protocol_request_whose_headers_stop_coming_gets_the_p
     assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), reply
     error = json.loads(body)
     assert list(error) == ["error"] and f"within {HEADER_TIMEOUT_S:g} s" in error["error"], error
+
+
+@pytest.mark.parametrize("sent, echoed", [("X-Request-ID: keep-me\r\n", True), ("", False)], ids=["echoed", "fresh"])
+def test_a_refusal_by_the_http_layer_carries_a_request_id(server, limited, sent, echoed):
+    # The 408 and 431 the protocol sends itself had no X-Request-ID, which every other response has.
+    with connection(server) as sock:
+        sock.sendall(f"GET /x HTTP/1.1\r\nHost: x\r\n{sent}Content-Le".encode())
+        timed_out, _ = read_until_closed(sock)
+    with connection(limited) as sock:
+        sock.sendall(f"GET /x HTTP/1.1\r\nHost: x\r\n{sent}X-Big: {'a' * (HEAD_LIMIT + 1)}\r\n\r\n".encode())
+        refused, _ = read_until_closed(sock)
+    for reply in (timed_out, refused):
+        ids = re.findall(rb"\r\nx-request-id: ([^\r]*)\r\n", reply.partition(b"\r\n\r\n")[0] + b"\r\n")
+        assert len(ids) == 1, reply[:300]
+        assert ids[0] == b"keep-me" if echoed else re.fullmatch(rb"[0-9a-f]{32}", ids[0]), ids
 
 
 def test_headers_that_trickle_in_within_the_deadline_are_answered(server):

@@ -199,6 +199,35 @@ def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
     assert loggable("/v2/models/x\nERROR forged") == "/v2/models/x\\nERROR forged" and loggable("/ok/ü") == "/ok/ü"
 
 
+def test_text_access_lines_carry_the_request_id_and_the_answers_fields():
+    # Passed as ``extra``, they reached JSON logs only: a text line said "POST /classify 408".
+    import logging
+
+    from serving.requestlog import TextFormatter, access_log, log_request
+
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Capture()
+    handler.setFormatter(TextFormatter())
+    access_log.addHandler(handler)
+    level = access_log.level
+    access_log.setLevel(logging.DEBUG)
+    try:
+        log_request(logging.DEBUG, "req-7", "POST", "/classify", "/classify", {"policy": "exit", "exit": "2"}, 200, 0.0)
+        logging.getLogger("serving").warning("a plain line")
+    finally:
+        access_log.removeHandler(handler)
+        access_log.setLevel(level)
+    (line,) = lines
+    assert "serving.access: POST /classify 200 request_id=req-7 route=/classify policy=exit exit=2 latency_ms=" in line
+    plain = TextFormatter().format(logging.LogRecord("serving", logging.WARNING, "", 0, "a plain line", (), None))
+    assert plain.endswith("WARNING serving: a plain line")
+
+
 def test_correlation_id_rules():
     assert correlation_id("abc-DEF_1.2:3+4=5/6") == "abc-DEF_1.2:3+4=5/6"
     assert correlation_id("Root=1-5f;Parent=53;Sampled=1") == "Root=1-5f;Parent=53;Sampled=1"
