@@ -10,7 +10,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .oip import FP32_INPUT, IMAGE_INPUT, INPUT_DATATYPES, MODEL_VERSION, OUTPUTS, served_names
+from .oip import (
+    FP32_INPUT,
+    IGNORED_TRITON_PARAMETERS,
+    IMAGE_INPUT,
+    INPUT_DATATYPES,
+    MODEL_VERSION,
+    OUTPUTS,
+    SEQUENCE_PARAMETERS,
+    served_names,
+)
+from .policy import POLICY_KEYS
 from .tensors import HEADER_LENGTH
 
 
@@ -113,7 +123,13 @@ def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) 
         "properties": {
             "name": {"type": "string", "enum": [FP32_INPUT, IMAGE_INPUT]},
             "datatype": {"type": "string", "enum": datatypes},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            # N >= 1 first; the rest is per input (oneOf below)
+            "shape": {
+                "type": "array",
+                "minItems": 1,
+                "prefixItems": [{"type": "integer", "minimum": 1}],
+                "items": {"type": "integer", "minimum": 0},
+            },
             "parameters": {
                 "type": ["object", "null"],
                 "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
@@ -123,6 +139,23 @@ def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) 
                 "description": "flat in row-major order, or nested exactly as the shape; BYTES as base64 strings",
             },
         },
+        # Each input with its own datatype and rank (the two enums alone allowed 'input' as BYTES).
+        "oneOf": [
+            {
+                "properties": {
+                    "name": {"const": FP32_INPUT},
+                    "datatype": {"const": INPUT_DATATYPES[FP32_INPUT]},
+                    "shape": {"minItems": 4, "maxItems": 4},
+                }
+            },
+            {
+                "properties": {
+                    "name": {"const": IMAGE_INPUT},
+                    "datatype": {"const": INPUT_DATATYPES[IMAGE_INPUT]},
+                    "shape": {"maxItems": 2, "prefixItems": [{}, {"const": 1}]},
+                }
+            },
+        ],
         "description": f"'{FP32_INPUT}': FP32 [N, C, H, W] preprocessed as the manifest says; '{IMAGE_INPUT}': "
         "BYTES [N] (or [N, 1], as /config's dims [1] reshaped to [] say; per-sample outputs then come "
         "as [N, 1] too) encoded image files. Data as JSON 'data' or binary (binary_data_size).",
@@ -145,7 +178,12 @@ def describe_oip(paths: dict, schemas: dict, service, alias: str | None = None) 
                 "description": "budget_gflops, budget_ms, confidence, exit, policy "
                 "(as the /classify query parameters) and binary_data_output; Triton's timeout and priority "
                 "are accepted and ignored, a sequence refused (the model is stateless); null: none",
-                "properties": {"binary_data_output": {"type": "boolean"}},
+                "properties": {
+                    **{key: {"type": ["number", "string"]} for key in POLICY_KEYS},
+                    **{key: {} for key in (*IGNORED_TRITON_PARAMETERS, *SEQUENCE_PARAMETERS)},
+                    "binary_data_output": {"type": "boolean"},
+                },
+                "additionalProperties": False,  # any other key is refused (a typo would run another policy)
             },
             "inputs": {
                 "type": "array",

@@ -192,3 +192,34 @@ def test_the_schemas_confidence_pattern_accepts_what_the_server_accepts(text):
     except InvalidParameters:
         server = False
     assert (re.fullmatch(_threshold_pattern(k), text) is not None) == server, text
+
+
+def test_the_oip_request_schema_accepts_what_the_server_serves_and_refuses_what_it_refuses(spec, server):
+    # The schema let 'input' be BYTES, a batch of 0 and any request parameter; the server refuses
+    # each (400). Every body is sent too: the schema's verdict is the server's.
+    import base64
+
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator({**spec, "$ref": "#/components/schemas/OipInferenceRequest"})
+    image = base64.b64encode(encode(uniform_image(3), "PNG")).decode()
+    fp32 = {"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}
+    served = [
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [image] * 2}]},
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 1], "data": [[image]] * 2}]},
+        {"inputs": [fp32], "parameters": {"exit": 2, "timeout": 5}},
+        {"inputs": [fp32], "parameters": {"confidence": "0.9", "binary_data_output": False}},
+    ]
+    refused = [
+        {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": [image]}]},
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], "data": []}]},
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 2], "data": [image] * 2}]},
+        {"inputs": [fp32], "parameters": {"top_k": 2}},
+    ]
+    url = f"{server.url}/v2/models/tiny-test/infer"  # build_model_folder's name
+    for body in served:
+        assert validator.is_valid(body), body
+        assert httpx.post(url, json=body, timeout=30).status_code == 200, body
+    for body in refused:
+        assert not validator.is_valid(body), body
+        assert httpx.post(url, json=body, timeout=30).status_code == 400, body
