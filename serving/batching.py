@@ -146,7 +146,15 @@ async def collect_batch(
                 break
             wait = min(remaining, max(left, _MIN_SETTLE_WAIT_S))
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=wait)
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=wait)
+        except asyncio.CancelledError:
+            # Stopped mid-wait: an item the getter already took joins the batch, which the stopper
+            # cancels (left in the getter, its request waited forever); one not yet taken stays queued.
+            getter.cancel()
+            if getter.done() and not getter.cancelled():
+                batch.append(getter.result())
+            raise
         if getter not in done:
             getter.cancel()
             # The get may have completed between the timeout and the cancel.

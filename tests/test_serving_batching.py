@@ -501,3 +501,21 @@ def test_a_batch_being_gathered_still_counts_as_waiting_and_is_cancelled_on_stop
     gathering, cancelled = run(main())
     assert gathering == (0, 3, [False] * 3)
     assert cancelled == [True] * 3
+
+
+def test_a_request_queued_while_the_worker_stops_is_cancelled_not_left_waiting():
+    # The batcher's wait for more items ran in a task of its own that stop() did not cancel: an item
+    # it had already taken was in neither the batch nor the queue, and its request never finished.
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            worker = _worker(lambda b: [b], pool, [], max_wait_s=1.0, more_coming=lambda: True)
+            worker.start()
+            first = asyncio.ensure_future(worker.submit(np.zeros(2, dtype=np.float32)))
+            await asyncio.sleep(0.05)  # gathering, waiting for more
+            second = asyncio.ensure_future(worker.submit(np.zeros(2, dtype=np.float32)))
+            await asyncio.sleep(0)  # its item is put; the wait's getter takes it
+            await worker.stop()
+            await asyncio.wait([first, second], timeout=1.0)
+            return first.cancelled(), second.done() and second.cancelled()
+
+    assert run(main()) == (True, True)
