@@ -17,12 +17,14 @@ DEFAULT_TRAIN_ARGS ?= --arch resnet18 --dataset fashion-mnist --width-mult 0.25 
 .PHONY: test test-all lint serve system-deps install install-serve default-model clean lock container-test
 
 $(VENV)/.installed: pyproject.toml
+	@bash scripts/ensure_venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[train,serve,dev]'
 	touch $@
 
 $(SERVE_VENV)/.installed: pyproject.toml
+	@bash scripts/ensure_venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
 	$(SERVE_VENV)/bin/pip install -q -e '.[serve]'

@@ -1056,3 +1056,25 @@ def test_container_health_waits_as_long_as_kubernetes_waits_for_a_start():
     services = compose_config()["services"]
     for name, budget in (("server", base), ("server-gpu", gpu)):
         assert _seconds(services[name]["healthcheck"]["start_period"]) >= budget, name
+
+
+def test_make_checks_that_python_can_create_a_venv_before_creating_one(tmp_path):
+    # Debian's python3 without python3-venv stopped `make serve`, the README's first command, at
+    # "ensurepip is not available" (only `make system-deps` installed python3-venv).
+    makefile = (ROOT / "Makefile").read_text()
+    for venv in ("$(VENV)", "$(SERVE_VENV)"):
+        rule = makefile[makefile.index(f"{venv}/.installed: pyproject.toml") :].split("\n\n")[0]
+        assert rule.index("scripts/ensure_venv.sh $(PYTHON)") < rule.index(f"$(PYTHON) -m venv {venv}"), rule
+    script = ROOT / "scripts" / "ensure_venv.sh"
+    assert subprocess.run(["bash", str(script), sys.executable], capture_output=True).returncode == 0
+    # A python without ensurepip, where apt-get cannot run: refused, saying what to install.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text("#!/bin/sh\necho 'No module named ensurepip' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    (bin_dir / "id").symlink_to(shutil.which("id"))
+    result = subprocess.run(
+        ["/bin/bash", str(script), str(fake)], capture_output=True, text=True, env={"PATH": str(bin_dir)}
+    )
+    assert result.returncode == 1 and "install python3-venv" in result.stderr, result.stderr
