@@ -327,6 +327,10 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _unreadable(path: Path, exc: OSError) -> ManifestError:
+    return ManifestError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions and the disk it is on")
+
+
 def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
     """Read and validate ``model_dir/manifest.json``; with ``verify``, check every checksum.
 
@@ -342,9 +346,7 @@ def load_manifest(model_dir: str | Path, verify: bool = True) -> Manifest:
     try:
         manifest = Manifest.model_validate(json.loads(path.read_text()))
     except OSError as exc:  # unreadable (permissions, a dangling link, an I/O error)
-        raise ManifestError(
-            f"{path} cannot be read ({exc.strerror or exc}); check its permissions and the disk it is on"
-        ) from None
+        raise _unreadable(path, exc) from None
     except (json.JSONDecodeError, ValueError) as exc:
         raise ManifestError(f"{path} is not a valid manifest: {exc}") from exc
     if verify:
@@ -362,9 +364,7 @@ def verify_files(manifest: Manifest, model_dir: str | Path) -> None:
         try:
             actual = sha256_file(file)
         except OSError as exc:
-            raise ManifestError(
-                f"{file} cannot be read ({exc.strerror or exc}); check its permissions and the disk it is on"
-            ) from None
+            raise _unreadable(file, exc) from None
         if actual != expected:
             raise ManifestError(
                 f"checksum mismatch for {file}: manifest says {expected[:12]}…, file has "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -172,10 +174,10 @@ def test_even_an_unhandled_error_answers_with_the_request_id():
     assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-1"
 
 
-def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
-    import logging
-
-    from serving.requestlog import access_log, log_request
+@contextlib.contextmanager
+def access_lines(formatter=None):
+    """The access log's lines while the block runs, formatted by ``formatter`` (default: the message)."""
+    from serving.requestlog import access_log
 
     lines: list[str] = []
 
@@ -184,14 +186,23 @@ def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
             lines.append(self.format(record))
 
     handler = Capture()
+    if formatter is not None:
+        handler.setFormatter(formatter)
     access_log.addHandler(handler)
     level = access_log.level
-    access_log.setLevel(logging.INFO)
-    try:  # the path arrives percent-decoded: /healthz%0AFAKE is "/healthz\nFAKE"
-        log_request(logging.INFO, "id", "GET", "/healthz\nINFO forged line", None, {}, 404, time.perf_counter())
+    access_log.setLevel(logging.DEBUG)
+    try:
+        yield lines
     finally:
         access_log.removeHandler(handler)
         access_log.setLevel(level)
+
+
+def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
+    from serving.requestlog import log_request
+
+    with access_lines() as lines:  # the path arrives percent-decoded: /healthz%0AFAKE is "/healthz\nFAKE"
+        log_request(logging.INFO, "id", "GET", "/healthz\nINFO forged line", None, {}, 404, time.perf_counter())
     assert lines == ["GET /healthz\\nINFO forged line 404"]
     # the same escape for the 500 handler's line (serving/app.py), which names the path too
     from serving.requestlog import loggable
@@ -201,27 +212,11 @@ def test_a_path_with_a_newline_cannot_forge_a_text_log_line():
 
 def test_text_access_lines_carry_the_request_id_and_the_answers_fields():
     # Passed as ``extra``, they reached JSON logs only: a text line said "POST /classify 408".
-    import logging
+    from serving.requestlog import TextFormatter, log_request
 
-    from serving.requestlog import TextFormatter, access_log, log_request
-
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Capture()
-    handler.setFormatter(TextFormatter())
-    access_log.addHandler(handler)
-    level = access_log.level
-    access_log.setLevel(logging.DEBUG)
-    try:
+    with access_lines(TextFormatter()) as lines:
         log_request(logging.DEBUG, "req-7", "POST", "/classify", "/classify", {"policy": "exit", "exit": "2"}, 200, 0.0)
-        logging.getLogger("serving").warning("a plain line")
-    finally:
-        access_log.removeHandler(handler)
-        access_log.setLevel(level)
+        logging.getLogger("serving").warning("a plain line")  # not an access line: not captured
     (line,) = lines
     assert "serving.access: POST /classify 200 request_id=req-7 route=/classify policy=exit exit=2 latency_ms=" in line
     plain = TextFormatter().format(logging.LogRecord("serving", logging.WARNING, "", 0, "a plain line", (), None))
