@@ -19,6 +19,10 @@ One command measures the three request-path targets (issue 13):
    sums: what the answers' ``inference_ms`` would show with no cost around ORT but the
    hand-off to the inference thread, for graphs not run on the event loop), and of
    the same graphs, loaded as the server loads them, timed in this process without HTTP.
+   And not the target's figure but what a loaded server gets from a cascade
+   (``--cascade-at-saturation``, on by default): both modes under the saturation case's
+   connections, the test images sent in turn (a wrk script rotating a bundle), the time per
+   answer saved (from answers/s) against the GFLOPs per answer saved (from the server's metrics).
 
 Beside raw ORT, the **reference server** (``benchmarks/least_server.py``: httptools, the server's
 decoder, batching, ORT, a small JSON answer and nothing else) is measured in the same rounds, and
@@ -68,7 +72,7 @@ import numpy as np
 
 from benchmarks.serve_cascade import bench_cascade, png, ratio_text, rel_path
 from benchmarks.server import Server, check_report_path, code_revision, positive, snapshot_code, start_servers
-from benchmarks.wrk import run_wrk
+from benchmarks.wrk import read_bundle, run_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,11 +101,13 @@ def wrk_load(url: str, path: str, connections: int, seconds: float, body: Path) 
     }
 
 
-async def _py_connection(host, port, request, stop_at, latencies, errors) -> None:
+async def _py_connection(host, port, requests, first, stop_at, latencies, errors) -> None:
     reader, writer = await asyncio.open_connection(host, port)
+    sent = first
     try:
         while (started := time.perf_counter()) < stop_at:
-            writer.write(request)
+            writer.write(requests[sent % len(requests)])  # a bundle's bodies in turn
+            sent += 1
             status = await reader.readline()
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -114,18 +120,23 @@ async def _py_connection(host, port, request, stop_at, latencies, errors) -> Non
         writer.close()
 
 
-def loadgen_main(url: str, path: str, connections: int, seconds: float, body: bytes) -> None:
+def loadgen_main(url: str, path: str, connections: int, seconds: float, bodies: list[bytes]) -> None:
     host, port = url.removeprefix("http://").split(":")
-    request = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    requests = [
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+        for body in bodies
+    ]
     latencies: list[float] = []
     errors: list[float] = []
     t0 = time.perf_counter()
 
     async def main():
         await asyncio.gather(
-            *(_py_connection(host, int(port), request, t0 + seconds, latencies, errors) for _ in range(connections))
+            *(_py_connection(host, int(port), requests, c, t0 + seconds, latencies, errors) for c in range(connections))
         )
 
     asyncio.run(main())
@@ -652,13 +663,22 @@ def summary(report: dict) -> list[str]:
                 f"agreement with the offline rule {100 * v['agreement_with_offline_rule']:.1f} %, top-1 accuracy "
                 f"{accuracy}"
             )
+            sat = v.get("at_saturation")
+            if sat:  # not the target's figure (sequential requests): what a cascade buys a loaded server
+                lines.append(
+                    f"[{name}] {c['model']}, {sat['connections']} connections: the cascade answers "
+                    f"{sat['cascade_answers_per_s']:.0f}/s against the main exit's {sat['main_answers_per_s']:.0f}/s, "
+                    f"time per answer saved / GFLOPs per answer saved {ratio_text(sat['efficiency'])} "
+                    f"(its ORT runs {ratio_text(sat['efficiency_of_ort_runs'])})"
+                    + (f"; NOT VALID: {sat['errors']} error answers or socket errors" if sat["errors"] else "")
+                )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--loadgen":
         url, path, conns, seconds, body = sys.argv[2:7]
-        loadgen_main(url, path, int(conns), float(seconds), Path(body).read_bytes())
+        loadgen_main(url, path, int(conns), float(seconds), read_bundle(Path(body)) or [Path(body).read_bytes()])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=FULL_WIDTH, help="model for saturation and overhead")
@@ -705,6 +725,13 @@ def main(argv: list[str] | None = None) -> int:
         type=positive(int),
         default=600,
         help="of which the full-width export gets this many (it is ~20x slower per image)",
+    )
+    parser.add_argument(
+        "--cascade-at-saturation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time main exit and cascade under --connections connections, the test images sent in turn, "
+        "for --rounds alternating rounds of --seconds (~2 min per model and server with --rounds 5)",
     )
     parser.add_argument(
         "--policy", default="budget_0.75x_main", help="calibrated policy for the cascade where the manifest has it"
@@ -796,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         "overhead = server p50 with 1 connection - raw ORT p50 at batch 1; cascade efficiency = share of "
         "mean inference_ms saved / share of mean GFLOPs saved, sequential requests over real test images "
         "(efficiency_of_ort_runs: the same from the server's ORT time per request, its metrics; in_process: "
-        "the server's lone-request graphs timed in the benchmark's process, no HTTP)",
+        "the server's lone-request graphs timed in the benchmark's process, no HTTP; at_saturation: time per "
+        "answer saved = 1 - main answers/s / cascade answers/s under N connections sending the test images in "
+        "turn, over GFLOPs per answer saved, from the server's metrics)",
         "targets": TARGETS,
         "variants": {name: {"flags": flags, "tree": rel_path(tree)} for name, (flags, tree) in variants.items()},
         "code": code_revision(),  # the servers run a copy of the checkout's packages as they were at the start
@@ -824,7 +853,8 @@ def main(argv: list[str] | None = None) -> int:
                 full_width = {FULL_WIDTH.resolve(), args.model.resolve()} - {SHIPPED.resolve()}
                 if model_dir.resolve() in full_width:
                     args.images = min(args.images, args.full_width_images)
-                report["cascade"].append(bench_cascade(model_dir, args, variants, workdir, server_options))
+                load = run_load if args.cascade_at_saturation else None
+                report["cascade"].append(bench_cascade(model_dir, args, variants, workdir, server_options, load))
                 args.images = saved_images
     report["seconds"] = round(time.time() - started, 1)
     report["summary"] = summary(report)

@@ -16,11 +16,14 @@ import http.client
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from benchmarks.server import start_servers
+from benchmarks.wrk import write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_DIRS = (ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
@@ -137,19 +140,20 @@ def in_process_cascade(runtime, x: np.ndarray, thresholds: np.ndarray, server_op
     }
 
 
-def scrape(port: int, sample_name: str) -> list[tuple[dict[str, str], float]]:
-    """The server's /metrics samples called ``sample_name`` (e.g. a histogram's ``_sum``), as
-    (labels, value), read with Prometheus's own text parser."""
+def scrape(port: int, *sample_names: str) -> list[tuple[dict[str, str], float]]:
+    """The server's /metrics samples called any of ``sample_names`` (e.g. a histogram's ``_sum``), as
+    (labels, value), from one scrape (so that counters read together are of one moment), read with
+    Prometheus's own text parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     return [
-        (sample.labels, sample.value)
+        (sample.labels | {"__name__": sample.name}, sample.value)
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == sample_name
+        if sample.name in sample_names
     ]
 
 
@@ -163,6 +167,98 @@ def ort_seconds(port: int, k: int) -> tuple[float, float]:
         elif labels.get("graph") in ("cascade", "stage"):
             cascades += value
     return main, cascades
+
+
+def served_so_far(port: int) -> dict[str, Any]:
+    """The server's running totals that a load run's answers move: answers computed (by exit), GFLOPs
+    spent and ORT seconds (every graph), from one scrape of its /metrics. Computed answers count
+    whatever their status: the requests in flight when a load generator stops are computed and
+    counted as 499s (their GFLOPs are spent all the same)."""
+    answers: dict[int, float] = {}
+    totals = {"eed_gflops_spent_total": 0.0, "eed_inference_latency_seconds_sum": 0.0}
+    for labels, value in scrape(port, "eed_requests_total", *totals):
+        name = labels["__name__"]
+        if name in totals:
+            totals[name] += value
+        elif labels.get("exit", "").isdigit():
+            answers[int(labels["exit"])] = answers.get(int(labels["exit"]), 0.0) + value
+    return {
+        "answers": sum(answers.values()),
+        "per_exit": answers,
+        "gflops": totals["eed_gflops_spent_total"],
+        "ort_s": totals["eed_inference_latency_seconds_sum"],
+    }
+
+
+def load_run(server, query: str, k: int, bundle: Path, args, load: Callable[..., dict]) -> dict[str, Any]:
+    """One load run of ``args.connections`` connections sending the bundle's images in turn to
+    ``/classify?QUERY``: answers/s (wrk's), and from the server's metrics GFLOPs and ORT time per
+    answer and the answers' exits."""
+    path = f"/classify?{query}&top_k=1"
+    with server.running():
+        load(server.url, path, args.connections, 1.0, bundle)  # settle: batch sizes and estimates
+        before = served_so_far(server.port)
+        served = load(server.url, path, args.connections, args.seconds, bundle)
+        time.sleep(0.2)  # answers still being computed when the load generator stopped are counted
+        after = served_so_far(server.port)
+    answers = after["answers"] - before["answers"]
+    return {
+        "answers_per_s": served["rps"],
+        "errors": served["errors"],
+        "p50_ms": served["p50_ms"],
+        "gflops_per_answer": (after["gflops"] - before["gflops"]) / answers if answers else None,
+        "ort_ms_per_answer": (after["ort_s"] - before["ort_s"]) * 1e3 / answers if answers else None,
+        "exit_shares": [  # exits 1..k
+            (after["per_exit"].get(e, 0.0) - before["per_exit"].get(e, 0.0)) / answers if answers else None
+            for e in range(1, k + 1)
+        ],
+    }
+
+
+def cascade_at_saturation(servers, bundle: Path, k: int, query: str, args, load: Callable[..., dict]) -> dict:
+    """Per server: the main exit and the cascade under ``args.connections`` connections, alternating
+    for ``args.rounds`` rounds over the bundle's images. What a cascade buys a loaded server: the
+    time per answer it saves (1 - main answers/s over cascade answers/s) against the GFLOPs per
+    answer it saves — batches of 32 amortise what a lone request pays per ORT call and stage."""
+    per_server = {}
+    for server in servers:
+        runs: dict[str, list[dict]] = {"main": [], "cascade": []}
+        for r in range(args.rounds):
+            modes = [("main", f"exit={k}"), ("cascade", query)]
+            for mode, q in modes if r % 2 == 0 else modes[::-1]:
+                runs[mode].append(load_run(server, q, k, bundle, args, load))
+        rounds = []
+        for main, casc in zip(runs["main"], runs["cascade"]):
+            gflops_saved = 1 - casc["gflops_per_answer"] / main["gflops_per_answer"]
+            time_saved = 1 - main["answers_per_s"] / casc["answers_per_s"]
+            ort_saved = 1 - casc["ort_ms_per_answer"] / main["ort_ms_per_answer"]
+            rounds.append(
+                {
+                    "gflops_saved": gflops_saved,
+                    "time_per_answer_saved": time_saved,
+                    "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
+                    "efficiency_of_ort_runs": ort_saved / gflops_saved if gflops_saved > 0 else None,
+                }
+            )
+
+        def median(values: list) -> float | None:
+            present = [v for v in values if v is not None]
+            return float(np.median(present)) if present else None
+
+        per_server[server.name] = {
+            "connections": args.connections,
+            "seconds": args.seconds,
+            "main_answers_per_s": median([m["answers_per_s"] for m in runs["main"]]),
+            "cascade_answers_per_s": median([c["answers_per_s"] for c in runs["cascade"]]),
+            "gflops_saved": median([r["gflops_saved"] for r in rounds]),
+            "time_per_answer_saved": median([r["time_per_answer_saved"] for r in rounds]),
+            "efficiency": median([r["efficiency"] for r in rounds]),
+            "efficiency_of_ort_runs": median([r["efficiency_of_ort_runs"] for r in rounds]),
+            "errors": sum(m["errors"] for m in runs["main"] + runs["cascade"]),
+            "rounds": rounds,
+            "runs": runs,
+        }
+    return per_server
 
 
 def cascade_path(port: int) -> str:
@@ -189,7 +285,11 @@ class Client:
 CASCADE_BLOCK = 25  # images per server turn in a multi-server cascade run
 
 
-def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options) -> dict:
+def bench_cascade(
+    model_dir: Path, args, variants, workdir: Path, server_options, load: Callable[..., dict] | None = None
+) -> dict:
+    """Cascade efficiency on ``model_dir``: sequential requests (the target's figure), the same
+    graphs in this process, and — with ``load`` (``serve_bench.run_load``) — under saturation."""
     from serving import cascade
     from serving.manifest import load_manifest
     from serving.runtime import ModelRuntime
@@ -217,6 +317,7 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
     try:
         clients = {s.name: Client(s.port) for s in servers}
         ort_before, ort_after, how = {}, {}, {}
+        loaded: dict[str, dict] = {}
         for server in servers:
             with server.running():
                 for body in bodies[:50]:  # warm-up
@@ -241,6 +342,9 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             with server.running():
                 ort_after[server.name] = ort_seconds(server.port, k)
                 how[server.name] = cascade_path(server.port)
+        if load is not None:
+            bundle = write_bundle(workdir / f"{manifest.name}-images.bundle", bodies)
+            loaded = cascade_at_saturation(servers, bundle, k, query, args, load)
     finally:
         for server in servers:
             server.stop()
@@ -294,6 +398,16 @@ def bench_cascade(model_dir: Path, args, variants, workdir: Path, server_options
             f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
             flush=True,
         )
+        if load is not None:
+            v["at_saturation"] = sat = loaded[name]
+            print(
+                f"  {manifest.name} [{name}, {args.connections} connections, the images in turn]: main "
+                f"{sat['main_answers_per_s']:.0f} answers/s, cascade {sat['cascade_answers_per_s']:.0f} "
+                f"(GFLOPs per answer saved {100 * sat['gflops_saved']:.1f} %, time per answer saved "
+                f"{100 * sat['time_per_answer_saved']:.1f} %: efficiency {ratio_text(sat['efficiency'])}; of its ORT "
+                f"runs {ratio_text(sat['efficiency_of_ort_runs'])})",
+                flush=True,
+            )
     bare = in_process_cascade(runtime, x, thresholds, server_options)
     print(
         f"  {manifest.name} [the same graphs in this process, no HTTP; {bare['cascade_ran']}]: main "

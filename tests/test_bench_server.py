@@ -336,3 +336,101 @@ def test_benchmarks_refuse_flags_that_would_measure_nothing_before_they_start(
         main(["--only", "cascade", "--images", "8", *flags] if program == "serve_bench" else flags)
     assert refused.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("generator", ["wrk", "python"])
+def test_a_bundle_of_images_is_sent_image_by_image(tmp_path, monkeypatch, generator):
+    # A cascade's exit depends on the image: under load, the benchmark sends its test images in turn
+    # (a bundle), not one image over and over, or its GFLOPs and time would be one image's.
+    import asyncio
+    import shutil
+    import socket
+    import threading
+
+    from benchmarks import serve_bench
+    from benchmarks.wrk import read_bundle, write_bundle
+
+    if generator == "wrk" and shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (Debian package wrk)")
+    if generator == "python":  # the fallback where wrk is missing
+        monkeypatch.setattr(serve_bench.shutil, "which", lambda name: None)
+    received: list[bytes] = []
+
+    class Recorder(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buffer = transport, b""
+
+        def data_received(self, data):
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                head = self.buffer[:end].decode("latin-1").lower().split("\r\n")
+                length = next((int(h.split(":")[1]) for h in head if h.startswith("content-length:")), 0)
+                if len(self.buffer) < end + 4 + length:
+                    return
+                received.append(self.buffer[end + 4 : end + 4 + length])
+                self.buffer = self.buffer[end + 4 + length :]
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = loop.create_future()
+
+    async def serve():
+        server = await loop.create_server(Recorder, "127.0.0.1", port)
+        ready.set()
+        async with server:
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    bodies = [b"first", b"\x89PNG second\r\n\r\n with a blank line", b"third" * 1000]
+    bundle = write_bundle(tmp_path / "images.bundle", bodies)
+    assert read_bundle(bundle) == bodies and read_bundle(tmp_path / "images.bundle") is not None
+    try:
+        r = serve_bench.run_load(f"http://127.0.0.1:{port}", "/classify", 2, 1.0, bundle)
+    finally:
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(10)
+        loop.close()
+    assert r["errors"] == 0 and len(received) > 30
+    assert set(received) == set(bodies)  # every image sent, byte for byte, and nothing else
+    counts = [received.count(b) for b in bodies]
+    assert max(counts) - min(counts) <= 2 * 2, counts  # in turn: about as often each
+
+
+def test_under_load_a_cascade_is_timed_per_answer_from_the_servers_metrics(tmp_path):
+    # The cascade at saturation: answers/s from the load generator, GFLOPs and exits per answer from
+    # the server's own counters, for the main exit and the cascade in alternating runs.
+    import argparse
+
+    from benchmarks.serve_bench import run_load
+    from benchmarks.serve_cascade import cascade_at_saturation, fashion_mnist_test, png
+    from benchmarks.wrk import write_bundle
+    from serving.manifest import load_manifest
+
+    manifest = load_manifest(SHIPPED)
+    images, _, _ = fashion_mnist_test(64, None)
+    bundle = write_bundle(tmp_path / "images.bundle", [png(im) for im in images])
+    policy = manifest.thresholds.policies["budget_0.75x_main"]
+    server = Server(SHIPPED, ["--intra-op-threads", "1"], tmp_path, name="loaded")
+    try:
+        server.wait_ready()
+        args = argparse.Namespace(rounds=1, seconds=1.0, connections=4)
+        result = cascade_at_saturation([server], bundle, 4, "policy=budget_0.75x_main", args, run_load)["loaded"]
+    finally:
+        server.stop()
+    (main,), (casc,) = result["runs"]["main"], result["runs"]["cascade"]
+    assert result["errors"] == 0 and main["answers_per_s"] > 0 and casc["answers_per_s"] > 0
+    assert main["gflops_per_answer"] == pytest.approx(manifest.exits[-1].gflops, rel=1e-6)
+    assert main["exit_shares"] == pytest.approx([0, 0, 0, 1])
+    # The cascade's answers come from several exits, at most the policy's mean cost.
+    assert sum(1 for share in casc["exit_shares"] if share > 0) >= 2 and sum(casc["exit_shares"]) == pytest.approx(1)
+    assert casc["gflops_per_answer"] < main["gflops_per_answer"]
+    assert result["gflops_saved"] == pytest.approx(1 - casc["gflops_per_answer"] / main["gflops_per_answer"])
+    assert result["time_per_answer_saved"] == pytest.approx(1 - main["answers_per_s"] / casc["answers_per_s"])
+    assert result["efficiency"] == pytest.approx(result["time_per_answer_saved"] / result["gflops_saved"])
+    assert policy.thresholds  # the query named a calibrated policy of this model

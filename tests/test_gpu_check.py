@@ -56,7 +56,12 @@ def test_cpu_smoke_runs_every_step_and_writes_the_results(tmp_path):
         assert cases[name]["servers"]["least_server"]["rps"] > 0
         assert cases[name]["servers"]["server"]["ratio_vs_least_server"] > 0
     assert "p50_ms_over_least_server" in cases["overhead_main"]["servers"]["server"]
-    assert len(serve["summary"]) == 3  # the server, the reference server, the cascade
+    # What a cascade buys a loaded server: both modes under load, the test images in turn.
+    loaded = casc["variants"]["server"]["at_saturation"]
+    assert loaded["connections"] == 4 and loaded["errors"] == 0
+    assert loaded["cascade_answers_per_s"] > 0 and 0 < loaded["gflops_saved"] < 1
+    # the server, the reference server, the cascade, the cascade under load
+    assert len(serve["summary"]) == 4
     assert (out / "serve_bench_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # rounds, drawn
 
 
