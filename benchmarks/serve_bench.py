@@ -664,7 +664,9 @@ def summary(report: dict) -> list[str]:
                 f"{accuracy}"
             )
             sat = v.get("at_saturation")
-            if sat:  # not the target's figure (sequential requests): what a cascade buys a loaded server
+            if sat and not sat.get("rounds_counted", 1):
+                lines.append(f"[{name}] {c['model']}, {sat['connections']} connections: no round with answers")
+            elif sat:  # not the target's figure (sequential requests): what a cascade buys a loaded server
                 lines.append(
                     f"[{name}] {c['model']}, {sat['connections']} connections: the cascade answers "
                     f"{sat['cascade_answers_per_s']:.0f}/s against the main exit's {sat['main_answers_per_s']:.0f}/s, "
@@ -731,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time main exit and cascade under --connections connections, the test images sent in turn, "
-        "for --rounds alternating rounds of --seconds (~2 min per model and server with --rounds 5)",
+        "for --rounds alternating rounds of --seconds (~1 min per model and server with --rounds 5)",
     )
     parser.add_argument(
         "--policy", default="budget_0.75x_main", help="calibrated policy for the cascade where the manifest has it"

@@ -27,6 +27,7 @@ from benchmarks.wrk import write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_DIRS = (ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+SETTLE_S = 0.3  # after a load run, for the answers then in ORT to be counted
 
 
 def png(array: np.ndarray) -> bytes:
@@ -193,13 +194,18 @@ def served_so_far(port: int) -> dict[str, Any]:
 def load_run(server, query: str, k: int, bundle: Path, args, load: Callable[..., dict]) -> dict[str, Any]:
     """One load run of ``args.connections`` connections sending the bundle's images in turn to
     ``/classify?QUERY``: answers/s (wrk's), and from the server's metrics GFLOPs and ORT time per
-    answer and the answers' exits."""
+    answer and the answers' exits. Every run starts at the bundle's first image: a run shorter
+    than the bundle sees its first images only, the same for both modes (the default runs send
+    each image several times over)."""
     path = f"/classify?{query}&top_k=1"
     with server.running():
         load(server.url, path, args.connections, 1.0, bundle)  # settle: batch sizes and estimates
+        # The answers still being computed when a load generator stops are counted by the server
+        # (as 499s) a moment later: before each snapshot, so each run's count holds its own.
+        time.sleep(SETTLE_S)
         before = served_so_far(server.port)
         served = load(server.url, path, args.connections, args.seconds, bundle)
-        time.sleep(0.2)  # answers still being computed when the load generator stopped are counted
+        time.sleep(SETTLE_S)
         after = served_so_far(server.port)
     answers = after["answers"] - before["answers"]
     return {
@@ -227,38 +233,50 @@ def cascade_at_saturation(servers, bundle: Path, k: int, query: str, args, load:
             modes = [("main", f"exit={k}"), ("cascade", query)]
             for mode, q in modes if r % 2 == 0 else modes[::-1]:
                 runs[mode].append(load_run(server, q, k, bundle, args, load))
-        rounds = []
-        for main, casc in zip(runs["main"], runs["cascade"]):
-            gflops_saved = 1 - casc["gflops_per_answer"] / main["gflops_per_answer"]
-            time_saved = 1 - main["answers_per_s"] / casc["answers_per_s"]
-            ort_saved = 1 - casc["ort_ms_per_answer"] / main["ort_ms_per_answer"]
-            rounds.append(
-                {
-                    "gflops_saved": gflops_saved,
-                    "time_per_answer_saved": time_saved,
-                    "efficiency": time_saved / gflops_saved if gflops_saved > 0 else None,
-                    "efficiency_of_ort_runs": ort_saved / gflops_saved if gflops_saved > 0 else None,
-                }
-            )
-
-        def median(values: list) -> float | None:
-            present = [v for v in values if v is not None]
-            return float(np.median(present)) if present else None
+        rounds = [saturation_round(main, casc) for main, casc in zip(runs["main"], runs["cascade"])]
+        # Every figure is a median over the same rounds: those whose runs both had answers and
+        # whose cascade spent fewer GFLOPs (a ratio over no saving means nothing).
+        counted = [r for r in rounds if r is not None and r["gflops_saved"] > 0]
 
         per_server[server.name] = {
             "connections": args.connections,
             "seconds": args.seconds,
-            "main_answers_per_s": median([m["answers_per_s"] for m in runs["main"]]),
-            "cascade_answers_per_s": median([c["answers_per_s"] for c in runs["cascade"]]),
-            "gflops_saved": median([r["gflops_saved"] for r in rounds]),
-            "time_per_answer_saved": median([r["time_per_answer_saved"] for r in rounds]),
-            "efficiency": median([r["efficiency"] for r in rounds]),
-            "efficiency_of_ort_runs": median([r["efficiency_of_ort_runs"] for r in rounds]),
+            "rounds_counted": len(counted),
+            "main_answers_per_s": _median(counted, "main_answers_per_s"),
+            "cascade_answers_per_s": _median(counted, "cascade_answers_per_s"),
+            "gflops_saved": _median(counted, "gflops_saved"),
+            "time_per_answer_saved": _median(counted, "time_per_answer_saved"),
+            "efficiency": _median(counted, "efficiency"),
+            "efficiency_of_ort_runs": _median(counted, "efficiency_of_ort_runs"),
             "errors": sum(m["errors"] for m in runs["main"] + runs["cascade"]),
             "rounds": rounds,
             "runs": runs,
         }
     return per_server
+
+
+def _median(rounds: list[dict[str, float]], key: str) -> float | None:
+    return float(np.median([r[key] for r in rounds])) if rounds else None
+
+
+def saturation_round(main: dict, casc: dict) -> dict[str, float] | None:
+    """One round's figures from its two load runs (:func:`load_run`); None when either run had no
+    answers to divide by (every request refused, say), so the round is reported but not counted."""
+    if not (main["gflops_per_answer"] and casc["gflops_per_answer"] and main["answers_per_s"] > 0):
+        return None
+    if not (casc["answers_per_s"] > 0 and main["ort_ms_per_answer"] and casc["ort_ms_per_answer"]):
+        return None
+    gflops_saved = 1 - casc["gflops_per_answer"] / main["gflops_per_answer"]
+    time_saved = 1 - main["answers_per_s"] / casc["answers_per_s"]
+    ort_saved = 1 - casc["ort_ms_per_answer"] / main["ort_ms_per_answer"]
+    return {
+        "main_answers_per_s": main["answers_per_s"],
+        "cascade_answers_per_s": casc["answers_per_s"],
+        "gflops_saved": gflops_saved,
+        "time_per_answer_saved": time_saved,
+        "efficiency": time_saved / gflops_saved if gflops_saved else float("nan"),
+        "efficiency_of_ort_runs": ort_saved / gflops_saved if gflops_saved else float("nan"),
+    }
 
 
 def cascade_path(port: int) -> str:
@@ -398,7 +416,10 @@ def bench_cascade(
             f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
             flush=True,
         )
-        if load is not None:
+        if load is not None and not loaded[name]["rounds_counted"]:
+            v["at_saturation"] = loaded[name]
+            print(f"  {manifest.name} [{name}, {args.connections} connections]: no round with answers", flush=True)
+        elif load is not None:
             v["at_saturation"] = sat = loaded[name]
             print(
                 f"  {manifest.name} [{name}, {args.connections} connections, the images in turn]: main "

@@ -389,7 +389,8 @@ def test_a_bundle_of_images_is_sent_image_by_image(tmp_path, monkeypatch, genera
     assert ready.wait(10)
     bodies = [b"first", b"\x89PNG second\r\n\r\n with a blank line", b"third" * 1000]
     bundle = write_bundle(tmp_path / "images.bundle", bodies)
-    assert read_bundle(bundle) == bodies and read_bundle(tmp_path / "images.bundle") is not None
+    (tmp_path / "plain.png").write_bytes(bodies[1])
+    assert read_bundle(bundle) == bodies and read_bundle(tmp_path / "plain.png") is None  # a plain body
     try:
         r = serve_bench.run_load(f"http://127.0.0.1:{port}", "/classify", 2, 1.0, bundle)
     finally:
@@ -415,22 +416,67 @@ def test_under_load_a_cascade_is_timed_per_answer_from_the_servers_metrics(tmp_p
     manifest = load_manifest(SHIPPED)
     images, _, _ = fashion_mnist_test(64, None)
     bundle = write_bundle(tmp_path / "images.bundle", [png(im) for im in images])
-    policy = manifest.thresholds.policies["budget_0.75x_main"]
+    policy = "budget_0.75x_main"
+    assert policy in manifest.thresholds.policies  # a calibrated policy of this model
     server = Server(SHIPPED, ["--intra-op-threads", "1"], tmp_path, name="loaded")
     try:
         server.wait_ready()
-        args = argparse.Namespace(rounds=1, seconds=1.0, connections=4)
-        result = cascade_at_saturation([server], bundle, 4, "policy=budget_0.75x_main", args, run_load)["loaded"]
+        args = argparse.Namespace(rounds=2, seconds=1.0, connections=4)
+        result = cascade_at_saturation([server], bundle, 4, f"policy={policy}", args, run_load)["loaded"]
     finally:
         server.stop()
-    (main,), (casc,) = result["runs"]["main"], result["runs"]["cascade"]
-    assert result["errors"] == 0 and main["answers_per_s"] > 0 and casc["answers_per_s"] > 0
-    assert main["gflops_per_answer"] == pytest.approx(manifest.exits[-1].gflops, rel=1e-6)
-    assert main["exit_shares"] == pytest.approx([0, 0, 0, 1])
-    # The cascade's answers come from several exits, at most the policy's mean cost.
-    assert sum(1 for share in casc["exit_shares"] if share > 0) >= 2 and sum(casc["exit_shares"]) == pytest.approx(1)
-    assert casc["gflops_per_answer"] < main["gflops_per_answer"]
-    assert result["gflops_saved"] == pytest.approx(1 - casc["gflops_per_answer"] / main["gflops_per_answer"])
-    assert result["time_per_answer_saved"] == pytest.approx(1 - main["answers_per_s"] / casc["answers_per_s"])
-    assert result["efficiency"] == pytest.approx(result["time_per_answer_saved"] / result["gflops_saved"])
-    assert policy.thresholds  # the query named a calibrated policy of this model
+    assert len(result["runs"]["main"]) == len(result["runs"]["cascade"]) == 2 and result["rounds_counted"] == 2
+    assert result["errors"] == 0
+    for main, casc in zip(result["runs"]["main"], result["runs"]["cascade"]):
+        assert main["answers_per_s"] > 0 and casc["answers_per_s"] > 0
+        # Every answer of the main exit costs its GFLOPs, whatever was in flight at either end of the run.
+        assert main["gflops_per_answer"] == pytest.approx(manifest.exits[-1].gflops, rel=1e-6)
+        assert main["exit_shares"] == pytest.approx([0, 0, 0, 1])
+        # The cascade's answers come from several exits, and cost less than the main exit's.
+        assert sum(share > 0 for share in casc["exit_shares"]) >= 2 and sum(casc["exit_shares"]) == pytest.approx(1)
+        assert casc["gflops_per_answer"] < main["gflops_per_answer"]
+        assert main["ort_ms_per_answer"] > 0 and casc["ort_ms_per_answer"] > 0
+    rounds = result["rounds"]
+    for r, (main, casc) in zip(rounds, zip(result["runs"]["main"], result["runs"]["cascade"])):
+        assert r["gflops_saved"] == pytest.approx(1 - casc["gflops_per_answer"] / main["gflops_per_answer"])
+        assert r["time_per_answer_saved"] == pytest.approx(1 - main["answers_per_s"] / casc["answers_per_s"])
+        assert r["efficiency"] == pytest.approx(r["time_per_answer_saved"] / r["gflops_saved"])
+    for key in ("gflops_saved", "time_per_answer_saved", "efficiency", "main_answers_per_s"):
+        assert result[key] == pytest.approx(sum(r[key] for r in rounds) / 2)  # the median of two rounds
+
+
+def test_a_load_round_without_answers_is_reported_not_counted(tmp_path, monkeypatch):
+    # Every request refused (a 503 storm, a wrong query): no answers to divide by. The round is kept
+    # with its runs, left out of the figures, and the benchmark goes on to write its report.
+    import argparse
+    import contextlib
+
+    from benchmarks import serve_cascade
+    from benchmarks.serve_bench import summary
+
+    class Refusing:
+        name, url, port = "refusing", "http://127.0.0.1:1", 1
+
+        @contextlib.contextmanager
+        def running(self):
+            yield self
+
+    served = iter([0, 0] * 8)  # the server's answer count never moves
+    monkeypatch.setattr(
+        serve_cascade,
+        "served_so_far",
+        lambda port: {"answers": next(served), "per_exit": {}, "gflops": 0.0, "ort_s": 0.0},
+    )
+
+    def refused(url, path, connections, seconds, body):
+        return {"rps": 0.0, "errors": 100, "p50_ms": 1.0, "requests": 100}
+
+    monkeypatch.setattr(serve_cascade.time, "sleep", lambda s: None)
+    args = argparse.Namespace(rounds=2, seconds=1.0, connections=4)
+    result = serve_cascade.cascade_at_saturation([Refusing()], tmp_path / "b", 4, "confidence=0.5", args, refused)
+    loaded = result["refusing"]
+    assert loaded["rounds"] == [None, None] and loaded["rounds_counted"] == 0 and loaded["efficiency"] is None
+    assert loaded["errors"] == 400 and len(loaded["runs"]["main"]) == 2
+    variant = {"efficiency": 0.5, "agreement_with_offline_rule": 1.0, "accuracy_main": 0.9, "accuracy_cascade": 0.9}
+    report = {"cascade": [{"model": "m", "variants": {"refusing": {**variant, "at_saturation": loaded}}}]}
+    assert summary(report)[-1] == "[refusing] m, 4 connections: no round with answers"
