@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.serve_cascade import bench_cascade, png, ratio_text, rel_path
+from benchmarks.serve_cascade import bench_cascade, png, ratio_text, rel_path, saturation_line
 from benchmarks.server import Server, check_report_path, code_revision, positive, snapshot_code, start_servers
 from benchmarks.wrk import read_bundle, run_wrk
 
@@ -663,17 +663,8 @@ def summary(report: dict) -> list[str]:
                 f"agreement with the offline rule {100 * v['agreement_with_offline_rule']:.1f} %, top-1 accuracy "
                 f"{accuracy}"
             )
-            sat = v.get("at_saturation")
-            if sat and not sat.get("rounds_counted", 1):
-                lines.append(f"[{name}] {c['model']}, {sat['connections']} connections: no round with answers")
-            elif sat:  # not the target's figure (sequential requests): what a cascade buys a loaded server
-                lines.append(
-                    f"[{name}] {c['model']}, {sat['connections']} connections: the cascade answers "
-                    f"{sat['cascade_answers_per_s']:.0f}/s against the main exit's {sat['main_answers_per_s']:.0f}/s, "
-                    f"time per answer saved / GFLOPs per answer saved {ratio_text(sat['efficiency'])} "
-                    f"(its ORT runs {ratio_text(sat['efficiency_of_ort_runs'])})"
-                    + (f"; NOT VALID: {sat['errors']} error answers or socket errors" if sat["errors"] else "")
-                )
+            if v.get("at_saturation"):  # not the target's figure (sequential requests): what load makes of it
+                lines.append(saturation_line(c["model"], name, v["at_saturation"]))
     return lines
 
 

@@ -255,6 +255,21 @@ def cascade_at_saturation(servers, bundle: Path, k: int, query: str, args, load:
     return per_server
 
 
+def saturation_line(model: str, server: str, sat: dict[str, Any]) -> str:
+    """The one-line account of :func:`cascade_at_saturation`'s figures for one server, printed as
+    they are measured and in the report's summary."""
+    head = f"[{server}] {model}, {sat['connections']} connections"
+    if not sat["rounds_counted"]:
+        return f"{head}: no round with answers"
+    return (
+        f"{head}, the test images in turn: the cascade answers {sat['cascade_answers_per_s']:.0f}/s against the main "
+        f"exit's {sat['main_answers_per_s']:.0f}/s (GFLOPs per answer saved {100 * sat['gflops_saved']:.1f} %, time "
+        f"per answer saved {100 * sat['time_per_answer_saved']:.1f} %): efficiency {ratio_text(sat['efficiency'])} "
+        f"(its ORT runs {ratio_text(sat['efficiency_of_ort_runs'])})"
+        + (f"; NOT VALID: {sat['errors']} error answers or socket errors" if sat["errors"] else "")
+    )
+
+
 def _median(rounds: list[dict[str, float]], key: str) -> float | None:
     return float(np.median([r[key] for r in rounds])) if rounds else None
 
@@ -262,9 +277,8 @@ def _median(rounds: list[dict[str, float]], key: str) -> float | None:
 def saturation_round(main: dict, casc: dict) -> dict[str, float] | None:
     """One round's figures from its two load runs (:func:`load_run`); None when either run had no
     answers to divide by (every request refused, say), so the round is reported but not counted."""
-    if not (main["gflops_per_answer"] and casc["gflops_per_answer"] and main["answers_per_s"] > 0):
-        return None
-    if not (casc["answers_per_s"] > 0 and main["ort_ms_per_answer"] and casc["ort_ms_per_answer"]):
+    needed = ("gflops_per_answer", "answers_per_s", "ort_ms_per_answer")  # None or 0 without answers
+    if not all(run[key] for run in (main, casc) for key in needed):
         return None
     gflops_saved = 1 - casc["gflops_per_answer"] / main["gflops_per_answer"]
     time_saved = 1 - main["answers_per_s"] / casc["answers_per_s"]
@@ -416,19 +430,9 @@ def bench_cascade(
             f"accuracy main {100 * v['accuracy_main']:.2f} % cascade {100 * v['accuracy_cascade']:.2f} %",
             flush=True,
         )
-        if load is not None and not loaded[name]["rounds_counted"]:
+        if load is not None:
             v["at_saturation"] = loaded[name]
-            print(f"  {manifest.name} [{name}, {args.connections} connections]: no round with answers", flush=True)
-        elif load is not None:
-            v["at_saturation"] = sat = loaded[name]
-            print(
-                f"  {manifest.name} [{name}, {args.connections} connections, the images in turn]: main "
-                f"{sat['main_answers_per_s']:.0f} answers/s, cascade {sat['cascade_answers_per_s']:.0f} "
-                f"(GFLOPs per answer saved {100 * sat['gflops_saved']:.1f} %, time per answer saved "
-                f"{100 * sat['time_per_answer_saved']:.1f} %: efficiency {ratio_text(sat['efficiency'])}; of its ORT "
-                f"runs {ratio_text(sat['efficiency_of_ort_runs'])})",
-                flush=True,
-            )
+            print(f"  {saturation_line(manifest.name, name, loaded[name])}", flush=True)
     bare = in_process_cascade(runtime, x, thresholds, server_options)
     print(
         f"  {manifest.name} [the same graphs in this process, no HTTP; {bare['cascade_ran']}]: main "
